@@ -1,0 +1,79 @@
+// Command server runs UDP echo servers that name themselves in each reply, to
+// stand as the upstreams of a load balancer.
+//
+//	server -listen 127.0.0.1:6001 -n 3
+//
+// serves on ports 6001, 6002 and 6003. Each reply is the server's address, a
+// '|' and the request (see package udpecho). On SIGINT or SIGTERM it prints
+// how many datagrams each server received and exits.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"log"
+	"net"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+
+	"github.com/stabilize-lb/caddy-stabilize/examples/internal/udpecho"
+)
+
+func main() {
+	listen := flag.String("listen", "127.0.0.1:6001", "`host:port` of the first server")
+	n := flag.Int("n", 1, "number of servers, on consecutive ports from -listen's")
+	quiet := flag.Bool("quiet", false, "receive and count datagrams but never reply (a hung upstream)")
+	flag.Usage = func() {
+		fmt.Fprintf(flag.CommandLine.Output(), "Usage: %s [flags]\n\n"+
+			"Runs UDP echo servers. Each replies to a datagram with \"<listen address>|<datagram>\".\n\n",
+			os.Args[0])
+		flag.PrintDefaults()
+	}
+	flag.Parse()
+	log.SetPrefix("server: ")
+
+	addrs, err := consecutive(*listen, *n)
+	if err != nil {
+		log.Fatal(err)
+	}
+	servers := make([]*udpecho.Server, 0, len(addrs))
+	for _, addr := range addrs {
+		s, err := udpecho.Start(addr)
+		if err != nil {
+			log.Fatal(err)
+		}
+		s.SetSilent(*quiet)
+		servers = append(servers, s)
+		log.Printf("serving on %s (quiet: %t)", s.Name(), *quiet)
+	}
+
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	log.Printf("stopping on %s", <-sig)
+	for _, s := range servers {
+		s.Close()
+		log.Printf("%s received %d, replied %d", s.Name(), s.Received(), s.Replied())
+	}
+}
+
+// consecutive returns n addresses on the host of addr, from addr's port up.
+func consecutive(addr string, n int) ([]string, error) {
+	if n < 1 {
+		return nil, fmt.Errorf("-n must be at least 1, not %d", n)
+	}
+	host, portText, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("-listen %q: %w", addr, err)
+	}
+	port, err := strconv.Atoi(portText)
+	if err != nil || port < 1 || port+n-1 > 65535 {
+		return nil, fmt.Errorf("-listen %q with -n %d: the ports must lie within 1-65535", addr, n)
+	}
+	addrs := make([]string, n)
+	for i := range addrs {
+		addrs[i] = net.JoinHostPort(host, strconv.Itoa(port+i))
+	}
+	return addrs, nil
+}

@@ -1,0 +1,398 @@
+package stabilize
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+	"github.com/mholt/caddy-l4/layer4"
+	"github.com/spf13/cobra"
+	"go.uber.org/zap"
+)
+
+func init() {
+	caddycmd.RegisterCommand(caddycmd.Command{
+		Name:  "stabilize",
+		Usage: `--listen <addr> --to <addr> [--to <addr>...] [--per packet|flow] [--lb-policy <policy>] [--idle-timeout <duration>] [--admin <addr>|off] [--debug]`,
+		Short: "A quick UDP load balancer",
+		Long: `
+A quick UDP load balancer: receives datagrams on the --listen address and
+spreads them over the --to upstreams, relaying each upstream's replies back
+to the client that sent the datagram. It runs the layer4 app with one server
+and the stabilize handler (layer4.handlers.stabilize); no config file is
+needed.
+
+  --listen is the UDP address to receive on: a port alone (5000), :5000,
+    127.0.0.1:5000, [::1]:5000, or a network address such as udp/:5000,
+    udp4/:5000 or udp6/[::1]:5000.
+  --to is an upstream UDP server, host:port (UDP is assumed) or
+    udp/host:port. Repeat the flag or separate addresses with commas. A port
+    range (127.0.0.1:6001-6003) stands for one upstream per port.
+  --per says when the policy picks an upstream: "flow" (default) picks on
+    a client's first datagram and keeps that client address:port on the same
+    upstream until it has been idle for --idle-timeout; "packet" picks for
+    every datagram.
+  --lb-policy is the selection policy, by name: round_robin (default),
+    weighted_round_robin, random, random_choose (of 2), least_sessions,
+    first or maglev.
+  --idle-timeout is how long a client flow may be idle before it ends.
+
+For example, to balance port 5000 over three local upstreams, datagram by
+datagram in turn:
+
+  caddy stabilize --listen :5000 \
+    --to 127.0.0.1:6001 --to 127.0.0.1:6002 --to 127.0.0.1:6003 \
+    --per packet
+
+This is the original stand-alone "stabilize --listen 5000" as a Caddy
+command: its round robin of every datagram is --per packet with the default
+round_robin policy. A port range is short for consecutive upstreams:
+--to 127.0.0.1:6001-6003 is the same as the three --to flags above.
+
+Caddy's admin API stays on, at its default address (localhost:2019, or
+$CADDY_ADMIN), so the upstreams can be inspected and changed while the
+balancer runs, e.g.:
+
+  curl localhost:2019/config/apps/layer4/servers/srv0/routes/0/handle/0/upstreams
+
+and "caddy stop" stops it. Use --admin <addr> to serve the admin API
+elsewhere, or --admin off to turn it off. The config is not saved.
+
+--debug turns on debug logging.
+`,
+		CobraFunc: func(cmd *cobra.Command) {
+			cmd.Flags().StringP("listen", "l", "", "UDP address to receive datagrams on (required)")
+			cmd.Flags().StringSliceP("to", "t", []string{}, "Upstream UDP address(es); repeatable, comma-separated (required)")
+			cmd.Flags().String("per", PerFlow, "When to pick an upstream: \"flow\" or \"packet\"")
+			cmd.Flags().String("lb-policy", "round_robin", "Load balancing selection policy")
+			cmd.Flags().String("idle-timeout", "30s", "How long a client flow may be idle before it ends")
+			cmd.Flags().String("admin", "", "Admin API address, or \"off\" (default localhost:2019 or $CADDY_ADMIN)")
+			cmd.Flags().BoolP("debug", "v", false, "Enable verbose debug logs")
+			cmd.RunE = caddycmd.WrapCommandFuncForCobra(cmdStabilize)
+		},
+	})
+}
+
+// commandOptions are the flags of `caddy stabilize`.
+type commandOptions struct {
+	Listen      string
+	To          []string
+	Per         string
+	LBPolicy    string
+	IdleTimeout string
+	Admin       string // "" for the default address, "off" to disable
+	Debug       bool
+}
+
+// commandServerName names the layer4 server the command configures.
+const commandServerName = "srv0"
+
+// selectionPolicyNamespace is the module namespace of the selection policies.
+const selectionPolicyNamespace = "layer4.stabilize.selection_policies"
+
+func cmdStabilize(fs caddycmd.Flags) (int, error) {
+	caddy.TrapSignals()
+
+	opts, err := commandOptionsFromFlags(fs)
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	cfgJSON, err := buildCommandConfig(opts)
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+
+	// These cannot fail: buildCommandConfig parsed them already.
+	listen, _ := parseListenAddr(opts.Listen)
+	ups, _ := parseUpstreamFlags(opts.To)
+	dials := make([]string, len(ups))
+	for i, u := range ups {
+		dials[i] = u.Dial
+	}
+	admin := opts.Admin
+	if admin == "" {
+		admin = caddy.DefaultAdminListen
+	}
+
+	if err := checkAddrsFree(listen, admin); err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	if err := caddy.Load(cfgJSON, true); err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	caddy.Log().Info("caddy stabilize balancing UDP",
+		zap.String("listen", listen),
+		zap.Strings("to", dials),
+		zap.String("per", opts.Per),
+		zap.String("lb_policy", opts.LBPolicy),
+		zap.String("admin", admin))
+
+	select {}
+}
+
+// commandOptionsFromFlags reads the command's parsed flags.
+func commandOptionsFromFlags(fs caddycmd.Flags) (commandOptions, error) {
+	to, err := fs.GetStringSlice("to")
+	if err != nil {
+		return commandOptions{}, fmt.Errorf("invalid --to flag: %v", err)
+	}
+	return commandOptions{
+		Listen:      fs.String("listen"),
+		To:          to,
+		Per:         fs.String("per"),
+		LBPolicy:    fs.String("lb-policy"),
+		IdleTimeout: fs.String("idle-timeout"),
+		Admin:       fs.String("admin"),
+		Debug:       fs.Bool("debug"),
+	}, nil
+}
+
+// buildCommandConfig returns the config JSON that `caddy stabilize` runs. It
+// only parses and checks its options: it resolves no names and opens no
+// sockets.
+func buildCommandConfig(opts commandOptions) ([]byte, error) {
+	if opts.Listen == "" {
+		return nil, errors.New("--listen is required (e.g. --listen :5000)")
+	}
+	listen, err := parseListenAddr(opts.Listen)
+	if err != nil {
+		return nil, err
+	}
+
+	ups, err := parseUpstreamFlags(opts.To)
+	if err != nil {
+		return nil, err
+	}
+
+	per := opts.Per
+	if per == "" {
+		per = PerFlow
+	}
+	if per != PerFlow && per != PerPacket {
+		return nil, fmt.Errorf("--per %q: must be %s or %s", opts.Per, PerPacket, PerFlow)
+	}
+
+	policy := opts.LBPolicy
+	if policy == "" {
+		policy = "round_robin"
+	}
+	if _, err := caddy.GetModule(selectionPolicyNamespace + "." + policy); err != nil || strings.Contains(policy, ".") {
+		return nil, fmt.Errorf("--lb-policy %q: unknown policy (choose one of %s)", opts.LBPolicy, strings.Join(selectionPolicyNames(), ", "))
+	}
+
+	var idle caddy.Duration
+	if opts.IdleTimeout != "" {
+		d, err := caddy.ParseDuration(opts.IdleTimeout)
+		if err != nil {
+			return nil, fmt.Errorf("--idle-timeout %q: %v", opts.IdleTimeout, err)
+		}
+		if d <= 0 {
+			return nil, fmt.Errorf("--idle-timeout %q: must be positive", opts.IdleTimeout)
+		}
+		idle = caddy.Duration(d)
+	}
+
+	admin, err := adminConfig(opts.Admin)
+	if err != nil {
+		return nil, err
+	}
+
+	handler := &Handler{
+		Upstreams: ups,
+		Per:       per,
+		LoadBalancing: &LoadBalancing{
+			SelectionPolicyRaw: caddyconfig.JSONModuleObject(struct{}{}, "policy", policy, nil),
+		},
+	}
+	server := &layer4.Server{
+		Listen: []string{listen},
+		Routes: layer4.RouteList{{
+			HandlersRaw: []json.RawMessage{
+				caddyconfig.JSONModuleObject(handler, "handler", "stabilize", nil),
+			},
+		}},
+		IdleTimeout: idle,
+	}
+	app := layer4.App{Servers: map[string]*layer4.Server{commandServerName: server}}
+
+	cfg := &caddy.Config{
+		Admin:   admin,
+		AppsRaw: caddy.ModuleMap{"layer4": caddyconfig.JSON(app, nil)},
+	}
+	if opts.Debug {
+		cfg.Logging = &caddy.Logging{
+			Logs: map[string]*caddy.CustomLog{
+				"default": {BaseLog: caddy.BaseLog{Level: zap.DebugLevel.CapitalString()}},
+			},
+		}
+	}
+	return json.Marshal(cfg)
+}
+
+// parseListenAddr turns a --listen value into a caddy-l4 listener address
+// such as udp/:5000.
+func parseListenAddr(s string) (string, error) {
+	na, err := parseUDPAddr(strings.TrimSpace(s))
+	if err != nil {
+		return "", fmt.Errorf("--listen %q: %v", s, err)
+	}
+	if na.PortRangeSize() != 1 {
+		return "", fmt.Errorf("--listen %q: exactly one port is required", s)
+	}
+	return caddy.JoinNetworkAddress(na.Network, na.Host, strconv.FormatUint(uint64(na.StartPort), 10)), nil
+}
+
+// parseUpstreamFlags turns the --to values into upstreams, one per address
+// and one per port of a port range.
+func parseUpstreamFlags(to []string) ([]*Upstream, error) {
+	var ups []*Upstream
+	seen := make(map[string]bool)
+	for _, raw := range to {
+		s := strings.TrimSpace(raw)
+		if s == "" {
+			return nil, fmt.Errorf("--to %q: empty address", raw)
+		}
+		na, err := parseUDPAddr(s)
+		if err != nil {
+			return nil, fmt.Errorf("--to %q: %v", raw, err)
+		}
+		if na.Host == "" {
+			return nil, fmt.Errorf("--to %q: a host is required (e.g. 127.0.0.1:6001)", raw)
+		}
+		for port := na.StartPort; port <= na.EndPort; port++ {
+			dial := caddy.JoinNetworkAddress(na.Network, na.Host, strconv.FormatUint(uint64(port), 10))
+			if seen[dial] {
+				return nil, fmt.Errorf("--to %q: upstream %s is listed twice", raw, dial)
+			}
+			seen[dial] = true
+			ups = append(ups, &Upstream{Dial: dial})
+		}
+	}
+	if len(ups) == 0 {
+		return nil, errors.New("--to is required: at least one upstream (e.g. --to 127.0.0.1:6001)")
+	}
+	return ups, nil
+}
+
+// parseUDPAddr parses a Caddy network address whose network defaults to
+// udp and must be UDP, and which must have a port. A port alone ("5000",
+// "udp/5000") means every interface.
+func parseUDPAddr(s string) (caddy.NetworkAddress, error) {
+	network, rest, found := strings.Cut(s, "/")
+	if !found {
+		network, rest = "", s
+	}
+	if isDigits(rest) {
+		rest = ":" + rest
+	}
+	if network != "" {
+		rest = network + "/" + rest
+	}
+	na, err := caddy.ParseNetworkAddressWithDefaults(rest, "udp", 0)
+	if err != nil {
+		return na, err
+	}
+	switch na.Network {
+	case "udp", "udp4", "udp6":
+	default:
+		return na, fmt.Errorf("not a UDP address (network %q; use host:port, udp/, udp4/ or udp6/)", na.Network)
+	}
+	if na.StartPort == 0 {
+		return na, errors.New("a port is required (e.g. :5000)")
+	}
+	return na, nil
+}
+
+func isDigits(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, r := range s {
+		if r < '0' || r > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// adminConfig returns the admin settings for an --admin value: the default
+// address for "", disabled for "off", else the given address. The config is
+// never persisted, so the command does not overwrite Caddy's autosave.
+func adminConfig(s string) (*caddy.AdminConfig, error) {
+	persist := false
+	admin := &caddy.AdminConfig{Config: &caddy.ConfigSettings{Persist: &persist}}
+	switch s {
+	case "":
+		return admin, nil
+	case "off":
+		admin.Disabled = true
+		return admin, nil
+	}
+	na, err := caddy.ParseNetworkAddress(s)
+	if err != nil {
+		return nil, fmt.Errorf("--admin %q: %v", s, err)
+	}
+	switch {
+	case na.IsUnixNetwork():
+	case na.Network == "tcp" || na.Network == "tcp4" || na.Network == "tcp6":
+		if na.PortRangeSize() != 1 || na.StartPort == 0 {
+			return nil, fmt.Errorf("--admin %q: exactly one port is required (e.g. localhost:2019)", s)
+		}
+	default:
+		return nil, fmt.Errorf("--admin %q: must be a TCP or unix socket address, or off", s)
+	}
+	admin.Listen = s
+	return admin, nil
+}
+
+// selectionPolicyNames lists the registered selection policies.
+func selectionPolicyNames() []string {
+	var names []string
+	for _, m := range caddy.GetModules(selectionPolicyNamespace) {
+		names = append(names, m.ID.Name())
+	}
+	return names
+}
+
+// checkAddrsFree fails when another process holds the UDP listen address or
+// the admin API's TCP address. Caddy binds both with SO_REUSEPORT, so a
+// second balancer on the same port would otherwise start quietly and take
+// a share of the datagrams and of the admin requests; a probe bind without
+// SO_REUSEPORT fails instead.
+func checkAddrsFree(listen, admin string) error {
+	na, err := caddy.ParseNetworkAddress(listen)
+	if err != nil {
+		return err
+	}
+	pc, err := net.ListenPacket(na.Network, na.JoinHostPort(0))
+	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return fmt.Errorf("--listen %s: %v (is another balancer running on it?)", listen, err)
+		}
+		return fmt.Errorf("--listen %s: %v", listen, err)
+	}
+	_ = pc.Close()
+
+	if admin == "off" {
+		return nil
+	}
+	na, err = caddy.ParseNetworkAddress(admin)
+	if err != nil || na.IsUnixNetwork() || na.IsFdNetwork() {
+		return nil // Caddy reports what it cannot use
+	}
+	ln, err := net.Listen(na.Network, na.JoinHostPort(0))
+	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return fmt.Errorf("admin API %s: %v (is another Caddy running? choose another address with --admin <addr>, or --admin off)", admin, err)
+		}
+		return fmt.Errorf("admin API %s: %v", admin, err)
+	}
+	return ln.Close()
+}

@@ -1,0 +1,137 @@
+package stabilize
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"syscall"
+
+	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap"
+)
+
+// Flow is one client flow: the datagrams of one client address and port,
+// from the first until caddy-l4's idle timeout ends it. It owns one
+// upstream-facing UDP socket, which lets replies find their client, and one
+// goroutine that relays the replies.
+type Flow struct {
+	h      *Handler
+	cx     *layer4.Connection
+	client netip.AddrPort
+	conn   *net.UDPConn
+
+	// upstream is the flow's upstream in `per flow` mode; only the Handle
+	// goroutine touches it.
+	upstream *Upstream
+
+	// Hash is a policy's per-flow key hash, computed once. Hashed says it
+	// has been computed.
+	Hash   uint64
+	Hashed bool
+
+	replies   sync.WaitGroup
+	closeOnce sync.Once
+}
+
+// Client is the client's address and port.
+func (fl *Flow) Client() netip.AddrPort { return fl.client }
+
+// Conn is the client connection from caddy-l4.
+func (fl *Flow) Conn() *layer4.Connection { return fl.cx }
+
+func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, error) {
+	conn, err := net.ListenUDP(h.network, nil)
+	if err != nil {
+		return nil, err
+	}
+	fl := &Flow{h: h, cx: cx, client: netip.AddrPortFrom(client.Addr().Unmap(), client.Port()), conn: conn}
+	h.mu.Lock()
+	h.flows[fl] = struct{}{}
+	h.mu.Unlock()
+	fl.replies.Add(1)
+	go fl.relayReplies()
+	return fl, nil
+}
+
+// forward sends one client datagram to the upstream the policy picks.
+func (fl *Flow) forward(b []byte) {
+	u := fl.upstream
+	if u == nil || !fl.h.perFlow {
+		u = fl.h.pick(fl)
+		if u == nil {
+			fl.h.drop(dropNoUpstream)
+			return
+		}
+		if fl.h.perFlow {
+			fl.assign(u)
+		}
+	}
+	if _, err := fl.conn.WriteToUDPAddrPort(b, u.addr); err != nil {
+		fl.h.drop(dropWriteError)
+		return
+	}
+	u.host.datagramsSent.Add(1)
+	u.host.bytesSent.Add(uint64(len(b)))
+}
+
+// assign moves the flow to u.
+func (fl *Flow) assign(u *Upstream) {
+	if fl.upstream != nil {
+		fl.upstream.host.flows.Add(-1)
+	}
+	fl.upstream = u
+	u.host.flows.Add(1)
+}
+
+// relayReplies writes the upstreams' replies to the client until the socket
+// is closed. It is the flow's only writer to the client.
+func (fl *Flow) relayReplies() {
+	defer fl.replies.Done()
+	h := fl.h
+	buf := make([]byte, ListenerBufferSize)
+	for {
+		n, _, flags, from, err := fl.conn.ReadMsgUDPAddrPort(buf, nil)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			if errors.Is(err, syscall.ECONNREFUSED) {
+				continue
+			}
+			h.logger.Debug("reading upstream replies", zap.Stringer("client", fl.client), zap.Error(err))
+			continue
+		}
+		if flags&syscall.MSG_TRUNC != 0 {
+			h.drop(dropReplyTooLarge)
+			continue
+		}
+		u := h.byAddr[netip.AddrPortFrom(from.Addr().Unmap(), from.Port())]
+		if u == nil {
+			h.drop(dropUnknownSource)
+			continue
+		}
+		u.host.datagramsReceived.Add(1)
+		u.host.bytesReceived.Add(uint64(n))
+		if _, err := fl.cx.Write(buf[:n]); err != nil {
+			h.drop(dropWriteError)
+		}
+	}
+}
+
+// closeSocket ends the reply goroutine; it is safe to call more than once.
+func (fl *Flow) closeSocket() {
+	fl.closeOnce.Do(func() { _ = fl.conn.Close() })
+}
+
+// close ends the flow and releases its socket, goroutine and upstream.
+func (fl *Flow) close() {
+	fl.closeSocket()
+	fl.replies.Wait()
+	if fl.upstream != nil {
+		fl.upstream.host.flows.Add(-1)
+	}
+	fl.h.mu.Lock()
+	delete(fl.h.flows, fl)
+	fl.h.mu.Unlock()
+}

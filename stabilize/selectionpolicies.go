@@ -1,0 +1,310 @@
+package stabilize
+
+import (
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"strconv"
+	"sync/atomic"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+func init() {
+	caddy.RegisterModule(new(RoundRobinSelection))
+	caddy.RegisterModule(new(WeightedRoundRobinSelection))
+	caddy.RegisterModule(new(RandomSelection))
+	caddy.RegisterModule(new(RandomChoiceSelection))
+	caddy.RegisterModule(new(LeastSessionsSelection))
+	caddy.RegisterModule(new(FirstSelection))
+	caddy.RegisterModule(new(MaglevSelection))
+}
+
+// LoadBalancing configures how upstreams are picked.
+type LoadBalancing struct {
+	// The policy that picks an upstream for a datagram or a flow, from the
+	// upstreams that are currently healthy. Default: `round_robin`.
+	SelectionPolicyRaw json.RawMessage `json:"selection,omitempty" caddy:"namespace=layer4.stabilize.selection_policies inline_key=policy"`
+
+	selectionPolicy Selector
+}
+
+// UpstreamPool is an immutable set of upstreams to pick from. A new pool is
+// made whenever the set changes, so a policy may cache work per pool.
+type UpstreamPool struct {
+	Upstreams []*Upstream
+}
+
+// Selector picks an upstream from a pool. It is called for every datagram in
+// `per packet` mode, so it must be fast, safe for concurrent use and
+// allocation-free.
+type Selector interface {
+	// Select returns one of pool's upstreams, or nil to drop the datagram.
+	// The pool is never empty.
+	Select(pool *UpstreamPool, fl *Flow) *Upstream
+}
+
+// RoundRobinSelection takes the upstreams in turn. In `per packet` mode
+// datagram i of the handler goes to upstream i mod N, whichever client sent
+// it.
+type RoundRobinSelection struct {
+	next atomic.Uint64
+}
+
+// CaddyModule returns the Caddy module information.
+func (*RoundRobinSelection) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.stabilize.selection_policies.round_robin",
+		New: func() caddy.Module { return new(RoundRobinSelection) },
+	}
+}
+
+// Select implements Selector.
+func (r *RoundRobinSelection) Select(pool *UpstreamPool, _ *Flow) *Upstream {
+	n := r.next.Add(1) - 1
+	return pool.Upstreams[n%uint64(len(pool.Upstreams))]
+}
+
+// WeightedRoundRobinSelection takes the upstreams in turn in proportion to
+// their weights, interleaved smoothly (as nginx does) rather than in bursts.
+type WeightedRoundRobinSelection struct {
+	next  atomic.Uint64
+	order atomic.Pointer[weightedOrder]
+}
+
+// weightedOrder is the smooth weighted sequence of one pool.
+type weightedOrder struct {
+	pool *UpstreamPool
+	seq  []*Upstream
+}
+
+// CaddyModule returns the Caddy module information.
+func (*WeightedRoundRobinSelection) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.stabilize.selection_policies.weighted_round_robin",
+		New: func() caddy.Module { return new(WeightedRoundRobinSelection) },
+	}
+}
+
+// Select implements Selector.
+func (r *WeightedRoundRobinSelection) Select(pool *UpstreamPool, _ *Flow) *Upstream {
+	o := r.order.Load()
+	if o == nil || o.pool != pool {
+		o = &weightedOrder{pool: pool, seq: smoothWeighted(pool.Upstreams)}
+		r.order.Store(o)
+	}
+	n := r.next.Add(1) - 1
+	return o.seq[n%uint64(len(o.seq))]
+}
+
+// smoothWeighted returns one period of nginx's smooth weighted round robin:
+// each upstream appears weight/gcd times, spread out evenly.
+func smoothWeighted(ups []*Upstream) []*Upstream {
+	g := 0
+	for _, u := range ups {
+		g = gcd(g, u.Weight)
+	}
+	total := 0
+	for _, u := range ups {
+		total += u.Weight / g
+	}
+	current := make([]int, len(ups))
+	seq := make([]*Upstream, 0, total)
+	for range total {
+		best := 0
+		for i, u := range ups {
+			current[i] += u.Weight / g
+			if current[i] > current[best] {
+				best = i
+			}
+		}
+		current[best] -= total
+		seq = append(seq, ups[best])
+	}
+	return seq
+}
+
+func gcd(a, b int) int {
+	for b != 0 {
+		a, b = b, a%b
+	}
+	return a
+}
+
+// RandomSelection picks an upstream at random.
+type RandomSelection struct{}
+
+// CaddyModule returns the Caddy module information.
+func (*RandomSelection) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.stabilize.selection_policies.random",
+		New: func() caddy.Module { return new(RandomSelection) },
+	}
+}
+
+// Select implements Selector.
+func (*RandomSelection) Select(pool *UpstreamPool, _ *Flow) *Upstream {
+	return pool.Upstreams[rand.IntN(len(pool.Upstreams))]
+}
+
+// RandomChoiceSelection samples Choose upstreams at random and takes the one
+// with the fewest live flows ("power of N choices").
+type RandomChoiceSelection struct {
+	// How many upstreams to sample. Default: 2.
+	Choose int `json:"choose,omitempty"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (*RandomChoiceSelection) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.stabilize.selection_policies.random_choose",
+		New: func() caddy.Module { return new(RandomChoiceSelection) },
+	}
+}
+
+// Provision sets defaults.
+func (r *RandomChoiceSelection) Provision(caddy.Context) error {
+	if r.Choose == 0 {
+		r.Choose = 2
+	}
+	return nil
+}
+
+// Validate checks the configuration.
+func (r *RandomChoiceSelection) Validate() error {
+	if r.Choose < 2 {
+		return fmt.Errorf("random_choose: choose %d: must be at least 2", r.Choose)
+	}
+	return nil
+}
+
+// Select implements Selector.
+func (r *RandomChoiceSelection) Select(pool *UpstreamPool, _ *Flow) *Upstream {
+	ups := pool.Upstreams
+	var best *Upstream
+	for range min(r.Choose, len(ups)) {
+		u := ups[rand.IntN(len(ups))]
+		if best == nil || u.host.Flows() < best.host.Flows() {
+			best = u
+		}
+	}
+	return best
+}
+
+// UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
+//
+//	random_choose [<n>]
+func (r *RandomChoiceSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // policy name
+	if !d.NextArg() {
+		return nil
+	}
+	n, err := strconv.Atoi(d.Val())
+	if err != nil || n < 2 {
+		return d.Errf("lb_policy random_choose: invalid number of choices %q: must be an integer of at least 2", d.Val())
+	}
+	r.Choose = n
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	return nil
+}
+
+// LeastSessionsSelection picks the upstream with the fewest live flows; ties
+// go to the first such upstream after a random start. A flow counts from its
+// first datagram until it ends, so in `per packet` mode every upstream counts
+// zero and the choice is random.
+type LeastSessionsSelection struct{}
+
+// CaddyModule returns the Caddy module information.
+func (*LeastSessionsSelection) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.stabilize.selection_policies.least_sessions",
+		New: func() caddy.Module { return new(LeastSessionsSelection) },
+	}
+}
+
+// Select implements Selector.
+func (*LeastSessionsSelection) Select(pool *UpstreamPool, _ *Flow) *Upstream {
+	ups := pool.Upstreams
+	start := rand.IntN(len(ups))
+	best := ups[start]
+	for i := 1; i < len(ups); i++ {
+		u := ups[(start+i)%len(ups)]
+		if u.host.Flows() < best.host.Flows() {
+			best = u
+		}
+	}
+	return best
+}
+
+// FirstSelection picks the first healthy upstream in the configured order,
+// which makes the others fallbacks.
+type FirstSelection struct{}
+
+// CaddyModule returns the Caddy module information.
+func (*FirstSelection) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.stabilize.selection_policies.first",
+		New: func() caddy.Module { return new(FirstSelection) },
+	}
+}
+
+// Select implements Selector.
+func (*FirstSelection) Select(pool *UpstreamPool, _ *Flow) *Upstream {
+	return pool.Upstreams[0]
+}
+
+// MaglevSelection is a consistent hash: a Maglev lookup table maps a key of
+// the flow to an upstream, so two balancers with the same upstreams agree,
+// and removing one of N upstreams moves only about 1/N of the keys. The
+// table is rebuilt when the set of healthy upstreams changes.
+type MaglevSelection struct {
+	// What to hash, evaluated once per flow: a placeholder such as
+	// `{l4.conn.remote_addr}`. Default: the client's IP address and port.
+	Key string `json:"key,omitempty"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (*MaglevSelection) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.stabilize.selection_policies.maglev",
+		New: func() caddy.Module { return new(MaglevSelection) },
+	}
+}
+
+// Select implements Selector.
+func (*MaglevSelection) Select(pool *UpstreamPool, _ *Flow) *Upstream {
+	return pool.Upstreams[0] // TODO(issue 3): maglev table
+}
+
+// UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:
+//
+//	maglev [<key>]
+func (m *MaglevSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // policy name
+	if d.NextArg() {
+		m.Key = d.Val()
+	}
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ Selector = (*RoundRobinSelection)(nil)
+	_ Selector = (*WeightedRoundRobinSelection)(nil)
+	_ Selector = (*RandomSelection)(nil)
+	_ Selector = (*RandomChoiceSelection)(nil)
+	_ Selector = (*LeastSessionsSelection)(nil)
+	_ Selector = (*FirstSelection)(nil)
+	_ Selector = (*MaglevSelection)(nil)
+
+	_ caddy.Provisioner     = (*RandomChoiceSelection)(nil)
+	_ caddy.Validator       = (*RandomChoiceSelection)(nil)
+	_ caddyfile.Unmarshaler = (*RandomChoiceSelection)(nil)
+	_ caddyfile.Unmarshaler = (*MaglevSelection)(nil)
+)

@@ -1,0 +1,264 @@
+// Package stabilize is a UDP load balancer for Caddy: the caddy-l4 handler
+// `layer4.handlers.stabilize`. caddy-l4 hands it one client flow (a client
+// address and port) at a time; it spreads the flow's datagrams over its
+// upstreams, per packet or per flow, and relays the replies back.
+package stabilize
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap"
+)
+
+func init() {
+	caddy.RegisterModule(new(Handler))
+}
+
+// ListenerBufferSize is the size of the buffers caddy-l4's UDP listener reads
+// into. A longer datagram reaches the handler cut to this size, so the
+// handler drops datagrams of this size and counts them as truncated.
+const ListenerBufferSize = 9000
+
+// Granularities: when the policy picks an upstream.
+const (
+	PerFlow   = "flow"   // on a flow's first datagram; the flow then stays
+	PerPacket = "packet" // for every datagram
+)
+
+// Handler balances UDP flows over upstream servers.
+type Handler struct {
+	// The upstream UDP servers.
+	Upstreams []*Upstream `json:"upstreams,omitempty"`
+
+	// When the load balancing policy picks an upstream: `flow` (default)
+	// picks on a client flow's first datagram and keeps the flow there until
+	// it ends at caddy-l4's idle timeout; `packet` picks for every datagram.
+	Per string `json:"per,omitempty"`
+
+	// How upstreams are picked. Default: round robin.
+	LoadBalancing *LoadBalancing `json:"load_balancing,omitempty"`
+
+	// How upstreams are judged healthy. Default: all are healthy.
+	HealthChecks *HealthChecks `json:"health_checks,omitempty"`
+
+	// Prepend a PROXY protocol header to every datagram sent upstream,
+	// carrying the client's address and port: `v2` is the only UDP-capable
+	// version. Default: off.
+	ProxyProtocol string `json:"proxy_protocol,omitempty"`
+
+	// The receive buffer size of each upstream-facing socket, in bytes.
+	// Default: the system's.
+	ReadBuffer int `json:"read_buffer,omitempty"`
+
+	// The send buffer size of each upstream-facing socket, in bytes.
+	// Default: the system's.
+	WriteBuffer int `json:"write_buffer,omitempty"`
+
+	ctx      caddy.Context
+	logger   *zap.Logger
+	selector Selector
+	byAddr   map[netip.AddrPort]*Upstream // for replies
+	network  string                       // of the upstream-facing sockets
+	perFlow  bool
+	pool     atomic.Pointer[UpstreamPool]
+
+	drops        [numDropReasons]atomic.Uint64
+	warnTruncate sync.Once
+
+	mu    sync.Mutex
+	flows map[*Flow]struct{}
+}
+
+// CaddyModule returns the Caddy module information.
+func (*Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.handlers.stabilize",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision sets up the handler.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.ctx = ctx
+	h.logger = ctx.Logger()
+	h.flows = make(map[*Flow]struct{})
+
+	switch h.Per {
+	case "", PerFlow:
+		h.perFlow = true
+	case PerPacket:
+	default:
+		return fmt.Errorf("per %q: must be %q or %q", h.Per, PerFlow, PerPacket)
+	}
+
+	if h.LoadBalancing == nil {
+		h.LoadBalancing = new(LoadBalancing)
+	}
+	if h.LoadBalancing.SelectionPolicyRaw != nil {
+		mod, err := ctx.LoadModule(h.LoadBalancing, "SelectionPolicyRaw")
+		if err != nil {
+			return fmt.Errorf("loading load balancing selection policy: %w", err)
+		}
+		h.selector = mod.(Selector)
+	} else {
+		h.selector = new(RoundRobinSelection)
+	}
+
+	if len(h.Upstreams) == 0 {
+		return errors.New("upstreams: at least one upstream is required")
+	}
+	h.byAddr = make(map[netip.AddrPort]*Upstream, len(h.Upstreams))
+	v4, v6 := 0, 0
+	for i, u := range h.Upstreams {
+		if err := u.provision(); err != nil {
+			return fmt.Errorf("upstreams[%d]: %w", i, err)
+		}
+		if _, dup := h.byAddr[u.addr]; dup {
+			return fmt.Errorf("upstreams[%d]: upstream %q is listed twice", i, u.Dial)
+		}
+		h.byAddr[u.addr] = u
+		if u.addr.Addr().Is4() {
+			v4++
+		} else {
+			v6++
+		}
+	}
+	switch {
+	case v6 == 0:
+		h.network = "udp4"
+	case v4 == 0:
+		h.network = "udp6"
+	default:
+		h.network = "udp"
+	}
+	h.pool.Store(&UpstreamPool{Upstreams: h.Upstreams})
+	return nil
+}
+
+// Cleanup ends this instance's flows (their sockets and goroutines) and
+// releases its hosts. After a reload the client's next datagram reaches the
+// new instance.
+func (h *Handler) Cleanup() error {
+	h.mu.Lock()
+	for fl := range h.flows {
+		fl.closeSocket()
+	}
+	h.mu.Unlock()
+	for _, u := range h.Upstreams {
+		u.release()
+	}
+	return nil
+}
+
+// Handle balances one client flow. It reads the flow until caddy-l4 ends it
+// with io.EOF at its idle timeout, and never blocks that loop on an
+// upstream, so one slow or dead upstream cannot stall the listener.
+func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
+	client, ok := cx.RemoteAddr().(*net.UDPAddr)
+	if !ok {
+		return fmt.Errorf("stabilize handles UDP only, not %s", cx.RemoteAddr().Network())
+	}
+	fl, err := h.newFlow(cx, client.AddrPort())
+	if err != nil {
+		// Keep draining so the listener never blocks on this flow.
+		h.logger.Error("opening upstream socket", zap.String("client", client.String()), zap.Error(err))
+		_, _ = io.Copy(io.Discard, cx)
+		return nil
+	}
+	defer fl.close()
+
+	buf := make([]byte, ListenerBufferSize)
+	for {
+		start := time.Now()
+		n, err := cx.Read(buf)
+		if err == io.EOF && n == 0 && time.Since(start) < emptyDatagramWindow {
+			// caddy-l4 reports an empty datagram as an immediate io.EOF;
+			// the end of the flow comes only after its idle timeout.
+			err = nil
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return fmt.Errorf("reading client flow: %w", err)
+		}
+		if n == ListenerBufferSize {
+			h.drop(dropTruncated)
+			h.warnTruncate.Do(func() {
+				h.logger.Warn("dropping datagrams of the listener's buffer size: longer ones arrive truncated",
+					zap.String("client", client.String()), zap.Int("size", n))
+			})
+			continue
+		}
+		fl.forward(buf[:n])
+	}
+}
+
+// emptyDatagramWindow tells an empty datagram (io.EOF at once) from the end
+// of the flow (io.EOF after the idle timeout, which is far longer).
+const emptyDatagramWindow = 100 * time.Millisecond
+
+// available is the pool the policy picks from.
+func (h *Handler) available() *UpstreamPool {
+	return h.pool.Load()
+}
+
+// pick selects an upstream for fl, or nil when there is none.
+func (h *Handler) pick(fl *Flow) *Upstream {
+	pool := h.available()
+	if len(pool.Upstreams) == 0 {
+		return nil
+	}
+	return h.selector.Select(pool, fl)
+}
+
+// dropReason says why a datagram was not forwarded.
+type dropReason int
+
+const (
+	dropNoUpstream    dropReason = iota // no healthy upstream
+	dropUnknownSource                   // a reply from an address that is not an upstream
+	dropTruncated                       // cut short by the listener's buffer
+	dropWriteError                      // sending failed
+	dropReplyTooLarge                   // a reply longer than the reply buffer
+	numDropReasons
+)
+
+var dropReasonNames = [numDropReasons]string{
+	dropNoUpstream:    "no_upstream",
+	dropUnknownSource: "unknown_source",
+	dropTruncated:     "truncated",
+	dropWriteError:    "write_error",
+	dropReplyTooLarge: "reply_too_large",
+}
+
+func (r dropReason) String() string { return dropReasonNames[r] }
+
+func (h *Handler) drop(r dropReason) {
+	h.drops[r].Add(1)
+}
+
+// Drops returns how many datagrams were dropped for each reason.
+func (h *Handler) Drops() map[string]uint64 {
+	m := make(map[string]uint64, numDropReasons)
+	for r := range numDropReasons {
+		m[r.String()] = h.drops[r].Load()
+	}
+	return m
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner  = (*Handler)(nil)
+	_ caddy.CleanerUpper = (*Handler)(nil)
+	_ layer4.NextHandler = (*Handler)(nil)
+)

@@ -1,0 +1,334 @@
+package stabilize
+
+import (
+	"bytes"
+	"fmt"
+	"net/http"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+func TestPerPacketRoundRobin(t *testing.T) {
+	a, b, c := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "c")
+	lb := startBalancer(t, false, 30*time.Second, handlerConfig("packet", "round_robin", a, b, c))
+
+	cl := newClient(t, lb.addr)
+	var names []string
+	for i := range 300 {
+		names = append(names, cl.mustRoundTrip(fmt.Sprintf("req-%d", i)))
+	}
+	for i, n := range names {
+		if want := []string{"a", "b", "c"}[i%3]; n != want {
+			t.Fatalf("datagram %d went to %s, want %s (rotation %s)", i, n, want, counts(names))
+		}
+	}
+	for _, u := range []*testUpstream{a, b, c} {
+		if got := u.got.Load(); got != 100 {
+			t.Errorf("upstream %s got %d datagrams, want 100", u.name, got)
+		}
+	}
+}
+
+func TestPerPacketCounterSharedAcrossClients(t *testing.T) {
+	a, b, c := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "c")
+	lb := startBalancer(t, false, 30*time.Second, handlerConfig("packet", "", a, b, c))
+
+	c1, c2 := newClient(t, lb.addr), newClient(t, lb.addr)
+	var names []string
+	for i := range 30 {
+		cl := c1
+		if i%2 == 1 {
+			cl = c2
+		}
+		names = append(names, cl.mustRoundTrip(fmt.Sprintf("req-%d", i)))
+	}
+	for i, n := range names {
+		if want := []string{"a", "b", "c"}[i%3]; n != want {
+			t.Fatalf("datagram %d went to %s, want %s", i, n, want)
+		}
+	}
+}
+
+// flowsTo opens n flows, sends each k datagrams, and returns the upstream
+// name of each flow, failing if a flow's datagrams reached several.
+func flowsTo(t *testing.T, addr string, n, k int) []string {
+	t.Helper()
+	var names []string
+	for i := range n {
+		cl := newClient(t, addr)
+		first := ""
+		for j := range k {
+			name := cl.mustRoundTrip(fmt.Sprintf("flow-%d-%d", i, j))
+			if first == "" {
+				first = name
+			} else if name != first {
+				t.Fatalf("flow %d moved from %s to %s", i, first, name)
+			}
+		}
+		names = append(names, first)
+	}
+	return names
+}
+
+func TestPerFlowRoundRobin(t *testing.T) {
+	a, b, c := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "c")
+	lb := startBalancer(t, false, 30*time.Second, handlerConfig("", "", a, b, c))
+
+	names := flowsTo(t, lb.addr, 30, 5)
+	if got := counts(names); got != "map[a:10 b:10 c:10]" {
+		t.Fatalf("30 flows spread %s, want 10/10/10", got)
+	}
+	for _, u := range []*testUpstream{a, b, c} {
+		if got := u.got.Load(); got != 50 {
+			t.Errorf("upstream %s got %d datagrams, want 50", u.name, got)
+		}
+	}
+}
+
+func TestWeightedRoundRobin(t *testing.T) {
+	a, b := startUpstream(t, "a"), startUpstream(t, "b")
+	h := handlerConfig("flow", "weighted_round_robin", a, b)
+	h["upstreams"] = []any{
+		map[string]any{"dial": a.dial(), "weight": 3},
+		map[string]any{"dial": b.dial()},
+	}
+	lb := startBalancer(t, false, 30*time.Second, h)
+
+	names := flowsTo(t, lb.addr, 40, 2)
+	if got := counts(names); got != "map[a:30 b:10]" {
+		t.Fatalf("40 flows with weights 3:1 spread %s, want a:30 b:10", got)
+	}
+	// Smooth: the heavy upstream never takes more than 3 in a row.
+	if strings.Contains(strings.Join(names, ""), "aaaa") {
+		t.Errorf("weighted order is bursty: %v", names)
+	}
+}
+
+func TestLeastSessions(t *testing.T) {
+	a, b, c := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "c")
+	lb := startBalancer(t, false, time.Second, handlerConfig("flow", "least_sessions", a, b, c))
+
+	// Six flows: each new flow goes to an upstream with the fewest.
+	var clients []*client
+	var names []string
+	for i := range 6 {
+		cl := newClient(t, lb.addr)
+		clients = append(clients, cl)
+		names = append(names, cl.mustRoundTrip(fmt.Sprintf("open-%d", i)))
+	}
+	if got := counts(names); got != "map[a:2 b:2 c:2]" {
+		t.Fatalf("6 flows spread %s, want 2/2/2", got)
+	}
+
+	// Keep the two flows on "a" alive while the others end at the idle
+	// timeout; "a" then has the most live flows.
+	deadline := time.Now().Add(2500 * time.Millisecond)
+	for time.Now().Before(deadline) {
+		for i, cl := range clients {
+			if names[i] == "a" {
+				cl.mustRoundTrip("keepalive")
+			}
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	var fresh []string
+	for i := range 4 {
+		fresh = append(fresh, newClient(t, lb.addr).mustRoundTrip(fmt.Sprintf("new-%d", i)))
+	}
+	if got := counts(fresh); got != "map[b:2 c:2]" {
+		t.Fatalf("with 2 live flows on a and none elsewhere, 4 new flows went %s, want b:2 c:2", got)
+	}
+}
+
+func TestConcurrentFlows(t *testing.T) {
+	a, b, c := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "c")
+	lb := startBalancer(t, false, 30*time.Second, handlerConfig("", "", a, b, c))
+
+	const flows, trips = 50, 200
+	errs := make(chan error, flows)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := range flows {
+		cl := newClient(t, lb.addr)
+		wg.Go(func() {
+			for j := range trips {
+				payload := []byte(fmt.Sprintf("flow-%d-trip-%d", i, j))
+				var err error
+				for range 5 { // loopback UDP may still drop under -race
+					if _, _, err = cl.roundTrip(payload, time.Second); err == nil || !isTimeout(err) {
+						break
+					}
+				}
+				if err != nil {
+					errs <- fmt.Errorf("flow %d trip %d: %w", i, j, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if d := time.Since(start); d > 60*time.Second {
+		t.Errorf("%d flows x %d round trips took %v", flows, trips, d)
+	}
+}
+
+func TestDatagramSizes(t *testing.T) {
+	for _, per := range []string{"packet", "flow"} {
+		t.Run(per, func(t *testing.T) {
+			a := startUpstream(t, "a")
+			lb := startBalancer(t, false, 30*time.Second, handlerConfig(per, "", a))
+			cl := newClient(t, lb.addr)
+
+			big := bytes.Repeat([]byte("0123456789abcdef"), 500) // 8000 bytes
+			for _, payload := range [][]byte{big, []byte("x"), {}} {
+				_, echo, err := cl.roundTrip(payload, 2*time.Second)
+				if err != nil {
+					t.Fatalf("%d-byte datagram: %v", len(payload), err)
+				}
+				if !bytes.Equal(echo, payload) {
+					t.Fatalf("%d-byte datagram came back as %d bytes", len(payload), len(echo))
+				}
+				a.mu.Lock()
+				last := len(a.last)
+				a.mu.Unlock()
+				if last != len(payload) {
+					t.Fatalf("upstream received %d bytes, sent %d", last, len(payload))
+				}
+			}
+		})
+	}
+}
+
+func TestTruncatedDatagramIsDropped(t *testing.T) {
+	a := startUpstream(t, "a")
+	lb := startBalancer(t, false, 30*time.Second, handlerConfig("", "", a))
+	cl := newClient(t, lb.addr)
+
+	if _, _, err := cl.roundTrip(make([]byte, 12000), 500*time.Millisecond); !isTimeout(err) {
+		t.Fatalf("a 12000-byte datagram, truncated by the listener, got %v; want it dropped", err)
+	}
+	if got := a.got.Load(); got != 0 {
+		t.Fatalf("upstream received %d truncated datagrams", got)
+	}
+	cl.mustRoundTrip("still-serving")
+}
+
+func TestDeadUpstream(t *testing.T) {
+	for _, per := range []string{"packet", "flow"} {
+		t.Run(per, func(t *testing.T) {
+			a, b, dead := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "dead")
+			lb := startBalancer(t, false, 30*time.Second, handlerConfig(per, "", a, b, dead))
+			dead.close() // its port now answers with ICMP port-unreachable
+
+			// Concurrent flows, so the lost datagrams' timeouts overlap.
+			var mu sync.Mutex
+			var wg sync.WaitGroup
+			ok, lost := 0, 0
+			for i := range 30 {
+				cl := newClient(t, lb.addr)
+				wg.Go(func() {
+					for j := range 10 {
+						name, _, err := cl.roundTrip([]byte(fmt.Sprintf("%d-%d", i, j)), 300*time.Millisecond)
+						mu.Lock()
+						switch {
+						case err == nil && (name == "a" || name == "b"):
+							ok++
+						case isTimeout(err):
+							lost++
+						default:
+							t.Errorf("flow %d: %s, %v", i, name, err)
+						}
+						mu.Unlock()
+					}
+				})
+			}
+			wg.Wait()
+			// Round robin over three: a third of the datagrams (per packet)
+			// or of the flows (per flow) go to the dead upstream.
+			if ok != 200 || lost != 100 {
+				t.Fatalf("ok %d, lost %d; want every datagram sent to a or b answered (200) and 100 lost", ok, lost)
+			}
+			newClient(t, lb.addr).mustRoundTrip("listener-still-serves")
+		})
+	}
+}
+
+func TestFlowsReleaseResources(t *testing.T) {
+	a, b := startUpstream(t, "a"), startUpstream(t, "b")
+	lb := startBalancer(t, false, time.Second, handlerConfig("", "", a, b))
+	newClient(t, lb.addr).mustRoundTrip("warm-up")
+	time.Sleep(1500 * time.Millisecond)
+	baseG, baseFD := runtime.NumGoroutine(), openFDs(t)
+
+	for batch := range 10 {
+		var cls []*client
+		for i := range 100 {
+			cl := newClient(t, lb.addr)
+			cl.mustRoundTrip(fmt.Sprintf("%d-%d", batch, i))
+			cls = append(cls, cl)
+		}
+		for _, cl := range cls {
+			_ = cl.conn.Close()
+		}
+	}
+	eventually(t, 10*time.Second, "goroutines and sockets back near the baseline", func() bool {
+		return runtime.NumGoroutine() <= baseG+10 && openFDs(t) <= baseFD+10
+	})
+	if g := a.got.Load() + b.got.Load(); g != 1001 {
+		t.Fatalf("upstreams got %d datagrams, want 1001", g)
+	}
+}
+
+func TestAdminAPIChangesUpstreams(t *testing.T) {
+	a, b, c := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "c")
+	lb := startBalancer(t, true, 30*time.Second, handlerConfig("packet", "", a, b))
+	path := "http://" + lb.admin + "/config/apps/layer4/servers/srv0/routes/0/handle/0/upstreams"
+
+	adminDo := func(method, url, body string) {
+		t.Helper()
+		req, err := http.NewRequest(method, url, strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatalf("%s %s: %v", method, url, err)
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s %s: %s", method, url, resp.Status)
+		}
+	}
+	spread := func(n int) string {
+		cl := newClient(t, lb.addr)
+		var names []string
+		for i := range n {
+			names = append(names, cl.mustRoundTrip(fmt.Sprintf("req-%d", i)))
+		}
+		return counts(names)
+	}
+
+	if got := spread(6); got != "map[a:3 b:3]" {
+		t.Fatalf("before: %s", got)
+	}
+	adminDo(http.MethodPost, path, fmt.Sprintf(`{"dial": %q}`, c.dial()))
+	if got := spread(9); got != "map[a:3 b:3 c:3]" {
+		t.Fatalf("after adding c: %s, want c to get a third", got)
+	}
+	adminDo(http.MethodDelete, path+"/0", "")
+	before := a.got.Load()
+	if got := spread(6); got != "map[b:3 c:3]" {
+		t.Fatalf("after deleting a: %s", got)
+	}
+	if a.got.Load() != before {
+		t.Fatal("a still receives traffic after it was deleted")
+	}
+}
