@@ -8,7 +8,6 @@ import (
 	"syscall"
 
 	"github.com/mholt/caddy-l4/layer4"
-	"go.uber.org/zap"
 )
 
 // Flow is one client flow: the datagrams of one client address and port,
@@ -45,6 +44,10 @@ func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, 
 	if err != nil {
 		return nil, err
 	}
+	if err := h.prepareSocket(conn); err != nil {
+		_ = conn.Close()
+		return nil, err
+	}
 	fl := &Flow{h: h, cx: cx, client: netip.AddrPortFrom(client.Addr().Unmap(), client.Port()), conn: conn}
 	h.mu.Lock()
 	h.flows[fl] = struct{}{}
@@ -57,7 +60,7 @@ func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, 
 // forward sends one client datagram to the upstream the policy picks.
 func (fl *Flow) forward(b []byte) {
 	u := fl.upstream
-	if u == nil || !fl.h.perFlow {
+	if u == nil || !fl.h.perFlow || !u.host.Healthy() && len(fl.h.available().Upstreams) > 0 {
 		u = fl.h.pick(fl)
 		if u == nil {
 			fl.h.drop(dropNoUpstream)
@@ -73,6 +76,7 @@ func (fl *Flow) forward(b []byte) {
 	}
 	u.host.datagramsSent.Add(1)
 	u.host.bytesSent.Add(uint64(len(b)))
+	fl.sentTo(u)
 }
 
 // assign moves the flow to u.
@@ -96,10 +100,7 @@ func (fl *Flow) relayReplies() {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
-			if errors.Is(err, syscall.ECONNREFUSED) {
-				continue
-			}
-			h.logger.Debug("reading upstream replies", zap.Stringer("client", fl.client), zap.Error(err))
+			h.socketError(fl, err)
 			continue
 		}
 		if flags&syscall.MSG_TRUNC != 0 {
@@ -113,6 +114,7 @@ func (fl *Flow) relayReplies() {
 		}
 		u.host.datagramsReceived.Add(1)
 		u.host.bytesReceived.Add(uint64(n))
+		fl.replyFrom(u)
 		if _, err := fl.cx.Write(buf[:n]); err != nil {
 			h.drop(dropWriteError)
 		}

@@ -69,9 +69,13 @@ type Handler struct {
 	byAddr   map[netip.AddrPort]*Upstream // for replies
 	network  string                       // of the upstream-facing sockets
 	perFlow  bool
-	pool     atomic.Pointer[UpstreamPool]
+	all      *UpstreamPool // every upstream, healthy or not
+
+	poolMu sync.Mutex
+	pool   atomic.Pointer[healthyPool]
 
 	drops        [numDropReasons]atomic.Uint64
+	allDownSent  atomic.Uint64 // datagrams sent while every upstream was down
 	warnTruncate sync.Once
 
 	mu    sync.Mutex
@@ -140,14 +144,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	default:
 		h.network = "udp"
 	}
-	h.pool.Store(&UpstreamPool{Upstreams: h.Upstreams})
-	return nil
+	h.all = &UpstreamPool{Upstreams: h.Upstreams}
+	h.pool.Store(&healthyPool{epoch: ^uint64(0)})
+	return h.provisionHealthChecks()
 }
 
 // Cleanup ends this instance's flows (their sockets and goroutines) and
 // releases its hosts. After a reload the client's next datagram reaches the
 // new instance.
 func (h *Handler) Cleanup() error {
+	h.stopHealthChecks()
 	h.mu.Lock()
 	for fl := range h.flows {
 		fl.closeSocket()
@@ -207,16 +213,49 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 // of the flow (io.EOF after the idle timeout, which is far longer).
 const emptyDatagramWindow = 100 * time.Millisecond
 
-// available is the pool the policy picks from.
-func (h *Handler) available() *UpstreamPool {
-	return h.pool.Load()
+// healthyPool is the pool of healthy upstreams as of a health epoch.
+type healthyPool struct {
+	epoch uint64
+	pool  *UpstreamPool
 }
 
-// pick selects an upstream for fl, or nil when there is none.
+// available is the pool of healthy upstreams, rebuilt after any health
+// transition. It may be empty.
+func (h *Handler) available() *UpstreamPool {
+	epoch := healthEpoch.Load()
+	if p := h.pool.Load(); p.epoch == epoch {
+		return p.pool
+	}
+	h.poolMu.Lock()
+	defer h.poolMu.Unlock()
+	if p := h.pool.Load(); p.epoch == epoch {
+		return p.pool
+	}
+	healthy := make([]*Upstream, 0, len(h.Upstreams))
+	for _, u := range h.Upstreams {
+		if u.host.Healthy() {
+			healthy = append(healthy, u)
+		}
+	}
+	pool := h.all
+	if len(healthy) < len(h.Upstreams) {
+		pool = &UpstreamPool{Upstreams: healthy}
+	}
+	h.pool.Store(&healthyPool{epoch: epoch, pool: pool})
+	return pool
+}
+
+// pick selects an upstream for fl, or nil when there is none. When every
+// upstream is down it fails open, picking from all of them, unless
+// drop_when_all_down is set.
 func (h *Handler) pick(fl *Flow) *Upstream {
 	pool := h.available()
 	if len(pool.Upstreams) == 0 {
-		return nil
+		if h.HealthChecks != nil && h.HealthChecks.DropWhenAllDown {
+			return nil
+		}
+		h.allDownSent.Add(1)
+		pool = h.all
 	}
 	return h.selector.Select(pool, fl)
 }

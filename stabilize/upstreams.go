@@ -105,6 +105,8 @@ type Host struct {
 
 	datagramsSent, bytesSent         atomic.Uint64 // towards the upstream
 	datagramsReceived, bytesReceived atomic.Uint64 // from the upstream
+
+	health hostHealth // see healthchecks.go
 }
 
 // Flows is the number of live flows currently assigned to the host.
