@@ -24,6 +24,9 @@ type Flow struct {
 	// goroutine touches it.
 	upstream *Upstream
 
+	header      []byte      // PROXY protocol header, sent before every datagram
+	affinityKey affinityKey // per flow only
+
 	// Hash is a policy's per-flow key hash, computed once. Hashed says it
 	// has been computed.
 	Hash   uint64
@@ -49,6 +52,18 @@ func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, 
 		return nil, err
 	}
 	fl := &Flow{h: h, cx: cx, client: netip.AddrPortFrom(client.Addr().Unmap(), client.Port()), conn: conn}
+	listener := addrPort(cx.LocalAddr())
+	if h.ProxyProtocol == "v2" {
+		fl.header = appendProxyV2(nil, fl.client, listener)
+	}
+	if h.affinity != nil {
+		fl.affinityKey = affinityKey{listener: listener, client: fl.client}
+		if addr, ok := h.affinity.lookup(fl.affinityKey); ok {
+			if u := h.byAddr[addr]; u != nil && u.host.Healthy() {
+				fl.assign(u)
+			}
+		}
+	}
 	h.mu.Lock()
 	h.flows[fl] = struct{}{}
 	h.mu.Unlock()
@@ -86,6 +101,9 @@ func (fl *Flow) assign(u *Upstream) {
 	}
 	fl.upstream = u
 	u.host.flows.Add(1)
+	if fl.h.affinity != nil {
+		fl.h.affinity.set(fl.affinityKey, u.addr, fl)
+	}
 }
 
 // relayReplies writes the upstreams' replies to the client until the socket
@@ -132,8 +150,22 @@ func (fl *Flow) close() {
 	fl.replies.Wait()
 	if fl.upstream != nil {
 		fl.upstream.host.flows.Add(-1)
+		// After Cleanup the flow continues in the next handler instance.
+		if fl.h.affinity != nil && !fl.h.closing.Load() {
+			fl.h.affinity.forget(fl.affinityKey, fl)
+		}
 	}
 	fl.h.mu.Lock()
 	delete(fl.h.flows, fl)
 	fl.h.mu.Unlock()
+}
+
+// addrPort is the address and port of a UDP address, unmapped.
+func addrPort(a net.Addr) netip.AddrPort {
+	ua, ok := a.(*net.UDPAddr)
+	if !ok {
+		return netip.AddrPort{}
+	}
+	ap := ua.AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }

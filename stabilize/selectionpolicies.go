@@ -9,6 +9,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
+	"github.com/stabilize-lb/caddy-stabilize/stabilize/maglev"
 )
 
 func init() {
@@ -261,10 +263,26 @@ func (*FirstSelection) Select(pool *UpstreamPool, _ *Flow) *Upstream {
 // and removing one of N upstreams moves only about 1/N of the keys. The
 // table is rebuilt when the set of healthy upstreams changes.
 type MaglevSelection struct {
-	// What to hash, evaluated once per flow: a placeholder such as
-	// `{l4.conn.remote_addr}`. Default: the client's IP address and port.
+	// What to hash, evaluated once per flow. `{l4.conn.remote_addr}` (the
+	// default) is the client's IP address and port; `{l4.conn.remote_ip}`
+	// is its IP address alone; any other placeholder or text is expanded
+	// with the connection's replacer.
 	Key string `json:"key,omitempty"`
+
+	table atomic.Pointer[maglevTable]
 }
+
+// maglevTable is the lookup table of one pool.
+type maglevTable struct {
+	pool  *UpstreamPool
+	table *maglev.Table
+}
+
+// Maglev keys with a fast path.
+const (
+	keyRemoteAddr = "{l4.conn.remote_addr}"
+	keyRemoteIP   = "{l4.conn.remote_ip}"
+)
 
 // CaddyModule returns the Caddy module information.
 func (*MaglevSelection) CaddyModule() caddy.ModuleInfo {
@@ -275,8 +293,41 @@ func (*MaglevSelection) CaddyModule() caddy.ModuleInfo {
 }
 
 // Select implements Selector.
-func (*MaglevSelection) Select(pool *UpstreamPool, _ *Flow) *Upstream {
-	return pool.Upstreams[0] // TODO(issue 3): maglev table
+func (m *MaglevSelection) Select(pool *UpstreamPool, fl *Flow) *Upstream {
+	if !fl.Hashed {
+		fl.Hash, fl.Hashed = m.hash(fl), true
+	}
+	t := m.table.Load()
+	if t == nil || t.pool != pool {
+		t = &maglevTable{pool: pool, table: newMaglevTable(pool.Upstreams)}
+		m.table.Store(t)
+	}
+	return pool.Upstreams[t.table.Lookup(fl.Hash)]
+}
+
+func (m *MaglevSelection) hash(fl *Flow) uint64 {
+	switch m.Key {
+	case "", keyRemoteAddr:
+		return maglev.HashAddrPort(fl.client)
+	case keyRemoteIP:
+		return maglev.HashAddr(fl.client.Addr())
+	}
+	return maglev.HashString(fl.cx.Replacer().ReplaceAll(m.Key, ""))
+}
+
+// newMaglevTable builds a weighted table named by the upstreams' addresses,
+// so balancers that list the same upstreams in any order agree.
+func newMaglevTable(ups []*Upstream) *maglev.Table {
+	names := make([]string, len(ups))
+	weights := make([]int, len(ups))
+	for i, u := range ups {
+		names[i], weights[i] = u.addr.String(), u.Weight
+	}
+	t, err := maglev.NewWeighted(names, weights)
+	if err != nil {
+		panic(err) // weights are validated at provisioning
+	}
+	return t
 }
 
 // UnmarshalCaddyfile sets up the policy from Caddyfile tokens. Syntax:

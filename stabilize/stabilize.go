@@ -78,6 +78,10 @@ type Handler struct {
 	allDownSent  atomic.Uint64 // datagrams sent while every upstream was down
 	warnTruncate sync.Once
 
+	affinity    *affinity // per flow only
+	affinityKey string
+	closing     atomic.Bool // Cleanup has begun
+
 	mu    sync.Mutex
 	flows map[*Flow]struct{}
 }
@@ -144,6 +148,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	default:
 		h.network = "udp"
 	}
+	switch h.ProxyProtocol {
+	case "", "v2":
+	default:
+		return fmt.Errorf("proxy_protocol %q: must be \"v2\" (v1 is TCP-only)", h.ProxyProtocol)
+	}
+	if h.perFlow {
+		h.affinityKey = "per=flow;selection=" + string(h.LoadBalancing.SelectionPolicyRaw)
+		a, _ := affinities.LoadOrStore(h.affinityKey, &affinity{m: make(map[affinityKey]affinityEntry)})
+		h.affinity = a.(*affinity)
+	}
 	h.all = &UpstreamPool{Upstreams: h.Upstreams}
 	h.pool.Store(&healthyPool{epoch: ^uint64(0)})
 	return h.provisionHealthChecks()
@@ -153,14 +167,21 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 // releases its hosts. After a reload the client's next datagram reaches the
 // new instance.
 func (h *Handler) Cleanup() error {
+	h.closing.Store(true)
 	h.stopHealthChecks()
 	h.mu.Lock()
 	for fl := range h.flows {
 		fl.closeSocket()
+		// Wake Handle from cx.Read. A read deadline only touches caddy-l4's
+		// packetConn, never the shared socket.
+		_ = fl.cx.SetReadDeadline(time.Unix(1, 0))
 	}
 	h.mu.Unlock()
 	for _, u := range h.Upstreams {
 		u.release()
+	}
+	if h.affinity != nil {
+		_, _ = affinities.Delete(h.affinityKey)
 	}
 	return nil
 }
@@ -182,17 +203,19 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	}
 	defer fl.close()
 
-	buf := make([]byte, ListenerBufferSize)
+	// The datagram is read in after the flow's PROXY header, if any.
+	buf := make([]byte, len(fl.header)+ListenerBufferSize)
+	hdr := copy(buf, fl.header)
 	for {
 		start := time.Now()
-		n, err := cx.Read(buf)
+		n, err := cx.Read(buf[hdr:])
 		if err == io.EOF && n == 0 && time.Since(start) < emptyDatagramWindow {
 			// caddy-l4 reports an empty datagram as an immediate io.EOF;
 			// the end of the flow comes only after its idle timeout.
 			err = nil
 		}
 		if err != nil {
-			if errors.Is(err, io.EOF) {
+			if errors.Is(err, io.EOF) || h.closing.Load() {
 				return nil
 			}
 			return fmt.Errorf("reading client flow: %w", err)
@@ -205,7 +228,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 			})
 			continue
 		}
-		fl.forward(buf[:n])
+		fl.forward(buf[:hdr+n])
 	}
 }
 

@@ -291,22 +291,6 @@ func TestAdminAPIChangesUpstreams(t *testing.T) {
 	lb := startBalancer(t, true, 30*time.Second, handlerConfig("packet", "", a, b))
 	path := "http://" + lb.admin + "/config/apps/layer4/servers/srv0/routes/0/handle/0/upstreams"
 
-	adminDo := func(method, url, body string) {
-		t.Helper()
-		req, err := http.NewRequest(method, url, strings.NewReader(body))
-		if err != nil {
-			t.Fatal(err)
-		}
-		req.Header.Set("Content-Type", "application/json")
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatalf("%s %s: %v", method, url, err)
-		}
-		defer resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			t.Fatalf("%s %s: %s", method, url, resp.Status)
-		}
-	}
 	spread := func(n int) string {
 		cl := newClient(t, lb.addr)
 		var names []string
@@ -319,11 +303,11 @@ func TestAdminAPIChangesUpstreams(t *testing.T) {
 	if got := spread(6); got != "map[a:3 b:3]" {
 		t.Fatalf("before: %s", got)
 	}
-	adminDo(http.MethodPost, path, fmt.Sprintf(`{"dial": %q}`, c.dial()))
+	adminDo(t, http.MethodPost, path, fmt.Sprintf(`{"dial": %q}`, c.dial()))
 	if got := spread(9); got != "map[a:3 b:3 c:3]" {
 		t.Fatalf("after adding c: %s, want c to get a third", got)
 	}
-	adminDo(http.MethodDelete, path+"/0", "")
+	adminDo(t, http.MethodDelete, path+"/0", "")
 	before := a.got.Load()
 	if got := spread(6); got != "map[b:3 c:3]" {
 		t.Fatalf("after deleting a: %s", got)
