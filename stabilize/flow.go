@@ -5,7 +5,9 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/mholt/caddy-l4/layer4"
 )
@@ -32,8 +34,17 @@ type Flow struct {
 	Hash   uint64
 	Hashed bool
 
+	// Flows on a fast socket: their datagrams bypass caddy-l4 once
+	// established, and replies go out through the socket directly.
+	fast        *fastSocket
+	lastActive  atomic.Int64  // unix nanos of the latest bypassed datagram
+	detached    atomic.Bool   // Handle has returned; the socket's reaper ends the flow
+	idleTimeout time.Duration // caddy-l4's, as measured by Handle
+
+	mu        sync.Mutex // serialises forward
 	replies   sync.WaitGroup
 	closeOnce sync.Once
+	closed    atomic.Bool
 }
 
 // Client is the client's address and port.
@@ -53,6 +64,7 @@ func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, 
 	}
 	fl := &Flow{h: h, cx: cx, client: netip.AddrPortFrom(client.Addr().Unmap(), client.Port()), conn: conn}
 	listener := addrPort(cx.LocalAddr())
+	fl.fast = fastSocketFor(cx.LocalAddr())
 	if h.ProxyProtocol == "v2" {
 		fl.header = appendProxyV2(nil, fl.client, listener)
 	}
@@ -69,11 +81,17 @@ func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, 
 	h.mu.Unlock()
 	fl.replies.Add(1)
 	go fl.relayReplies()
+	if fl.fast != nil {
+		fl.lastActive.Store(time.Now().UnixNano())
+		fl.fast.register(fl)
+	}
 	return fl, nil
 }
 
 // forward sends one client datagram to the upstream the policy picks.
 func (fl *Flow) forward(b []byte) {
+	fl.mu.Lock()
+	defer fl.mu.Unlock()
 	u := fl.upstream
 	if u == nil || !fl.h.perFlow || !u.host.Healthy() && len(fl.h.available().Upstreams) > 0 {
 		u = fl.h.pick(fl)
@@ -133,10 +151,30 @@ func (fl *Flow) relayReplies() {
 		u.host.datagramsReceived.Add(1)
 		u.host.bytesReceived.Add(uint64(n))
 		fl.replyFrom(u)
-		if _, err := fl.cx.Write(buf[:n]); err != nil {
+		if fl.fast != nil {
+			_, err = fl.fast.conn.WriteToUDPAddrPort(buf[:n], fl.client)
+		} else {
+			_, err = fl.cx.Write(buf[:n])
+		}
+		if err != nil {
 			h.drop(dropWriteError)
 		}
 	}
+}
+
+// detach hands a fast flow that is still active to its socket's reaper when
+// caddy-l4 ends the flow after idleTimeout, because its datagrams bypassed
+// caddy-l4. It reports whether it did.
+func (fl *Flow) detach(idleTimeout time.Duration) bool {
+	if fl.fast == nil || time.Now().UnixNano()-fl.lastActive.Load() >= int64(idleTimeout) {
+		return false
+	}
+	fl.idleTimeout = idleTimeout
+	fl.detached.Store(true)
+	if fl.h.closing.Load() {
+		fl.close() // Cleanup may have missed it
+	}
+	return true
 }
 
 // closeSocket ends the reply goroutine; it is safe to call more than once.
@@ -144,8 +182,15 @@ func (fl *Flow) closeSocket() {
 	fl.closeOnce.Do(func() { _ = fl.conn.Close() })
 }
 
-// close ends the flow and releases its socket, goroutine and upstream.
+// close ends the flow and releases its socket, goroutine and upstream; it
+// is safe to call more than once.
 func (fl *Flow) close() {
+	if !fl.closed.CompareAndSwap(false, true) {
+		return
+	}
+	if fl.fast != nil {
+		fl.fast.unregister(fl)
+	}
 	fl.closeSocket()
 	fl.replies.Wait()
 	if fl.upstream != nil {

@@ -117,6 +117,12 @@ type balancer struct {
 // testConfig is the JSON of a Caddy config with one layer4 UDP server that
 // routes everything to handler (a JSON object).
 func testConfig(listen string, adminAddr string, idle time.Duration, handler any) []byte {
+	return testConfigOn("udp", listen, adminAddr, idle, handler)
+}
+
+// testConfigOn is testConfig with the listener on network: "udp" or
+// FastNetwork.
+func testConfigOn(network, listen string, adminAddr string, idle time.Duration, handler any) []byte {
 	admin := map[string]any{"disabled": true}
 	if adminAddr != "" {
 		admin = map[string]any{"listen": adminAddr}
@@ -128,7 +134,7 @@ func testConfig(listen string, adminAddr string, idle time.Duration, handler any
 			"layer4": map[string]any{
 				"servers": map[string]any{
 					"srv0": map[string]any{
-						"listen":       []string{"udp/" + listen},
+						"listen":       []string{network + "/" + listen},
 						"idle_timeout": idle.String(),
 						"routes":       []any{map[string]any{"handle": []any{handler}}},
 					},
@@ -163,11 +169,17 @@ func handlerConfig(per, policy string, ups ...*testUpstream) map[string]any {
 // global state means these tests cannot run in parallel.
 func startBalancer(t *testing.T, withAdmin bool, idle time.Duration, handler any) *balancer {
 	t.Helper()
+	return startBalancerOn(t, "udp", withAdmin, idle, handler)
+}
+
+// startBalancerOn is startBalancer with the listener on network.
+func startBalancerOn(t *testing.T, network string, withAdmin bool, idle time.Duration, handler any) *balancer {
+	t.Helper()
 	b := &balancer{addr: fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))}
 	if withAdmin {
 		b.admin = fmt.Sprintf("127.0.0.1:%d", freeTCPPort(t))
 	}
-	if err := caddy.Load(testConfig(b.addr, b.admin, idle, handler), true); err != nil {
+	if err := caddy.Load(testConfigOn(network, b.addr, b.admin, idle, handler), true); err != nil {
 		t.Fatalf("loading config: %v", err)
 	}
 	t.Cleanup(func() {

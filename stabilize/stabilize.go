@@ -160,6 +160,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.all = &UpstreamPool{Upstreams: h.Upstreams}
 	h.pool.Store(&healthyPool{epoch: ^uint64(0)})
+	h.registerMetrics(ctx) // metrics.go
 	return h.provisionHealthChecks()
 }
 
@@ -170,13 +171,21 @@ func (h *Handler) Cleanup() error {
 	h.closing.Store(true)
 	h.stopHealthChecks()
 	h.mu.Lock()
+	flows := make([]*Flow, 0, len(h.flows))
 	for fl := range h.flows {
-		fl.closeSocket()
-		// Wake Handle from cx.Read. A read deadline only touches caddy-l4's
-		// packetConn, never the shared socket.
-		_ = fl.cx.SetReadDeadline(time.Unix(1, 0))
+		flows = append(flows, fl)
 	}
 	h.mu.Unlock()
+	for _, fl := range flows {
+		if fl.detached.Load() {
+			fl.close()
+			continue
+		}
+		fl.closeSocket()
+		// Wake Handle from cx.Read to end the flow. A read deadline only
+		// touches caddy-l4's packetConn, never the shared socket.
+		_ = fl.cx.SetReadDeadline(time.Unix(1, 0))
+	}
 	for _, u := range h.Upstreams {
 		u.release()
 	}
@@ -201,20 +210,23 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		_, _ = io.Copy(io.Discard, cx)
 		return nil
 	}
-	defer fl.close()
-
 	// The datagram is read in after the flow's PROXY header, if any.
 	buf := make([]byte, len(fl.header)+ListenerBufferSize)
 	hdr := copy(buf, fl.header)
 	for {
 		start := time.Now()
 		n, err := cx.Read(buf[hdr:])
-		if err == io.EOF && n == 0 && time.Since(start) < emptyDatagramWindow {
+		waited := time.Since(start)
+		if err == io.EOF && n == 0 && waited < emptyDatagramWindow {
 			// caddy-l4 reports an empty datagram as an immediate io.EOF;
 			// the end of the flow comes only after its idle timeout.
 			err = nil
 		}
 		if err != nil {
+			if errors.Is(err, io.EOF) && fl.detach(waited) {
+				return nil // the flow goes on, bypassing caddy-l4
+			}
+			fl.close()
 			if errors.Is(err, io.EOF) || h.closing.Load() {
 				return nil
 			}

@@ -1,0 +1,239 @@
+// Command demo runs the example load balancer in one process and shows it
+// working; it needs nothing but Go. From the repository root:
+//
+//	go run ./examples/demo          # check, print a report, exit (1 on failure)
+//	go run ./examples/demo -serve   # then keep serving until Ctrl-C
+//	go run ./examples/demo -config path/to/Caddyfile   # default examples/Caddyfile
+//
+// It starts the example's UDP echo servers (each names itself in its replies)
+// on 127.0.0.1:6001-6003, loads examples/Caddyfile into an in-process Caddy
+// through the caddyfile adapter, and sends through the balancer on port 5000:
+// one flow of 9 datagrams (`per flow` keeps a flow, one client address and
+// port, on the upstream picked for its first datagram: one server answers all
+// 9), then 9 flows of one datagram (each new flow is a new round robin pick: 3
+// per server). Last it reads the upstreams back through the admin API on
+// localhost:2019. It uses no other ports.
+package main
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"slices"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	_ "github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile" // the caddyfile adapter
+	_ "github.com/mholt/caddy-l4/layer4"                          // the layer4 app and its Caddyfile option
+	"github.com/stabilize-lb/caddy-stabilize/examples/internal/udpclient"
+	"github.com/stabilize-lb/caddy-stabilize/examples/internal/udpecho"
+	_ "github.com/stabilize-lb/caddy-stabilize/stabilize"
+)
+
+// upstreamsPath is where the adapted Caddyfile keeps the handler's upstreams.
+const upstreamsPath = "/config/apps/layer4/servers/srv0/routes/0/handle/0/upstreams"
+
+// options say what run does. Empty listen, upstreams and admin keep what the
+// Caddyfile says (the example's ports); the test sets free ports.
+type options struct {
+	config    string   // path of the Caddyfile
+	listen    string   // the balancer's UDP host:port, e.g. ":5000"
+	upstreams []string // the echo servers' host:port, one per upstream
+	admin     string   // the admin API's host:port
+	serve     bool     // after the checks, serve until ctx is done
+	out       io.Writer
+}
+
+func main() {
+	o := options{out: os.Stdout}
+	flag.StringVar(&o.config, "config", "examples/Caddyfile", "the Caddyfile to load, relative to the working directory")
+	flag.BoolVar(&o.serve, "serve", false, "keep serving after the checks until Ctrl-C")
+	flag.Parse()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	if err := run(ctx, o); err != nil {
+		fmt.Fprintln(os.Stderr, "demo:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, o options) error {
+	caddyfile, err := os.ReadFile(o.config)
+	if errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("%s not found: run the demo from the repository root, or give -config", o.config)
+	} else if err != nil {
+		return err
+	}
+	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt(caddyfile, map[string]any{"filename": o.config})
+	if err != nil {
+		return fmt.Errorf("adapting %s: %w", o.config, err)
+	}
+
+	// Patch the adapted JSON as the options say; read the addresses to use.
+	var cfg map[string]any
+	if err := json.Unmarshal(adapted, &cfg); err != nil {
+		return err
+	}
+	srv, _ := at(cfg, "apps", "layer4", "servers", "srv0").(map[string]any)
+	h, _ := at(srv, "routes", 0, "handle", 0).(map[string]any)
+	ups, _ := at(h, "upstreams").([]any)
+	if h["handler"] != "stabilize" || len(ups) == 0 || (o.upstreams != nil && len(o.upstreams) != len(ups)) {
+		return fmt.Errorf("%s: want layer4 server srv0 to start with a stabilize handler, like the example", o.config)
+	}
+	if o.listen != "" {
+		srv["listen"] = []any{"udp/" + o.listen}
+	}
+	listen, _ := at(srv, "listen", 0).(string)
+	listen = strings.TrimPrefix(listen, "udp/")
+	var names []string
+	for i, u := range ups {
+		if o.upstreams != nil {
+			u.(map[string]any)["dial"] = "udp/" + o.upstreams[i]
+		}
+		dial, _ := at(u, "dial").(string)
+		names = append(names, strings.TrimPrefix(dial, "udp/"))
+	}
+	admin, _ := at(cfg, "admin", "listen").(string)
+	admin = strings.TrimPrefix(cmp.Or(o.admin, admin, caddy.DefaultAdminListen), "tcp/")
+	// Keep Caddy's log quiet and write no autosave.json.
+	cfg["admin"] = map[string]any{"listen": admin, "config": map[string]any{"persist": false}}
+	cfg["logging"] = map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}}
+
+	// Check that the ports are free, then start the upstreams and Caddy.
+	err = free("tcp", admin)
+	for _, addr := range append([]string{listen}, names...) {
+		err = cmp.Or(err, free("udp", addr))
+	}
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		s, err := udpecho.Start(name)
+		if err != nil {
+			return err
+		}
+		defer s.Close()
+	}
+	cfgJSON, _ := json.Marshal(cfg)
+	if err := caddy.Load(cfgJSON, true); err != nil {
+		return fmt.Errorf("starting Caddy: %w", err)
+	}
+	// A config without apps and with the admin API disabled stops both.
+	defer caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}},"logging":{"logs":{"default":{"level":"ERROR"}}}}`), true)
+	fmt.Fprintf(o.out, "Upstreams (UDP echo servers): %s\nCaddy: loaded %s, balancer on udp/%s, admin API on %s\n",
+		strings.Join(names, ", "), o.config, listen, admin)
+
+	_, port, _ := net.SplitHostPort(listen)
+	target := net.JoinHostPort("127.0.0.1", port)
+	fmt.Fprintf(o.out, "\n1. One flow sends 9 datagrams. `per flow` keeps a flow on the upstream\n"+
+		"   picked for its first datagram, so one server should answer all 9.\n")
+	err1 := phase(ctx, o.out, target, names, 1, 9, func(c []int) bool { return slices.Max(c) == 9 })
+	fmt.Fprintf(o.out, "\n2. 9 flows send one datagram each. Each new flow is a new round robin\n"+
+		"   pick, so the servers should answer %d each.\n", 9/len(names))
+	err2 := phase(ctx, o.out, target, names, 9, 1, func(c []int) bool { return slices.Max(c)-slices.Min(c) <= 1 })
+	url := "http://" + admin + upstreamsPath
+	fmt.Fprintf(o.out, "\n3. The admin API: GET %s\n", url)
+	err3 := get(o.out, url)
+	if err := errors.Join(err1, err2, err3); err != nil {
+		return err
+	}
+	fmt.Fprintln(o.out, "\nAll checks passed.")
+	if o.serve {
+		fmt.Fprintf(o.out, "Serving until Ctrl-C. In another terminal, try:\n"+
+			"  go run ./examples/client -to %s -n 9\n  go run ./examples/client -to %s -flows 9 -n 1 -q\n"+
+			"  curl %s\n  curl http://%s/stabilize/upstreams\n", target, target, url, admin)
+		<-ctx.Done()
+	}
+	return nil
+}
+
+// phase sends count datagrams on each of flows flows to target, prints who
+// answered, and checks the counts per server (in the order of servers) with ok.
+func phase(ctx context.Context, out io.Writer, target string, servers []string, flows, count int, ok func([]int) bool) error {
+	res, err := udpclient.Run(ctx, udpclient.Config{Target: target, Flows: flows, Count: count})
+	if err != nil {
+		return err
+	}
+	for i, f := range res.Flows {
+		fmt.Fprintf(out, "   flow %d from %s answered by", i, f.Local)
+		for _, s := range servers {
+			if n := f.PerServer[s]; n > 0 {
+				fmt.Fprintf(out, " %s ×%d", s, n)
+			}
+		}
+		fmt.Fprintln(out)
+	}
+	counts := make([]int, len(servers))
+	fmt.Fprint(out, "   per server:")
+	for i, s := range servers {
+		counts[i] = res.PerServer[s]
+		fmt.Fprintf(out, " %s=%d", s, counts[i])
+	}
+	if res.Missing() > 0 || res.Corrupt > 0 {
+		err = fmt.Errorf("%d of %d replies missing, %d corrupt", res.Missing(), res.Sent, res.Corrupt)
+	} else if !ok(counts) {
+		err = fmt.Errorf("replies not spread as expected: %v", counts)
+	} else {
+		fmt.Fprintf(out, "\n   OK: all %d replies arrived, spread as expected\n", res.Received)
+		return nil
+	}
+	fmt.Fprintf(out, "\n   FAIL: %v\n", err)
+	return err
+}
+
+// get prints the body of a GET of url.
+func get(out io.Writer, url string) error {
+	resp, err := http.Get(url)
+	if err != nil {
+		return fmt.Errorf("admin API: %w", err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	fmt.Fprintf(out, "   %s\n", strings.TrimSpace(string(body)))
+	if err == nil && resp.StatusCode != http.StatusOK {
+		err = fmt.Errorf("admin API: GET %s: %s", url, resp.Status)
+	}
+	return err
+}
+
+// free checks that addr can be listened on, or says which port is busy.
+func free(network, addr string) error {
+	var l io.Closer
+	var err error
+	if network == "udp" {
+		l, err = net.ListenPacket(network, addr)
+	} else {
+		l, err = net.Listen(network, addr)
+	}
+	if err != nil {
+		_, port, _ := net.SplitHostPort(addr)
+		return fmt.Errorf("port %s/%s is busy (is another demo or Caddy running?): %w", port, network, err)
+	}
+	return l.Close()
+}
+
+// at walks v along keys (a string indexes a map, an int a list); nil if absent.
+func at(v any, keys ...any) any {
+	for _, k := range keys {
+		if i, ok := k.(int); ok {
+			if l, _ := v.([]any); i < len(l) {
+				v = l[i]
+			} else {
+				return nil
+			}
+		} else {
+			m, _ := v.(map[string]any)
+			v = m[k.(string)]
+		}
+	}
+	return v
+}

@@ -1,0 +1,121 @@
+package stabilize
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"slices"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+func init() {
+	caddy.RegisterModule(adminUpstreams{})
+}
+
+// adminUpstreams is the admin API module that serves
+// `GET /stabilize/upstreams`: the live state of every upstream that the
+// loaded config's stabilize handlers dial, read without a config reload.
+//
+// The response is a JSON array sorted by address (numerically: IP, then
+// port), one object per upstream address however many handlers dial it:
+//
+//	[
+//	  {
+//	    "address": "127.0.0.1:5301",
+//	    "healthy": true,
+//	    "active_flows": 1,
+//	    "datagrams_to_upstream": 10,
+//	    "bytes_to_upstream": 640,
+//	    "datagrams_from_upstream": 10,
+//	    "bytes_from_upstream": 660,
+//	    "last_check": {"time": "…", "passed": true, "latency_ns": 81234}
+//	  }
+//	]
+//
+// The counters are cumulative across config reloads, like the
+// caddy_stabilize_upstream_* metrics. last_check is the latest active health
+// check, or null without active checks.
+type adminUpstreams struct{}
+
+// upstreamStatus is the state of one upstream in /stabilize/upstreams.
+type upstreamStatus struct {
+	// The resolved address of the upstream, host:port.
+	Address string `json:"address"`
+
+	// Whether the upstream may be picked.
+	Healthy bool `json:"healthy"`
+
+	// Client flows currently assigned to the upstream, across all handlers.
+	ActiveFlows int64 `json:"active_flows"`
+
+	// Datagrams and bytes sent to the upstream.
+	DatagramsToUpstream uint64 `json:"datagrams_to_upstream"`
+	BytesToUpstream     uint64 `json:"bytes_to_upstream"`
+
+	// Datagrams and bytes received from the upstream (replies).
+	DatagramsFromUpstream uint64 `json:"datagrams_from_upstream"`
+	BytesFromUpstream     uint64 `json:"bytes_from_upstream"`
+
+	// The latest active health check, or null.
+	LastCheck *CheckResult `json:"last_check"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (adminUpstreams) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "admin.api.stabilize",
+		New: func() caddy.Module { return new(adminUpstreams) },
+	}
+}
+
+// Routes returns the route of the /stabilize/upstreams endpoint.
+func (a adminUpstreams) Routes() []caddy.AdminRoute {
+	return []caddy.AdminRoute{{
+		Pattern: "/stabilize/upstreams",
+		Handler: caddy.AdminHandlerFunc(a.handleUpstreams),
+	}}
+}
+
+// handleUpstreams reports the state of every upstream in the shared host
+// pool.
+func (adminUpstreams) handleUpstreams(w http.ResponseWriter, r *http.Request) error {
+	if r.Method != http.MethodGet {
+		return caddy.APIError{
+			HTTPStatus: http.StatusMethodNotAllowed,
+			Err:        fmt.Errorf("method not allowed"),
+		}
+	}
+
+	var all []*Host
+	hosts.Range(func(_, val any) bool {
+		if h, ok := val.(*Host); ok {
+			all = append(all, h)
+		}
+		return true
+	})
+	slices.SortFunc(all, func(a, b *Host) int { return a.addr.Compare(b.addr) })
+
+	results := make([]upstreamStatus, 0, len(all))
+	for _, h := range all {
+		results = append(results, upstreamStatus{
+			Address:               h.addr.String(),
+			Healthy:               h.Healthy(),
+			ActiveFlows:           h.Flows(),
+			DatagramsToUpstream:   h.datagramsSent.Load(),
+			BytesToUpstream:       h.bytesSent.Load(),
+			DatagramsFromUpstream: h.datagramsReceived.Load(),
+			BytesFromUpstream:     h.bytesReceived.Load(),
+			LastCheck:             h.LastCheck(),
+		})
+	}
+
+	w.Header().Set("Content-Type", "application/json")
+	if err := json.NewEncoder(w).Encode(results); err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
+	}
+	return nil
+}
+
+// Interface guards
+var _ caddy.AdminRouter = adminUpstreams{}

@@ -1,0 +1,514 @@
+package stabilize
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"maps"
+	"math"
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	_ "github.com/caddyserver/caddy/v2/modules/metrics" // admin.api.metrics: /metrics
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+)
+
+// Fully qualified metric names, as scraped.
+const (
+	mDatagrams   = "caddy_stabilize_upstream_datagrams_total"
+	mBytes       = "caddy_stabilize_upstream_bytes_total"
+	mActiveFlows = "caddy_stabilize_upstream_active_flows"
+	mHealthy     = "caddy_stabilize_upstream_healthy"
+	mCheckTime   = "caddy_stabilize_upstream_health_check_duration_seconds"
+	mDrops       = "caddy_stabilize_dropped_datagrams_total"
+	mAllDown     = "caddy_stabilize_all_down_datagrams_total"
+)
+
+// adminClient talks to the admin endpoint without keeping connections: after
+// a reload the old admin server keeps serving its connections for a while.
+var adminClient = &http.Client{
+	Timeout:   5 * time.Second,
+	Transport: &http.Transport{DisableKeepAlives: true},
+}
+
+// metricFamilies is a scrape or gather result by metric name.
+type metricFamilies map[string]*dto.MetricFamily
+
+// scrape fetches and parses the admin endpoint's /metrics, failing the test
+// unless it answers 200 (a duplicate series makes it answer 500).
+func scrape(t *testing.T, admin string) metricFamilies {
+	t.Helper()
+	resp, err := adminClient.Get("http://" + admin + "/metrics")
+	if err != nil {
+		t.Fatalf("scraping /metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(resp.Body)
+		t.Fatalf("scraping /metrics: %s: %s", resp.Status, body)
+	}
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		t.Fatalf("parsing /metrics: %v", err)
+	}
+	return fams
+}
+
+// series returns the series of the metric name whose labels include the
+// label name/value pairs kv.
+func (m metricFamilies) series(name string, kv ...string) []*dto.Metric {
+	fam := m[name]
+	if fam == nil {
+		return nil
+	}
+	var out []*dto.Metric
+	for _, s := range fam.GetMetric() {
+		if hasLabels(s, kv...) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+func hasLabels(s *dto.Metric, kv ...string) bool {
+	for i := 0; i+1 < len(kv); i += 2 {
+		found := false
+		for _, lp := range s.GetLabel() {
+			if lp.GetName() == kv[i] && lp.GetValue() == kv[i+1] {
+				found = true
+				break
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+// get is the value of the one counter or gauge series of name with the
+// labels kv, failing the test if there is not exactly one.
+func (m metricFamilies) get(t *testing.T, name string, kv ...string) float64 {
+	t.Helper()
+	ss := m.series(name, kv...)
+	if len(ss) != 1 {
+		t.Fatalf("%s%v: %d series, want 1", name, kv, len(ss))
+	}
+	s := ss[0]
+	switch {
+	case s.Counter != nil:
+		return s.Counter.GetValue()
+	case s.Gauge != nil:
+		return s.Gauge.GetValue()
+	}
+	t.Fatalf("%s%v is neither a counter nor a gauge", name, kv)
+	return 0
+}
+
+// labelValues is the set of values of label across the series of name.
+func (m metricFamilies) labelValues(name, label string) []string {
+	set := map[string]bool{}
+	for _, s := range m.series(name) {
+		for _, lp := range s.GetLabel() {
+			if lp.GetName() == label {
+				set[lp.GetValue()] = true
+			}
+		}
+	}
+	return slices.Sorted(maps.Keys(set))
+}
+
+// upstreamCounts are the traffic counters of one upstream.
+type upstreamCounts struct{ dgTo, dgFrom, bTo, bFrom float64 }
+
+func (m metricFamilies) upstream(t *testing.T, addr string) upstreamCounts {
+	t.Helper()
+	return upstreamCounts{
+		dgTo:   m.get(t, mDatagrams, "upstream", addr, "direction", "to_upstream"),
+		dgFrom: m.get(t, mDatagrams, "upstream", addr, "direction", "from_upstream"),
+		bTo:    m.get(t, mBytes, "upstream", addr, "direction", "to_upstream"),
+		bFrom:  m.get(t, mBytes, "upstream", addr, "direction", "from_upstream"),
+	}
+}
+
+func (c upstreamCounts) minus(o upstreamCounts) upstreamCounts {
+	return upstreamCounts{c.dgTo - o.dgTo, c.dgFrom - o.dgFrom, c.bTo - o.bTo, c.bFrom - o.bFrom}
+}
+
+// gather collects a registry directly, as the metrics handler would.
+func gather(t *testing.T, ctx caddy.Context) metricFamilies {
+	t.Helper()
+	fams, err := ctx.GetMetricsRegistry().Gather()
+	if err != nil {
+		t.Fatalf("gathering metrics: %v", err)
+	}
+	m := metricFamilies{}
+	for _, f := range fams {
+		m[f.GetName()] = f
+	}
+	return m
+}
+
+// provisionIn provisions a handler from JSON in ctx, as Caddy would.
+func provisionIn(t *testing.T, ctx caddy.Context, cfg string) *Handler {
+	t.Helper()
+	h := new(Handler)
+	if err := json.Unmarshal([]byte(cfg), h); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = h.Cleanup() })
+	return h
+}
+
+func localAddr(port int) string { return fmt.Sprintf("127.0.0.1:%d", port) }
+
+// TestMetricsTwoHandlersOneRegistry provisions two handlers that share an
+// upstream in one config context: they must share one collector, be labeled
+// "0" and "1", report the shared upstream once, and read the live counters
+// at gather time.
+func TestMetricsTwoHandlersOneRegistry(t *testing.T) {
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	a, shared, b := localAddr(freeUDPPort(t)), localAddr(freeUDPPort(t)), localAddr(freeUDPPort(t))
+	h0 := provisionIn(t, ctx, fmt.Sprintf(`{"upstreams":[{"dial":%q},{"dial":%q}]}`, a, shared))
+	h1 := provisionIn(t, ctx, fmt.Sprintf(`{"upstreams":[{"dial":"udp/%s"},{"dial":%q}]}`, shared, b))
+
+	c, err := collectorFor(ctx.GetMetricsRegistry())
+	if err != nil {
+		t.Fatalf("registering again: %v", err)
+	}
+	if len(c.handlers) != 2 || c.handlers[0] != h0 || c.handlers[1] != h1 {
+		t.Fatalf("the registry's collector has handlers %p, want [%p %p]", c.handlers, h0, h1)
+	}
+
+	m := gather(t, ctx)
+	if got := m.labelValues(mDatagrams, "upstream"); !slices.Equal(got, slices.Sorted(slices.Values([]string{a, shared, b}))) {
+		t.Fatalf("upstreams reported: %v, want %s, %s, %s", got, a, shared, b)
+	}
+	for _, addr := range []string{a, shared, b} {
+		if got := m.upstream(t, addr); got != (upstreamCounts{}) {
+			t.Errorf("fresh upstream %s: %+v, want zeros", addr, got)
+		}
+		if got := m.get(t, mHealthy, "upstream", addr); got != 1 {
+			t.Errorf("upstream %s healthy = %v, want 1", addr, got)
+		}
+		if got := m.get(t, mActiveFlows, "upstream", addr); got != 0 {
+			t.Errorf("upstream %s active flows = %v, want 0", addr, got)
+		}
+	}
+	if got := m.labelValues(mDrops, "handler"); !slices.Equal(got, []string{"0", "1"}) {
+		t.Fatalf("handler labels %v, want [0 1]", got)
+	}
+	wantReasons := []string{"no_upstream", "reply_too_large", "truncated", "unknown_source", "write_error"}
+	if got := m.labelValues(mDrops, "reason"); !slices.Equal(got, wantReasons) {
+		t.Fatalf("drop reasons %v, want %v", got, wantReasons)
+	}
+	if n := len(m.series(mDrops)); n != 10 {
+		t.Fatalf("%d drop series, want 2 handlers x 5 reasons", n)
+	}
+	if len(m.series(mCheckTime)) != 0 {
+		t.Errorf("health check latency reported without active checks or observations")
+	}
+
+	// The collector reads the live atomics.
+	h1.Upstreams[0].host.datagramsSent.Add(7)
+	h1.Upstreams[0].host.bytesReceived.Add(700)
+	h0.Upstreams[0].host.flows.Add(2)
+	h0.Upstreams[0].host.health.down.Store(true)
+	h1.drop(dropWriteError)
+	h1.drop(dropWriteError)
+	h0.drop(dropUnknownSource)
+	h0.allDownSent.Add(3)
+	m = gather(t, ctx)
+	if got := m.upstream(t, shared); got != (upstreamCounts{dgTo: 7, bFrom: 700}) {
+		t.Errorf("shared upstream: %+v, want 7 datagrams to, 700 bytes from", got)
+	}
+	if got := m.get(t, mActiveFlows, "upstream", a); got != 2 {
+		t.Errorf("active flows of %s = %v, want 2", a, got)
+	}
+	if got := m.get(t, mHealthy, "upstream", a); got != 0 {
+		t.Errorf("down upstream %s healthy = %v, want 0", a, got)
+	}
+	for _, w := range []struct {
+		handler, reason string
+		want            float64
+	}{
+		{"1", "write_error", 2}, {"0", "write_error", 0},
+		{"0", "unknown_source", 1}, {"1", "unknown_source", 0},
+	} {
+		if got := m.get(t, mDrops, "handler", w.handler, "reason", w.reason); got != w.want {
+			t.Errorf("drops{handler=%s,reason=%s} = %v, want %v", w.handler, w.reason, got, w.want)
+		}
+	}
+	if got := m.get(t, mAllDown, "handler", "0"); got != 3 {
+		t.Errorf("all_down{handler=0} = %v, want 3", got)
+	}
+	if got := m.get(t, mAllDown, "handler", "1"); got != 0 {
+		t.Errorf("all_down{handler=1} = %v, want 0", got)
+	}
+	h0.Upstreams[0].host.flows.Add(-2)
+	h0.Upstreams[0].host.health.down.Store(false)
+}
+
+// TestMetricsHealthCheckLatency checks the latency histogram of an upstream
+// against observations made directly.
+func TestMetricsHealthCheckLatency(t *testing.T) {
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	a, b := localAddr(freeUDPPort(t)), localAddr(freeUDPPort(t))
+	h := provisionIn(t, ctx, fmt.Sprintf(`{"upstreams":[{"dial":%q},{"dial":%q}]}`, a, b))
+	lat := &h.Upstreams[0].host.health.latency
+	for _, d := range []time.Duration{300 * time.Microsecond, 3 * time.Millisecond, 30 * time.Millisecond, 7 * time.Second} {
+		lat.observe(d)
+	}
+
+	m := gather(t, ctx)
+	ss := m.series(mCheckTime)
+	if len(ss) != 1 || !hasLabels(ss[0], "upstream", a) {
+		t.Fatalf("health check latency series: %v, want one for %s only", ss, a)
+	}
+	hist := ss[0].GetHistogram()
+	if hist == nil {
+		t.Fatalf("%s is not a histogram", mCheckTime)
+	}
+	if hist.GetSampleCount() != 4 {
+		t.Errorf("count %d, want 4", hist.GetSampleCount())
+	}
+	if want := 7.0333; math.Abs(hist.GetSampleSum()-want) > 1e-9 {
+		t.Errorf("sum %v s, want %v", hist.GetSampleSum(), want)
+	}
+	want := map[float64]uint64{.0005: 1, .001: 1, .0025: 1, .005: 2, .025: 2, .05: 3, 1: 3, 5: 3}
+	for _, bk := range hist.GetBucket() {
+		if w, ok := want[bk.GetUpperBound()]; ok && bk.GetCumulativeCount() != w {
+			t.Errorf("bucket le=%v: %d, want %d", bk.GetUpperBound(), bk.GetCumulativeCount(), w)
+		}
+	}
+	if len(hist.GetBucket()) != len(latencyBuckets) {
+		t.Errorf("%d buckets, want %d", len(hist.GetBucket()), len(latencyBuckets))
+	}
+}
+
+// TestMetricsCountTraffic scrapes the admin endpoint's /metrics around real
+// traffic through Caddy: the counters of the upstream that served the flow
+// move by exactly what was sent and received, the other's stay, and a
+// truncated datagram is counted as a drop.
+func TestMetricsCountTraffic(t *testing.T) {
+	a, b := startUpstream(t, "a"), startUpstream(t, "b")
+	lb := startBalancer(t, true, time.Second, handlerConfig("flow", "", a, b))
+	ups := map[string]*testUpstream{"a": a, "b": b}
+
+	before := scrape(t, lb.admin)
+	cl := newClient(t, lb.addr)
+	const n = 25
+	var name string
+	var sent, received int
+	for i := range n {
+		if i == n-1 {
+			// Cut to the listener's buffer size, so dropped; the next round
+			// trip passes the same Handle loop, so it has been counted.
+			if _, err := cl.conn.Write(make([]byte, 12000)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		payload := fmt.Sprintf("datagram-%d", i)
+		name = cl.mustRoundTrip(payload)
+		sent += len(payload)
+		received += len(name) + 1 + len(payload)
+	}
+	after := scrape(t, lb.admin)
+
+	used := ups[name].addr.String()
+	other := a.addr.String()
+	if name == "a" {
+		other = b.addr.String()
+	}
+	want := upstreamCounts{dgTo: n, dgFrom: n, bTo: float64(sent), bFrom: float64(received)}
+	if got := after.upstream(t, used).minus(before.upstream(t, used)); got != want {
+		t.Errorf("upstream %s (%s) moved by %+v, want %+v", name, used, got, want)
+	}
+	if got := after.upstream(t, other).minus(before.upstream(t, other)); got != (upstreamCounts{}) {
+		t.Errorf("idle upstream %s moved by %+v", other, got)
+	}
+	if got := after.get(t, mActiveFlows, "upstream", used); got != 1 {
+		t.Errorf("active flows of %s = %v, want 1", used, got)
+	}
+	if got := after.get(t, mActiveFlows, "upstream", other); got != 0 {
+		t.Errorf("active flows of %s = %v, want 0", other, got)
+	}
+	for _, addr := range []string{used, other} {
+		if got := after.get(t, mHealthy, "upstream", addr); got != 1 {
+			t.Errorf("healthy{%s} = %v, want 1", addr, got)
+		}
+	}
+	for _, r := range dropReasonNames {
+		want := 0.0
+		if r == "truncated" {
+			want = 1
+		}
+		if got := after.get(t, mDrops, "handler", "0", "reason", r) - before.get(t, mDrops, "handler", "0", "reason", r); got != want {
+			t.Errorf("drops{reason=%s} moved by %v, want %v", r, got, want)
+		}
+	}
+	if got := after.get(t, mAllDown, "handler", "0"); got != 0 {
+		t.Errorf("all_down = %v, want 0", got)
+	}
+
+	// The flow ends at the idle timeout, and so does its count.
+	eventually(t, 5*time.Second, "the active flow gauge back to 0", func() bool {
+		return scrape(t, lb.admin).get(t, mActiveFlows, "upstream", used) == 0
+	})
+}
+
+// serverSpec is one layer4 server of multiServerConfig.
+type serverSpec struct {
+	listen  string
+	handler map[string]any
+}
+
+// multiServerConfig is like testConfig with one layer4 server per spec.
+func multiServerConfig(adminAddr string, idle time.Duration, specs ...serverSpec) []byte {
+	var cfg map[string]any
+	if err := json.Unmarshal(testConfig(specs[0].listen, adminAddr, idle, specs[0].handler), &cfg); err != nil {
+		panic(err)
+	}
+	servers := cfg["apps"].(map[string]any)["layer4"].(map[string]any)["servers"].(map[string]any)
+	for i, s := range specs[1:] {
+		servers[fmt.Sprintf("srv%d", i+1)] = map[string]any{
+			"listen":       []string{"udp/" + s.listen},
+			"idle_timeout": idle.String(),
+			"routes":       []any{map[string]any{"handle": []any{s.handler}}},
+		}
+	}
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+// TestMetricsTwoHandlersAndReload runs two stabilize handlers that share an
+// upstream, in two layer4 servers of one config, then reloads the config
+// twice. Every scrape must succeed (a duplicate series would fail it), report
+// each upstream once and both handlers; upstream counters carry over the
+// reloads; a handler dropped from the config disappears from the metrics.
+func TestMetricsTwoHandlersAndReload(t *testing.T) {
+	a, shared, b := startUpstream(t, "a"), startUpstream(t, "shared"), startUpstream(t, "b")
+	ups := map[string]*testUpstream{"a": a, "shared": shared, "b": b}
+	listen0, listen1 := localAddr(freeUDPPort(t)), localAddr(freeUDPPort(t))
+	admin := localAddr(freeTCPPort(t))
+	both := multiServerConfig(admin, 30*time.Second,
+		serverSpec{listen0, handlerConfig("flow", "", a, shared)},
+		serverSpec{listen1, handlerConfig("packet", "", shared, b)})
+	if err := caddy.Load(both, true); err != nil {
+		t.Fatalf("loading config: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("stopping caddy: %v", err)
+		}
+	})
+
+	allAddrs := slices.Sorted(slices.Values([]string{a.addr.String(), shared.addr.String(), b.addr.String()}))
+	consistent := func(m metricFamilies, handlers []string, addrs []string) {
+		t.Helper()
+		if got := m.labelValues(mDrops, "handler"); !slices.Equal(got, handlers) {
+			t.Fatalf("handler labels %v, want %v", got, handlers)
+		}
+		if got := m.labelValues(mDatagrams, "upstream"); !slices.Equal(got, addrs) {
+			t.Fatalf("upstreams %v, want %v", got, addrs)
+		}
+		for _, addr := range addrs {
+			m.upstream(t, addr) // exactly one series each
+			m.get(t, mHealthy, "upstream", addr)
+			m.get(t, mActiveFlows, "upstream", addr)
+		}
+	}
+	// traffic sends k round trips on a new flow to each listener and returns
+	// the datagrams each upstream got.
+	traffic := func(k int, listens ...string) map[string]float64 {
+		t.Helper()
+		got := map[string]float64{}
+		for _, l := range listens {
+			cl := newClient(t, l)
+			for i := range k {
+				got[cl.mustRoundTrip(fmt.Sprintf("%s-%d", l, i))]++
+			}
+		}
+		return got
+	}
+	checkDeltas := func(before, after metricFamilies, sent map[string]float64) {
+		t.Helper()
+		for name, u := range ups {
+			addr := u.addr.String()
+			d := after.upstream(t, addr).minus(before.upstream(t, addr))
+			if d.dgTo != sent[name] || d.dgFrom != sent[name] {
+				t.Errorf("upstream %s moved by %v to, %v from; want %v", name, d.dgTo, d.dgFrom, sent[name])
+			}
+		}
+	}
+
+	s1 := scrape(t, admin)
+	consistent(s1, []string{"0", "1"}, allAddrs)
+	sent := traffic(4, listen0, listen1)
+	if sent["shared"] == 0 || sent["b"] == 0 {
+		t.Fatalf("per packet round robin over shared and b gave %v", sent)
+	}
+	s2 := scrape(t, admin)
+	consistent(s2, []string{"0", "1"}, allAddrs)
+	checkDeltas(s1, s2, sent)
+
+	// Reload the same config: new handler instances, same hosts.
+	if err := caddy.Load(both, true); err != nil {
+		t.Fatalf("reloading: %v", err)
+	}
+	s3 := scrape(t, admin)
+	consistent(s3, []string{"0", "1"}, allAddrs)
+	checkDeltas(s2, s3, nil) // the counters carried over, unchanged
+	sent = traffic(6, listen0, listen1)
+	s4 := scrape(t, admin)
+	consistent(s4, []string{"0", "1"}, allAddrs)
+	checkDeltas(s3, s4, sent)
+
+	// Reload without the second server: its handler and b go away.
+	if err := caddy.Load(multiServerConfig(admin, 30*time.Second,
+		serverSpec{listen0, handlerConfig("flow", "", a, shared)}), true); err != nil {
+		t.Fatalf("reloading with one server: %v", err)
+	}
+	kept := slices.Sorted(slices.Values([]string{a.addr.String(), shared.addr.String()}))
+	var s5 metricFamilies
+	// The old admin server may answer a scrape or two while it shuts down.
+	eventually(t, 5*time.Second, "the metrics of the one-server config", func() bool {
+		s5 = scrape(t, admin)
+		return slices.Equal(s5.labelValues(mDrops, "handler"), []string{"0"}) &&
+			slices.Equal(s5.labelValues(mDatagrams, "upstream"), kept)
+	})
+	consistent(s5, []string{"0"}, kept)
+	for _, name := range []string{"a", "shared"} {
+		addr := ups[name].addr.String()
+		if got, want := s5.upstream(t, addr), s4.upstream(t, addr); got != want {
+			t.Errorf("upstream %s after the reload: %+v, want %+v carried over", name, got, want)
+		}
+	}
+	sent = traffic(3, listen0)
+	s6 := scrape(t, admin)
+	for _, name := range []string{"a", "shared"} {
+		addr := ups[name].addr.String()
+		if got := s6.upstream(t, addr).minus(s5.upstream(t, addr)).dgTo; got != sent[name] {
+			t.Errorf("upstream %s moved by %v, want %v", name, got, sent[name])
+		}
+	}
+	if strings.Contains(fmt.Sprint(s6.labelValues(mDatagrams, "upstream")), b.addr.String()) {
+		t.Errorf("upstream b still reported after its handler was removed")
+	}
+}
