@@ -14,8 +14,10 @@ func init() {
 }
 
 // adminUpstreams is the admin API module that serves
-// `GET /stabilize/upstreams`: the live state of every upstream that the
-// loaded config's stabilize handlers dial, read without a config reload.
+// `GET /stabilize/upstreams`: the live state of every upstream in the
+// shared host pool, that is every upstream address a stabilize handler of the
+// running config dials (during a reload, also the old config's until it has
+// stopped), read from the live counters without a config reload.
 //
 // The response is a JSON array sorted by address (numerically: IP, then
 // port), one object per upstream address however many handlers dial it:

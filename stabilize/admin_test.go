@@ -125,20 +125,31 @@ func TestAdminUpstreams(t *testing.T) {
 	if len(sent) != 2 {
 		t.Fatalf("two flows went to %v, want two upstreams", sent)
 	}
-	st, _ = getUpstreams(t, lb.admin)
-	if len(st) != 3 {
-		t.Fatalf("listed %d upstreams after traffic, want 3", len(st))
-	}
+	wantStatus := map[string]upstreamStatus{}
 	for name, u := range ups {
-		s := statusOf(t, st, u.addr)
 		want := upstreamStatus{Address: u.addr.String(), Healthy: true}
 		if n := sent[name]; n[0] > 0 {
 			want.ActiveFlows = 1
 			want.DatagramsToUpstream, want.BytesToUpstream = n[0], n[1]
 			want.DatagramsFromUpstream, want.BytesFromUpstream = n[0], replyBytes[name]
 		}
-		if !reflect.DeepEqual(s, want) {
-			t.Errorf("upstream %s: %+v, want %+v", name, s, want)
+		wantStatus[name] = want
+	}
+	matches := func(st []upstreamStatus) bool {
+		for name, u := range ups {
+			if !reflect.DeepEqual(statusOf(t, st, u.addr), wantStatus[name]) {
+				return false
+			}
+		}
+		return true
+	}
+	st = settle(func() []upstreamStatus { st, _ := getUpstreams(t, lb.admin); return st }, matches)
+	if len(st) != 3 {
+		t.Fatalf("listed %d upstreams after traffic, want 3", len(st))
+	}
+	for name, u := range ups {
+		if s := statusOf(t, st, u.addr); !reflect.DeepEqual(s, wantStatus[name]) {
+			t.Errorf("upstream %s: %+v, want %+v", name, s, wantStatus[name])
 		}
 	}
 
@@ -179,7 +190,12 @@ func TestAdminUpstreamsShowsDown(t *testing.T) {
 		}
 	}
 
-	st, raw := getUpstreams(t, lb.admin)
+	var raw []map[string]any
+	st := settle(func() []upstreamStatus {
+		var st []upstreamStatus
+		st, raw = getUpstreams(t, lb.admin)
+		return st
+	}, func(st []upstreamStatus) bool { return statusOf(t, st, a.addr).DatagramsToUpstream == 4 })
 	if s := statusOf(t, st, a.addr); !s.Healthy || s.DatagramsToUpstream != 4 || s.LastCheck != nil {
 		t.Errorf("a: %+v, want healthy with 4 datagrams and no check", s)
 	}
@@ -205,5 +221,50 @@ func TestAdminUpstreamsShowsDown(t *testing.T) {
 	}
 	if got := m.get(t, mHealthy, "upstream", a.addr.String()); got != 1 {
 		t.Errorf("healthy{a} = %v, want 1", got)
+	}
+}
+
+// TestAdminUpstreamsPassiveDown runs real passive health checks: an upstream
+// whose port is closed answers with ICMP port-unreachable, one failure marks
+// it down, and the endpoint and the metrics report it down while the other
+// upstream carries the traffic.
+func TestAdminUpstreamsPassiveDown(t *testing.T) {
+	a, dead := startUpstream(t, "a"), startUpstream(t, "dead")
+	h := handlerConfig("packet", "", a, dead)
+	h["health_checks"] = map[string]any{"passive": map[string]any{"max_fails": 1, "fail_duration": "5s"}}
+	lb := startBalancer(t, true, 30*time.Second, h)
+	dead.close() // its port now answers with ICMP port-unreachable
+
+	st, _ := getUpstreams(t, lb.admin)
+	if s := statusOf(t, st, dead.addr); !s.Healthy {
+		t.Fatalf("dead upstream down before any traffic: %+v", s)
+	}
+	cl := newClient(t, lb.addr)
+	i := 0
+	eventually(t, 4*time.Second, "the closed upstream reported down", func() bool {
+		i++
+		_, _, _ = cl.roundTrip([]byte(fmt.Sprintf("probe-%d", i)), 100*time.Millisecond)
+		st, _ = getUpstreams(t, lb.admin)
+		return !statusOf(t, st, dead.addr).Healthy
+	})
+	s := statusOf(t, st, dead.addr)
+	if s.DatagramsToUpstream == 0 || s.DatagramsFromUpstream != 0 || s.LastCheck != nil {
+		t.Errorf("dead upstream: %+v, want datagrams sent, none received, no active check", s)
+	}
+	if s := statusOf(t, st, a.addr); !s.Healthy {
+		t.Errorf("live upstream: %+v, want healthy", s)
+	}
+	m := scrape(t, lb.admin)
+	if got := m.get(t, mHealthy, "upstream", dead.addr.String()); got != 0 {
+		t.Errorf("healthy{dead} = %v, want 0", got)
+	}
+	if got := m.get(t, mHealthy, "upstream", a.addr.String()); got != 1 {
+		t.Errorf("healthy{a} = %v, want 1", got)
+	}
+	// While it is down, every datagram goes to a.
+	for j := range 4 {
+		if name := cl.mustRoundTrip(fmt.Sprintf("after-%d", j)); name != "a" {
+			t.Fatalf("datagram %d went to %s while it is down", j, name)
+		}
 	}
 }

@@ -45,6 +45,8 @@ type Flow struct {
 	replies   sync.WaitGroup
 	closeOnce sync.Once
 	closed    atomic.Bool
+
+	health flowHealth // reply_timeout and socket error state; see healthchecks.go
 }
 
 // Client is the client's address and port.

@@ -28,28 +28,30 @@ type testUpstream struct {
 	silent atomic.Bool // receive but do not reply
 	done   chan struct{}
 
-	mu      sync.Mutex
-	sources map[netip.AddrPort]int // datagrams per balancer-side source
-	last    []byte                 // the last datagram received
+	mu       sync.Mutex
+	sources  map[netip.AddrPort]int // datagrams per balancer-side source
+	payloads map[string]int         // datagrams per payload
+	last     []byte                 // the last datagram received
 }
 
-func startUpstream(t *testing.T, name string) *testUpstream {
+func startUpstream(t testing.TB, name string) *testUpstream {
 	t.Helper()
 	return startUpstreamAt(t, name, "127.0.0.1:0")
 }
 
-func startUpstreamAt(t *testing.T, name, addr string) *testUpstream {
+func startUpstreamAt(t testing.TB, name, addr string) *testUpstream {
 	t.Helper()
 	conn, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)))
 	if err != nil {
 		t.Fatalf("upstream %s: %v", name, err)
 	}
 	u := &testUpstream{
-		name:    name,
-		addr:    conn.LocalAddr().(*net.UDPAddr).AddrPort(),
-		conn:    conn,
-		done:    make(chan struct{}),
-		sources: make(map[netip.AddrPort]int),
+		name:     name,
+		addr:     conn.LocalAddr().(*net.UDPAddr).AddrPort(),
+		conn:     conn,
+		done:     make(chan struct{}),
+		sources:  make(map[netip.AddrPort]int),
+		payloads: make(map[string]int),
 	}
 	go u.serve()
 	t.Cleanup(u.close)
@@ -68,6 +70,7 @@ func (u *testUpstream) serve() {
 		u.got.Add(1)
 		u.mu.Lock()
 		u.sources[from]++
+		u.payloads[string(buf[:n])]++
 		u.last = append(u.last[:0], buf[:n]...)
 		u.mu.Unlock()
 		if u.silent.Load() {
@@ -84,10 +87,17 @@ func (u *testUpstream) close() {
 	<-u.done
 }
 
+// gotPayload is how many datagrams with payload p the server received.
+func (u *testUpstream) gotPayload(p string) int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.payloads[p]
+}
+
 func (u *testUpstream) dial() string { return "udp/" + u.addr.String() }
 
 // freeUDPPort returns a UDP port on 127.0.0.1 that was free a moment ago.
-func freeUDPPort(t *testing.T) int {
+func freeUDPPort(t testing.TB) int {
 	t.Helper()
 	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
@@ -98,7 +108,7 @@ func freeUDPPort(t *testing.T) int {
 }
 
 // freeTCPPort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func freeTCPPort(t *testing.T) int {
+func freeTCPPort(t testing.TB) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -167,13 +177,13 @@ func handlerConfig(per, policy string, ups ...*testUpstream) map[string]any {
 
 // startBalancer loads a Caddy config with handler on a fresh port. Caddy's
 // global state means these tests cannot run in parallel.
-func startBalancer(t *testing.T, withAdmin bool, idle time.Duration, handler any) *balancer {
+func startBalancer(t testing.TB, withAdmin bool, idle time.Duration, handler any) *balancer {
 	t.Helper()
 	return startBalancerOn(t, "udp", withAdmin, idle, handler)
 }
 
 // startBalancerOn is startBalancer with the listener on network.
-func startBalancerOn(t *testing.T, network string, withAdmin bool, idle time.Duration, handler any) *balancer {
+func startBalancerOn(t testing.TB, network string, withAdmin bool, idle time.Duration, handler any) *balancer {
 	t.Helper()
 	b := &balancer{addr: fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))}
 	if withAdmin {
@@ -192,12 +202,12 @@ func startBalancerOn(t *testing.T, network string, withAdmin bool, idle time.Dur
 
 // client is one client flow: its own socket, so its own source port.
 type client struct {
-	t    *testing.T
+	t    testing.TB
 	conn *net.UDPConn
 	buf  []byte
 }
 
-func newClient(t *testing.T, to string) *client {
+func newClient(t testing.TB, to string) *client {
 	t.Helper()
 	raddr, err := net.ResolveUDPAddr("udp", to)
 	if err != nil {

@@ -22,13 +22,13 @@ import (
 // They are registered with the config's metrics registry, which Caddy serves
 // on the admin endpoint's /metrics (and the `metrics` HTTP handler):
 //
-//	caddy_stabilize_upstream_datagrams_total{upstream,direction}   counter
-//	caddy_stabilize_upstream_bytes_total{upstream,direction}       counter
-//	caddy_stabilize_upstream_active_flows{upstream}                gauge
-//	caddy_stabilize_upstream_healthy{upstream}                     gauge
-//	caddy_stabilize_upstream_health_check_duration_seconds{upstream} histogram
-//	caddy_stabilize_dropped_datagrams_total{handler,reason}         counter
-//	caddy_stabilize_all_down_datagrams_total{handler}               counter
+//	caddy_stabilize_upstream_datagrams_total{upstream,direction}      counter
+//	caddy_stabilize_upstream_bytes_total{upstream,direction}          counter
+//	caddy_stabilize_upstream_active_flows{upstream}                   gauge
+//	caddy_stabilize_upstream_healthy{upstream}                        gauge
+//	caddy_stabilize_upstream_health_check_duration_seconds{upstream}  histogram
+//	caddy_stabilize_dropped_datagrams_total{handler,reason}           counter
+//	caddy_stabilize_all_down_datagrams_total{handler}                 counter
 //
 // The `upstream` label is the resolved address of the upstream, host:port
 // (the key of the shared host state, as in /stabilize/upstreams); an upstream
@@ -93,7 +93,16 @@ var (
 // handlers provisioned with its metrics registry, and of their upstreams.
 type metricsCollector struct {
 	mu       sync.Mutex
-	handlers []*Handler // in provisioning order; the index is the handler label
+	handlers []metricsHandler // in provisioning order; the index is the handler label
+}
+
+// metricsHandler is a handler reported by a metricsCollector. Collect reads
+// only what Provision has set before registering the handler, and atomics:
+// Caddy serves the new config's /metrics while the config is still being
+// provisioned.
+type metricsHandler struct {
+	h      *Handler
+	active bool // it runs active health checks
 }
 
 // registerMetrics adds h to the metrics of its config. The first stabilize
@@ -133,9 +142,10 @@ func collectorFor(reg prometheus.Registerer) (*metricsCollector, error) {
 
 // add appends h to the handlers reported and returns its handler label.
 func (c *metricsCollector) add(h *Handler) string {
+	mh := metricsHandler{h: h, active: h.HealthChecks != nil && h.HealthChecks.Active != nil}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.handlers = append(c.handlers, h)
+	c.handlers = append(c.handlers, mh)
 	return strconv.Itoa(len(c.handlers) - 1)
 }
 
@@ -172,8 +182,8 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 
 	var order []*metricsHost
 	byAddr := make(map[netip.AddrPort]*metricsHost)
-	for i, h := range handlers {
-		label := strconv.Itoa(i)
+	for i, mh := range handlers {
+		h, label := mh.h, strconv.Itoa(i)
 		for r := range numDropReasons {
 			ch <- prometheus.MustNewConstMetric(droppedDatagramsDesc, prometheus.CounterValue,
 				float64(h.drops[r].Load()), label, r.String())
@@ -181,23 +191,22 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(allDownDatagramsDesc, prometheus.CounterValue,
 			float64(h.allDownSent.Load()), label)
 
-		active := h.HealthChecks != nil && h.HealthChecks.Active != nil
 		for _, u := range h.Upstreams {
 			if u.host == nil {
 				continue
 			}
-			mh := byAddr[u.addr]
-			if mh == nil {
-				mh = &metricsHost{addr: u.addr, host: u.host}
-				byAddr[u.addr] = mh
-				order = append(order, mh)
+			host := byAddr[u.addr]
+			if host == nil {
+				host = &metricsHost{addr: u.addr, host: u.host}
+				byAddr[u.addr] = host
+				order = append(order, host)
 			}
-			mh.active = mh.active || active
+			host.active = host.active || mh.active
 		}
 	}
 
-	for _, mh := range order {
-		collectHost(ch, mh)
+	for _, host := range order {
+		collectHost(ch, host)
 	}
 }
 

@@ -9,7 +9,6 @@ import (
 	"math"
 	"net/http"
 	"slices"
-	"strings"
 	"testing"
 	"time"
 
@@ -157,6 +156,21 @@ func gather(t *testing.T, ctx caddy.Context) metricFamilies {
 	return m
 }
 
+// settle calls get until ok holds for its result or 2 seconds pass, and
+// returns the last result. An upstream's counters of a datagram are updated
+// just after it is sent, so the reply may reach the client, and the test
+// read the counters, a moment before.
+func settle[T any](get func() T, ok func(T) bool) T {
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		v := get()
+		if ok(v) || time.Now().After(deadline) {
+			return v
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // provisionIn provisions a handler from JSON in ctx, as Caddy would.
 func provisionIn(t *testing.T, ctx caddy.Context, cfg string) *Handler {
 	t.Helper()
@@ -188,8 +202,8 @@ func TestMetricsTwoHandlersOneRegistry(t *testing.T) {
 	if err != nil {
 		t.Fatalf("registering again: %v", err)
 	}
-	if len(c.handlers) != 2 || c.handlers[0] != h0 || c.handlers[1] != h1 {
-		t.Fatalf("the registry's collector has handlers %p, want [%p %p]", c.handlers, h0, h1)
+	if len(c.handlers) != 2 || c.handlers[0].h != h0 || c.handlers[1].h != h1 {
+		t.Fatalf("the registry's collector has handlers %v, want [%p %p]", c.handlers, h0, h1)
 	}
 
 	m := gather(t, ctx)
@@ -326,14 +340,15 @@ func TestMetricsCountTraffic(t *testing.T) {
 		sent += len(payload)
 		received += len(name) + 1 + len(payload)
 	}
-	after := scrape(t, lb.admin)
-
 	used := ups[name].addr.String()
 	other := a.addr.String()
 	if name == "a" {
 		other = b.addr.String()
 	}
 	want := upstreamCounts{dgTo: n, dgFrom: n, bTo: float64(sent), bFrom: float64(received)}
+	after := settle(func() metricFamilies { return scrape(t, lb.admin) }, func(m metricFamilies) bool {
+		return m.upstream(t, used).minus(before.upstream(t, used)) == want
+	})
 	if got := after.upstream(t, used).minus(before.upstream(t, used)); got != want {
 		t.Errorf("upstream %s (%s) moved by %+v, want %+v", name, used, got, want)
 	}
@@ -447,15 +462,29 @@ func TestMetricsTwoHandlersAndReload(t *testing.T) {
 		}
 		return got
 	}
-	checkDeltas := func(before, after metricFamilies, sent map[string]float64) {
+	// scrapeMoved scrapes until the upstreams in names have moved by sent
+	// since before, as settle does, and reports those that have not.
+	scrapeMoved := func(before metricFamilies, sent map[string]float64, names ...string) metricFamilies {
 		t.Helper()
-		for name, u := range ups {
-			addr := u.addr.String()
-			d := after.upstream(t, addr).minus(before.upstream(t, addr))
-			if d.dgTo != sent[name] || d.dgFrom != sent[name] {
+		moved := func(m metricFamilies, name string) (d upstreamCounts, ok bool) {
+			addr := ups[name].addr.String()
+			d = m.upstream(t, addr).minus(before.upstream(t, addr))
+			return d, d.dgTo == sent[name] && d.dgFrom == sent[name]
+		}
+		m := settle(func() metricFamilies { return scrape(t, admin) }, func(m metricFamilies) bool {
+			for _, name := range names {
+				if _, ok := moved(m, name); !ok {
+					return false
+				}
+			}
+			return true
+		})
+		for _, name := range names {
+			if d, ok := moved(m, name); !ok {
 				t.Errorf("upstream %s moved by %v to, %v from; want %v", name, d.dgTo, d.dgFrom, sent[name])
 			}
 		}
+		return m
 	}
 
 	s1 := scrape(t, admin)
@@ -464,9 +493,8 @@ func TestMetricsTwoHandlersAndReload(t *testing.T) {
 	if sent["shared"] == 0 || sent["b"] == 0 {
 		t.Fatalf("per packet round robin over shared and b gave %v", sent)
 	}
-	s2 := scrape(t, admin)
+	s2 := scrapeMoved(s1, sent, "a", "shared", "b")
 	consistent(s2, []string{"0", "1"}, allAddrs)
-	checkDeltas(s1, s2, sent)
 
 	// Reload the same config: new handler instances, same hosts.
 	if err := caddy.Load(both, true); err != nil {
@@ -474,11 +502,10 @@ func TestMetricsTwoHandlersAndReload(t *testing.T) {
 	}
 	s3 := scrape(t, admin)
 	consistent(s3, []string{"0", "1"}, allAddrs)
-	checkDeltas(s2, s3, nil) // the counters carried over, unchanged
+	scrapeMoved(s2, nil, "a", "shared", "b") // the counters carried over, unchanged
 	sent = traffic(6, listen0, listen1)
-	s4 := scrape(t, admin)
+	s4 := scrapeMoved(s3, sent, "a", "shared", "b")
 	consistent(s4, []string{"0", "1"}, allAddrs)
-	checkDeltas(s3, s4, sent)
 
 	// Reload without the second server: its handler and b go away.
 	if err := caddy.Load(multiServerConfig(admin, 30*time.Second,
@@ -501,14 +528,62 @@ func TestMetricsTwoHandlersAndReload(t *testing.T) {
 		}
 	}
 	sent = traffic(3, listen0)
-	s6 := scrape(t, admin)
-	for _, name := range []string{"a", "shared"} {
-		addr := ups[name].addr.String()
-		if got := s6.upstream(t, addr).minus(s5.upstream(t, addr)).dgTo; got != sent[name] {
-			t.Errorf("upstream %s moved by %v, want %v", name, got, sent[name])
+	s6 := scrapeMoved(s5, sent, "a", "shared")
+	consistent(s6, []string{"0"}, kept)
+}
+
+// TestMetricsActiveHealthChecks runs real active health checks: the live
+// upstream's passing checks fill its latency histogram and its last_check,
+// and the upstream that stops answering goes down in both the metrics and
+// /stabilize/upstreams.
+func TestMetricsActiveHealthChecks(t *testing.T) {
+	a, b := startUpstream(t, "a"), startUpstream(t, "b")
+	h := handlerConfig("flow", "", a, b)
+	h["health_checks"] = map[string]any{"active": map[string]any{
+		"send": "ping", "expect": `^[ab]\|ping$`, "interval": "100ms", "timeout": "100ms",
+	}}
+	lb := startBalancer(t, true, 30*time.Second, h)
+	aAddr, bAddr := a.addr.String(), b.addr.String()
+
+	var m metricFamilies
+	eventually(t, 5*time.Second, "3 passing checks of each upstream in the histogram", func() bool {
+		m = scrape(t, lb.admin)
+		for _, addr := range []string{aAddr, bAddr} {
+			ss := m.series(mCheckTime, "upstream", addr)
+			if len(ss) != 1 || ss[0].GetHistogram().GetSampleCount() < 3 {
+				return false
+			}
+		}
+		return true
+	})
+	hist := m.series(mCheckTime, "upstream", aAddr)[0].GetHistogram()
+	if s := hist.GetSampleSum(); s <= 0 || s > float64(hist.GetSampleCount())*0.1 {
+		t.Errorf("latency sum %v s for %d checks, want within (0, 100ms each]", s, hist.GetSampleCount())
+	}
+	if bk := hist.GetBucket(); len(bk) == 0 || bk[len(bk)-1].GetCumulativeCount() > hist.GetSampleCount() {
+		t.Errorf("buckets %v exceed the count %d", bk, hist.GetSampleCount())
+	}
+	st, _ := getUpstreams(t, lb.admin)
+	for _, u := range []*testUpstream{a, b} {
+		s := statusOf(t, st, u.addr)
+		if !s.Healthy || s.LastCheck == nil || !s.LastCheck.Passed || s.LastCheck.Latency <= 0 {
+			t.Errorf("upstream %s: %+v, last check %+v; want healthy with a passed check", u.name, s, s.LastCheck)
 		}
 	}
-	if strings.Contains(fmt.Sprint(s6.labelValues(mDatagrams, "upstream")), b.addr.String()) {
-		t.Errorf("upstream b still reported after its handler was removed")
+
+	b.silent.Store(true) // b receives the probes but no longer replies
+	eventually(t, 5*time.Second, "b reported down", func() bool {
+		st, _ = getUpstreams(t, lb.admin)
+		return !statusOf(t, st, b.addr).Healthy
+	})
+	if lc := statusOf(t, st, b.addr).LastCheck; lc == nil || lc.Passed || lc.Reason == "" {
+		t.Errorf("b's last check %+v, want a failed check with a reason", lc)
+	}
+	m = scrape(t, lb.admin)
+	if got := m.get(t, mHealthy, "upstream", bAddr); got != 0 {
+		t.Errorf("healthy{b} = %v, want 0", got)
+	}
+	if got := m.get(t, mHealthy, "upstream", aAddr); got != 1 {
+		t.Errorf("healthy{a} = %v, want 1", got)
 	}
 }

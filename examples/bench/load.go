@@ -299,7 +299,8 @@ func percentile(sorted []int64, p float64) float64 {
 	if len(sorted) == 0 {
 		return math.NaN()
 	}
-	rank := int(math.Ceil(p / 100 * float64(len(sorted))))
+	// The epsilon keeps 99.9% of 1000 at rank 999 despite rounding.
+	rank := int(math.Ceil(p/100*float64(len(sorted)) - 1e-9))
 	rank = min(max(rank, 1), len(sorted))
 	return float64(sorted[rank-1])
 }

@@ -57,7 +57,7 @@ type options struct {
 }
 
 const (
-	defaultCompareTargets = "direct,packet,flow,proxy,nginx,ceiling"
+	defaultCompareTargets = "direct,packet,flow,fastpacket,fastflow,proxy,nginx,ceiling"
 	defaultSweepTargets   = "flow,packet,proxy"
 )
 
@@ -66,10 +66,10 @@ func parseFlags(args []string) (*options, error) {
 	o := &options{}
 	var targets, payloads, sweepFlows string
 	fs.StringVar(&o.mode, "mode", "compare", "`compare` targets at fixed load, or `sweep` the number of concurrent flows")
-	fs.StringVar(&targets, "targets", "", "comma-separated targets: direct,packet,flow,proxy,nginx,ceiling (default: "+defaultCompareTargets+"; sweep: "+defaultSweepTargets+")")
+	fs.StringVar(&targets, "targets", "", "comma-separated targets: direct,packet,flow,fastpacket,fastflow,proxy,nginx,ceiling (default: "+defaultCompareTargets+"; sweep: "+defaultSweepTargets+")")
 	fs.DurationVar(&o.duration, "duration", 3*time.Second, "measured time per target per round")
 	fs.DurationVar(&o.warmup, "warmup", 500*time.Millisecond, "unmeasured load before each measurement (sweep: at least the flow ramp-up + 500ms)")
-	fs.DurationVar(&o.timeout, "timeout", 500*time.Millisecond, "a datagram with no reply after this long is lost and its window slot refilled (sweep: at least 2s)")
+	fs.DurationVar(&o.timeout, "timeout", 500*time.Millisecond, "a datagram with no reply after this long is lost and its window slot refilled")
 	fs.IntVar(&o.rounds, "rounds", 3, "interleaved rounds; medians over the rounds are reported")
 	fs.IntVar(&o.flows, "flows", 16, "concurrent client flows (source ports)")
 	fs.IntVar(&o.window, "window", 4, "datagrams outstanding per flow")
@@ -155,7 +155,7 @@ func parseTargets(s string) ([]string, error) {
 			continue
 		}
 		if _, ok := targetLabels[t]; !ok {
-			return nil, fmt.Errorf("unknown target %q (want direct, packet, flow, proxy, nginx, ceiling)", t)
+			return nil, fmt.Errorf("unknown target %q (want %s)", t, strings.Join(targetOrder, ", "))
 		}
 		if !seen[t] {
 			seen[t] = true
@@ -252,6 +252,10 @@ func run(ctx context.Context, o *options) error {
 	case "sweep":
 		rep, err = runSweep(ctx, env, o)
 	}
+	if err == nil {
+		// An interrupted measurement is not a result: write nothing.
+		err = ctx.Err()
+	}
 	if err != nil {
 		return err
 	}
@@ -280,7 +284,7 @@ func runCompare(ctx context.Context, env *benchEnv, o *options) (*report, error)
 					return nil, err
 				}
 				i++
-				fmt.Printf("[%d/%d] round %d, payload %d B, %-8s ", i, total, round, size, t)
+				fmt.Printf("[%d/%d] round %d, payload %d B, %-10s ", i, total, round, size, t)
 				lc := loadConfig{
 					flows: o.flows, window: o.window, payload: size,
 					warmup: o.warmup, duration: o.duration, timeout: o.timeout,
@@ -309,7 +313,7 @@ func runSweep(ctx context.Context, env *benchEnv, o *options) (*report, error) {
 					return nil, err
 				}
 				i++
-				fmt.Printf("[%d/%d] round %d, %5d flows, %-8s ", i, total, round, n, t)
+				fmt.Printf("[%d/%d] round %d, %5d flows, %-10s ", i, total, round, n, t)
 				lc := sweepLoad(o, n)
 				m := env.measure(ctx, t, lc, true)
 				m.Round = round
@@ -328,11 +332,10 @@ func runSweep(ctx context.Context, env *benchEnv, o *options) (*report, error) {
 func sweepLoad(o *options, n int) loadConfig {
 	ramp := time.Duration(n) * 100 * time.Microsecond
 	ramp = min(ramp, time.Second)
-	timeout := max(o.timeout, 2*time.Second)
 	warmup := max(o.warmup, ramp+500*time.Millisecond)
 	return loadConfig{
 		flows: n, window: o.sweepWindow, payload: o.sweepPayload,
-		warmup: warmup, duration: o.duration, timeout: timeout, ramp: ramp,
+		warmup: warmup, duration: o.duration, timeout: o.timeout, ramp: ramp,
 	}
 }
 

@@ -23,15 +23,19 @@ import (
 )
 
 // The targets, in report order, and what they are.
-var targetOrder = []string{"direct", "packet", "flow", "proxy", "nginx", "ceiling"}
+var targetOrder = []string{"direct", "packet", "flow", "fastpacket", "fastflow", "proxy", "nginx", "ceiling"}
 
 var targetLabels = map[string]string{
-	"direct":  "direct (floor)",
-	"packet":  "stabilize per packet",
-	"flow":    "stabilize per flow",
-	"proxy":   "caddy-l4 proxy",
-	"nginx":   "nginx stream",
-	"ceiling": "caddy-l4 echo (ceiling)",
+	"direct": "direct (floor)",
+	"packet": "stabilize per packet",
+	"flow":   "stabilize per flow",
+	// The same handlers behind stabilize's own listener network, fastudp
+	// (batched reads; established flows bypass caddy-l4's dispatch).
+	"fastpacket": "stabilize per packet, fastudp",
+	"fastflow":   "stabilize per flow, fastudp",
+	"proxy":      "caddy-l4 proxy",
+	"nginx":      "nginx stream",
+	"ceiling":    "caddy-l4 echo (ceiling)",
 }
 
 // numUpstreams is the number of echo upstreams behind every balancer.
@@ -141,15 +145,27 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 		time.Sleep(300 * time.Millisecond)
 		rssBase = bal.rssKB("VmRSS")
 	}
-	hooks := loadHooks{}
-	if bal != nil {
-		hooks.start = func() { cpu0 = bal.cpuSeconds() }
-		hooks.end = func() {
-			cpu1 = bal.cpuSeconds()
-			if sweep {
-				rssLive = bal.rssKB("VmRSS")
+	var socks0, socks1 []udpSocket
+	var balInodes map[uint64]bool
+	hooks := loadHooks{
+		start: func() {
+			if bal != nil {
+				cpu0 = bal.cpuSeconds()
 			}
-		}
+			socks0 = readUDPSockets()
+		},
+		end: func() {
+			if bal != nil {
+				cpu1 = bal.cpuSeconds()
+				if sweep {
+					rssLive = bal.rssKB("VmRSS")
+				}
+			}
+			socks1 = readUDPSockets()
+			if bal != nil {
+				balInodes = socketInodes(bal.pids)
+			}
+		},
 	}
 	res, err := runLoad(ctx, addr, lc, hooks)
 	if err != nil {
@@ -159,6 +175,15 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 		}
 	}
 	m.fromLoad(res)
+	listenPort := e.upstreams[0].Addr().Port
+	if bal != nil {
+		listenPort = bal.port
+	}
+	upPorts := map[int]bool{}
+	for _, u := range e.upstreams {
+		upPorts[u.Addr().Port] = true
+	}
+	m.KernelDrops = dropDelta(socks0, socks1, listenPort, upPorts, balInodes)
 	if bal != nil {
 		if !bal.alive() {
 			m.Err = "balancer exited during the measurement: " + bal.logTail()
@@ -180,6 +205,7 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 type balancer struct {
 	cmd     *exec.Cmd
 	addr    string
+	port    int
 	logPath string
 	done    chan struct{}
 	pids    []int // the process and its children (nginx workers)
@@ -207,7 +233,7 @@ func (e *benchEnv) start(ctx context.Context, t string) (*balancer, error) {
 		}
 		cmd = exec.Command(e.nginx.path, "-p", dir, "-c", confPath, "-e", filepath.Join(dir, "error.log"))
 	default:
-		cfg, err := caddyConfig(listen, handlerFor(t, e.upstreamAddrs()))
+		cfg, err := caddyConfig(listenNetwork(t), listen, handlerFor(t, e.upstreamAddrs()))
 		if err != nil {
 			return nil, err
 		}
@@ -219,7 +245,7 @@ func (e *benchEnv) start(ctx context.Context, t string) (*balancer, error) {
 		// Keep Caddy's storage out of the user's home.
 		cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
 	}
-	b := &balancer{cmd: cmd, addr: listen, logPath: filepath.Join(dir, "output.log"), done: make(chan struct{})}
+	b := &balancer{cmd: cmd, addr: listen, port: port, logPath: filepath.Join(dir, "output.log"), done: make(chan struct{})}
 	logf, err := os.Create(b.logPath)
 	if err != nil {
 		return nil, err
@@ -456,7 +482,7 @@ func killAllChildren() {
 // handlerFor is the layer4 handler (JSON object) of a Caddy target.
 func handlerFor(t string, upstreams []string) map[string]any {
 	switch t {
-	case "packet", "flow":
+	case "packet", "flow", "fastpacket", "fastflow":
 		var ups []any
 		for _, u := range upstreams {
 			ups = append(ups, map[string]any{"dial": "udp/" + u})
@@ -464,7 +490,7 @@ func handlerFor(t string, upstreams []string) map[string]any {
 		return map[string]any{
 			"handler":        "stabilize",
 			"upstreams":      ups,
-			"per":            t,
+			"per":            strings.TrimPrefix(t, "fast"),
 			"load_balancing": map[string]any{"selection": map[string]any{"policy": "round_robin"}},
 		}
 	case "proxy":
@@ -485,10 +511,18 @@ func handlerFor(t string, upstreams []string) map[string]any {
 	panic("no Caddy handler for target " + t)
 }
 
+// listenNetwork is the caddy-l4 listener network of target t.
+func listenNetwork(t string) string {
+	if strings.HasPrefix(t, "fast") {
+		return "fastudp"
+	}
+	return "udp"
+}
+
 // caddyConfig is the JSON config of a Caddy with the admin API off, logging
-// at ERROR and one layer4 UDP server on listen that hands every flow to
-// handler.
-func caddyConfig(listen string, handler map[string]any) ([]byte, error) {
+// at ERROR and one layer4 server on network/listen (network udp or
+// fastudp) that hands every flow to handler.
+func caddyConfig(network, listen string, handler map[string]any) ([]byte, error) {
 	cfg := map[string]any{
 		"admin":   map[string]any{"disabled": true},
 		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
@@ -496,7 +530,7 @@ func caddyConfig(listen string, handler map[string]any) ([]byte, error) {
 			"layer4": map[string]any{
 				"servers": map[string]any{
 					"bench": map[string]any{
-						"listen":       []string{"udp/" + listen},
+						"listen":       []string{network + "/" + listen},
 						"idle_timeout": idleTimeout.String(),
 						"routes":       []any{map[string]any{"handle": []any{handler}}},
 					},
@@ -624,7 +658,10 @@ type measurement struct {
 	RSSBaseKB   int64   `json:"rss_base_kb,omitempty"`
 	RSSLiveKB   int64   `json:"rss_live_kb,omitempty"`
 	MemPerFlowB float64 `json:"mem_per_flow_bytes"`
-	Err         string  `json:"error,omitempty"`
+	// Datagrams the kernel dropped during the window for a full receive
+	// buffer, by socket role (see dropListener…).
+	KernelDrops map[string]uint64 `json:"kernel_drops,omitempty"`
+	Err         string            `json:"error,omitempty"`
 }
 
 // setNaN marks the derived numbers unknown until measured.
@@ -654,6 +691,9 @@ func (m *measurement) oneLine() string {
 	if !math.IsNaN(m.CPUPerDgramUS) {
 		s += fmt.Sprintf("  cpu %5.1fµs/dgram  rss %5.1fMiB", m.CPUPerDgramUS, float64(m.PeakRSSKB)/1024)
 	}
+	if d := fmtDrops(m.KernelDrops); d != "" {
+		s += "  drops " + d
+	}
 	if !math.IsNaN(m.MemPerFlowB) {
 		s += fmt.Sprintf("  %6.0f B/flow", m.MemPerFlowB)
 	}
@@ -661,4 +701,113 @@ func (m *measurement) oneLine() string {
 		s += "  ERROR: " + m.Err
 	}
 	return s
+}
+
+// Where datagrams were dropped by the kernel for a full socket receive
+// buffer, from the drops column of /proc/net/udp, by the role of the socket.
+const (
+	dropListener  = "listener"    // the balancer's client-facing socket
+	dropBalUp     = "balancer_up" // the balancer's upstream-facing sockets
+	dropUpstreams = "upstreams"   // the echo servers
+	dropClients   = "clients"     // the load generator's sockets
+)
+
+// udpSocket is one line of /proc/net/udp.
+type udpSocket struct {
+	localPort, remotePort int
+	inode                 uint64
+	drops                 uint64
+}
+
+// readUDPSockets parses /proc/net/udp (IPv4 sockets; every socket of the
+// benchmark is IPv4).
+func readUDPSockets() []udpSocket {
+	b, err := os.ReadFile("/proc/net/udp")
+	if err != nil {
+		return nil
+	}
+	return parseProcNetUDP(string(b))
+}
+
+func parseProcNetUDP(s string) []udpSocket {
+	var out []udpSocket
+	for i, line := range strings.Split(s, "\n") {
+		f := strings.Fields(line)
+		if i == 0 || len(f) < 13 {
+			continue
+		}
+		var sk udpSocket
+		lp, err1 := hexPort(f[1])
+		rp, err2 := hexPort(f[2])
+		inode, err3 := strconv.ParseUint(f[9], 10, 64)
+		drops, err4 := strconv.ParseUint(f[len(f)-1], 10, 64)
+		if err1 != nil || err2 != nil || err3 != nil || err4 != nil {
+			continue
+		}
+		sk.localPort, sk.remotePort, sk.inode, sk.drops = lp, rp, inode, drops
+		out = append(out, sk)
+	}
+	return out
+}
+
+// hexPort returns the port of a /proc/net/udp address, "0100007F:C226".
+func hexPort(addr string) (int, error) {
+	_, p, ok := strings.Cut(addr, ":")
+	if !ok {
+		return 0, errors.New("no port")
+	}
+	n, err := strconv.ParseUint(p, 16, 16)
+	return int(n), err
+}
+
+// dropDelta attributes the drops between two snapshots (matched by inode)
+// to socket roles: listenPort is the target's port, upstreamPorts the echo
+// servers'. For the direct target listenPort is an upstream's port.
+// balancerInodes are the sockets the balancer's processes hold; drops on
+// sockets of other processes of the machine are ignored.
+func dropDelta(before, after []udpSocket, listenPort int, upstreamPorts map[int]bool, balancerInodes map[uint64]bool) map[string]uint64 {
+	prev := make(map[uint64]uint64, len(before))
+	for _, sk := range before {
+		prev[sk.inode] = sk.drops
+	}
+	out := map[string]uint64{}
+	for _, sk := range after {
+		d := sk.drops - min(prev[sk.inode], sk.drops)
+		if d == 0 {
+			continue
+		}
+		switch {
+		case upstreamPorts[sk.localPort]:
+			out[dropUpstreams] += d
+		case sk.localPort == listenPort:
+			out[dropListener] += d
+		case sk.remotePort == listenPort:
+			out[dropClients] += d
+		case balancerInodes[sk.inode]:
+			out[dropBalUp] += d
+		}
+	}
+	return out
+}
+
+// socketInodes returns the inodes of the sockets the processes hold open.
+func socketInodes(pids []int) map[uint64]bool {
+	out := map[uint64]bool{}
+	for _, pid := range pids {
+		dir := fmt.Sprintf("/proc/%d/fd", pid)
+		ents, err := os.ReadDir(dir)
+		if err != nil {
+			continue
+		}
+		for _, ent := range ents {
+			link, err := os.Readlink(filepath.Join(dir, ent.Name()))
+			if err != nil || !strings.HasPrefix(link, "socket:[") {
+				continue
+			}
+			if n, err := strconv.ParseUint(strings.TrimSuffix(link[len("socket:["):], "]"), 10, 64); err == nil {
+				out[n] = true
+			}
+		}
+	}
+	return out
 }

@@ -8,14 +8,14 @@
 // It starts the example's UDP echo servers (each names itself in its replies)
 // on 127.0.0.1:6001-6003, loads examples/Caddyfile into an in-process Caddy
 // through the caddyfile adapter, and sends through the balancer on port 5000:
-// one flow of 9 datagrams (`per flow` keeps a flow, one client address and
-// port, on the upstream picked for its first datagram: one server answers all
-// 9), then 9 flows of one datagram (each new flow is a new round robin pick: 3
-// per server). Last it reads the upstreams back through the admin API on
-// localhost:2019. It uses no other ports.
+// one flow of 9 datagrams (`per flow` keeps a flow, one client address:port,
+// on the upstream picked for its first datagram: one server answers all 9),
+// then 9 flows of one datagram (a round robin pick each: 3 per server). Last
+// it reads the upstreams back through the admin API on localhost:2019.
 package main
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/json"
@@ -23,12 +23,14 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
 	"slices"
 	"strings"
+	"syscall"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -39,18 +41,29 @@ import (
 	_ "github.com/stabilize-lb/caddy-stabilize/stabilize"
 )
 
-// upstreamsPath is where the adapted Caddyfile keeps the handler's upstreams.
-const upstreamsPath = "/config/apps/layer4/servers/srv0/routes/0/handle/0/upstreams"
-
-// options say what run does. Empty listen, upstreams and admin keep what the
-// Caddyfile says (the example's ports); the test sets free ports.
+// options say what run does.
 type options struct {
-	config    string   // path of the Caddyfile
-	listen    string   // the balancer's UDP host:port, e.g. ":5000"
-	upstreams []string // the echo servers' host:port, one per upstream
-	admin     string   // the admin API's host:port
-	serve     bool     // after the checks, serve until ctx is done
-	out       io.Writer
+	config string // path of the Caddyfile
+	serve  bool   // after the checks, serve until ctx is done
+	out    io.Writer
+}
+
+// example is what the demo reads from the adapted Caddyfile.
+type example struct {
+	Admin struct{ Listen string }
+	Apps  struct {
+		Layer4 struct {
+			Servers map[string]struct {
+				Listen []string
+				Routes []struct {
+					Handle []struct {
+						Handler   string
+						Upstreams []struct{ Dial string }
+					}
+				}
+			}
+		}
+	}
 }
 
 func main() {
@@ -62,6 +75,9 @@ func main() {
 	defer stop()
 	if err := run(ctx, o); err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
+		if errors.Is(err, syscall.EADDRINUSE) || strings.Contains(err.Error(), "address already in use") {
+			fmt.Fprintln(os.Stderr, "demo: a port of the example is busy: is another demo or Caddy running?")
+		}
 		os.Exit(1)
 	}
 }
@@ -78,44 +94,33 @@ func run(ctx context.Context, o options) error {
 		return fmt.Errorf("adapting %s: %w", o.config, err)
 	}
 
-	// Patch the adapted JSON as the options say; read the addresses to use.
-	var cfg map[string]any
-	if err := json.Unmarshal(adapted, &cfg); err != nil {
+	// Read the addresses to use from the config.
+	var ex example
+	if err := json.Unmarshal(adapted, &ex); err != nil {
 		return err
 	}
-	srv, _ := at(cfg, "apps", "layer4", "servers", "srv0").(map[string]any)
-	h, _ := at(srv, "routes", 0, "handle", 0).(map[string]any)
-	ups, _ := at(h, "upstreams").([]any)
-	if h["handler"] != "stabilize" || len(ups) == 0 || (o.upstreams != nil && len(o.upstreams) != len(ups)) {
+	srv := ex.Apps.Layer4.Servers["srv0"]
+	if len(srv.Listen) == 0 || len(srv.Routes) == 0 || len(srv.Routes[0].Handle) == 0 ||
+		srv.Routes[0].Handle[0].Handler != "stabilize" || len(srv.Routes[0].Handle[0].Upstreams) == 0 {
 		return fmt.Errorf("%s: want layer4 server srv0 to start with a stabilize handler, like the example", o.config)
 	}
-	if o.listen != "" {
-		srv["listen"] = []any{"udp/" + o.listen}
-	}
-	listen, _ := at(srv, "listen", 0).(string)
-	listen = strings.TrimPrefix(listen, "udp/")
+	listen := strings.TrimPrefix(srv.Listen[0], "udp/")
 	var names []string
-	for i, u := range ups {
-		if o.upstreams != nil {
-			u.(map[string]any)["dial"] = "udp/" + o.upstreams[i]
-		}
-		dial, _ := at(u, "dial").(string)
-		names = append(names, strings.TrimPrefix(dial, "udp/"))
+	for _, u := range srv.Routes[0].Handle[0].Upstreams {
+		names = append(names, strings.TrimPrefix(u.Dial, "udp/"))
 	}
-	admin, _ := at(cfg, "admin", "listen").(string)
-	admin = strings.TrimPrefix(cmp.Or(o.admin, admin, caddy.DefaultAdminListen), "tcp/")
+	admin := cmp.Or(ex.Admin.Listen, caddy.DefaultAdminListen)
+
 	// Keep Caddy's log quiet and write no autosave.json.
-	cfg["admin"] = map[string]any{"listen": admin, "config": map[string]any{"persist": false}}
+	var cfg map[string]any
+	json.Unmarshal(adapted, &cfg) // it decoded into ex
+	if cfg["admin"] == nil {
+		cfg["admin"] = map[string]any{}
+	}
+	cfg["admin"].(map[string]any)["config"] = map[string]any{"persist": false}
 	cfg["logging"] = map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}}
 
-	// Check that the ports are free, then start the upstreams and Caddy.
-	err = free("tcp", admin)
-	for _, addr := range append([]string{listen}, names...) {
-		err = cmp.Or(err, free("udp", addr))
-	}
-	if err != nil {
-		return err
-	}
+	// Start the upstreams and Caddy. A busy port fails here, named in err.
 	for _, name := range names {
 		s, err := udpecho.Start(name)
 		if err != nil {
@@ -140,9 +145,17 @@ func run(ctx context.Context, o options) error {
 	fmt.Fprintf(o.out, "\n2. 9 flows send one datagram each. Each new flow is a new round robin\n"+
 		"   pick, so the servers should answer %d each.\n", 9/len(names))
 	err2 := phase(ctx, o.out, target, names, 9, 1, func(c []int) bool { return slices.Max(c)-slices.Min(c) <= 1 })
-	url := "http://" + admin + upstreamsPath
+	url := "http://" + admin + "/config/apps/layer4/servers/srv0/routes/0/handle/0/upstreams"
 	fmt.Fprintf(o.out, "\n3. The admin API: GET %s\n", url)
-	err3 := get(o.out, url)
+	resp, err3 := http.Get(url)
+	if err3 == nil {
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		fmt.Fprintf(o.out, "   %s\n", bytes.TrimSpace(body))
+		if resp.StatusCode != http.StatusOK {
+			err3 = fmt.Errorf("admin API: GET %s: %s", url, resp.Status)
+		}
+	}
 	if err := errors.Join(err1, err2, err3); err != nil {
 		return err
 	}
@@ -164,13 +177,8 @@ func phase(ctx context.Context, out io.Writer, target string, servers []string, 
 		return err
 	}
 	for i, f := range res.Flows {
-		fmt.Fprintf(out, "   flow %d from %s answered by", i, f.Local)
-		for _, s := range servers {
-			if n := f.PerServer[s]; n > 0 {
-				fmt.Fprintf(out, " %s ×%d", s, n)
-			}
-		}
-		fmt.Fprintln(out)
+		fmt.Fprintf(out, "   flow %d from %s: %d/%d answered, by %s\n", i, f.Local, f.Received, f.Sent,
+			strings.Join(slices.Sorted(maps.Keys(f.PerServer)), ", "))
 	}
 	counts := make([]int, len(servers))
 	fmt.Fprint(out, "   per server:")
@@ -188,52 +196,4 @@ func phase(ctx context.Context, out io.Writer, target string, servers []string, 
 	}
 	fmt.Fprintf(out, "\n   FAIL: %v\n", err)
 	return err
-}
-
-// get prints the body of a GET of url.
-func get(out io.Writer, url string) error {
-	resp, err := http.Get(url)
-	if err != nil {
-		return fmt.Errorf("admin API: %w", err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	fmt.Fprintf(out, "   %s\n", strings.TrimSpace(string(body)))
-	if err == nil && resp.StatusCode != http.StatusOK {
-		err = fmt.Errorf("admin API: GET %s: %s", url, resp.Status)
-	}
-	return err
-}
-
-// free checks that addr can be listened on, or says which port is busy.
-func free(network, addr string) error {
-	var l io.Closer
-	var err error
-	if network == "udp" {
-		l, err = net.ListenPacket(network, addr)
-	} else {
-		l, err = net.Listen(network, addr)
-	}
-	if err != nil {
-		_, port, _ := net.SplitHostPort(addr)
-		return fmt.Errorf("port %s/%s is busy (is another demo or Caddy running?): %w", port, network, err)
-	}
-	return l.Close()
-}
-
-// at walks v along keys (a string indexes a map, an int a list); nil if absent.
-func at(v any, keys ...any) any {
-	for _, k := range keys {
-		if i, ok := k.(int); ok {
-			if l, _ := v.([]any); i < len(l) {
-				v = l[i]
-			} else {
-				return nil
-			}
-		} else {
-			m, _ := v.(map[string]any)
-			v = m[k.(string)]
-		}
-	}
-	return v
 }

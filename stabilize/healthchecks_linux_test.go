@@ -1,0 +1,98 @@
+package stabilize
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// A socket set up by prepareSocket reports an ICMP port-unreachable from an
+// unconnected send, and its error queue names the destination that drew it.
+func TestErrQueueNamesTheUpstream(t *testing.T) {
+	for _, network := range []string{"udp4", "udp"} {
+		t.Run(network, func(t *testing.T) {
+			h := &Handler{
+				HealthChecks: &HealthChecks{Passive: &PassiveHealthChecks{}},
+				ReadBuffer:   1 << 16,
+				WriteBuffer:  1 << 16,
+			}
+			conn, err := net.ListenUDP(network, nil)
+			if err != nil {
+				t.Skipf("no %s socket: %v", network, err)
+			}
+			defer conn.Close()
+			if err := h.prepareSocket(conn); err != nil {
+				t.Fatalf("prepareSocket: %v", err)
+			}
+			rc, err := conn.SyscallConn()
+			if err != nil {
+				t.Fatal(err)
+			}
+			_ = rc.Control(func(fd uintptr) {
+				for _, o := range []struct {
+					name           string
+					level, opt, at int
+				}{
+					{"SO_RCVBUF", unix.SOL_SOCKET, unix.SO_RCVBUF, 1 << 16},
+					{"SO_SNDBUF", unix.SOL_SOCKET, unix.SO_SNDBUF, 1 << 16},
+					{"IP_RECVERR", unix.IPPROTO_IP, unix.IP_RECVERR, 1},
+				} {
+					if v, err := unix.GetsockoptInt(int(fd), o.level, o.opt); err != nil || v < o.at {
+						t.Errorf("%s = %d, %v; want at least %d", o.name, v, err, o.at)
+					}
+				}
+			})
+
+			dead := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(freeUDPPort(t)))
+			if _, err := conn.WriteToUDPAddrPort([]byte("probe"), dead); err != nil {
+				t.Fatal(err)
+			}
+			_ = conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+			buf := make([]byte, 64)
+			if _, _, _, _, err := conn.ReadMsgUDPAddrPort(buf, nil); !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Fatalf("read after sending to a closed port: %v, want ECONNREFUSED", err)
+			}
+			var errs [4]icmpError
+			n, err := readErrQueue(conn, errs[:])
+			if err != nil || n != 1 {
+				t.Fatalf("error queue: %d entries, %v; want 1", n, err)
+			}
+			want := icmpError{dest: dead, offender: dead.Addr(), reason: reasonPortUnreachable}
+			if errs[0] != want {
+				t.Errorf("error queue entry %+v, want %+v", errs[0], want)
+			}
+			if n, err := readErrQueue(conn, errs[:]); n != 0 || err != nil {
+				t.Errorf("drained queue: %d entries, %v", n, err)
+			}
+			_ = conn.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+			if _, _, _, _, err := conn.ReadMsgUDPAddrPort(buf, nil); !isTimeout(err) {
+				t.Errorf("read after draining: %v, want a timeout", err)
+			}
+		})
+	}
+}
+
+func TestICMPReasons(t *testing.T) {
+	for _, tc := range []struct {
+		origin, typ, code uint8
+		want              string
+	}{
+		{unix.SO_EE_ORIGIN_ICMP, 3, 3, reasonPortUnreachable},
+		{unix.SO_EE_ORIGIN_ICMP, 3, 1, reasonHostUnreachable},
+		{unix.SO_EE_ORIGIN_ICMP, 3, 13, reasonProhibited},
+		{unix.SO_EE_ORIGIN_ICMP, 3, 4, ""},  // fragmentation needed
+		{unix.SO_EE_ORIGIN_ICMP, 11, 0, ""}, // time exceeded
+		{unix.SO_EE_ORIGIN_ICMP6, 1, 4, reasonPortUnreachable},
+		{unix.SO_EE_ORIGIN_ICMP6, 2, 0, ""}, // packet too big
+		{unix.SO_EE_ORIGIN_LOCAL, 0, 0, ""},
+	} {
+		if got := icmpReason(tc.origin, tc.typ, tc.code); got != tc.want {
+			t.Errorf("origin %d type %d code %d: %q, want %q", tc.origin, tc.typ, tc.code, got, tc.want)
+		}
+	}
+}

@@ -1,0 +1,752 @@
+package stabilize
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+)
+
+// captureHandlers records the handlers provisioned from now on, in order.
+// Call it before startBalancer, so that it is reset after Caddy stops.
+func captureHandlers(t *testing.T) func() []*Handler {
+	t.Helper()
+	var mu sync.Mutex
+	var hs []*Handler
+	healthHandlerProvisioned = func(h *Handler) {
+		mu.Lock()
+		hs = append(hs, h)
+		mu.Unlock()
+	}
+	t.Cleanup(func() { healthHandlerProvisioned = nil })
+	return func() []*Handler {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(hs)
+	}
+}
+
+// onlyHandler is the one handler captured, or the test fails.
+func onlyHandler(t *testing.T, handlers func() []*Handler) *Handler {
+	t.Helper()
+	hs := handlers()
+	if len(hs) != 1 {
+		t.Fatalf("%d handlers provisioned, want 1", len(hs))
+	}
+	return hs[0]
+}
+
+// withHealth is handlerConfig with health_checks.
+func withHealth(per string, hc map[string]any, ups ...*testUpstream) map[string]any {
+	h := handlerConfig(per, "", ups...)
+	h["health_checks"] = hc
+	return h
+}
+
+// dataGot is how many datagrams other than the probe u received.
+func dataGot(u *testUpstream, probe string) int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	n := 0
+	for p, c := range u.payloads {
+		if p != probe {
+			n += c
+		}
+	}
+	return n
+}
+
+// waitFor polls cond like eventually and returns how long it took.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	eventually(t, timeout, what, cond)
+	return time.Since(start)
+}
+
+func needLinux(t *testing.T) {
+	t.Helper()
+	if runtime.GOOS != "linux" {
+		t.Skip("ICMP errors on unconnected sockets are reported on Linux only")
+	}
+}
+
+// An upstream that stops answering the probe is marked down within
+// fails×interval plus an interval, gets no traffic while down, and comes
+// back after `passes` good checks.
+func TestActiveHealthChecksExpect(t *testing.T) {
+	const interval, fails, passes = 200 * time.Millisecond, 2, 2
+	const slack = 250 * time.Millisecond
+	a, b := startUpstream(t, "a"), startUpstream(t, "b")
+	handlers := captureHandlers(t)
+	lb := startBalancer(t, false, 30*time.Second, withHealth("packet", map[string]any{
+		"active": map[string]any{
+			"send": "PING", "expect": `\|PING$`, // the test upstream replies "<name>|PING"
+			"interval": interval.String(), "timeout": "100ms", "passes": passes, "fails": fails,
+		},
+	}, a, b))
+	h := onlyHandler(t, handlers)
+	ha, hb := h.Upstreams[0].host, h.Upstreams[1].host
+
+	eventually(t, 2*time.Second, "the first checks", func() bool {
+		return ha.LastCheck() != nil && hb.LastCheck() != nil
+	})
+	for _, host := range []*Host{ha, hb} {
+		if c := host.LastCheck(); !c.Passed || c.Latency <= 0 || c.Reason != "" {
+			t.Fatalf("check of %s: %+v, want passed with a latency", host.addr, c)
+		}
+		if n, _, _ := host.health.latency.snapshot(); n == 0 {
+			t.Errorf("no latency observed for %s", host.addr)
+		}
+	}
+	cl := newClient(t, lb.addr)
+	var names []string
+	for i := range 4 {
+		names = append(names, cl.mustRoundTrip(fmt.Sprintf("before-%d", i)))
+	}
+	if got := counts(names); got != "map[a:2 b:2]" {
+		t.Fatalf("both healthy: %s", got)
+	}
+
+	a.silent.Store(true)
+	took := waitFor(t, 3*time.Second, "a marked down", func() bool { return !ha.Healthy() })
+	if limit := fails*interval + interval + slack; took > limit {
+		t.Errorf("a marked down after %v, want within %v", took, limit)
+	}
+	if c := ha.LastCheck(); c.Passed || c.Reason != "no reply within 100ms" {
+		t.Errorf("last check of a: %+v, want failed with no reply within 100ms", c)
+	}
+	if !hb.Healthy() {
+		t.Fatal("b is down too")
+	}
+
+	dataBefore, probesBefore := dataGot(a, "PING"), a.gotPayload("PING")
+	for i := range 20 {
+		if name := cl.mustRoundTrip(fmt.Sprintf("while-down-%d", i)); name != "b" {
+			t.Fatalf("datagram %d went to %s while a is down", i, name)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := dataGot(a, "PING"); got != dataBefore {
+		t.Errorf("a received %d datagrams of traffic while down", got-dataBefore)
+	}
+	if a.gotPayload("PING") == probesBefore {
+		t.Error("a received no probes while down")
+	}
+
+	a.silent.Store(false)
+	took = waitFor(t, 3*time.Second, "a back up", ha.Healthy)
+	if limit := passes*interval + interval + slack; took > limit {
+		t.Errorf("a back up after %v, want within %v", took, limit)
+	}
+	names = names[:0]
+	for i := range 4 {
+		names = append(names, cl.mustRoundTrip(fmt.Sprintf("after-%d", i)))
+	}
+	if got := counts(names); got != "map[a:2 b:2]" {
+		t.Fatalf("a back up: %s", got)
+	}
+}
+
+// With no expected reply, silence passes and an ICMP port-unreachable
+// fails; a server on the port again brings the upstream back.
+func TestActiveHealthChecksNoExpect(t *testing.T) {
+	const interval = 200 * time.Millisecond
+	const slack = 250 * time.Millisecond
+	a, b := startUpstream(t, "a"), startUpstream(t, "b")
+	handlers := captureHandlers(t)
+	lb := startBalancer(t, false, 30*time.Second, withHealth("packet", map[string]any{
+		"active": map[string]any{"interval": interval.String()},
+	}, a, b))
+	h := onlyHandler(t, handlers)
+	ha, hb := h.Upstreams[0].host, h.Upstreams[1].host
+	if got := time.Duration(h.HealthChecks.Active.Timeout); got != interval {
+		t.Errorf("timeout defaulted to %v, want the interval %v", got, interval)
+	}
+
+	// A silent upstream passes: no ICMP error within the timeout.
+	b.silent.Store(true)
+	silentSince := time.Now()
+	eventually(t, 2*time.Second, "a check of b with no reply", func() bool {
+		c := hb.LastCheck()
+		return c != nil && c.Time.After(silentSince) && c.Latency == 0
+	})
+	if c := hb.LastCheck(); !c.Passed || !hb.Healthy() {
+		t.Fatalf("silent b: %+v, healthy %v; want passed", c, hb.Healthy())
+	}
+	b.silent.Store(false)
+
+	a.close()
+	took := waitFor(t, 3*time.Second, "closed a marked down", func() bool { return !ha.Healthy() })
+	if limit := interval + interval + slack; took > limit {
+		t.Errorf("a marked down after %v, want within %v", took, limit)
+	}
+	if c := ha.LastCheck(); c.Passed || c.Reason != reasonPortUnreachable {
+		t.Errorf("last check of a: %+v, want failed with %q", c, reasonPortUnreachable)
+	}
+	cl := newClient(t, lb.addr)
+	for i := range 6 {
+		if name := cl.mustRoundTrip(fmt.Sprintf("down-%d", i)); name != "b" {
+			t.Fatalf("datagram %d went to %s", i, name)
+		}
+	}
+
+	a2 := startUpstreamAt(t, "a2", a.addr.String())
+	took = waitFor(t, 3*time.Second, "a back up", ha.Healthy)
+	if limit := interval + interval + slack; took > limit {
+		t.Errorf("a back up after %v, want within %v", took, limit)
+	}
+	var names []string
+	for i := range 4 {
+		names = append(names, cl.mustRoundTrip(fmt.Sprintf("up-%d", i)))
+	}
+	if got := counts(names); got != "map[a2:2 b:2]" {
+		t.Fatalf("a back up: %s", got)
+	}
+	if a2.gotPayload("") == 0 {
+		t.Error("a2 got no (empty) probe")
+	}
+}
+
+// Passive checks find a closed port from live traffic (ICMP
+// port-unreachable on the unconnected flow sockets), in both modes; the
+// upstream then gets nothing until fail_duration has passed.
+func TestPassiveHealthChecksICMP(t *testing.T) {
+	needLinux(t)
+	const failDuration = 2 * time.Second
+	for _, tc := range []struct {
+		per      string
+		maxFails int
+	}{{"packet", 2}, {"flow", 3}} {
+		t.Run(tc.per, func(t *testing.T) {
+			a, b, dead := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "dead")
+			handlers := captureHandlers(t)
+			lb := startBalancer(t, false, 30*time.Second, withHealth(tc.per, map[string]any{
+				"passive": map[string]any{"max_fails": tc.maxFails, "fail_duration": failDuration.String()},
+			}, a, b, dead))
+			h := onlyHandler(t, handlers)
+			hd := h.Upstreams[2].host
+			dead.close()
+
+			// In per packet mode one client's datagrams rotate over the three
+			// upstreams; in per flow mode every client is a new flow.
+			cl := newClient(t, lb.addr)
+			send := func(i int) {
+				c := cl
+				if tc.per == "flow" {
+					c = newClient(t, lb.addr)
+				}
+				if _, err := c.conn.Write([]byte(fmt.Sprintf("live-%d", i))); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for i := 0; hd.Healthy(); i++ {
+				if i == 300 {
+					t.Fatalf("dead upstream still up after %d datagrams to it", hd.datagramsSent.Load())
+				}
+				send(i)
+				time.Sleep(5 * time.Millisecond)
+			}
+			downAt := time.Now()
+			sent := hd.datagramsSent.Load()
+			if sent < uint64(tc.maxFails) {
+				t.Fatalf("down after %d datagrams to it, want max_fails %d", sent, tc.maxFails)
+			}
+
+			for i := range 12 {
+				c := cl
+				if tc.per == "flow" {
+					c = newClient(t, lb.addr)
+				}
+				if name := c.mustRoundTrip(fmt.Sprintf("down-%d", i)); name != "a" && name != "b" {
+					t.Fatalf("reply from %s", name)
+				}
+			}
+			if got := hd.datagramsSent.Load(); got != sent {
+				t.Errorf("%d datagrams sent to the upstream while down", got-sent)
+			}
+
+			eventually(t, failDuration+time.Second, "the upstream back after fail_duration", hd.Healthy)
+			if took := time.Since(downAt); took < failDuration-200*time.Millisecond {
+				t.Errorf("up again after %v, want fail_duration %v", took, failDuration)
+			}
+			for i := 0; hd.datagramsSent.Load() == sent; i++ {
+				if i == 30 {
+					t.Fatal("no traffic to the upstream after it came back")
+				}
+				send(1000 + i)
+				time.Sleep(5 * time.Millisecond)
+			}
+		})
+	}
+}
+
+// reply_timeout marks a silent upstream down from live traffic, never
+// sooner than the timeout, and never the upstream that replies.
+func TestPassiveHealthChecksReplyTimeout(t *testing.T) {
+	const replyTimeout = 200 * time.Millisecond
+	a, b := startUpstream(t, "a"), startUpstream(t, "b")
+	b.silent.Store(true)
+	handlers := captureHandlers(t)
+	lb := startBalancer(t, false, 30*time.Second, withHealth("flow", map[string]any{
+		"passive": map[string]any{"reply_timeout": replyTimeout.String(), "max_fails": 3, "fail_duration": "10s"},
+	}, a, b))
+	h := onlyHandler(t, handlers)
+	ha, hb := h.Upstreams[0].host, h.Upstreams[1].host
+
+	// Six flows, alternately on a and b.
+	var clients []*client
+	for i := range 6 {
+		cl := newClient(t, lb.addr)
+		clients = append(clients, cl)
+		if _, err := cl.conn.Write([]byte(fmt.Sprintf("req-%d", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	took := waitFor(t, 3*time.Second, "b marked down", func() bool { return !hb.Healthy() })
+	if elapsed := time.Since(start); elapsed < replyTimeout {
+		t.Errorf("b marked down after %v, before reply_timeout %v", elapsed, replyTimeout)
+	}
+	if limit := 2*replyTimeout + 300*time.Millisecond; took > limit {
+		t.Errorf("b marked down after %v, want within %v", took, limit)
+	}
+	if !ha.Healthy() {
+		t.Fatal("a, which replies, is down too")
+	}
+	ha.health.mu.Lock()
+	falseFailures := len(ha.health.failures)
+	ha.health.mu.Unlock()
+	if falseFailures != 0 {
+		t.Errorf("a, which replies, has %d failures", falseFailures)
+	}
+	// The flows on b move to a without the clients changing anything.
+	for i, cl := range clients {
+		if name := cl.mustRoundTrip(fmt.Sprintf("again-%d", i)); name != "a" {
+			t.Fatalf("flow %d answered by %s", i, name)
+		}
+	}
+	if n := ha.Flows(); n != 6 {
+		t.Errorf("a has %d flows, want all 6", n)
+	}
+}
+
+// A per-flow flow whose upstream goes down continues on another one: the
+// same client socket gets replies, now from the other upstream.
+func TestFlowMovesWhenUpstreamGoesDown(t *testing.T) {
+	needLinux(t)
+	a, b := startUpstream(t, "a"), startUpstream(t, "b")
+	handlers := captureHandlers(t)
+	lb := startBalancer(t, false, 30*time.Second, withHealth("flow", map[string]any{
+		"passive": map[string]any{},
+	}, a, b))
+	h := onlyHandler(t, handlers)
+	byName := map[string]*testUpstream{"a": a, "b": b}
+	hostOfName := map[string]*Host{"a": h.Upstreams[0].host, "b": h.Upstreams[1].host}
+
+	cl := newClient(t, lb.addr)
+	first := cl.mustRoundTrip("hello")
+	other := map[string]string{"a": "b", "b": "a"}[first]
+	byName[first].close()
+	if _, _, err := cl.roundTrip([]byte("lost"), 300*time.Millisecond); err == nil {
+		t.Fatal("a datagram to the closed upstream was answered")
+	}
+	eventually(t, 2*time.Second, first+" marked down", func() bool { return !hostOfName[first].Healthy() })
+	sent := hostOfName[first].datagramsSent.Load()
+	for i := range 5 {
+		if name := cl.mustRoundTrip(fmt.Sprintf("moved-%d", i)); name != other {
+			t.Fatalf("after %s went down, the flow is answered by %s", first, name)
+		}
+	}
+	if got := hostOfName[first].datagramsSent.Load(); got != sent {
+		t.Errorf("%d datagrams still sent to %s", got-sent, first)
+	}
+	if f, o := hostOfName[first].Flows(), hostOfName[other].Flows(); f != 0 || o != 1 {
+		t.Errorf("flows: %s %d, %s %d; want 0 and 1", first, f, other, o)
+	}
+}
+
+// When every upstream is down the handler fails open and counts it, or with
+// drop_when_all_down drops and counts that.
+func TestAllUpstreamsDown(t *testing.T) {
+	for _, drop := range []bool{false, true} {
+		t.Run(fmt.Sprintf("drop_when_all_down=%v", drop), func(t *testing.T) {
+			a, b := startUpstream(t, "a"), startUpstream(t, "b")
+			handlers := captureHandlers(t)
+			lb := startBalancer(t, false, 30*time.Second, withHealth("packet", map[string]any{
+				// The upstreams answer traffic but fail every check.
+				"active":             map[string]any{"send": "PING", "expect_exact": "never", "interval": "200ms"},
+				"drop_when_all_down": drop,
+			}, a, b))
+			h := onlyHandler(t, handlers)
+			eventually(t, 2*time.Second, "both upstreams down", func() bool {
+				return !h.Upstreams[0].host.Healthy() && !h.Upstreams[1].host.Healthy()
+			})
+			if c := h.Upstreams[0].host.LastCheck(); !strings.HasPrefix(c.Reason, `reply did not match: "a|PING"`) {
+				t.Errorf("last check of a: %+v, want the reply that did not match", c)
+			}
+
+			cl := newClient(t, lb.addr)
+			if !drop {
+				var names []string
+				for i := range 6 {
+					names = append(names, cl.mustRoundTrip(fmt.Sprintf("open-%d", i)))
+				}
+				if got := counts(names); got != "map[a:3 b:3]" {
+					t.Errorf("failing open: %s, want a:3 b:3", got)
+				}
+				if got := h.allDownSent.Load(); got != 6 {
+					t.Errorf("allDownSent = %d, want 6", got)
+				}
+				if got := h.Drops()["no_upstream"]; got != 0 {
+					t.Errorf("no_upstream drops = %d, want 0", got)
+				}
+				return
+			}
+			for i := range 3 {
+				if _, _, err := cl.roundTrip([]byte(fmt.Sprintf("drop-%d", i)), 200*time.Millisecond); !isTimeout(err) {
+					t.Fatalf("datagram %d: %v, want it dropped", i, err)
+				}
+			}
+			if got := h.Drops()["no_upstream"]; got != 3 {
+				t.Errorf("no_upstream drops = %d, want 3", got)
+			}
+			if got := h.allDownSent.Load(); got != 0 {
+				t.Errorf("allDownSent = %d, want 0", got)
+			}
+			if n := dataGot(a, "PING") + dataGot(b, "PING"); n != 0 {
+				t.Errorf("upstreams received %d datagrams of traffic", n)
+			}
+		})
+	}
+}
+
+// Health state lives in the shared host, so a reload keeps a down upstream
+// down; an upstream that only active checks kept down comes up when no
+// config checks it any more.
+func TestHealthSurvivesReload(t *testing.T) {
+	needLinux(t)
+	a, b, dead := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "dead")
+	handlers := captureHandlers(t)
+	cfg := withHealth("packet", map[string]any{
+		"passive": map[string]any{"fail_duration": "10s"},
+	}, a, b, dead)
+	lb := startBalancer(t, false, 30*time.Second, cfg)
+	h0 := onlyHandler(t, handlers)
+	hd := h0.Upstreams[2].host
+	dead.close()
+
+	cl := newClient(t, lb.addr)
+	for i := 0; hd.Healthy(); i++ {
+		if i == 100 {
+			t.Fatal("dead upstream never marked down")
+		}
+		_, _ = cl.conn.Write([]byte(fmt.Sprintf("find-%d", i)))
+		time.Sleep(5 * time.Millisecond)
+	}
+
+	if err := caddy.Load(testConfig(lb.addr, "", 30*time.Second, cfg), true); err != nil {
+		t.Fatalf("reloading: %v", err)
+	}
+	hs := handlers()
+	if len(hs) != 2 {
+		t.Fatalf("%d handlers after the reload, want 2", len(hs))
+	}
+	h1 := hs[1]
+	if h1.Upstreams[2].host != hd {
+		t.Fatal("the reloaded config has a new host for the same address")
+	}
+	if hd.Healthy() {
+		t.Fatal("the reload brought the down upstream up")
+	}
+	sent := hd.datagramsSent.Load()
+	for i := range 12 {
+		if name := newClient(t, lb.addr).mustRoundTrip(fmt.Sprintf("reloaded-%d", i)); name != "a" && name != "b" {
+			t.Fatalf("reply from %s", name)
+		}
+	}
+	if got := hd.datagramsSent.Load(); got != sent {
+		t.Errorf("the new config sent %d datagrams to the down upstream", got-sent)
+	}
+
+	// Active checks: a config that fails every check, reloaded, keeps its
+	// verdict; a config without active checks clears it.
+	active := withHealth("packet", map[string]any{
+		"active": map[string]any{"send": "PING", "expect_exact": "never", "interval": "200ms", "fails": 1},
+	}, a, b)
+	if err := caddy.Load(testConfig(lb.addr, "", 30*time.Second, active), true); err != nil {
+		t.Fatalf("loading active checks: %v", err)
+	}
+	ha := handlers()[2].Upstreams[0].host
+	eventually(t, 2*time.Second, "a down by active checks", func() bool { return !ha.Healthy() })
+	if err := caddy.Load(testConfig(lb.addr, "", 30*time.Second, active), true); err != nil {
+		t.Fatalf("reloading active checks: %v", err)
+	}
+	if ha.Healthy() {
+		t.Error("reloading the same active checks brought a up")
+	}
+	if err := caddy.Load(testConfig(lb.addr, "", 30*time.Second, handlerConfig("packet", "", a, b)), true); err != nil {
+		t.Fatalf("loading without health checks: %v", err)
+	}
+	if !ha.Healthy() {
+		t.Error("a stays down with no active checks left to bring it up")
+	}
+}
+
+// provisionErr provisions a handler from JSON and returns the error.
+func provisionErr(t *testing.T, cfg string) (*Handler, error) {
+	t.Helper()
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	t.Cleanup(cancel)
+	h := new(Handler)
+	if err := json.Unmarshal([]byte(cfg), h); err != nil {
+		t.Fatal(err)
+	}
+	err := h.Provision(ctx)
+	t.Cleanup(func() { _ = h.Cleanup() })
+	return h, err
+}
+
+func TestHealthCheckConfig(t *testing.T) {
+	up := fmt.Sprintf(`"upstreams": [{"dial": "127.0.0.1:%d"}]`, freeUDPPort(t))
+	for _, tc := range []struct{ hc, want string }{
+		{`"health_checks": {"active": {"send_hex": "zz"}}`, `health_checks.active.send_hex "zz": invalid hex`},
+		{`"health_checks": {"active": {"send": "a", "send_hex": "61"}}`, `health_checks.active.send and send_hex: use one`},
+		{`"health_checks": {"active": {"expect": "("}}`, `health_checks.active.expect "(": invalid regexp`},
+		{`"health_checks": {"active": {"interval": "-1s"}}`, `health_checks.active.interval -1s: must not be negative`},
+		{`"health_checks": {"active": {"interval": "1ms"}}`, `health_checks.active.interval 1ms: must be at least 10ms`},
+		{`"health_checks": {"active": {"interval": "1s", "timeout": "2s"}}`, `health_checks.active.timeout 2s: must not exceed the interval (1s)`},
+		{`"health_checks": {"active": {"timeout": "-1s"}}`, `health_checks.active.timeout -1s: must not be negative`},
+		{`"health_checks": {"active": {"passes": -1}}`, `health_checks.active.passes -1`},
+		{`"health_checks": {"active": {"fails": -2}}`, `health_checks.active.fails -2`},
+		{`"health_checks": {"active": {"port": 70000}}`, `health_checks.active.port 70000: must be from 1 to 65535`},
+		{`"health_checks": {"passive": {"reply_timeout": "-1s"}}`, `health_checks.passive.reply_timeout -1s: must not be negative`},
+		{`"health_checks": {"passive": {"reply_timeout": "1ms"}}`, `health_checks.passive.reply_timeout 1ms: must be at least 10ms`},
+		{`"health_checks": {"passive": {"max_fails": -1}}`, `health_checks.passive.max_fails -1`},
+		{`"health_checks": {"passive": {"fail_duration": "-1s"}}`, `health_checks.passive.fail_duration -1s: must not be negative`},
+		{`"read_buffer": -1`, `read_buffer -1: must not be negative`},
+		{`"write_buffer": -5`, `write_buffer -5: must not be negative`},
+	} {
+		_, err := provisionErr(t, "{"+up+", "+tc.hc+"}")
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: got %v, want an error containing %q", tc.hc, err, tc.want)
+		}
+	}
+
+	h, err := provisionErr(t, "{"+up+`, "health_checks": {"active": {}, "passive": {}}}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, p := h.HealthChecks.Active, h.HealthChecks.Passive
+	if a.Interval != caddy.Duration(5*time.Second) || a.Timeout != caddy.Duration(2*time.Second) ||
+		a.Passes != 1 || a.Fails != 1 || p.MaxFails != 1 || p.FailDuration != caddy.Duration(10*time.Second) ||
+		p.ReplyTimeout != 0 || len(h.HealthChecks.probe) != 0 || h.HealthChecks.judged {
+		t.Errorf("defaults: active %+v, passive %+v", a, p)
+	}
+	h, err = provisionErr(t, "{"+up+`, "health_checks": {"active": {"interval": "1s", "send_hex": "50494e47", "expect_prefix": "x"}}}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a := h.HealthChecks.Active; a.Timeout != caddy.Duration(time.Second) {
+		t.Errorf("timeout %v, want the 1s interval", time.Duration(a.Timeout))
+	}
+	if got := string(h.HealthChecks.probe); got != "PING" || !h.HealthChecks.judged {
+		t.Errorf("probe %q, judged %v", got, h.HealthChecks.judged)
+	}
+	// Stopping is prompt even while a probe waits for its reply.
+	start := time.Now()
+	if err := h.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 500*time.Millisecond {
+		t.Errorf("stopping the checks took %v", d)
+	}
+}
+
+func TestHealthCheckMatching(t *testing.T) {
+	for _, tc := range []struct {
+		active map[string]any
+		reply  string
+		want   bool
+	}{
+		{map[string]any{"expect_exact": "PONG"}, "PONG", true},
+		{map[string]any{"expect_exact": "PONG"}, "PONG!", false},
+		{map[string]any{"expect_prefix": "PO"}, "PONG", true},
+		{map[string]any{"expect_prefix": "PO"}, "xPONG", false},
+		{map[string]any{"expect": "^P.NG$"}, "PANG", true},
+		{map[string]any{"expect": "^P.NG$"}, "PANGS", false},
+		{map[string]any{"expect": "NG$", "expect_prefix": "P"}, "PING", true},
+		{map[string]any{"expect": "NG$", "expect_prefix": "P"}, "KING", false},
+		{map[string]any{"expect": "^$"}, "", true},
+		{map[string]any{}, "anything", true},
+	} {
+		b, _ := json.Marshal(tc.active)
+		hc := new(HealthChecks)
+		if err := json.Unmarshal([]byte(`{"active": `+string(b)+`}`), hc); err != nil {
+			t.Fatal(err)
+		}
+		if err := hc.provisionActive(hc.Active); err != nil {
+			t.Fatal(err)
+		}
+		if got := hc.matches([]byte(tc.reply)); got != tc.want {
+			t.Errorf("%s with reply %q: matches %v, want %v", b, tc.reply, got, tc.want)
+		}
+	}
+}
+
+// observedLogger logs Debug and above to the returned observer.
+func observedLogger() (*zap.Logger, *observer.ObservedLogs) {
+	core, logs := observer.New(zapcore.DebugLevel)
+	return zap.New(core), logs
+}
+
+// transitions are the up/down log entries, as "level message reason".
+func transitions(logs *observer.ObservedLogs) []string {
+	var out []string
+	for _, e := range logs.All() {
+		if e.Level < zapcore.InfoLevel {
+			continue
+		}
+		m := e.ContextMap()
+		out = append(out, fmt.Sprintf("%s %s: %v (%v)", e.Level, e.Message, m["reason"], m["upstream"]))
+	}
+	return out
+}
+
+func TestActiveAccounting(t *testing.T) {
+	logger, logs := observedLogger()
+	host := &Host{addr: netip.MustParseAddrPort("192.0.2.1:53")}
+	hc := &HealthChecks{logger: logger, Active: &ActiveHealthChecks{Passes: 2, Fails: 3}}
+	pass := CheckResult{Passed: true, Latency: time.Millisecond}
+	fail := CheckResult{Reason: "no reply within 1s"}
+	epoch := healthEpoch.Load()
+	step := func(res CheckResult, wantHealthy bool) {
+		t.Helper()
+		host.activeResult(hc, res, res.Passed)
+		if host.Healthy() != wantHealthy {
+			t.Fatalf("after %+v: healthy %v, want %v", res, host.Healthy(), wantHealthy)
+		}
+		if *host.LastCheck() != res {
+			t.Fatalf("last check %+v, want %+v", host.LastCheck(), res)
+		}
+	}
+	step(fail, true)
+	step(fail, true)
+	step(pass, true) // breaks the streak
+	step(fail, true)
+	step(fail, true)
+	step(fail, false)
+	step(fail, false)
+	step(pass, false)
+	step(fail, false) // breaks the streak
+	step(pass, false)
+	step(pass, true)
+	step(pass, true)
+	if got := healthEpoch.Load() - epoch; got != 2 {
+		t.Errorf("health epoch moved %d times, want 2", got)
+	}
+	if n, _, _ := host.health.latency.snapshot(); n != 5 {
+		t.Errorf("%d latencies observed, want one per passing check (5)", n)
+	}
+	want := []string{
+		"warn upstream is down: no reply within 1s (3 failing health checks in a row) (192.0.2.1:53)",
+		"info upstream is up: 2 passing health checks in a row (192.0.2.1:53)",
+	}
+	if got := transitions(logs); !slices.Equal(got, want) {
+		t.Errorf("logged %q, want %q", got, want)
+	}
+}
+
+func TestPassiveAccounting(t *testing.T) {
+	logger, logs := observedLogger()
+	host := &Host{addr: netip.MustParseAddrPort("192.0.2.2:53")}
+	const failDuration = 150 * time.Millisecond
+	fail := func() { host.passiveFailure(logger, reasonPortUnreachable, 3, failDuration) }
+
+	fail()
+	fail()
+	time.Sleep(failDuration + 20*time.Millisecond) // both forgotten
+	fail()
+	fail()
+	if !host.Healthy() {
+		t.Fatal("down after 2 recent failures, want max_fails 3")
+	}
+	fail()
+	if host.Healthy() {
+		t.Fatal("up after 3 failures within fail_duration")
+	}
+	downAt := time.Now()
+	fail() // not counted while down
+	took := waitFor(t, time.Second, "up after fail_duration", host.Healthy)
+	if elapsed := time.Since(downAt); elapsed < failDuration-10*time.Millisecond || took > failDuration+200*time.Millisecond {
+		t.Errorf("up after %v, want fail_duration %v", elapsed, failDuration)
+	}
+	fail()
+	fail()
+	if !host.Healthy() {
+		t.Fatal("failures before the down period counted after it")
+	}
+	want := []string{
+		"warn upstream is down: ICMP port unreachable (3 failures within 150ms) (192.0.2.2:53)",
+		"info upstream is up: down for fail_duration 150ms (192.0.2.2:53)",
+	}
+	if got := transitions(logs); !slices.Equal(got, want) {
+		t.Errorf("logged %q, want %q", got, want)
+	}
+
+	// Active and passive combine: down while either says so.
+	hc := &HealthChecks{logger: logger, Active: &ActiveHealthChecks{Passes: 1, Fails: 1}}
+	host.activeResult(hc, CheckResult{Reason: "x"}, false)
+	fail()
+	if host.Healthy() {
+		t.Fatal("up while both say down")
+	}
+	host.activeResult(hc, CheckResult{Passed: true}, false)
+	if host.Healthy() {
+		t.Fatal("up while passive checks say down")
+	}
+	eventually(t, time.Second, "up when both say up", host.Healthy)
+}
+
+// sentTo and replyFrom are on the data path: no allocation.
+func TestReplyTimeoutBookkeeping(t *testing.T) {
+	h := &Handler{HealthChecks: &HealthChecks{replyTimeout: time.Second}}
+	h.HealthChecks.clock.Store(7)
+	fl := &Flow{h: h}
+	u, v := new(Upstream), new(Upstream)
+
+	fl.sentTo(u)
+	fl.sentTo(v) // the oldest unanswered datagram is watched
+	if s, w := fl.health.since.Load(), fl.health.upstream.Load(); s != 7 || w != u {
+		t.Fatalf("watching %p since %d, want %p since 7", w, s, u)
+	}
+	fl.replyFrom(v)
+	if fl.health.since.Load() == 0 {
+		t.Fatal("a reply from another upstream cleared the watch")
+	}
+	fl.replyFrom(u)
+	if fl.health.since.Load() != 0 {
+		t.Fatal("the reply did not clear the watch")
+	}
+	if n := testing.AllocsPerRun(1000, func() { fl.sentTo(u); fl.replyFrom(u) }); n != 0 {
+		t.Errorf("sentTo+replyFrom allocate %v times", n)
+	}
+	off := &Flow{h: &Handler{}}
+	if n := testing.AllocsPerRun(1000, func() { off.sentTo(u); off.replyFrom(u) }); n != 0 {
+		t.Errorf("sentTo+replyFrom without health checks allocate %v times", n)
+	}
+	if off.health.since.Load() != 0 {
+		t.Error("watching without reply_timeout")
+	}
+}
