@@ -87,6 +87,9 @@ var (
 	allDownDatagramsDesc = newMetricDesc("all_down_datagrams_total",
 		"Datagrams a handler sent while every one of its upstreams was down, failing open to all of them. Starts from zero at each config reload.",
 		"handler")
+	fastDroppedDatagramsDesc = newMetricDesc("fastudp_dropped_datagrams_total",
+		"Datagrams a fastudp socket dropped before any handler saw them, by reason: queue_full (too many datagrams of new flows waiting for caddy-l4) or truncated (longer than the listener's buffer).",
+		"listener", "reason")
 )
 
 // metricsCollector reports the stabilize metrics of one config: of the
@@ -160,6 +163,7 @@ func (c *metricsCollector) Describe(ch chan<- *prometheus.Desc) {
 		upstreamHealthCheckDurationDesc,
 		droppedDatagramsDesc,
 		allDownDatagramsDesc,
+		fastDroppedDatagramsDesc,
 	} {
 		ch <- d
 	}
@@ -208,6 +212,12 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, host := range order {
 		collectHost(ch, host)
 	}
+	fastByLocal.Range(func(_, v any) bool {
+		s := v.(*fastSocket)
+		ch <- prometheus.MustNewConstMetric(fastDroppedDatagramsDesc, prometheus.CounterValue, float64(s.queueDrops.Load()), s.key, "queue_full")
+		ch <- prometheus.MustNewConstMetric(fastDroppedDatagramsDesc, prometheus.CounterValue, float64(s.truncated.Load()), s.key, "truncated")
+		return true
+	})
 }
 
 // collectHost sends the metrics of one upstream.

@@ -43,6 +43,16 @@ func TestFastNetworkSizes(t *testing.T) {
 		t.Fatalf("a 12000-byte datagram was not dropped: %v", err)
 	}
 	cl.mustRoundTrip("still-serving")
+
+	// A new flow's first datagram, cut short, is counted by the socket.
+	fresh := newClient(t, lb.addr)
+	if _, err := fresh.conn.Write(make([]byte, 12000)); err != nil {
+		t.Fatal(err)
+	}
+	s, _ := fastByLocal.Load(lb.addr)
+	eventually(t, 2*time.Second, "the socket to count the truncated datagram", func() bool {
+		return s.(*fastSocket).truncated.Load() == 1
+	})
 }
 
 // A flow whose datagrams bypass caddy-l4 outlives caddy-l4's idle timeout
