@@ -13,24 +13,23 @@ import (
 )
 
 // Flow is one client flow: the datagrams of one client address and port,
-// from the first until caddy-l4's idle timeout ends it. It owns one
-// upstream-facing UDP socket, which lets replies find their client, and one
-// goroutine that relays the replies.
+// from the first until it has been idle for caddy-l4's idle timeout. It owns
+// one upstream-facing UDP socket, which lets replies find their client, and
+// one goroutine that relays the replies.
 type Flow struct {
 	h      *Handler
 	cx     *layer4.Connection
 	client netip.AddrPort
 	conn   *net.UDPConn
 
-	// upstream is the flow's upstream in `per flow` mode; only the Handle
-	// goroutine touches it.
+	// upstream is the flow's upstream in `per flow` mode, guarded by mu.
 	upstream *Upstream
 
 	header      []byte      // PROXY protocol header, sent before every datagram
 	affinityKey affinityKey // per flow only
 
-	// Hash is a policy's per-flow key hash, computed once. Hashed says it
-	// has been computed.
+	// Hash is a policy's per-flow key hash, computed once under mu. Hashed
+	// says it has been computed.
 	Hash   uint64
 	Hashed bool
 

@@ -172,7 +172,7 @@ func settle[T any](get func() T, ok func(T) bool) T {
 }
 
 // provisionIn provisions a handler from JSON in ctx, as Caddy would.
-func provisionIn(t *testing.T, ctx caddy.Context, cfg string) *Handler {
+func provisionIn(t testing.TB, ctx caddy.Context, cfg string) *Handler {
 	t.Helper()
 	h := new(Handler)
 	if err := json.Unmarshal([]byte(cfg), h); err != nil {

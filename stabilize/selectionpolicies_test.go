@@ -2,7 +2,6 @@ package stabilize
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net/netip"
 	"testing"
@@ -10,20 +9,12 @@ import (
 	"github.com/caddyserver/caddy/v2"
 )
 
-// provisionHandler provisions a handler from JSON, as Caddy would.
+// provisionHandler provisions a handler from JSON in a context of its own.
 func provisionHandler(t testing.TB, cfg string) *Handler {
 	t.Helper()
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	t.Cleanup(cancel)
-	h := new(Handler)
-	if err := json.Unmarshal([]byte(cfg), h); err != nil {
-		t.Fatal(err)
-	}
-	if err := h.Provision(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = h.Cleanup() })
-	return h
+	return provisionIn(t, ctx, cfg)
 }
 
 func maglevConfig(ports ...int) string {
