@@ -5,6 +5,9 @@ import (
 	"net/netip"
 )
 
+// maxProxyHeader is the length of the longest header appendProxyV2 makes.
+const maxProxyHeader = 16 + 36
+
 // proxyV2Signature starts every PROXY protocol v2 header.
 var proxyV2Signature = []byte("\r\n\r\n\x00\r\nQUIT\n")
 

@@ -210,17 +210,17 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		_, _ = io.Copy(io.Discard, cx)
 		return nil
 	}
-	// The datagram is read in after the flow's PROXY header, if any.
-	buf := make([]byte, len(fl.header)+ListenerBufferSize)
-	hdr := copy(buf, fl.header)
 	for {
+		// Wait for a datagram without holding a buffer: a zero-length read
+		// returns once one has arrived and leaves it for the next read.
 		start := time.Now()
-		n, err := cx.Read(buf[hdr:])
+		_, err := cx.Read(nil)
 		waited := time.Since(start)
-		if err == io.EOF && n == 0 && waited < emptyDatagramWindow {
+		if err == io.EOF && waited < emptyDatagramWindow {
 			// caddy-l4 reports an empty datagram as an immediate io.EOF;
 			// the end of the flow comes only after its idle timeout.
-			err = nil
+			fl.forward(fl.header)
+			continue
 		}
 		if err != nil {
 			if errors.Is(err, io.EOF) && fl.detach(waited) {
@@ -232,17 +232,33 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 			}
 			return fmt.Errorf("reading client flow: %w", err)
 		}
-		if n == ListenerBufferSize {
-			h.drop(dropTruncated)
-			h.warnTruncate.Do(func() {
-				h.logger.Warn("dropping datagrams of the listener's buffer size: longer ones arrive truncated",
-					zap.String("client", client.String()), zap.Int("size", n))
-			})
-			continue
-		}
-		fl.forward(buf[:hdr+n])
+		h.forwardNext(fl, cx)
 	}
 }
+
+// forwardNext reads the datagram waiting in cx into a pooled buffer, after
+// the flow's PROXY header, and forwards it.
+func (h *Handler) forwardNext(fl *Flow, cx *layer4.Connection) {
+	buf := datagramPool.Get().(*[maxProxyHeader + ListenerBufferSize]byte)
+	defer datagramPool.Put(buf)
+	hdr := copy(buf[:], fl.header)
+	n, err := cx.Read(buf[hdr : hdr+ListenerBufferSize])
+	if err != nil {
+		return // the next read reports it
+	}
+	if n == ListenerBufferSize {
+		h.drop(dropTruncated)
+		h.warnTruncate.Do(func() {
+			h.logger.Warn("dropping datagrams of the listener's buffer size: longer ones arrive truncated",
+				zap.Stringer("client", fl.client), zap.Int("size", n))
+		})
+		return
+	}
+	fl.forward(buf[:hdr+n])
+}
+
+// datagramPool holds buffers for one client datagram and its PROXY header.
+var datagramPool = sync.Pool{New: func() any { return new([maxProxyHeader + ListenerBufferSize]byte) }}
 
 // emptyDatagramWindow tells an empty datagram (io.EOF at once) from the end
 // of the flow (io.EOF after the idle timeout, which is far longer).
