@@ -5,6 +5,7 @@ package stabilize
 import (
 	"net"
 	"net/netip"
+	"syscall"
 )
 
 // batch reads one datagram at a time where recvmmsg is not available.
@@ -33,3 +34,6 @@ func (b *batch) read() (int, error) {
 func (b *batch) message(int) (netip.AddrPort, []byte, bool) {
 	return b.src, b.buf[:b.n], b.trunc
 }
+
+// socketFamily is only needed for sendmmsg, which is Linux-only.
+func socketFamily(syscall.RawConn) int { return 0 }

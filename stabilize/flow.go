@@ -1,12 +1,10 @@
 package stabilize
 
 import (
-	"errors"
 	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/mholt/caddy-l4/layer4"
@@ -14,8 +12,8 @@ import (
 
 // Flow is one client flow: the datagrams of one client address and port,
 // from the first until it has been idle for caddy-l4's idle timeout. It owns
-// one upstream-facing UDP socket, which lets replies find their client, and
-// one goroutine that relays the replies.
+// one upstream-facing UDP socket, which lets replies find their client; a
+// reply reactor (reply_linux.go) relays the replies.
 type Flow struct {
 	h      *Handler
 	cx     *layer4.Connection
@@ -40,10 +38,10 @@ type Flow struct {
 	detached    atomic.Bool   // Handle has returned; the socket's reaper ends the flow
 	idleTimeout time.Duration // caddy-l4's, as measured by Handle
 
-	mu        sync.Mutex // serialises forward
-	replies   sync.WaitGroup
-	closeOnce sync.Once
-	closed    atomic.Bool
+	mu         sync.Mutex // serialises forward
+	replyState            // see reply_*.go
+	closeOnce  sync.Once
+	closed     atomic.Bool
 
 	health flowHealth // reply_timeout and socket error state; see healthchecks.go
 }
@@ -77,11 +75,13 @@ func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, 
 			}
 		}
 	}
+	if err := fl.startReplies(); err != nil {
+		fl.stopReplies()
+		return nil, err
+	}
 	h.mu.Lock()
 	h.flows[fl] = struct{}{}
 	h.mu.Unlock()
-	fl.replies.Add(1)
-	go fl.relayReplies()
 	if fl.fast != nil {
 		fl.lastActive.Store(time.Now().UnixNano())
 		fl.fast.register(fl)
@@ -125,41 +125,36 @@ func (fl *Flow) assign(u *Upstream) {
 	}
 }
 
-// relayReplies writes the upstreams' replies to the client until the socket
-// is closed. It is the flow's only writer to the client.
-func (fl *Flow) relayReplies() {
-	defer fl.replies.Done()
+// reply checks a datagram read from the flow's socket and returns the
+// upstream that sent it, or nil when it is dropped.
+func (fl *Flow) reply(from netip.AddrPort, n int, truncated bool) *Upstream {
 	h := fl.h
-	buf := make([]byte, ListenerBufferSize)
-	for {
-		n, _, flags, from, err := fl.conn.ReadMsgUDPAddrPort(buf, nil)
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			h.socketError(fl, err)
-			continue
-		}
-		if flags&syscall.MSG_TRUNC != 0 {
-			h.drop(dropReplyTooLarge)
-			continue
-		}
-		u := h.byAddr[netip.AddrPortFrom(from.Addr().Unmap(), from.Port())]
-		if u == nil {
-			h.drop(dropUnknownSource)
-			continue
-		}
-		u.host.datagramsReceived.Add(1)
-		u.host.bytesReceived.Add(uint64(n))
-		fl.replyFrom(u)
-		if fl.fast != nil {
-			_, err = fl.fast.conn.WriteToUDPAddrPort(buf[:n], fl.client)
-		} else {
-			_, err = fl.cx.Write(buf[:n])
-		}
-		if err != nil {
-			h.drop(dropWriteError)
-		}
+	if truncated {
+		h.drop(dropReplyTooLarge)
+		return nil
+	}
+	u := h.byAddr[from]
+	if u == nil {
+		h.drop(dropUnknownSource)
+		return nil
+	}
+	u.host.datagramsReceived.Add(1)
+	u.host.bytesReceived.Add(uint64(n))
+	fl.replyFrom(u)
+	return u
+}
+
+// writeToClient sends one reply to the client. Only the flow's reply path
+// calls it, so writes to cx are serialised.
+func (fl *Flow) writeToClient(b []byte) {
+	var err error
+	if fl.fast != nil {
+		_, err = fl.fast.conn.WriteToUDPAddrPort(b, fl.client)
+	} else {
+		_, err = fl.cx.Write(b)
+	}
+	if err != nil {
+		fl.h.drop(dropWriteError)
 	}
 }
 
@@ -178,9 +173,10 @@ func (fl *Flow) detach(idleTimeout time.Duration) bool {
 	return true
 }
 
-// closeSocket ends the reply goroutine; it is safe to call more than once.
+// closeSocket stops the replies and closes the flow's socket; it is safe to
+// call more than once.
 func (fl *Flow) closeSocket() {
-	fl.closeOnce.Do(func() { _ = fl.conn.Close() })
+	fl.closeOnce.Do(fl.stopReplies)
 }
 
 // close ends the flow and releases its socket, goroutine and upstream; it
@@ -193,7 +189,6 @@ func (fl *Flow) close() {
 		fl.fast.unregister(fl)
 	}
 	fl.closeSocket()
-	fl.replies.Wait()
 	if fl.upstream != nil {
 		fl.upstream.host.flows.Add(-1)
 		// After Cleanup the flow continues in the next handler instance.

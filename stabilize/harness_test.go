@@ -30,7 +30,7 @@ type testUpstream struct {
 
 	mu       sync.Mutex
 	sources  map[netip.AddrPort]int // datagrams per balancer-side source
-	payloads map[string]int         // datagrams per payload
+	payloads map[string]*int        // datagrams per payload
 	last     []byte                 // the last datagram received
 }
 
@@ -51,7 +51,7 @@ func startUpstreamAt(t testing.TB, name, addr string) *testUpstream {
 		conn:     conn,
 		done:     make(chan struct{}),
 		sources:  make(map[netip.AddrPort]int),
-		payloads: make(map[string]int),
+		payloads: make(map[string]*int),
 	}
 	go u.serve()
 	t.Cleanup(u.close)
@@ -70,7 +70,11 @@ func (u *testUpstream) serve() {
 		u.got.Add(1)
 		u.mu.Lock()
 		u.sources[from]++
-		u.payloads[string(buf[:n])]++
+		if c := u.payloads[string(buf[:n])]; c != nil {
+			*c++ // no allocation for a payload seen before
+		} else {
+			u.payloads[string(buf[:n])] = new(1)
+		}
 		u.last = append(u.last[:0], buf[:n]...)
 		u.mu.Unlock()
 		if u.silent.Load() {
@@ -91,7 +95,10 @@ func (u *testUpstream) close() {
 func (u *testUpstream) gotPayload(p string) int {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	return u.payloads[p]
+	if c := u.payloads[p]; c != nil {
+		return *c
+	}
+	return 0
 }
 
 func (u *testUpstream) dial() string { return "udp/" + u.addr.String() }

@@ -645,9 +645,7 @@ type flowHealth struct {
 	since    atomic.Int64             // clock tick of the watched datagram; 0: none
 	upstream atomic.Pointer[Upstream] // where it went; set before since
 
-	// Used by the reply goroutine only.
-	errStreak int  // consecutive socket errors not explained by ICMP
-	errLogged bool // the flow has logged a socket error
+	errLogged bool // the flow has logged a socket error; reply path only
 }
 
 // sentTo notes that fl sent a datagram to u, for reply_timeout. It is on the
@@ -669,9 +667,6 @@ func (fl *Flow) sentTo(u *Upstream) {
 // on the hot path: a few atomic operations, no allocation.
 func (fl *Flow) replyFrom(u *Upstream) {
 	fh := &fl.health
-	if fh.errStreak != 0 {
-		fh.errStreak = 0
-	}
 	if s := fh.since.Load(); s != 0 && fh.upstream.Load() == u {
 		fh.since.CompareAndSwap(s, 0)
 	}
@@ -756,7 +751,7 @@ const maxErrQueue = 16
 
 // socketError handles an error reading fl's upstream socket, such as an ICMP
 // port-unreachable from one of the upstreams. It runs on the flow's reply
-// goroutine, which retries the read when it returns. With passive checks,
+// path, which reads on when it returns, and must not block. With passive checks,
 // any error makes it drain the socket's error queue, counting a failure for
 // each upstream an ICMP error names.
 func (h *Handler) socketError(fl *Flow, err error) {
@@ -776,22 +771,15 @@ func (h *Handler) socketError(fl *Flow, err error) {
 			h.passiveFailure(u, e.reason)
 		}
 		if n > 0 {
-			fh.errStreak = 0
 			return
 		}
 		if qerr != nil {
 			err = fmt.Errorf("%w; reading the socket error queue: %w", err, qerr)
 		}
 	}
-	// An error the queue does not explain: the kernel may report one after
-	// the queue was drained, but one that keeps coming back must not make the
-	// reply loop spin, so back off, up to 100ms, until a reply arrives.
-	fh.errStreak++
+	// An error the queue does not explain: log it once per flow.
 	if !fh.errLogged {
 		fh.errLogged = true
 		h.logger.Debug("reading upstream replies", zap.Stringer("client", fl.client), zap.Error(err))
-	}
-	if fh.errStreak > 1 {
-		time.Sleep(min(time.Millisecond<<min(fh.errStreak-2, 7), 100*time.Millisecond))
 	}
 }

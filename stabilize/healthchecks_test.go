@@ -61,7 +61,7 @@ func dataGot(u *testUpstream, probe string) int {
 	n := 0
 	for p, c := range u.payloads {
 		if p != probe {
-			n += c
+			n += *c
 		}
 	}
 	return n

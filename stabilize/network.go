@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -61,9 +62,11 @@ func listenFast(_ context.Context, network, host, portRange string, portOffset u
 // fastSocket is one UDP socket of the fast network, shared by the configs
 // that listen on its address.
 type fastSocket struct {
-	key  string
-	conn *net.UDPConn
-	done chan struct{}
+	key    string
+	conn   *net.UDPConn
+	rc     syscall.RawConn
+	family int // the socket's address family, for sendmmsg
+	done   chan struct{}
 
 	mu     sync.Mutex
 	fronts []*front // open ones, newest last
@@ -80,11 +83,19 @@ func openFastSocket(addr string) (*fastSocket, error) {
 	if err != nil {
 		return nil, err
 	}
+	conn := pc.(*net.UDPConn)
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		_ = conn.Close()
+		return nil, err
+	}
 	s := &fastSocket{
-		key:   addr,
-		conn:  pc.(*net.UDPConn),
-		done:  make(chan struct{}),
-		flows: make(map[netip.AddrPort]*Flow),
+		key:    addr,
+		conn:   conn,
+		rc:     rc,
+		family: socketFamily(rc),
+		done:   make(chan struct{}),
+		flows:  make(map[netip.AddrPort]*Flow),
 	}
 	fastByLocal.Store(s.conn.LocalAddr().String(), s)
 	go s.serve()
