@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 )
@@ -110,4 +111,49 @@ func TestFastNetworkReloadKeepsSocket(t *testing.T) {
 	if g := runtime.NumGoroutine(); g > baseG+20 {
 		t.Errorf("goroutines grew from %d to %d over 6 reloads", baseG, g)
 	}
+}
+
+// handleCalls counts goroutines inside Handler.Handle.
+func handleCalls() int {
+	buf := make([]byte, 4<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	return strings.Count(string(buf), "stabilize.(*Handler).Handle(")
+}
+
+// A fast flow's Handle returns soon after the flow is established; the
+// socket keeps the flow until it has been idle for the server's
+// idle_timeout.
+func TestFastNetworkHandsFlowsToTheSocket(t *testing.T) {
+	a := startUpstream(t, "a")
+	lb := startBalancerOn(t, FastNetwork, false, 4*time.Second, handlerConfig("flow", "", a))
+	s, _ := fastByLocal.Load(lb.addr)
+	live := func() int {
+		fs := s.(*fastSocket)
+		fs.flowsMu.RLock()
+		defer fs.flowsMu.RUnlock()
+		return len(fs.flows)
+	}
+
+	cl := newClient(t, lb.addr)
+	for i := range 35 { // 3.5 s of traffic
+		cl.mustRoundTrip(fmt.Sprint(i))
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n := handleCalls(); n != 0 {
+		t.Fatalf("%d Handle calls still running for an established fast flow", n)
+	}
+	if live() != 1 {
+		t.Fatalf("the socket has %d flows, want the one live flow", live())
+	}
+	a.mu.Lock()
+	sources := len(a.sources)
+	a.mu.Unlock()
+	if sources != 1 {
+		t.Fatalf("the upstream saw %d source ports, want the flow's one socket", sources)
+	}
+	time.Sleep(2 * time.Second)
+	if live() != 1 {
+		t.Fatal("the flow ended before the 4s idle timeout")
+	}
+	eventually(t, 5*time.Second, "the idle flow to end", func() bool { return live() == 0 })
 }

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -211,6 +212,11 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		return nil
 	}
 	for {
+		if fl.fast != nil {
+			// Once the flow is registered, its datagrams bypass caddy-l4, so
+			// nothing more can queue up for this Handle: stop waiting soon.
+			_ = cx.SetReadDeadline(time.Now().Add(fastHandoff))
+		}
 		// Wait for a datagram without holding a buffer: a zero-length read
 		// returns once one has arrived and leaves it for the next read.
 		start := time.Now()
@@ -223,8 +229,14 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 			continue
 		}
 		if err != nil {
-			if errors.Is(err, io.EOF) && fl.detach(waited) {
-				return nil // the flow goes on, bypassing caddy-l4
+			if fl.fast != nil && !h.closing.Load() {
+				idle := waited // caddy-l4's idle timeout ended the read
+				if errors.Is(err, os.ErrDeadlineExceeded) {
+					idle = h.listenerIdleTimeout(fl.fast)
+				}
+				if fl.detach(idle) {
+					return nil // the flow goes on, bypassing caddy-l4
+				}
 			}
 			fl.close()
 			if errors.Is(err, io.EOF) || h.closing.Load() {
@@ -259,6 +271,27 @@ func (h *Handler) forwardNext(fl *Flow, cx *layer4.Connection) {
 
 // datagramPool holds buffers for one client datagram and its PROXY header.
 var datagramPool = sync.Pool{New: func() any { return new([maxProxyHeader + ListenerBufferSize]byte) }}
+
+// fastHandoff is how long Handle waits for datagrams of a flow on a fast
+// socket before it leaves the flow to the socket.
+const fastHandoff = 2 * time.Second
+
+// listenerIdleTimeout is the idle timeout of the layer4 server listening on
+// s, which ends the flows of s that bypass caddy-l4.
+func (h *Handler) listenerIdleTimeout(s *fastSocket) time.Duration {
+	port := s.conn.LocalAddr().(*net.UDPAddr).Port
+	if app, err := h.ctx.AppIfConfigured("layer4"); err == nil {
+		for _, srv := range app.(*layer4.App).Servers {
+			for _, l := range srv.Listen {
+				na, err := caddy.ParseNetworkAddress(l)
+				if err == nil && na.Network == FastNetwork && uint(port) >= na.StartPort && uint(port) <= na.EndPort {
+					return time.Duration(srv.IdleTimeout)
+				}
+			}
+		}
+	}
+	return 30 * time.Second // caddy-l4's default
+}
 
 // emptyDatagramWindow tells an empty datagram (io.EOF at once) from the end
 // of the flow (io.EOF after the idle timeout, which is far longer).
