@@ -1,6 +1,8 @@
 package stabilize
 
 import (
+	"fmt"
+	"runtime"
 	"testing"
 	"time"
 )
@@ -34,4 +36,37 @@ func BenchmarkRoundTrip(b *testing.B) {
 			})
 		}
 	}
+}
+
+// BenchmarkIdleFlowMemory reports the Go memory (heap and goroutine stacks)
+// that one live, idle flow holds in the balancer, after the fast network's
+// hand-off. The upstream-facing socket's kernel memory is not included.
+func BenchmarkIdleFlowMemory(b *testing.B) {
+	const flows = 2000
+	for _, network := range []string{"udp", FastNetwork} {
+		b.Run(network, func(b *testing.B) {
+			a := startUpstream(b, "a")
+			lb := startBalancerOn(b, network, false, time.Minute, handlerConfig("flow", "", a))
+			newClient(b, lb.addr).mustRoundTrip("warm-up")
+			before := goMemory()
+			for i := range flows {
+				cl := newClient(b, lb.addr)
+				cl.mustRoundTrip(fmt.Sprint(i))
+				_ = cl.conn.Close() // the balancer's flow stays live
+			}
+			time.Sleep(fastHandoff + time.Second)
+			after := goMemory()
+			for b.Loop() {
+			}
+			b.ReportMetric(float64(after-before)/flows, "B/flow")
+		})
+	}
+}
+
+// goMemory is the heap and stack memory in use after a garbage collection.
+func goMemory() int64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return int64(m.HeapInuse + m.StackInuse)
 }
