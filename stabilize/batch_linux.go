@@ -141,3 +141,16 @@ func socketFamily(rc syscall.RawConn) int {
 	})
 	return family
 }
+
+// growBuffers raises a socket's receive and send buffers to size, past the
+// system's maximum (net.core.rmem_max) where the process may, as quic-go
+// does for its sockets.
+func growBuffers(rc syscall.RawConn, size int) {
+	_ = rc.Control(func(fd uintptr) {
+		for _, opt := range [][2]int{{unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}, {unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}} {
+			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt[0], size) != nil {
+				_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt[1], size)
+			}
+		}
+	})
+}

@@ -37,3 +37,11 @@ func (b *batch) message(int) (netip.AddrPort, []byte, bool) {
 
 // socketFamily is only needed for sendmmsg, which is Linux-only.
 func socketFamily(syscall.RawConn) int { return 0 }
+
+// growBuffers asks for larger socket buffers.
+func growBuffers(rc syscall.RawConn, size int) {
+	_ = rc.Control(func(fd uintptr) {
+		_ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, size)
+		_ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, size)
+	})
+}

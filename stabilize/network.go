@@ -34,6 +34,10 @@ var fastSockets = caddy.NewUsagePool()
 // fastByLocal finds a fast socket by the local address a flow reports.
 var fastByLocal sync.Map // string -> *fastSocket
 
+// fastSocketBuffer is the receive and send buffer size of a fast socket, so
+// that a burst from many clients is not dropped by the kernel.
+const fastSocketBuffer = 4 << 20
+
 // newFlowQueue is how many datagrams of new flows wait for caddy-l4; more
 // are dropped and counted rather than stall established flows.
 const newFlowQueue = 256
@@ -89,6 +93,7 @@ func openFastSocket(addr string) (*fastSocket, error) {
 		_ = conn.Close()
 		return nil, err
 	}
+	growBuffers(rc, fastSocketBuffer)
 	s := &fastSocket{
 		key:    addr,
 		conn:   conn,
