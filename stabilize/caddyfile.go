@@ -14,10 +14,6 @@ import (
 	"github.com/dustin/go-humanize"
 )
 
-// caddyfilePolicyNamespace is the module namespace of the load balancing
-// policies; lb_policy <name> loads the module <namespace>.<name>.
-const caddyfilePolicyNamespace = "layer4.stabilize.selection_policies"
-
 // UnmarshalCaddyfile sets up the Handler from Caddyfile tokens, inside a
 // route of the layer4 global option. Syntax:
 //
@@ -410,7 +406,7 @@ func (p *caddyfileParser) parsePolicy() error {
 		return d.Errf("stabilize: lb_policy: missing argument <policy> (one of %s)", strings.Join(caddyfilePolicyNames(), ", "))
 	}
 	name := d.Val()
-	mod, err := caddy.GetModule(caddyfilePolicyNamespace + "." + name)
+	mod, err := caddy.GetModule(selectionPolicyNamespace + "." + name)
 	if err != nil || name == "" || strings.Contains(name, ".") {
 		return d.Errf("stabilize: lb_policy: unknown policy %q (known: %s)", name, strings.Join(caddyfilePolicyNames(), ", "))
 	}
@@ -453,7 +449,7 @@ func (p *caddyfileParser) parsePolicy() error {
 // caddyfilePolicyNames lists the registered selection policies.
 func caddyfilePolicyNames() []string {
 	var names []string
-	for _, mi := range caddy.GetModules(caddyfilePolicyNamespace) {
+	for _, mi := range caddy.GetModules(selectionPolicyNamespace) {
 		names = append(names, mi.ID.Name())
 	}
 	return names

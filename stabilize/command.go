@@ -94,9 +94,6 @@ type commandOptions struct {
 // commandServerName names the layer4 server the command configures.
 const commandServerName = "srv0"
 
-// selectionPolicyNamespace is the module namespace of the selection policies.
-const selectionPolicyNamespace = "layer4.stabilize.selection_policies"
-
 func cmdStabilize(fs caddycmd.Flags) (int, error) {
 	caddy.TrapSignals()
 

@@ -28,9 +28,11 @@ type LoadBalancing struct {
 	// The policy that picks an upstream for a datagram or a flow, from the
 	// upstreams that are currently healthy. Default: `round_robin`.
 	SelectionPolicyRaw json.RawMessage `json:"selection,omitempty" caddy:"namespace=layer4.stabilize.selection_policies inline_key=policy"`
-
-	selectionPolicy Selector
 }
+
+// selectionPolicyNamespace is the module namespace of the selection
+// policies: `lb_policy <name>` is the module <namespace>.<name>.
+const selectionPolicyNamespace = "layer4.stabilize.selection_policies"
 
 // UpstreamPool is an immutable set of upstreams to pick from. A new pool is
 // made whenever the set changes, so a policy may cache work per pool.

@@ -198,7 +198,9 @@ func (h *Handler) Cleanup() error {
 
 // Handle balances one client flow. It reads the flow until caddy-l4 ends it
 // with io.EOF at its idle timeout, and never blocks that loop on an
-// upstream, so one slow or dead upstream cannot stall the listener.
+// upstream, so one slow or dead upstream cannot stall the listener. On a
+// fastudp listener it returns sooner: once the flow's datagrams bypass
+// caddy-l4, the socket keeps the flow.
 func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	client, ok := cx.RemoteAddr().(*net.UDPAddr)
 	if !ok {
