@@ -31,7 +31,9 @@ needed.
 
   --listen is the UDP address to receive on: a port alone (5000), :5000,
     127.0.0.1:5000, [::1]:5000, or a network address such as udp/:5000,
-    udp4/:5000 or udp6/[::1]:5000.
+    udp4/:5000 or udp6/[::1]:5000. fastudp/:5000 listens on stabilize's
+    own fast network instead: batched reads, and established flows bypass
+    caddy-l4's per-datagram dispatch (recommended).
   --to is an upstream UDP server, host:port (UDP is assumed) or
     udp/host:port. Repeat the flag or separate addresses with commas. A port
     range (127.0.0.1:6001-6003) stands for one upstream per port.
@@ -236,12 +238,16 @@ func buildCommandConfig(opts commandOptions) ([]byte, error) {
 // parseListenAddr turns a --listen value into a caddy-l4 listener address
 // such as udp/:5000.
 func parseListenAddr(s string) (string, error) {
-	na, err := parseUDPAddr(strings.TrimSpace(s))
+	addr, fast := strings.CutPrefix(strings.TrimSpace(s), FastNetwork+"/")
+	na, err := parseUDPAddr(addr)
 	if err != nil {
 		return "", fmt.Errorf("--listen %q: %v", s, err)
 	}
 	if na.PortRangeSize() != 1 {
 		return "", fmt.Errorf("--listen %q: exactly one port is required", s)
+	}
+	if fast {
+		na.Network = FastNetwork
 	}
 	return caddy.JoinNetworkAddress(na.Network, na.Host, strconv.FormatUint(uint64(na.StartPort), 10)), nil
 }

@@ -177,17 +177,19 @@ func TestBuildCommandConfigDefaults(t *testing.T) {
 
 func TestBuildCommandConfigListenForms(t *testing.T) {
 	for in, want := range map[string]string{
-		"5000":                 "udp/:5000",
-		":5000":                "udp/:5000",
-		"127.0.0.1:5000":       "udp/127.0.0.1:5000",
-		"[::1]:5000":           "udp/[::1]:5000",
-		"localhost:5000":       "udp/localhost:5000",
-		"udp/5000":             "udp/:5000",
-		"udp/:5000":            "udp/:5000",
-		"udp/127.0.0.1:5000":   "udp/127.0.0.1:5000",
-		"udp4/0.0.0.0:5000":    "udp4/0.0.0.0:5000",
-		"udp6/[::]:5000":       "udp6/[::]:5000",
-		" UDP/127.0.0.1:5000 ": "udp/127.0.0.1:5000",
+		"5000":                   "udp/:5000",
+		":5000":                  "udp/:5000",
+		"127.0.0.1:5000":         "udp/127.0.0.1:5000",
+		"[::1]:5000":             "udp/[::1]:5000",
+		"localhost:5000":         "udp/localhost:5000",
+		"udp/5000":               "udp/:5000",
+		"udp/:5000":              "udp/:5000",
+		"udp/127.0.0.1:5000":     "udp/127.0.0.1:5000",
+		"udp4/0.0.0.0:5000":      "udp4/0.0.0.0:5000",
+		"udp6/[::]:5000":         "udp6/[::]:5000",
+		" UDP/127.0.0.1:5000 ":   "udp/127.0.0.1:5000",
+		"fastudp/5000":           "fastudp/:5000",
+		"fastudp/127.0.0.1:5000": "fastudp/127.0.0.1:5000",
 	} {
 		cfg := buildAndDecode(t, commandOptions{Listen: in, To: []string{"127.0.0.1:6001"}})
 		got := cfg.Apps.Layer4.Servers["srv0"].Listen
