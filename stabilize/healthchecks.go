@@ -211,10 +211,6 @@ func (l *latencyHistogram) snapshot() (uint64, float64, map[float64]uint64) {
 	return cum, float64(l.sumNs.Load()) / 1e9, buckets
 }
 
-// healthHandlerProvisioned, when set (by tests), is called with every handler
-// whose health checks were provisioned successfully.
-var healthHandlerProvisioned func(*Handler)
-
 // provisionHealthChecks validates the health check config, sets defaults
 // and starts the active checks and the reply_timeout sweeper.
 func (h *Handler) provisionHealthChecks() error {
@@ -254,9 +250,6 @@ func (h *Handler) provisionHealthChecks() error {
 		hc.clock.Store(1) // 0 means "not awaiting a reply"
 		hc.wg.Add(1)
 		go h.sweepReplies(ctx)
-	}
-	if healthHandlerProvisioned != nil {
-		healthHandlerProvisioned(h)
 	}
 	return nil
 }

@@ -24,12 +24,12 @@ func captureHandlers(t *testing.T) func() []*Handler {
 	t.Helper()
 	var mu sync.Mutex
 	var hs []*Handler
-	healthHandlerProvisioned = func(h *Handler) {
+	handlerProvisioned = func(h *Handler) {
 		mu.Lock()
 		hs = append(hs, h)
 		mu.Unlock()
 	}
-	t.Cleanup(func() { healthHandlerProvisioned = nil })
+	t.Cleanup(func() { handlerProvisioned = nil })
 	return func() []*Handler {
 		mu.Lock()
 		defer mu.Unlock()

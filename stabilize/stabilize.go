@@ -162,8 +162,18 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.all = &UpstreamPool{Upstreams: h.Upstreams}
 	h.pool.Store(&healthyPool{epoch: ^uint64(0)})
 	h.registerMetrics(ctx) // metrics.go
-	return h.provisionHealthChecks()
+	if err := h.provisionHealthChecks(); err != nil {
+		return err
+	}
+	if handlerProvisioned != nil {
+		handlerProvisioned(h)
+	}
+	return nil
 }
+
+// handlerProvisioned, when set (by tests), is called with every handler
+// provisioned successfully.
+var handlerProvisioned func(*Handler)
 
 // Cleanup ends this instance's flows (their sockets and goroutines) and
 // releases its hosts. After a reload the client's next datagram reaches the

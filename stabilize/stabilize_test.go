@@ -3,7 +3,9 @@ package stabilize
 import (
 	"bytes"
 	"fmt"
+	"net"
 	"net/http"
+	"net/netip"
 	"runtime"
 	"strings"
 	"sync"
@@ -314,5 +316,42 @@ func TestAdminAPIChangesUpstreams(t *testing.T) {
 	}
 	if a.got.Load() != before {
 		t.Fatal("a still receives traffic after it was deleted")
+	}
+}
+
+func TestRepliesOnlyFromUpstreams(t *testing.T) {
+	for _, network := range []string{"udp", FastNetwork} {
+		t.Run(network, func(t *testing.T) {
+			handlers := captureHandlers(t)
+			a := startUpstream(t, "a")
+			lb := startBalancerOn(t, network, false, 30*time.Second, handlerConfig("flow", "", a))
+			h := onlyHandler(t, handlers)
+			cl := newClient(t, lb.addr)
+			cl.mustRoundTrip("hello")
+
+			// A stranger sends to the flow's upstream-facing socket.
+			a.mu.Lock()
+			var flowSocket netip.AddrPort
+			for src := range a.sources {
+				flowSocket = src
+			}
+			a.mu.Unlock()
+			rogue, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer rogue.Close()
+			if _, err := rogue.WriteToUDPAddrPort([]byte("evil|spoofed"), flowSocket); err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, 2*time.Second, "the stranger's datagram to be counted", func() bool {
+				return h.Drops()["unknown_source"] == 1
+			})
+			_ = cl.conn.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+			if n, err := cl.conn.Read(cl.buf); err == nil {
+				t.Fatalf("the client received %q from a stranger", cl.buf[:n])
+			}
+			cl.mustRoundTrip("still-served")
+		})
 	}
 }

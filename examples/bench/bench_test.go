@@ -46,8 +46,8 @@ func TestMedian(t *testing.T) {
 
 func TestCaddyConfig(t *testing.T) {
 	ups := []string{"127.0.0.1:6001", "127.0.0.1:6002", "127.0.0.1:6003"}
-	for _, target := range []string{"packet", "flow", "fastflow", "proxy", "ceiling"} {
-		b, err := caddyConfig(listenNetwork(target), "127.0.0.1:5000", handlerFor(target, ups))
+	for _, target := range []string{"packet", "flow", "fastflow", "proxy", "ceiling", "fastflow1", "proxy1"} {
+		b, err := caddyConfig(listenNetwork(target), "127.0.0.1:5000", handlerFor(baseTarget(target), ups))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -75,16 +75,16 @@ func TestCaddyConfig(t *testing.T) {
 		}
 		srv := cfg.Apps.Layer4.Servers["bench"]
 		wantListen := "udp/127.0.0.1:5000"
-		if target == "fastflow" {
+		if strings.HasPrefix(target, "fastflow") {
 			wantListen = "fastudp/127.0.0.1:5000"
 		}
 		if len(srv.Listen) != 1 || srv.Listen[0] != wantListen || len(srv.Routes) != 1 {
 			t.Fatalf("%s: bad server:\n%s", target, b)
 		}
 		h := srv.Routes[0].Handle[0]
-		switch target {
+		switch baseTarget(target) {
 		case "packet", "flow", "fastflow":
-			if h["handler"] != "stabilize" || h["per"] != strings.TrimPrefix(target, "fast") || len(h["upstreams"].([]any)) != 3 {
+			if h["handler"] != "stabilize" || h["per"] != strings.TrimPrefix(baseTarget(target), "fast") || len(h["upstreams"].([]any)) != 3 {
 				t.Errorf("%s: bad handler %v", target, h)
 			}
 			if d := h["upstreams"].([]any)[1].(map[string]any)["dial"]; d != "udp/127.0.0.1:6002" {
@@ -284,16 +284,31 @@ func TestSweepReport(t *testing.T) {
 			m.Throughput, m.CPUPerDgramUS = 1000*float64(n), 20
 			m.RSSBaseKB, m.RSSLiveKB = 50000, 50000+int64(n)*10
 			m.MemPerFlowB = 10240
+			m.RSSIdleKB, m.MemPerIdleFlowB = 50000+int64(n)*5, 5120
 			r.Runs = append(r.Runs, m)
 		}
 	}
 	r.summarize()
 	md := r.markdown()
-	if !strings.Contains(md, "| 100 | stabilize per flow | 100 000 (×1.00) |") || !strings.Contains(md, "10.0 KiB") {
+	if !strings.Contains(md, "| 100 | stabilize per flow | 100 000 (×1.00) |") || !strings.Contains(md, "10.0 KiB") || !strings.Contains(md, "| 5120 B |") || !strings.Contains(md, "memory per idle flow") {
 		t.Errorf("sweep markdown:\n%s", md)
 	}
 	if err := xml.Unmarshal([]byte(r.svg()), new(struct{})); err != nil {
 		t.Errorf("sweep SVG: %v", err)
+	}
+}
+
+func TestGomaxprocsTargets(t *testing.T) {
+	for t0, want := range map[string]bool{"fastflow1": true, "proxy1": true, "fastflow": false, "proxy": false} {
+		if gomaxprocsOne(t0) != want {
+			t.Errorf("gomaxprocsOne(%q) != %v", t0, want)
+		}
+		if _, ok := targetLabels[baseTarget(t0)]; !ok {
+			t.Errorf("baseTarget(%q) = %q, unknown", t0, baseTarget(t0))
+		}
+	}
+	if listenNetwork("fastflow1") != "fastudp" || listenNetwork("proxy1") != "udp" {
+		t.Error("listenNetwork of the GOMAXPROCS=1 targets")
 	}
 }
 

@@ -78,6 +78,14 @@ func runLoad(ctx context.Context, addr string, lc loadConfig, hooks loadHooks) (
 		if conns[i], err = net.DialUDP("udp4", nil, raddr); err != nil {
 			return nil, err
 		}
+		// Large buffers, so that a burst of replies is not dropped here.
+		rc, err := conns[i].SyscallConn()
+		if err != nil {
+			return nil, err
+		}
+		if _, err := setSockBuf(rc, sockBuf); err != nil {
+			return nil, err
+		}
 	}
 
 	begin := time.Now()

@@ -57,7 +57,7 @@ type options struct {
 }
 
 const (
-	defaultCompareTargets = "direct,packet,flow,fastpacket,fastflow,proxy,nginx,ceiling"
+	defaultCompareTargets = "direct,packet,flow,fastpacket,fastflow,proxy,nginx,ceiling,fastflow1,proxy1"
 	defaultSweepTargets   = "flow,packet,proxy"
 )
 
@@ -66,7 +66,7 @@ func parseFlags(args []string) (*options, error) {
 	o := &options{}
 	var targets, payloads, sweepFlows string
 	fs.StringVar(&o.mode, "mode", "compare", "`compare` targets at fixed load, or `sweep` the number of concurrent flows")
-	fs.StringVar(&targets, "targets", "", "comma-separated targets: direct,packet,flow,fastpacket,fastflow,proxy,nginx,ceiling (default: "+defaultCompareTargets+"; sweep: "+defaultSweepTargets+")")
+	fs.StringVar(&targets, "targets", "", "comma-separated targets: direct,packet,flow,fastpacket,fastflow,proxy,nginx,ceiling,fastflow1,proxy1 (default: "+defaultCompareTargets+"; sweep: "+defaultSweepTargets+")")
 	fs.DurationVar(&o.duration, "duration", 3*time.Second, "measured time per target per round")
 	fs.DurationVar(&o.warmup, "warmup", 500*time.Millisecond, "unmeasured load before each measurement (sweep: at least the flow ramp-up + 500ms)")
 	fs.DurationVar(&o.timeout, "timeout", 500*time.Millisecond, "a datagram with no reply after this long is lost and its window slot refilled")

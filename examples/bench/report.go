@@ -69,7 +69,13 @@ func collectMeta(e *benchEnv, o *options) *meta {
 		}
 	}
 	m.Parameters = append(m.Parameters,
-		fmt.Sprintf("%d in-process udpecho upstreams (their CPU, and the load generator's, compete with the balancer's on the same cores)", numUpstreams))
+		fmt.Sprintf("%d in-process udpecho upstreams (their CPU, and the load generator's, compete with the balancer's on the same cores); upstream and load-generator sockets: %s", numUpstreams, e.upBuf))
+	for _, t := range e.targets {
+		if gomaxprocsOne(t) {
+			m.Parameters = append(m.Parameters, "targets \"…, GOMAXPROCS=1\": the same balancer with GOMAXPROCS=1 in its environment (the benchmark itself keeps every core)")
+			break
+		}
+	}
 	return m
 }
 
@@ -151,13 +157,15 @@ type summary struct {
 	PeakRSSKB     float64 `json:"peak_rss_kb"`
 	RSSBaseKB     float64 `json:"rss_base_kb"`
 	RSSLiveKB     float64 `json:"rss_live_kb"`
+	RSSIdleKB     float64 `json:"rss_idle_kb"`
 	MemPerFlowB   float64 `json:"mem_per_flow_bytes"`
+	MemPerIdleB   float64 `json:"mem_per_idle_flow_bytes"`
 	// Median kernel drops per socket role, over the rounds.
 	KernelDrops map[string]uint64 `json:"kernel_drops,omitempty"`
 	Errors      []string          `json:"errors,omitempty"`
 	// Ratios of this row's medians to caddy-l4 proxy's (NaN when proxy was
 	// not measured): throughput, p50, p99, p99.9, CPU per datagram, peak
-	// RSS, memory per flow.
+	// RSS, memory per flow, memory per idle flow.
 	VsProxy map[string]float64 `json:"vs_proxy,omitempty"`
 }
 
@@ -207,14 +215,15 @@ func (r *report) summarize() {
 		if proxy != nil {
 			for _, s := range rows {
 				s.VsProxy = map[string]float64{
-					"throughput":       ratio(s.Throughput, proxy.Throughput),
-					"p50":              ratio(s.P50US, proxy.P50US),
-					"p99":              ratio(s.P99US, proxy.P99US),
-					"p99.9":            ratio(s.P999US, proxy.P999US),
-					"loss":             ratio(s.LossPct, proxy.LossPct),
-					"cpu_per_datagram": ratio(s.CPUPerDgramUS, proxy.CPUPerDgramUS),
-					"peak_rss":         ratio(s.PeakRSSKB, proxy.PeakRSSKB),
-					"mem_per_flow":     ratio(s.MemPerFlowB, proxy.MemPerFlowB),
+					"throughput":        ratio(s.Throughput, proxy.Throughput),
+					"p50":               ratio(s.P50US, proxy.P50US),
+					"p99":               ratio(s.P99US, proxy.P99US),
+					"p99.9":             ratio(s.P999US, proxy.P999US),
+					"loss":              ratio(s.LossPct, proxy.LossPct),
+					"cpu_per_datagram":  ratio(s.CPUPerDgramUS, proxy.CPUPerDgramUS),
+					"peak_rss":          ratio(s.PeakRSSKB, proxy.PeakRSSKB),
+					"mem_per_flow":      ratio(s.MemPerFlowB, proxy.MemPerFlowB),
+					"mem_per_idle_flow": ratio(s.MemPerIdleB, proxy.MemPerIdleB),
 				}
 			}
 		}
@@ -224,7 +233,7 @@ func (r *report) summarize() {
 
 func summarizeRuns(ms []*measurement) *summary {
 	s := &summary{Target: ms[0].Target, Payload: ms[0].Payload, Flows: ms[0].Flows}
-	var tp, p50, p99, p999, loss, cpu, rss, base, live, perFlow []float64
+	var tp, p50, p99, p999, loss, cpu, rss, base, live, idle, perFlow, perIdle []float64
 	s.ThroughputMin, s.ThroughputMax = math.NaN(), math.NaN()
 	for _, m := range ms {
 		if m.Err != "" {
@@ -243,7 +252,9 @@ func summarizeRuns(ms []*measurement) *summary {
 		rss = append(rss, kbOrNaN(m.PeakRSSKB))
 		base = append(base, kbOrNaN(m.RSSBaseKB))
 		live = append(live, kbOrNaN(m.RSSLiveKB))
+		idle = append(idle, kbOrNaN(m.RSSIdleKB))
 		perFlow = append(perFlow, m.MemPerFlowB)
+		perIdle = append(perIdle, m.MemPerIdleFlowB)
 		if math.IsNaN(s.ThroughputMin) || m.Throughput < s.ThroughputMin {
 			s.ThroughputMin = m.Throughput
 		}
@@ -268,6 +279,7 @@ func summarizeRuns(ms []*measurement) *summary {
 	s.Throughput, s.P50US, s.P99US, s.P999US = median(tp), median(p50), median(p99), median(p999)
 	s.LossPct, s.CPUPerDgramUS, s.PeakRSSKB = median(loss), median(cpu), median(rss)
 	s.RSSBaseKB, s.RSSLiveKB, s.MemPerFlowB = median(base), median(live), median(perFlow)
+	s.RSSIdleKB, s.MemPerIdleB = median(idle), median(perIdle)
 	return s
 }
 
@@ -460,7 +472,9 @@ during the measured window, divided by the replies received. Peak RSS: VmHWM of 
 layer4 UDP server that writes each datagram back, with no upstream hop. Kernel drops: datagrams the
 kernel dropped during the window because a socket's receive buffer was full (/proc/net/udp), by socket:
 listener (the balancer's client-facing socket), balancer_up (its upstream-facing sockets), upstreams
-(the echo servers), clients (the load generator's); medians over the rounds.
+(the echo servers), clients (the load generator's); medians over the rounds. "…, GOMAXPROCS=1": the
+same balancer with GOMAXPROCS=1 in its environment only; its ratios are still to caddy-l4 proxy with
+the default GOMAXPROCS (every core).
 
 `
 
@@ -499,10 +513,10 @@ func (r *report) roundsTable(sb *strings.Builder) {
 }
 
 func (r *report) sweepTables(sb *strings.Builder) {
-	sb.WriteString("| flows | target | datagrams/s | p50 µs | p99 µs | loss | CPU µs/datagram | RSS before MiB | RSS live MiB | memory per flow | kernel drops |\n")
-	sb.WriteString("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|---|\n")
+	sb.WriteString("| flows | target | datagrams/s | p50 µs | p99 µs | loss | CPU µs/datagram | RSS before MiB | RSS live MiB | memory per flow | RSS idle MiB | memory per idle flow | kernel drops |\n")
+	sb.WriteString("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n")
 	for _, s := range r.Summary {
-		fmt.Fprintf(sb, "| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+		fmt.Fprintf(sb, "| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
 			s.Flows, targetLabels[s.Target],
 			withRatio(fmtInt(s.Throughput), s, "throughput"),
 			withRatio(fmtNum(s.P50US), s, "p50"),
@@ -511,6 +525,8 @@ func (r *report) sweepTables(sb *strings.Builder) {
 			withRatio(fmtNum(s.CPUPerDgramUS), s, "cpu_per_datagram"),
 			fmtMiB(s.RSSBaseKB), fmtMiB(s.RSSLiveKB),
 			withRatio(fmtBytes(s.MemPerFlowB), s, "mem_per_flow"),
+			fmtMiB(s.RSSIdleKB),
+			withRatio(fmtBytes(s.MemPerIdleB), s, "mem_per_idle_flow"),
 			orDash(fmtDrops(s.KernelDrops)))
 	}
 	sb.WriteString("\n")
@@ -522,7 +538,9 @@ const legendSweep = `Medians over the rounds; (×n) is the ratio to caddy-l4 pro
 Each flow is one client socket with the given window of datagrams outstanding (closed loop).
 RSS before: the balancer's VmRSS after start-up, before the load; RSS live: its VmRSS at the end of the
 measured window, with every flow live. Memory per flow = (RSS live − RSS before) / flows: it includes
-the Go heap's slack, so small flow counts are noise. Kernel drops: as in the compare report (full
+the Go heap's slack, so small flow counts are noise. RSS idle: its VmRSS 3 s after the load generator
+stopped (last request answered or given up on), every flow still live (the idle timeout is 60 s);
+memory per idle flow = (RSS idle − RSS before) / flows. Kernel drops: as in the compare report (full
 receive buffers during the window, by socket: listener, balancer_up, upstreams, clients).
 
 `
@@ -726,7 +744,8 @@ func (r *report) sweepSVG(sub string) string {
 	return barChartSVG("caddy-stabilize: concurrent flows sweep (medians)", sub, []barPanel{
 		{Title: "Throughput (datagrams/s, higher is better)", Groups: groups, Series: series, Values: mk(func(s *summary) float64 { return s.Throughput })},
 		{Title: "Balancer CPU per datagram (µs, lower is better)", Groups: groups, Series: series, Values: mk(func(s *summary) float64 { return s.CPUPerDgramUS })},
-		{Title: "Memory per live flow (KiB, lower is better)", Groups: groups, Series: series, Values: mk(func(s *summary) float64 { return s.MemPerFlowB / 1024 })},
+		{Title: "Memory per live flow under load (KiB, lower is better)", Groups: groups, Series: series, Values: mk(func(s *summary) float64 { return s.MemPerFlowB / 1024 })},
+		{Title: "Memory per idle live flow, 3 s after the load (KiB, lower is better)", Groups: groups, Series: series, Values: mk(func(s *summary) float64 { return s.MemPerIdleB / 1024 })},
 	})
 }
 

@@ -19,11 +19,13 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/stabilize-lb/caddy-stabilize/examples/internal/udpecho"
 )
 
 // The targets, in report order, and what they are.
-var targetOrder = []string{"direct", "packet", "flow", "fastpacket", "fastflow", "proxy", "nginx", "ceiling"}
+var targetOrder = []string{"direct", "packet", "flow", "fastpacket", "fastflow", "proxy", "nginx", "ceiling", "fastflow1", "proxy1"}
 
 var targetLabels = map[string]string{
 	"direct": "direct (floor)",
@@ -36,14 +38,36 @@ var targetLabels = map[string]string{
 	"proxy":      "caddy-l4 proxy",
 	"nginx":      "nginx stream",
 	"ceiling":    "caddy-l4 echo (ceiling)",
+	// A target name ending in "1" is the target without it, with
+	// GOMAXPROCS=1 in the balancer's environment (see gomaxprocsOne).
+	"fastflow1": "stabilize per flow, fastudp, GOMAXPROCS=1",
+	"proxy1":    "caddy-l4 proxy, GOMAXPROCS=1",
 }
+
+// gomaxprocsOne reports whether target t runs its balancer with
+// GOMAXPROCS=1 (only the balancer process: the benchmark keeps every core),
+// and baseTarget is the target it is otherwise the same as.
+func gomaxprocsOne(t string) bool { return strings.HasSuffix(t, "1") }
+
+func baseTarget(t string) string { return strings.TrimSuffix(t, "1") }
 
 // numUpstreams is the number of echo upstreams behind every balancer.
 const numUpstreams = 3
 
 // idleTimeout is the caddy-l4 server's idle timeout: longer than any
-// measurement, so that no flow ends during one.
+// measurement, so that no flow ends during one, nor before the sweep's idle
+// memory reading (idleAfter).
 const idleTimeout = 60 * time.Second
+
+// idleAfter is how long after the load generator stops (every request
+// answered or given up on) the sweep reads the balancer's idle RSS, with
+// every flow still live (idleAfter < idleTimeout).
+const idleAfter = 3 * time.Second
+
+// sockBuf is the receive and send buffer size of the benchmark's own
+// sockets (the echo upstreams and the load generator's flows), so that
+// they do not drop what the balancer sends them; see setSockBuf.
+const sockBuf = 4 << 20
 
 // benchEnv is what every measurement shares: the upstreams, the binaries.
 type benchEnv struct {
@@ -56,6 +80,7 @@ type benchEnv struct {
 	nginxSkip string // why the nginx target is skipped, if it is
 	targets   []string
 	upstreams []*udpecho.Server
+	upBuf     sockBufInfo // the upstreams' socket buffers
 }
 
 // prepare builds Caddy, looks for nginx and starts the upstreams.
@@ -101,8 +126,62 @@ func (e *benchEnv) prepare(ctx context.Context) error {
 			return err
 		}
 		e.upstreams = append(e.upstreams, s)
+		rc, err := s.SyscallConn()
+		if err != nil {
+			return err
+		}
+		if e.upBuf, err = setSockBuf(rc, sockBuf); err != nil {
+			return fmt.Errorf("upstream socket buffers: %w", err)
+		}
 	}
 	return nil
+}
+
+// sockBufInfo is what setSockBuf got: the receive and send buffer sizes the
+// kernel reports (twice what was asked, for its bookkeeping), and whether
+// the limits net.core.rmem_max/wmem_max were bypassed (SO_RCVBUFFORCE,
+// root only).
+type sockBufInfo struct {
+	rcv, snd int
+	forced   bool
+}
+
+func (i sockBufInfo) String() string {
+	s := fmt.Sprintf("SO_RCVBUF %d KiB, SO_SNDBUF %d KiB", i.rcv>>10, i.snd>>10)
+	if i.forced {
+		s += " (forced)"
+	}
+	return s
+}
+
+// setSockBuf sets a socket's receive and send buffers to size: with
+// SO_RCVBUFFORCE/SO_SNDBUFFORCE where allowed (as root), otherwise
+// SO_RCVBUF/SO_SNDBUF, which the kernel caps at net.core.rmem_max/wmem_max.
+func setSockBuf(rc syscall.RawConn, size int) (sockBufInfo, error) {
+	var info sockBufInfo
+	var serr error
+	err := rc.Control(func(fd uintptr) {
+		f := int(fd)
+		info.forced = true
+		if unix.SetsockoptInt(f, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, size) != nil {
+			info.forced = false
+			if serr = unix.SetsockoptInt(f, unix.SOL_SOCKET, unix.SO_RCVBUF, size); serr != nil {
+				return
+			}
+		}
+		if unix.SetsockoptInt(f, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, size) != nil {
+			info.forced = false
+			if serr = unix.SetsockoptInt(f, unix.SOL_SOCKET, unix.SO_SNDBUF, size); serr != nil {
+				return
+			}
+		}
+		info.rcv, _ = unix.GetsockoptInt(f, unix.SOL_SOCKET, unix.SO_RCVBUF)
+		info.snd, _ = unix.GetsockoptInt(f, unix.SOL_SOCKET, unix.SO_SNDBUF)
+	})
+	if err == nil {
+		err = serr
+	}
+	return info, err
 }
 
 func (e *benchEnv) closeUpstreams() {
@@ -175,6 +254,13 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 		}
 	}
 	m.fromLoad(res)
+	var rssIdle int64
+	if bal != nil && sweep && ctx.Err() == nil {
+		// The load generator has stopped; the balancer's flows stay live
+		// until its idle timeout (idleTimeout ≫ idleAfter).
+		sleepUntil(ctx, time.Now().Add(idleAfter))
+		rssIdle = bal.rssKB("VmRSS")
+	}
 	listenPort := e.upstreams[0].Addr().Port
 	if bal != nil {
 		listenPort = bal.port
@@ -194,8 +280,11 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 		}
 		m.PeakRSSKB = bal.rssKB("VmHWM")
 		if sweep {
-			m.RSSBaseKB, m.RSSLiveKB = rssBase, rssLive
+			m.RSSBaseKB, m.RSSLiveKB, m.RSSIdleKB = rssBase, rssLive, rssIdle
 			m.MemPerFlowB = float64(rssLive-rssBase) * 1024 / float64(lc.flows)
+			if rssIdle > 0 {
+				m.MemPerIdleFlowB = float64(rssIdle-rssBase) * 1024 / float64(lc.flows)
+			}
 		}
 	}
 	return m
@@ -233,7 +322,7 @@ func (e *benchEnv) start(ctx context.Context, t string) (*balancer, error) {
 		}
 		cmd = exec.Command(e.nginx.path, "-p", dir, "-c", confPath, "-e", filepath.Join(dir, "error.log"))
 	default:
-		cfg, err := caddyConfig(listenNetwork(t), listen, handlerFor(t, e.upstreamAddrs()))
+		cfg, err := caddyConfig(listenNetwork(t), listen, handlerFor(baseTarget(t), e.upstreamAddrs()))
 		if err != nil {
 			return nil, err
 		}
@@ -244,6 +333,10 @@ func (e *benchEnv) start(ctx context.Context, t string) (*balancer, error) {
 		cmd = exec.Command(e.caddy, "run", "--config", cfgPath)
 		// Keep Caddy's storage out of the user's home.
 		cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+		if gomaxprocsOne(t) {
+			// Caddy's automaxprocs leaves an explicit GOMAXPROCS alone.
+			cmd.Env = append(cmd.Env, "GOMAXPROCS=1")
+		}
 	}
 	b := &balancer{cmd: cmd, addr: listen, port: port, logPath: filepath.Join(dir, "output.log"), done: make(chan struct{})}
 	logf, err := os.Create(b.logPath)
@@ -511,7 +604,8 @@ func handlerFor(t string, upstreams []string) map[string]any {
 	panic("no Caddy handler for target " + t)
 }
 
-// listenNetwork is the caddy-l4 listener network of target t.
+// listenNetwork is the caddy-l4 listener network of target t (or of its
+// base target).
 func listenNetwork(t string) string {
 	if strings.HasPrefix(t, "fast") {
 		return "fastudp"
@@ -654,10 +748,14 @@ type measurement struct {
 	CPUSeconds    float64 `json:"cpu_seconds"`
 	CPUPerDgramUS float64 `json:"cpu_us_per_datagram"`
 	PeakRSSKB     int64   `json:"peak_rss_kb"`
-	// Sweep only: VmRSS before the load and with all flows live.
-	RSSBaseKB   int64   `json:"rss_base_kb,omitempty"`
-	RSSLiveKB   int64   `json:"rss_live_kb,omitempty"`
-	MemPerFlowB float64 `json:"mem_per_flow_bytes"`
+	// Sweep only: VmRSS before the load, at the end of the window with all
+	// flows live and busy, and idleAfter after the load stopped with all
+	// flows still live but idle.
+	RSSBaseKB       int64   `json:"rss_base_kb,omitempty"`
+	RSSLiveKB       int64   `json:"rss_live_kb,omitempty"`
+	RSSIdleKB       int64   `json:"rss_idle_kb,omitempty"`
+	MemPerFlowB     float64 `json:"mem_per_flow_bytes"`
+	MemPerIdleFlowB float64 `json:"mem_per_idle_flow_bytes"`
 	// Datagrams the kernel dropped during the window for a full receive
 	// buffer, by socket role (see dropListener…).
 	KernelDrops map[string]uint64 `json:"kernel_drops,omitempty"`
@@ -668,7 +766,7 @@ type measurement struct {
 func (m *measurement) setNaN() {
 	nan := math.NaN()
 	m.Throughput, m.LossPct, m.P50US, m.P99US, m.P999US = nan, nan, nan, nan, nan
-	m.CPUSeconds, m.CPUPerDgramUS, m.MemPerFlowB = nan, nan, nan
+	m.CPUSeconds, m.CPUPerDgramUS, m.MemPerFlowB, m.MemPerIdleFlowB = nan, nan, nan, nan
 }
 
 func (m *measurement) fromLoad(r *loadResult) {
@@ -696,6 +794,9 @@ func (m *measurement) oneLine() string {
 	}
 	if !math.IsNaN(m.MemPerFlowB) {
 		s += fmt.Sprintf("  %6.0f B/flow", m.MemPerFlowB)
+	}
+	if !math.IsNaN(m.MemPerIdleFlowB) {
+		s += fmt.Sprintf(" (idle %6.0f B/flow)", m.MemPerIdleFlowB)
 	}
 	if m.Err != "" {
 		s += "  ERROR: " + m.Err

@@ -29,6 +29,7 @@ import (
 	"fmt"
 	"net"
 	"sync/atomic"
+	"syscall"
 )
 
 // Sep separates the identity from the echoed request in a reply.
@@ -94,6 +95,10 @@ func (s *Server) serve() {
 
 // Addr returns the address the server listens on.
 func (s *Server) Addr() *net.UDPAddr { return s.addr }
+
+// SyscallConn returns the server's socket, for socket options such as
+// larger buffers (a load test with many clients).
+func (s *Server) SyscallConn() (syscall.RawConn, error) { return s.conn.SyscallConn() }
 
 // Name returns the identity the server puts in its replies: Addr().String().
 func (s *Server) Name() string { return s.addr.String() }

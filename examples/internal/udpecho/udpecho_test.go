@@ -149,3 +149,14 @@ func TestSplit(t *testing.T) {
 		}
 	}
 }
+
+func TestSyscallConn(t *testing.T) {
+	s := start(t)
+	rc, err := s.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rc.Control(func(fd uintptr) {}); err != nil {
+		t.Fatal(err)
+	}
+}
