@@ -104,13 +104,13 @@ func (fl *Flow) forward(b []byte) {
 			fl.assign(u)
 		}
 	}
+	fl.sentTo(u) // before the send, which a reply may overtake
 	if _, err := fl.conn.WriteToUDPAddrPort(b, u.addr); err != nil {
 		fl.h.drop(dropWriteError)
 		return
 	}
 	u.host.datagramsSent.Add(1)
 	u.host.bytesSent.Add(uint64(len(b)))
-	fl.sentTo(u)
 }
 
 // assign moves the flow to u.

@@ -11,7 +11,7 @@
 //
 // Usage, from anywhere inside the repository:
 //
-//	go run ./examples/bench                  # compare targets, ~3 min on 2 cores
+//	go run ./examples/bench                  # compare targets, ~4 min on 2 cores
 //	go run ./examples/bench -quick           # smoke run, ~20 s
 //	go run ./examples/bench -mode sweep      # 1…10000 concurrent flows
 //	go run ./examples/bench -targets flow,proxy -payloads 1200 -duration 5s
