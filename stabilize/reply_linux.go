@@ -1,6 +1,7 @@
 package stabilize
 
 import (
+	"os"
 	"runtime"
 	"sync"
 	"syscall"
@@ -15,7 +16,10 @@ import (
 // sendmmsg per listener socket. Flows need no goroutine or buffer of their
 // own for replies.
 type replyReactor struct {
-	epfd int
+	epfd  int
+	poll  syscall.RawConn       // epfd in Go's netpoller
+	waitf func(fd uintptr) bool // epoll_wait without blocking
+	ready int                   // events of the last wait
 
 	mu    sync.Mutex
 	slots []reactorSlot // by epoll event data
@@ -96,8 +100,18 @@ func newReplyReactor() (*replyReactor, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		return nil, err
+	}
+	// A non-blocking descriptor makes os.NewFile use the netpoller. The
+	// reactors live as long as the process.
+	poll, err := os.NewFile(uintptr(epfd), "stabilize-replies").SyscallConn()
+	if err != nil {
+		return nil, err
+	}
 	r := &replyReactor{
 		epfd:     epfd,
+		poll:     poll,
 		events:   make([]unix.EpollEvent, reactorBatch),
 		in:       newMmsgs(reactorBatch, ListenerBufferSize),
 		out:      make([]mmsghdr, reactorBatch),
@@ -108,6 +122,11 @@ func newReplyReactor() (*replyReactor, error) {
 	for i := range r.out {
 		r.out[i].hdr.Iov = &r.outIovs[i]
 		r.out[i].hdr.Iovlen = 1
+	}
+	r.waitf = func(fd uintptr) bool {
+		n, err := unix.EpollWait(int(fd), r.events, 0)
+		r.ready = max(n, 0)
+		return err == nil && n > 0 // else wait until readable
 	}
 	r.recvf = func(fd uintptr) bool {
 		r.n, r.errno = r.in.recv(fd, r.used)
@@ -167,12 +186,15 @@ func (fl *Flow) stopReplies() {
 	fl.replyMu.Unlock()
 }
 
+// run relays replies forever. It waits in Go's netpoller on the epoll
+// descriptor itself, which is readable while any flow socket is, so the
+// reactor is scheduled like any goroutine blocked on a socket.
 func (r *replyReactor) run() {
 	for {
-		n, err := unix.EpollWait(r.epfd, r.events, -1)
-		if err != nil {
-			continue // EINTR
+		if err := r.poll.Read(r.waitf); err != nil {
+			return
 		}
+		n := r.ready
 		r.used, r.queued = 0, 0
 		for _, ev := range r.events[:n] {
 			r.mu.Lock()
