@@ -170,6 +170,7 @@ func (s *fastSocket) toCaddy(src netip.AddrPort, data []byte) {
 	}
 	s.mu.Unlock()
 	if f == nil {
+		s.queueDrops.Add(1) // between configs: no listener reads new flows
 		return
 	}
 	q := queuedPool.Get().(*queued)

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 func TestFastNetworkRoundRobin(t *testing.T) {
@@ -156,4 +158,21 @@ func TestFastNetworkHandsFlowsToTheSocket(t *testing.T) {
 		t.Fatal("the flow ended before the 4s idle timeout")
 	}
 	eventually(t, 5*time.Second, "the idle flow to end", func() bool { return live() == 0 })
+}
+
+// On a wildcard fastudp listener (dual-stack), IPv4 and IPv6 clients both
+// get their replies through the batched sends.
+func TestFastNetworkDualStack(t *testing.T) {
+	a := startUpstream(t, "a")
+	port := freeUDPPort(t)
+	if err := caddy.Load(testConfigOn(FastNetwork, fmt.Sprintf(":%d", port), "", 30*time.Second, handlerConfig("flow", "", a)), true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = caddy.Stop() })
+	for _, to := range []string{fmt.Sprintf("127.0.0.1:%d", port), fmt.Sprintf("[::1]:%d", port)} {
+		cl := newClient(t, to)
+		for i := range 3 {
+			cl.mustRoundTrip(fmt.Sprint(to, i))
+		}
+	}
 }
