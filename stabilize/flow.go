@@ -62,6 +62,10 @@ func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, 
 		return nil, err
 	}
 	fl := &Flow{h: h, cx: cx, client: netip.AddrPortFrom(client.Addr().Unmap(), client.Port()), conn: conn}
+	if err := fl.startReplies(); err != nil {
+		fl.stopReplies()
+		return nil, err
+	}
 	listener := addrPort(cx.LocalAddr())
 	fl.fast = fastSocketFor(cx.LocalAddr())
 	if h.ProxyProtocol == "v2" {
@@ -74,10 +78,6 @@ func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, 
 				fl.assign(u)
 			}
 		}
-	}
-	if err := fl.startReplies(); err != nil {
-		fl.stopReplies()
-		return nil, err
 	}
 	h.mu.Lock()
 	h.flows[fl] = struct{}{}
