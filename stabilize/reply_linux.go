@@ -73,10 +73,12 @@ var (
 )
 
 // reactorFor returns a reactor for a new flow, starting them on first use:
-// one per CPU the runtime uses.
+// one per two CPUs the runtime uses. Fewer, busier reactors relay more
+// replies per wake-up and per sendmmsg (measured on 2 CPUs: one reactor
+// takes 8-10% less CPU per datagram than two).
 func reactorFor() (*replyReactor, error) {
 	reactorsOnce.Do(func() {
-		for range runtime.GOMAXPROCS(0) {
+		for range max(1, runtime.GOMAXPROCS(0)/2) {
 			r, err := newReplyReactor()
 			if err != nil {
 				reactorErr = err
