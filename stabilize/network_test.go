@@ -47,6 +47,16 @@ func TestFastNetworkSizes(t *testing.T) {
 	}
 	cl.mustRoundTrip("still-serving")
 
+	// A 9000-byte datagram fits exactly, even as a new flow's first.
+	if _, err := newClient(t, lb.addr).conn.Write(make([]byte, 9000)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 2*time.Second, "the upstream to receive 9000 bytes", func() bool {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return len(a.last) == 9000
+	})
+
 	// A new flow's first datagram, cut short, is counted by the socket.
 	fresh := newClient(t, lb.addr)
 	if _, err := fresh.conn.Write(make([]byte, 12000)); err != nil {

@@ -270,7 +270,7 @@ func (h *Handler) forwardNext(fl *Flow, cx *layer4.Connection) {
 	if err != nil {
 		return // the next read reports it
 	}
-	if n == ListenerBufferSize {
+	if n == ListenerBufferSize && fl.fast == nil { // a fast socket checks exactly
 		h.drop(dropTruncated)
 		h.warnTruncate.Do(func() {
 			h.logger.Warn("dropping datagrams of the listener's buffer size: longer ones arrive truncated",
