@@ -52,6 +52,7 @@ func (fl *Flow) Client() netip.AddrPort { return fl.client }
 // Conn is the client connection from caddy-l4.
 func (fl *Flow) Conn() *layer4.Connection { return fl.cx }
 
+// newFlow opens the flow of client, an unmapped address and port.
 func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, error) {
 	conn, err := net.ListenUDP(h.network, nil)
 	if err != nil {
@@ -61,7 +62,7 @@ func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, 
 		_ = conn.Close()
 		return nil, err
 	}
-	fl := &Flow{h: h, cx: cx, client: netip.AddrPortFrom(client.Addr().Unmap(), client.Port()), conn: conn}
+	fl := &Flow{h: h, cx: cx, client: client, conn: conn}
 	if err := fl.startReplies(); err != nil {
 		fl.stopReplies()
 		return nil, err

@@ -214,12 +214,6 @@ func (l *latencyHistogram) snapshot() (uint64, float64, map[float64]uint64) {
 // provisionHealthChecks validates the health check config, sets defaults
 // and starts the active checks and the reply_timeout sweeper.
 func (h *Handler) provisionHealthChecks() error {
-	if h.ReadBuffer < 0 {
-		return fmt.Errorf("read_buffer %d: must not be negative", h.ReadBuffer)
-	}
-	if h.WriteBuffer < 0 {
-		return fmt.Errorf("write_buffer %d: must not be negative", h.WriteBuffer)
-	}
 	hc := h.HealthChecks
 	if hc == nil {
 		return nil

@@ -149,6 +149,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	default:
 		h.network = "udp"
 	}
+	if h.ReadBuffer < 0 {
+		return fmt.Errorf("read_buffer %d: must not be negative", h.ReadBuffer)
+	}
+	if h.WriteBuffer < 0 {
+		return fmt.Errorf("write_buffer %d: must not be negative", h.WriteBuffer)
+	}
 	switch h.ProxyProtocol {
 	case "", "v2":
 	default:
@@ -212,14 +218,14 @@ func (h *Handler) Cleanup() error {
 // fastudp listener it returns sooner: once the flow's datagrams bypass
 // caddy-l4, the socket keeps the flow.
 func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
-	client, ok := cx.RemoteAddr().(*net.UDPAddr)
-	if !ok {
+	client := addrPort(cx.RemoteAddr())
+	if !client.IsValid() {
 		return fmt.Errorf("stabilize handles UDP only, not %s", cx.RemoteAddr().Network())
 	}
-	fl, err := h.newFlow(cx, client.AddrPort())
+	fl, err := h.newFlow(cx, client)
 	if err != nil {
 		// Keep draining so the listener never blocks on this flow.
-		h.logger.Error("opening upstream socket", zap.String("client", client.String()), zap.Error(err))
+		h.logger.Error("opening upstream socket", zap.Stringer("client", client), zap.Error(err))
 		_, _ = io.Copy(io.Discard, cx)
 		return nil
 	}
