@@ -39,7 +39,7 @@ func TestCaddyfileProvision(t *testing.T) {
 	}
 	defer h.Cleanup()
 
-	if h.perFlow {
+	if _, ok := h.router.(perPacketRouter); !ok {
 		t.Error("per packet: handler is per flow")
 	}
 	sel, ok := h.selector.(*RandomChoiceSelection)

@@ -8,74 +8,113 @@ import (
 	"time"
 
 	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/fastudp"
+	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
 )
 
 // Flow is one client flow: the datagrams of one client address and port,
 // from the first until it has been idle for caddy-l4's idle timeout. It owns
 // one upstream-facing UDP socket, which lets replies find their client; a
-// reply reactor (reply_linux.go) relays the replies.
+// reply reactor (reply_linux.go) relays the replies out of the listener's
+// socket. On a fastudp listener the flow is the client's fastudp.Endpoint.
 type Flow struct {
-	h      *Handler
-	cx     *layer4.Connection
-	client netip.AddrPort
-	conn   *net.UDPConn
+	// h is the flow's handler. A reload may move the flow to the next
+	// config's handler (moveTo), with mu and replyMu held; read it with
+	// either held.
+	h *Handler
 
-	// upstream is the flow's upstream in `per flow` mode, guarded by mu.
-	upstream *Upstream
+	cx          *layer4.Connection
+	client      netip.AddrPort
+	conn        *net.UDPConn    // upstream-facing
+	send        *udpio.Sender   // sends on conn without blocking
+	fast        *fastudp.Socket // the fastudp socket the flow arrived on, or nil
+	out         *net.UDPConn    // the listener's socket, for replies; nil: through cx
+	listener    netip.AddrPort  // the listener's address
+	id          uint64          // names the flow in the affinity table
+	idleTimeout time.Duration   // caddy-l4's, of the flow's listener
 
-	header      []byte      // PROXY protocol header, sent before every datagram
-	affinityKey affinityKey // per flow only
+	mu       sync.Mutex // serialises forward
+	upstream *Upstream  // per flow: the flow's upstream
+	req      Request    // what the policy picks for
+	header   []byte     // PROXY protocol header, sent before every datagram
 
-	// Hash is a policy's per-flow key hash, computed once under mu. Hashed
-	// says it has been computed.
-	Hash   uint64
-	Hashed bool
+	lastActive atomic.Int64 // unix nanos of the latest datagram through the fast socket
+	detached   atomic.Bool  // the socket's reaper, not Handle, ends the flow
+	handling   atomic.Bool  // Handle is reading the flow
 
-	// Flows on a fast socket: their datagrams bypass caddy-l4 once
-	// established, and replies go out through the socket directly.
-	fast        *fastSocket
-	lastActive  atomic.Int64  // unix nanos of the latest bypassed datagram
-	detached    atomic.Bool   // Handle has returned; the socket's reaper ends the flow
-	idleTimeout time.Duration // caddy-l4's, as measured by Handle
-
-	mu         sync.Mutex // serialises forward
-	replyState            // see reply_*.go
+	replyState // see reply_*.go
 	closeOnce  sync.Once
 	closed     atomic.Bool
 
 	health flowHealth // reply_timeout and socket error state; see healthchecks.go
 }
 
+// flowIDs numbers flows.
+var flowIDs atomic.Uint64
+
 // Client is the client's address and port.
 func (fl *Flow) Client() netip.AddrPort { return fl.client }
 
-// Conn is the client connection from caddy-l4.
-func (fl *Flow) Conn() *layer4.Connection { return fl.cx }
+// newFlow opens the flow of client, an unmapped address and port, or
+// returns nil when the flow is refused (counted and logged once).
+func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) *Flow {
+	if !h.admit(client.Addr()) {
+		h.drop(dropFlowLimit)
+		h.warnOnce(dropFlowLimit, "refusing new flows over the limit",
+			zap.Stringer("client", client), zap.Int("max_flows", h.maxFlows), zap.Int("max_flows_per_ip", h.MaxFlowsPerIP))
+		return nil
+	}
+	fl, err := h.openFlow(cx, client)
+	if err != nil {
+		h.unadmit(client.Addr())
+		h.drop(dropSocketUnavailable)
+		h.warnOnce(dropSocketUnavailable, "refusing new flows: opening an upstream socket failed",
+			zap.Stringer("client", client), zap.Error(err))
+		return nil
+	}
+	return fl
+}
 
-// newFlow opens the flow of client, an unmapped address and port.
-func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, error) {
+func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, error) {
 	conn, err := net.ListenUDP(h.network, nil)
 	if err != nil {
 		return nil, err
 	}
-	if err := h.prepareSocket(conn); err != nil {
+	send, err := udpio.NewSender(conn)
+	if err == nil {
+		err = h.prepareSocket(conn)
+	}
+	if err != nil {
 		_ = conn.Close()
 		return nil, err
 	}
-	fl := &Flow{h: h, cx: cx, client: client, conn: conn}
+	front, out := listenerOf(cx)
+	fl := &Flow{
+		h:        h,
+		cx:       cx,
+		client:   client,
+		conn:     conn,
+		send:     send,
+		out:      out,
+		listener: addrPort(cx.LocalAddr()),
+		id:       flowIDs.Add(1),
+		req:      Request{Client: client, cx: cx},
+	}
+	network := "udp"
+	if front != nil {
+		fl.fast, network = front.Socket(), FastNetwork
+	}
+	fl.idleTimeout = h.listenerIdleTimeout(network, cx.LocalAddr())
+	fl.header = h.proxyHeader(fl)
 	if err := fl.startReplies(); err != nil {
 		fl.stopReplies()
 		return nil, err
 	}
-	listener := addrPort(cx.LocalAddr())
-	fl.fast = fastSocketFor(cx.LocalAddr())
-	if h.ProxyProtocol == "v2" {
-		fl.header = appendProxyV2(nil, fl.client, listener)
-	}
 	if h.affinity != nil {
-		fl.affinityKey = affinityKey{listener: listener, client: fl.client}
-		if addr, ok := h.affinity.lookup(fl.affinityKey); ok {
-			if u := h.byAddr[addr]; u != nil && u.host.Healthy() {
+		if addr, ok := h.affinity.lookup(fl.affinityKey()); ok {
+			if u := h.byAddr[addr]; u != nil && u.healthy() {
 				fl.assign(u)
 			}
 		}
@@ -85,49 +124,46 @@ func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, 
 	h.mu.Unlock()
 	if fl.fast != nil {
 		fl.lastActive.Store(time.Now().UnixNano())
-		fl.fast.register(fl)
+		fl.fast.Register(client, fl)
 	}
 	return fl, nil
 }
 
-// forward sends one client datagram to the upstream the policy picks.
-func (fl *Flow) forward(b []byte) {
-	fl.mu.Lock()
-	defer fl.mu.Unlock()
-	u := fl.upstream
-	if u == nil || !fl.h.perFlow || !u.host.Healthy() && len(fl.h.available().Upstreams) > 0 {
-		u = fl.h.pick(fl)
-		if u == nil {
-			fl.h.drop(dropNoUpstream)
-			return
-		}
-		if fl.h.perFlow {
-			fl.assign(u)
-		}
+// proxyHeader is the PROXY protocol header h sends before each of fl's
+// datagrams, or nil.
+func (h *Handler) proxyHeader(fl *Flow) []byte {
+	if h.ProxyProtocol != "v2" {
+		return nil
 	}
-	fl.sentTo(u) // before the send, which a reply may overtake
-	if _, err := fl.conn.WriteToUDPAddrPort(b, u.addr); err != nil {
-		fl.h.drop(dropWriteError)
-		return
-	}
-	u.host.datagramsSent.Add(1)
-	u.host.bytesSent.Add(uint64(len(b)))
+	return appendProxyV2(nil, fl.client, fl.listener)
 }
 
-// assign moves the flow to u.
+// handler returns the flow's handler.
+func (fl *Flow) handler() *Handler {
+	fl.mu.Lock()
+	defer fl.mu.Unlock()
+	return fl.h
+}
+
+// assign moves the flow to u. fl.mu is held, or the flow is new.
 func (fl *Flow) assign(u *Upstream) {
 	if fl.upstream != nil {
 		fl.upstream.host.flows.Add(-1)
 	}
 	fl.upstream = u
 	u.host.flows.Add(1)
-	if fl.h.affinity != nil {
-		fl.h.affinity.set(fl.affinityKey, u.addr, fl)
+	if a := fl.h.affinity; a != nil {
+		a.set(fl.affinityKey(), u.addr, fl.id)
 	}
 }
 
+// affinityKey names the flow in the affinity table.
+func (fl *Flow) affinityKey() affinityKey {
+	return affinityKey{listener: fl.listener, client: fl.client}
+}
+
 // reply checks a datagram read from the flow's socket and returns the
-// upstream that sent it, or nil when it is dropped.
+// upstream that sent it, or nil when it is dropped. replyMu is held.
 func (fl *Flow) reply(from netip.AddrPort, n int, truncated bool) *Upstream {
 	h := fl.h
 	if truncated {
@@ -145,33 +181,41 @@ func (fl *Flow) reply(from netip.AddrPort, n int, truncated bool) *Upstream {
 	return u
 }
 
-// writeToClient sends one reply to the client. Only the flow's reply path
-// calls it, so writes to cx are serialised.
-func (fl *Flow) writeToClient(b []byte) {
-	var err error
-	if fl.fast != nil {
-		_, err = fl.fast.conn.WriteToUDPAddrPort(b, fl.client)
-	} else {
-		_, err = fl.cx.Write(b)
-	}
-	if err != nil {
-		fl.h.drop(dropWriteError)
-	}
+// Deliver forwards a datagram that bypassed caddy-l4 (fastudp.Endpoint).
+func (fl *Flow) Deliver(b []byte, truncated bool, now int64) {
+	fl.lastActive.Store(now)
+	fl.forward(b, truncated)
 }
 
+// Expired reports whether the flow, left to its fast socket, has been idle
+// for its listener's idle timeout (fastudp.Endpoint).
+func (fl *Flow) Expired(now int64) bool {
+	return fl.detached.Load() && now-fl.lastActive.Load() > int64(fl.idleTimeout)
+}
+
+// Close ends the flow (fastudp.Endpoint).
+func (fl *Flow) Close() { fl.close() }
+
 // detach hands a fast flow that is still active to its socket's reaper when
-// caddy-l4 ends the flow after idleTimeout, because its datagrams bypassed
-// caddy-l4. It reports whether it did.
-func (fl *Flow) detach(idleTimeout time.Duration) bool {
-	if fl.fast == nil || time.Now().UnixNano()-fl.lastActive.Load() >= int64(idleTimeout) {
+// Handle stops waiting for it, because its datagrams bypass caddy-l4. It
+// reports whether it did.
+func (fl *Flow) detach() bool {
+	if fl.fast == nil || time.Now().UnixNano()-fl.lastActive.Load() >= int64(fl.idleTimeout) {
 		return false
 	}
-	fl.idleTimeout = idleTimeout
 	fl.detached.Store(true)
-	if fl.h.closing.Load() {
+	if fl.handler().closing.Load() {
 		fl.close() // Cleanup may have missed it
 	}
 	return true
+}
+
+// wakeHandle ends Handle's wait for the flow's next datagram. A read
+// deadline only touches caddy-l4's packetConn, never the shared socket.
+func (fl *Flow) wakeHandle() {
+	if fl.handling.Load() {
+		_ = fl.cx.SetReadDeadline(time.Unix(1, 0))
+	}
 }
 
 // closeSocket stops the replies and closes the flow's socket; it is safe to
@@ -180,26 +224,58 @@ func (fl *Flow) closeSocket() {
 	fl.closeOnce.Do(fl.stopReplies)
 }
 
-// close ends the flow and releases its socket, goroutine and upstream; it
-// is safe to call more than once.
+// close ends the flow and releases its socket and upstream; it is safe to
+// call more than once.
 func (fl *Flow) close() {
 	if !fl.closed.CompareAndSwap(false, true) {
 		return
 	}
 	if fl.fast != nil {
-		fl.fast.unregister(fl)
+		fl.fast.Unregister(fl.client, fl)
 	}
 	fl.closeSocket()
-	if fl.upstream != nil {
-		fl.upstream.host.flows.Add(-1)
-		// After Cleanup the flow continues in the next handler instance.
-		if fl.h.affinity != nil && !fl.h.closing.Load() {
-			fl.h.affinity.forget(fl.affinityKey, fl)
+	fl.mu.Lock()
+	h, u := fl.h, fl.upstream
+	fl.mu.Unlock()
+	if u != nil {
+		u.host.flows.Add(-1)
+		if h.affinity != nil {
+			// After Cleanup the flow continues in the next handler
+			// instance, which looks its upstream up.
+			h.affinity.release(fl.affinityKey(), fl.id, h.closing.Load(), fl.idleTimeout)
 		}
 	}
-	fl.h.mu.Lock()
-	delete(fl.h.flows, fl)
-	fl.h.mu.Unlock()
+	h.forget(fl)
+}
+
+// moveTo hands the flow to to, the next config's handler of the same
+// identity, keeping its sockets: only fast flows, whose listener socket
+// outlives the reload, and only when to has the flow's upstream. It
+// reports whether it did.
+func (fl *Flow) moveTo(to *Handler) bool {
+	if fl.fast == nil {
+		return false
+	}
+	fl.mu.Lock()
+	defer fl.mu.Unlock()
+	fl.replyMu.Lock()
+	defer fl.replyMu.Unlock()
+	if fl.closed.Load() || to.network != fl.h.network {
+		return false
+	}
+	var u *Upstream
+	if fl.upstream != nil {
+		if u = to.byAddr[fl.upstream.addr]; u == nil {
+			return false
+		}
+	}
+	if !to.adopt(fl) {
+		return false
+	}
+	fl.h, fl.upstream = to, u // the same address shares one Host
+	fl.header = to.proxyHeader(fl)
+	fl.detached.Store(true) // Handle returns; the reaper ends the flow
+	return true
 }
 
 // addrPort is the address and port of a UDP address, unmapped.
@@ -211,3 +287,6 @@ func addrPort(a net.Addr) netip.AddrPort {
 	ap := ua.AddrPort()
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
+
+// Interface guards
+var _ fastudp.Endpoint = (*Flow)(nil)

@@ -16,6 +16,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	_ "github.com/mholt/caddy-l4/layer4"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/fastudp"
 )
 
 // testUpstream is a real UDP server on 127.0.0.1 that replies to every
@@ -298,4 +300,16 @@ func counts(names []string) string {
 	var sb strings.Builder
 	fmt.Fprint(&sb, m)
 	return sb.String()
+}
+
+// fastSocketAt returns the open fastudp socket at addr.
+func fastSocketAt(t testing.TB, addr string) *fastudp.Socket {
+	t.Helper()
+	for _, s := range fastudp.Sockets() {
+		if s.Key() == addr {
+			return s
+		}
+	}
+	t.Fatalf("no fastudp socket at %s", addr)
+	return nil
 }

@@ -8,6 +8,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/fastudp"
 	"go.uber.org/zap"
 )
 
@@ -82,7 +84,7 @@ var (
 		"Round-trip time of passing active health checks of the upstream. Reported for upstreams of handlers with active health checks, or once any check has passed.",
 		"upstream")
 	droppedDatagramsDesc = newMetricDesc("dropped_datagrams_total",
-		"Datagrams a handler dropped, by reason: no_upstream (no healthy upstream and drop_when_all_down), unknown_source (a reply from an address that is not an upstream), truncated (as long as the listener's buffer, so cut short), write_error (sending failed), reply_too_large (a reply longer than the reply buffer). Starts from zero at each config reload.",
+		"Datagrams a handler dropped, by reason: no_upstream (no healthy upstream and drop_when_all_down), unknown_source (a reply from an address that is not an upstream), truncated (as long as the listener's buffer, so cut short), write_error (sending failed), reply_too_large (a reply longer than the reply buffer), send_buffer_full (a socket's send buffer was full), flow_limit (the first datagram of a flow over max_flows or max_flows_per_ip), socket_unavailable (the first datagram of a flow whose upstream socket could not be opened). Starts from zero at each config reload.",
 		"handler", "reason")
 	allDownDatagramsDesc = newMetricDesc("all_down_datagrams_total",
 		"Datagrams a handler sent while every one of its upstreams was down, failing open to all of them. Starts from zero at each config reload.",
@@ -212,12 +214,11 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, host := range order {
 		collectHost(ch, host)
 	}
-	fastByLocal.Range(func(_, v any) bool {
-		s := v.(*fastSocket)
-		ch <- prometheus.MustNewConstMetric(fastDroppedDatagramsDesc, prometheus.CounterValue, float64(s.queueDrops.Load()), s.key, "queue_full")
-		ch <- prometheus.MustNewConstMetric(fastDroppedDatagramsDesc, prometheus.CounterValue, float64(s.truncated.Load()), s.key, "truncated")
-		return true
-	})
+	for _, s := range fastudp.Sockets() {
+		queueFull, truncated := s.Drops()
+		ch <- prometheus.MustNewConstMetric(fastDroppedDatagramsDesc, prometheus.CounterValue, float64(queueFull), s.Key(), "queue_full")
+		ch <- prometheus.MustNewConstMetric(fastDroppedDatagramsDesc, prometheus.CounterValue, float64(truncated), s.Key(), "truncated")
+	}
 }
 
 // collectHost sends the metrics of one upstream.

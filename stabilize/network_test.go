@@ -62,9 +62,10 @@ func TestFastNetworkSizes(t *testing.T) {
 	if _, err := fresh.conn.Write(make([]byte, 12000)); err != nil {
 		t.Fatal(err)
 	}
-	s, _ := fastByLocal.Load(lb.addr)
+	s := fastSocketAt(t, lb.addr)
 	eventually(t, 2*time.Second, "the socket to count the truncated datagram", func() bool {
-		return s.(*fastSocket).truncated.Load() == 1
+		_, truncated := s.Drops()
+		return truncated == 1
 	})
 }
 
@@ -138,13 +139,7 @@ func handleCalls() int {
 func TestFastNetworkHandsFlowsToTheSocket(t *testing.T) {
 	a := startUpstream(t, "a")
 	lb := startBalancerOn(t, FastNetwork, false, 4*time.Second, handlerConfig("flow", "", a))
-	s, _ := fastByLocal.Load(lb.addr)
-	live := func() int {
-		fs := s.(*fastSocket)
-		fs.flowsMu.RLock()
-		defer fs.flowsMu.RUnlock()
-		return len(fs.flows)
-	}
+	live := fastSocketAt(t, lb.addr).Endpoints
 
 	cl := newClient(t, lb.addr)
 	for i := range 35 { // 3.5 s of traffic

@@ -5,16 +5,18 @@ import (
 	"runtime"
 	"sync"
 	"syscall"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
 )
 
 // replyReactor relays the replies of many flows. One goroutine waits on all
 // their upstream-facing sockets with epoll, reads each ready socket with
-// recvmmsg, and sends the replies of fastudp flows to their clients with one
-// sendmmsg per listener socket. Flows need no goroutine or buffer of their
-// own for replies.
+// recvmmsg, and sends the replies to their clients with one sendmmsg per
+// listener socket, on udp/ and fastudp/ alike. Flows need no goroutine or
+// buffer of their own for replies. A reply the listener socket cannot take
+// now is dropped and counted, never waited for.
 type replyReactor struct {
 	epfd  int
 	poll  syscall.RawConn       // epfd in Go's netpoller
@@ -26,31 +28,31 @@ type replyReactor struct {
 	free  []int32
 
 	events []unix.EpollEvent
-	in     *mmsgs // the replies read in this round
-	used   int    // messages of in filled so far
+	in     *udpio.Msgs // the replies read in this round
+	used   int         // messages of in filled so far
 	recvf  func(fd uintptr) bool
 	n      int
 	errno  syscall.Errno
 
-	// Replies queued for sendmmsg, in in's buffers.
-	out      []mmsghdr
-	outIovs  []unix.Iovec
-	outNames []unix.RawSockaddrInet6
-	outFlows []*Flow
-	queued   int
-	sendf    func(fd uintptr) bool
-	sendFrom int
-	sendTo   int
-	sent     int
-	sendErr  syscall.Errno
+	// Replies queued for sendmmsg, in in's buffers, and their flows.
+	out         *udpio.SendQueue
+	outFlows    []*Flow
+	outHandlers []*Handler // the flows' handlers when their replies were read
+	sendf       func(fd uintptr) bool
+	sendFrom    int
+	sendTo      int
+	sent        int
+	sendErr     syscall.Errno
 }
 
 // replyState is a flow's registration with its reactor.
 type replyState struct {
-	reactor *replyReactor
-	rc      syscall.RawConn
-	fd      int
-	slot    int32
+	reactor   *replyReactor
+	rc        syscall.RawConn // of the upstream-facing socket
+	fd        int
+	slot      int32
+	outRC     syscall.RawConn // of the listener's socket, if known
+	outFamily int
 
 	replyMu sync.Mutex // held while the reactor reads the flow
 	stopped bool       // under replyMu: the socket is closed
@@ -64,66 +66,62 @@ type reactorSlot struct {
 // reactorBatch is how many replies one round reads at most.
 const reactorBatch = 64
 
-var (
-	reactorsOnce sync.Once
-	reactors     []*replyReactor
-	reactorNext  sync.Mutex
-	reactorTurn  int
-	reactorErr   error
-)
+// reactors are started on first use, and again after a failed start.
+var reactors struct {
+	sync.Mutex
+	list []*replyReactor
+	turn int
+}
 
-// reactorFor returns a reactor for a new flow, starting them on first use:
-// one per two CPUs the runtime uses. Fewer, busier reactors relay more
-// replies per wake-up and per sendmmsg (measured on 2 CPUs: one reactor
-// takes 8-10% less CPU per datagram than two).
+// reactorFor returns a reactor for a new flow: one per two CPUs the runtime
+// uses. Fewer, busier reactors relay more replies per wake-up and per
+// sendmmsg (measured on 2 CPUs: one reactor takes 8-10% less CPU per
+// datagram than two). A reactor that fails to start (EMFILE, say) is tried
+// again for the next flow.
 func reactorFor() (*replyReactor, error) {
-	reactorsOnce.Do(func() {
-		for range max(1, runtime.GOMAXPROCS(0)/2) {
-			r, err := newReplyReactor()
-			if err != nil {
-				reactorErr = err
-				return
+	reactors.Lock()
+	defer reactors.Unlock()
+	for len(reactors.list) < max(1, runtime.GOMAXPROCS(0)/2) {
+		r, err := newReplyReactor()
+		if err != nil {
+			if len(reactors.list) == 0 {
+				return nil, err
 			}
-			reactors = append(reactors, r)
-			go r.run()
+			break
 		}
-	})
-	if reactorErr != nil {
-		return nil, reactorErr
+		reactors.list = append(reactors.list, r)
+		go r.run()
 	}
-	reactorNext.Lock()
-	defer reactorNext.Unlock()
-	reactorTurn++
-	return reactors[reactorTurn%len(reactors)], nil
+	reactors.turn++
+	return reactors.list[reactors.turn%len(reactors.list)], nil
 }
 
 func newReplyReactor() (*replyReactor, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
-		return nil, err
+		return nil, os.NewSyscallError("epoll_create1", err)
 	}
 	if err := unix.SetNonblock(epfd, true); err != nil {
+		_ = unix.Close(epfd)
 		return nil, err
 	}
 	// A non-blocking descriptor makes os.NewFile use the netpoller. The
 	// reactors live as long as the process.
-	poll, err := os.NewFile(uintptr(epfd), "stabilize-replies").SyscallConn()
+	f := os.NewFile(uintptr(epfd), "stabilize-replies")
+	poll, err := f.SyscallConn()
 	if err != nil {
+		_ = f.Close()
 		return nil, err
 	}
 	r := &replyReactor{
 		epfd:     epfd,
 		poll:     poll,
 		events:   make([]unix.EpollEvent, reactorBatch),
-		in:       newMmsgs(reactorBatch, ListenerBufferSize),
-		out:      make([]mmsghdr, reactorBatch),
-		outIovs:  make([]unix.Iovec, reactorBatch),
-		outNames: make([]unix.RawSockaddrInet6, reactorBatch),
+		in:       udpio.NewMsgs(reactorBatch, ListenerBufferSize),
+		out:      udpio.NewSendQueue(reactorBatch),
 		outFlows: make([]*Flow, reactorBatch),
-	}
-	for i := range r.out {
-		r.out[i].hdr.Iov = &r.outIovs[i]
-		r.out[i].hdr.Iovlen = 1
+
+		outHandlers: make([]*Handler, reactorBatch),
 	}
 	r.waitf = func(fd uintptr) bool {
 		n, err := unix.EpollWait(int(fd), r.events, 0)
@@ -131,13 +129,11 @@ func newReplyReactor() (*replyReactor, error) {
 		return err == nil && n > 0 // else wait until readable
 	}
 	r.recvf = func(fd uintptr) bool {
-		r.n, r.errno = r.in.recv(fd, r.used)
+		r.n, r.errno = r.in.Recv(fd, r.used)
 		return true
 	}
 	r.sendf = func(fd uintptr) bool {
-		n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&r.out[r.sendFrom])),
-			uintptr(r.sendTo-r.sendFrom), unix.MSG_DONTWAIT, 0, 0)
-		r.sent, r.sendErr = int(n), errno
+		r.sent, r.sendErr = r.out.Send(fd, r.sendFrom, r.sendTo)
 		return true
 	}
 	return r, nil
@@ -152,6 +148,12 @@ func (fl *Flow) startReplies() error {
 	rc, err := fl.conn.SyscallConn()
 	if err != nil {
 		return err
+	}
+	if fl.out != nil {
+		if fl.outRC, err = fl.out.SyscallConn(); err != nil {
+			return err
+		}
+		fl.outFamily = udpio.Family(fl.outRC)
 	}
 	var fd int
 	if err := rc.Control(func(f uintptr) { fd = int(f) }); err != nil {
@@ -197,7 +199,7 @@ func (r *replyReactor) run() {
 			return
 		}
 		n := r.ready
-		r.used, r.queued = 0, 0
+		r.used = 0
 		for _, ev := range r.events[:n] {
 			r.mu.Lock()
 			s := r.slots[ev.Fd]
@@ -210,7 +212,7 @@ func (r *replyReactor) run() {
 				r.read(s.fl)
 			}
 			s.fl.replyMu.Unlock()
-			if r.used == len(r.in.hdrs) {
+			if r.used == r.in.Len() {
 				r.flush()
 				r.used = 0
 			}
@@ -220,10 +222,10 @@ func (r *replyReactor) run() {
 }
 
 // read reads fl's waiting replies into the free part of the round's buffers
-// and relays them.
+// and queues them. fl.replyMu is held.
 func (r *replyReactor) read(fl *Flow) {
-	for r.used < len(r.in.hdrs) {
-		want := len(r.in.hdrs) - r.used
+	for r.used < r.in.Len() {
+		want := r.in.Len() - r.used
 		if err := fl.rc.Read(r.recvf); err != nil {
 			return // closed
 		}
@@ -235,21 +237,16 @@ func (r *replyReactor) read(fl *Flow) {
 			continue
 		}
 		for i := r.used; i < r.used+r.n; i++ {
-			from, data, truncated := r.in.message(i)
+			from, data, truncated := r.in.Message(i)
 			if fl.reply(from, len(data), truncated) == nil {
 				continue
 			}
-			if fl.fast == nil {
-				fl.writeToClient(data)
+			if fl.out == nil {
+				fl.writeThroughCaddy(data)
 				continue
 			}
-			j := r.queued
-			r.outIovs[j].Base = &data[0]
-			r.outIovs[j].SetLen(len(data))
-			r.out[j].hdr.Name = (*byte)(unsafe.Pointer(&r.outNames[j]))
-			r.out[j].hdr.Namelen = putSockaddr(&r.outNames[j], fl.fast.family, fl.client)
-			r.outFlows[j] = fl
-			r.queued++
+			r.outFlows[r.out.Len()], r.outHandlers[r.out.Len()] = fl, fl.h
+			r.out.Add(data, fl.client, fl.outFamily)
 		}
 		r.used += r.n
 		if r.n < want {
@@ -259,31 +256,40 @@ func (r *replyReactor) read(fl *Flow) {
 }
 
 // flush sends the queued replies, one sendmmsg per run of the same listener
-// socket. A reply the socket cannot take now is dropped, never waited for.
+// socket. A reply the socket cannot take now is dropped and counted.
 func (r *replyReactor) flush() {
-	for start := 0; start < r.queued; {
-		s := r.outFlows[start].fast
+	queued := r.out.Len()
+	for start := 0; start < queued; {
+		first := r.outFlows[start]
 		end := start + 1
-		for end < r.queued && r.outFlows[end].fast == s {
+		for end < queued && r.outFlows[end].out == first.out {
 			end++
 		}
 		r.sendFrom, r.sendTo = start, end
-		for r.sendFrom < r.sendTo {
-			if err := s.rc.Write(r.sendf); err != nil || r.sendErr == unix.EAGAIN {
-				break
+		for r.sendFrom < end {
+			err := first.outRC.Write(r.sendf)
+			switch {
+			case err != nil:
+				r.dropQueued(end, dropWriteError)
+			case r.sendErr == unix.EAGAIN:
+				r.dropQueued(end, dropSendBufferFull)
+			case r.sendErr != 0:
+				r.dropQueued(r.sendFrom+1, dropWriteError)
+			default:
+				r.sendFrom += r.sent
 			}
-			if r.sendErr != 0 {
-				r.outFlows[r.sendFrom].h.drop(dropWriteError)
-				r.sendFrom++
-				continue
-			}
-			r.sendFrom += r.sent
-		}
-		for _, fl := range r.outFlows[r.sendFrom:end] {
-			fl.h.drop(dropWriteError)
 		}
 		start = end
 	}
-	clear(r.outFlows[:r.queued])
-	r.queued = 0
+	clear(r.outFlows[:queued])
+	clear(r.outHandlers[:queued])
+	r.out.Reset()
+}
+
+// dropQueued drops the queued replies from sendFrom up to to.
+func (r *replyReactor) dropQueued(to int, reason dropReason) {
+	for _, h := range r.outHandlers[r.sendFrom:to] {
+		h.drop(reason)
+	}
+	r.sendFrom = to
 }

@@ -7,36 +7,50 @@ import (
 	"net"
 	"net/netip"
 	"sync"
-	"syscall"
 )
 
 // replyState is the flow's reply goroutine, where there is no reactor.
 type replyState struct {
-	done sync.WaitGroup
+	done    sync.WaitGroup
+	replyMu sync.Mutex // held while a reply is handled
 }
 
-// startReplies starts a goroutine that relays fl's replies.
+// startReplies starts a goroutine that relays fl's replies. A datagram
+// longer than the buffer is reported truncated.
 func (fl *Flow) startReplies() error {
 	fl.done.Add(1)
 	go func() {
 		defer fl.done.Done()
-		buf := make([]byte, ListenerBufferSize)
+		buf := make([]byte, ListenerBufferSize+1)
 		for {
-			n, _, flags, from, err := fl.conn.ReadMsgUDPAddrPort(buf, nil)
+			n, from, err := fl.conn.ReadFromUDPAddrPort(buf)
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
+			fl.replyMu.Lock()
 			if err != nil {
 				fl.h.socketError(fl, err)
-				continue
+			} else {
+				fl.relay(netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), buf[:min(n, ListenerBufferSize)], n > ListenerBufferSize)
 			}
-			from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
-			if fl.reply(from, n, flags&syscall.MSG_TRUNC != 0) != nil {
-				fl.writeToClient(buf[:n])
-			}
+			fl.replyMu.Unlock()
 		}
 	}()
 	return nil
+}
+
+// relay sends one reply to the client. fl.replyMu is held.
+func (fl *Flow) relay(from netip.AddrPort, b []byte, truncated bool) {
+	if fl.reply(from, len(b), truncated) == nil {
+		return
+	}
+	if fl.out == nil {
+		fl.writeThroughCaddy(b)
+		return
+	}
+	if _, err := fl.out.WriteToUDPAddrPort(b, fl.client); err != nil {
+		fl.h.drop(dropWriteError)
+	}
 }
 
 // stopReplies closes fl's socket and waits for its reply goroutine.

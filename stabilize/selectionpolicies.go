@@ -4,11 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"net/netip"
 	"strconv"
 	"sync/atomic"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/mholt/caddy-l4/layer4"
 
 	"github.com/stabilize-lb/caddy-stabilize/stabilize/maglev"
 )
@@ -44,9 +46,43 @@ type UpstreamPool struct {
 // `per packet` mode, so it must be fast, safe for concurrent use and
 // allocation-free.
 type Selector interface {
-	// Select returns one of pool's upstreams, or nil to drop the datagram.
-	// The pool is never empty.
-	Select(pool *UpstreamPool, fl *Flow) *Upstream
+	// Select returns one of pool's upstreams for r, or nil to drop the
+	// datagram. The pool is never empty.
+	Select(pool *UpstreamPool, r *Request) *Upstream
+}
+
+// Request is what a policy picks an upstream for: a client flow, or a QUIC
+// connection. One goroutine at a time uses it.
+type Request struct {
+	// Client is the client's address and port, unmapped.
+	Client netip.AddrPort
+
+	// Key, when not nil, is what hashing policies hash instead of the
+	// client: a QUIC connection ID, say.
+	Key []byte
+
+	cx     *layer4.Connection // for placeholders; may be nil
+	hash   uint64             // a hashing policy's key hash, once hashed
+	hashed bool
+}
+
+// Hash returns the hash that hashing policies key on, computing it with
+// compute on first use only: the key of a flow or a connection never
+// changes.
+func (r *Request) Hash(compute func(*Request) uint64) uint64 {
+	if !r.hashed {
+		r.hash, r.hashed = compute(r), true
+	}
+	return r.hash
+}
+
+// Replace replaces the placeholders in s for the request's client
+// connection; without one it returns s.
+func (r *Request) Replace(s string) string {
+	if r.cx == nil {
+		return s
+	}
+	return r.cx.Replacer().ReplaceAll(s, "")
 }
 
 // RoundRobinSelection takes the upstreams in turn. In `per packet` mode
@@ -65,7 +101,7 @@ func (*RoundRobinSelection) CaddyModule() caddy.ModuleInfo {
 }
 
 // Select implements Selector.
-func (r *RoundRobinSelection) Select(pool *UpstreamPool, _ *Flow) *Upstream {
+func (r *RoundRobinSelection) Select(pool *UpstreamPool, _ *Request) *Upstream {
 	n := r.next.Add(1) - 1
 	return pool.Upstreams[n%uint64(len(pool.Upstreams))]
 }
@@ -92,7 +128,7 @@ func (*WeightedRoundRobinSelection) CaddyModule() caddy.ModuleInfo {
 }
 
 // Select implements Selector.
-func (r *WeightedRoundRobinSelection) Select(pool *UpstreamPool, _ *Flow) *Upstream {
+func (r *WeightedRoundRobinSelection) Select(pool *UpstreamPool, _ *Request) *Upstream {
 	o := r.order.Load()
 	if o == nil || o.pool != pool {
 		o = &weightedOrder{pool: pool, seq: smoothWeighted(pool.Upstreams)}
@@ -148,7 +184,7 @@ func (*RandomSelection) CaddyModule() caddy.ModuleInfo {
 }
 
 // Select implements Selector.
-func (*RandomSelection) Select(pool *UpstreamPool, _ *Flow) *Upstream {
+func (*RandomSelection) Select(pool *UpstreamPool, _ *Request) *Upstream {
 	return pool.Upstreams[rand.IntN(len(pool.Upstreams))]
 }
 
@@ -184,7 +220,7 @@ func (r *RandomChoiceSelection) Validate() error {
 }
 
 // Select implements Selector.
-func (r *RandomChoiceSelection) Select(pool *UpstreamPool, _ *Flow) *Upstream {
+func (r *RandomChoiceSelection) Select(pool *UpstreamPool, _ *Request) *Upstream {
 	ups := pool.Upstreams
 	var best *Upstream
 	for range min(r.Choose, len(ups)) {
@@ -230,7 +266,7 @@ func (*LeastSessionsSelection) CaddyModule() caddy.ModuleInfo {
 }
 
 // Select implements Selector.
-func (*LeastSessionsSelection) Select(pool *UpstreamPool, _ *Flow) *Upstream {
+func (*LeastSessionsSelection) Select(pool *UpstreamPool, _ *Request) *Upstream {
 	ups := pool.Upstreams
 	start := rand.IntN(len(ups))
 	best := ups[start]
@@ -256,7 +292,7 @@ func (*FirstSelection) CaddyModule() caddy.ModuleInfo {
 }
 
 // Select implements Selector.
-func (*FirstSelection) Select(pool *UpstreamPool, _ *Flow) *Upstream {
+func (*FirstSelection) Select(pool *UpstreamPool, _ *Request) *Upstream {
 	return pool.Upstreams[0]
 }
 
@@ -295,26 +331,28 @@ func (*MaglevSelection) CaddyModule() caddy.ModuleInfo {
 }
 
 // Select implements Selector.
-func (m *MaglevSelection) Select(pool *UpstreamPool, fl *Flow) *Upstream {
-	if !fl.Hashed {
-		fl.Hash, fl.Hashed = m.hash(fl), true
-	}
+func (m *MaglevSelection) Select(pool *UpstreamPool, r *Request) *Upstream {
+	hash := r.Hash(m.hash)
 	t := m.table.Load()
 	if t == nil || t.pool != pool {
 		t = &maglevTable{pool: pool, table: newMaglevTable(pool.Upstreams)}
 		m.table.Store(t)
 	}
-	return pool.Upstreams[t.table.Lookup(fl.Hash)]
+	return pool.Upstreams[t.table.Lookup(hash)]
 }
 
-func (m *MaglevSelection) hash(fl *Flow) uint64 {
-	switch m.Key {
-	case "", keyRemoteAddr:
-		return maglev.HashAddrPort(fl.client)
-	case keyRemoteIP:
-		return maglev.HashAddr(fl.client.Addr())
+// hash is the request's key hash: its Key when set, else the key placeholder
+// (by default the client's address and port).
+func (m *MaglevSelection) hash(r *Request) uint64 {
+	switch {
+	case r.Key != nil:
+		return maglev.HashBytes(r.Key)
+	case m.Key == "" || m.Key == keyRemoteAddr:
+		return maglev.HashAddrPort(r.Client)
+	case m.Key == keyRemoteIP:
+		return maglev.HashAddr(r.Client.Addr())
 	}
-	return maglev.HashString(fl.cx.Replacer().ReplaceAll(m.Key, ""))
+	return maglev.HashString(r.Replace(m.Key))
 }
 
 // newMaglevTable builds a weighted table named by the upstreams' addresses,

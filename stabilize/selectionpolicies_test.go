@@ -32,8 +32,8 @@ func maglevConfig(ports ...int) string {
 func maglevChoices(h *Handler) []uint16 {
 	out := make([]uint16, 10000)
 	for i := range out {
-		fl := &Flow{client: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), uint16(1024+i))}
-		out[i] = h.pick(fl).addr.Port()
+		fl := &Flow{h: h, req: Request{Client: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), uint16(1024+i))}}
+		out[i] = h.router.route(fl).addr.Port()
 	}
 	return out
 }
@@ -94,10 +94,10 @@ func BenchmarkSelect(b *testing.B) {
 	for _, policy := range []string{"round_robin", "weighted_round_robin", "random", "random_choose", "least_sessions", "first", "maglev"} {
 		b.Run(policy, func(b *testing.B) {
 			h := provisionHandler(b, fmt.Sprintf(`{"upstreams":[{"dial":"udp/127.0.0.1:7001","weight":3},{"dial":"udp/127.0.0.1:7002"},{"dial":"udp/127.0.0.1:7003"}],"per":"packet","load_balancing":{"selection":{"policy":%q}}}`, policy))
-			fl := &Flow{client: netip.MustParseAddrPort("10.0.0.1:4000")}
+			fl := &Flow{h: h, req: Request{Client: netip.MustParseAddrPort("10.0.0.1:4000")}}
 			b.ReportAllocs()
 			for b.Loop() {
-				if h.pick(fl) == nil {
+				if h.router.route(fl) == nil {
 					b.Fatal("no upstream")
 				}
 			}

@@ -7,13 +7,9 @@ package stabilize
 import (
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/netip"
-	"os"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/mholt/caddy-l4/layer4"
@@ -64,27 +60,39 @@ type Handler struct {
 	// Default: the system's.
 	WriteBuffer int `json:"write_buffer,omitempty"`
 
+	// The most client flows this handler keeps at once; a new flow over the
+	// cap is dropped and counted as `flow_limit`, established flows are
+	// unaffected. Default: derived from the process's open-file limit (see
+	// README). -1 means no limit.
+	MaxFlows int `json:"max_flows,omitempty"`
+
+	// The most flows from one client IP address. Default: 0, no limit.
+	MaxFlowsPerIP int `json:"max_flows_per_ip,omitempty"`
+
 	ctx      caddy.Context
 	logger   *zap.Logger
 	selector Selector
+	router   router
 	byAddr   map[netip.AddrPort]*Upstream // for replies
 	network  string                       // of the upstream-facing sockets
-	perFlow  bool
-	all      *UpstreamPool // every upstream, healthy or not
+	all      *UpstreamPool                // every upstream, healthy or not
+	maxFlows int                          // MaxFlows resolved; 0: no limit
 
 	poolMu sync.Mutex
 	pool   atomic.Pointer[healthyPool]
 
-	drops        [numDropReasons]atomic.Uint64
-	allDownSent  atomic.Uint64 // datagrams sent while every upstream was down
-	warnTruncate sync.Once
+	drops       [numDropReasons]atomic.Uint64
+	allDownSent atomic.Uint64 // datagrams sent while every upstream was down
+	warned      [numDropReasons]atomic.Bool
 
-	affinity    *affinity // per flow only
-	affinityKey string
-	closing     atomic.Bool // Cleanup has begun
+	identity string    // handlers with one identity hand flows on; see reload.go
+	affinity *affinity // per flow only
+	closing  atomic.Bool
 
 	mu    sync.Mutex
-	flows map[*Flow]struct{}
+	flows  map[*Flow]struct{}
+	nflows int                // flows counted against the limits; see limits.go
+	perIP  map[netip.Addr]int // flows by client address, with MaxFlowsPerIP
 }
 
 // CaddyModule returns the Caddy module information.
@@ -95,19 +103,12 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision sets up the handler.
+// Provision sets up the handler. Every check of the config is made here.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.ctx = ctx
 	h.logger = ctx.Logger()
 	h.flows = make(map[*Flow]struct{})
-
-	switch h.Per {
-	case "", PerFlow:
-		h.perFlow = true
-	case PerPacket:
-	default:
-		return fmt.Errorf("per %q: must be %q or %q", h.Per, PerFlow, PerPacket)
-	}
+	h.perIP = make(map[netip.Addr]int)
 
 	if h.LoadBalancing == nil {
 		h.LoadBalancing = new(LoadBalancing)
@@ -120,6 +121,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.selector = mod.(Selector)
 	} else {
 		h.selector = new(RoundRobinSelection)
+	}
+	switch h.Per {
+	case "", PerFlow:
+		h.router = perFlowRouter{h}
+	case PerPacket:
+		h.router = perPacketRouter{h}
+	default:
+		return fmt.Errorf("per %q: must be %q or %q", h.Per, PerFlow, PerPacket)
 	}
 
 	if len(h.Upstreams) == 0 {
@@ -155,15 +164,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.WriteBuffer < 0 {
 		return fmt.Errorf("write_buffer %d: must not be negative", h.WriteBuffer)
 	}
+	if err := h.provisionLimits(); err != nil {
+		return err
+	}
 	switch h.ProxyProtocol {
 	case "", "v2":
 	default:
 		return fmt.Errorf("proxy_protocol %q: must be \"v2\" (v1 is TCP-only)", h.ProxyProtocol)
-	}
-	if h.perFlow {
-		h.affinityKey = "per=flow;selection=" + string(h.LoadBalancing.SelectionPolicyRaw)
-		a, _ := affinities.LoadOrStore(h.affinityKey, &affinity{m: make(map[affinityKey]affinityEntry)})
-		h.affinity = a.(*affinity)
 	}
 	h.all = &UpstreamPool{Upstreams: h.Upstreams}
 	h.pool.Store(&healthyPool{epoch: ^uint64(0)})
@@ -171,6 +178,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionHealthChecks(); err != nil {
 		return err
 	}
+	h.join() // reload.go
 	if handlerProvisioned != nil {
 		handlerProvisioned(h)
 	}
@@ -181,12 +189,15 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 // provisioned successfully.
 var handlerProvisioned func(*Handler)
 
-// Cleanup ends this instance's flows (their sockets and goroutines) and
-// releases its hosts. After a reload the client's next datagram reaches the
-// new instance.
+// Cleanup ends this instance's flows and releases its hosts. A flow on a
+// fastudp socket whose upstream the next config still has moves to that
+// config's handler of the same identity, keeping its socket, so no reply in
+// flight is lost; other flows end, and the client's next datagram reaches
+// the new instance, which finds the flow's upstream in the affinity table.
 func (h *Handler) Cleanup() error {
 	h.closing.Store(true)
 	h.stopHealthChecks()
+	next := h.leave() // reload.go
 	h.mu.Lock()
 	flows := make([]*Flow, 0, len(h.flows))
 	for fl := range h.flows {
@@ -194,126 +205,26 @@ func (h *Handler) Cleanup() error {
 	}
 	h.mu.Unlock()
 	for _, fl := range flows {
+		if next != nil && fl.moveTo(next) {
+			h.forget(fl)
+			fl.wakeHandle()
+			continue
+		}
 		if fl.detached.Load() {
 			fl.close()
 			continue
 		}
 		fl.closeSocket()
-		// Wake Handle from cx.Read to end the flow. A read deadline only
-		// touches caddy-l4's packetConn, never the shared socket.
-		_ = fl.cx.SetReadDeadline(time.Unix(1, 0))
+		fl.wakeHandle()
 	}
 	for _, u := range h.Upstreams {
 		u.release()
 	}
 	if h.affinity != nil {
-		_, _ = affinities.Delete(h.affinityKey)
+		_, _ = affinities.Delete(h.identity)
 	}
 	return nil
 }
-
-// Handle balances one client flow. It reads the flow until caddy-l4 ends it
-// with io.EOF at its idle timeout, and never blocks that loop on an
-// upstream, so one slow or dead upstream cannot stall the listener. On a
-// fastudp listener it returns sooner: once the flow's datagrams bypass
-// caddy-l4, the socket keeps the flow.
-func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
-	client := addrPort(cx.RemoteAddr())
-	if !client.IsValid() {
-		return fmt.Errorf("stabilize handles UDP only, not %s", cx.RemoteAddr().Network())
-	}
-	fl, err := h.newFlow(cx, client)
-	if err != nil {
-		// Keep draining so the listener never blocks on this flow.
-		h.logger.Error("opening upstream socket", zap.Stringer("client", client), zap.Error(err))
-		_, _ = io.Copy(io.Discard, cx)
-		return nil
-	}
-	for {
-		if fl.fast != nil {
-			// Once the flow is registered, its datagrams bypass caddy-l4, so
-			// nothing more can queue up for this Handle: stop waiting soon.
-			_ = cx.SetReadDeadline(time.Now().Add(fastHandoff))
-		}
-		// Wait for a datagram without holding a buffer: a zero-length read
-		// returns once one has arrived and leaves it for the next read.
-		start := time.Now()
-		_, err := cx.Read(nil)
-		waited := time.Since(start)
-		if err == io.EOF && waited < emptyDatagramWindow {
-			// caddy-l4 reports an empty datagram as an immediate io.EOF;
-			// the end of the flow comes only after its idle timeout.
-			fl.forward(fl.header)
-			continue
-		}
-		if err != nil {
-			if fl.fast != nil && !h.closing.Load() {
-				idle := waited // caddy-l4's idle timeout ended the read
-				if errors.Is(err, os.ErrDeadlineExceeded) {
-					idle = h.listenerIdleTimeout(fl.fast)
-				}
-				if fl.detach(idle) {
-					return nil // the flow goes on, bypassing caddy-l4
-				}
-			}
-			fl.close()
-			if errors.Is(err, io.EOF) || h.closing.Load() {
-				return nil
-			}
-			return fmt.Errorf("reading client flow: %w", err)
-		}
-		h.forwardNext(fl, cx)
-	}
-}
-
-// forwardNext reads the datagram waiting in cx into a pooled buffer, after
-// the flow's PROXY header, and forwards it.
-func (h *Handler) forwardNext(fl *Flow, cx *layer4.Connection) {
-	buf := datagramPool.Get().(*[maxProxyHeader + ListenerBufferSize]byte)
-	defer datagramPool.Put(buf)
-	hdr := copy(buf[:], fl.header)
-	n, err := cx.Read(buf[hdr : hdr+ListenerBufferSize])
-	if err != nil {
-		return // the next read reports it
-	}
-	if n == ListenerBufferSize && fl.fast == nil { // a fast socket checks exactly
-		h.drop(dropTruncated)
-		h.warnTruncate.Do(func() {
-			h.logger.Warn("dropping datagrams of the listener's buffer size: longer ones arrive truncated",
-				zap.Stringer("client", fl.client), zap.Int("size", n))
-		})
-		return
-	}
-	fl.forward(buf[:hdr+n])
-}
-
-// datagramPool holds buffers for one client datagram and its PROXY header.
-var datagramPool = sync.Pool{New: func() any { return new([maxProxyHeader + ListenerBufferSize]byte) }}
-
-// fastHandoff is how long Handle waits for datagrams of a flow on a fast
-// socket before it leaves the flow to the socket.
-const fastHandoff = 2 * time.Second
-
-// listenerIdleTimeout is the idle timeout of the layer4 server listening on
-// s, which ends the flows of s that bypass caddy-l4.
-func (h *Handler) listenerIdleTimeout(s *fastSocket) time.Duration {
-	port := s.conn.LocalAddr().(*net.UDPAddr).Port
-	if app, err := h.ctx.AppIfConfigured("layer4"); err == nil {
-		for _, srv := range app.(*layer4.App).Servers {
-			for _, l := range srv.Listen {
-				na, err := caddy.ParseNetworkAddress(l)
-				if err == nil && na.Network == FastNetwork && uint(port) >= na.StartPort && uint(port) <= na.EndPort {
-					return time.Duration(srv.IdleTimeout)
-				}
-			}
-		}
-	}
-	return 30 * time.Second // caddy-l4's default
-}
-
-// emptyDatagramWindow tells an empty datagram (io.EOF at once) from the end
-// of the flow (io.EOF after the idle timeout, which is far longer).
-const emptyDatagramWindow = 100 * time.Millisecond
 
 // healthyPool is the pool of healthy upstreams as of a health epoch.
 type healthyPool struct {
@@ -335,7 +246,7 @@ func (h *Handler) available() *UpstreamPool {
 	}
 	healthy := make([]*Upstream, 0, len(h.Upstreams))
 	for _, u := range h.Upstreams {
-		if u.host.Healthy() {
+		if u.healthy() {
 			healthy = append(healthy, u)
 		}
 	}
@@ -347,45 +258,59 @@ func (h *Handler) available() *UpstreamPool {
 	return pool
 }
 
-// pick selects an upstream for fl, or nil when there is none. When every
-// upstream is down it fails open, picking from all of them, unless
-// drop_when_all_down is set.
-func (h *Handler) pick(fl *Flow) *Upstream {
-	pool := h.available()
-	if len(pool.Upstreams) == 0 {
-		if h.HealthChecks != nil && h.HealthChecks.DropWhenAllDown {
-			return nil
-		}
-		h.allDownSent.Add(1)
-		pool = h.all
+// candidates is the pool a policy picks from: the healthy upstreams, or
+// when every upstream is down, all of them (failing open, counted as
+// all_down) or none (with drop_when_all_down). allDown says every upstream
+// is down.
+func (h *Handler) candidates() (pool *UpstreamPool, allDown bool) {
+	pool = h.available()
+	if len(pool.Upstreams) > 0 {
+		return pool, false
 	}
-	return h.selector.Select(pool, fl)
+	if h.HealthChecks != nil && h.HealthChecks.DropWhenAllDown {
+		return nil, true
+	}
+	h.allDownSent.Add(1)
+	return h.all, true
 }
 
-// dropReason says why a datagram was not forwarded.
+// dropReason says why a datagram or a flow was not forwarded.
 type dropReason int
 
 const (
-	dropNoUpstream    dropReason = iota // no healthy upstream
-	dropUnknownSource                   // a reply from an address that is not an upstream
-	dropTruncated                       // cut short by the listener's buffer
-	dropWriteError                      // sending failed
-	dropReplyTooLarge                   // a reply longer than the reply buffer
+	dropNoUpstream      dropReason = iota // no healthy upstream
+	dropUnknownSource                     // a reply from an address that is not an upstream
+	dropTruncated                         // cut short by the listener's buffer
+	dropWriteError                        // sending failed
+	dropReplyTooLarge                     // a reply longer than the reply buffer
+	dropSendBufferFull                    // a socket's send buffer was full
+	dropFlowLimit                         // a new flow over max_flows or max_flows_per_ip
+	dropSocketUnavailable                 // a new flow's socket could not be opened
 	numDropReasons
 )
 
 var dropReasonNames = [numDropReasons]string{
-	dropNoUpstream:    "no_upstream",
-	dropUnknownSource: "unknown_source",
-	dropTruncated:     "truncated",
-	dropWriteError:    "write_error",
-	dropReplyTooLarge: "reply_too_large",
+	dropNoUpstream:        "no_upstream",
+	dropUnknownSource:     "unknown_source",
+	dropTruncated:         "truncated",
+	dropWriteError:        "write_error",
+	dropReplyTooLarge:     "reply_too_large",
+	dropSendBufferFull:    "send_buffer_full",
+	dropFlowLimit:         "flow_limit",
+	dropSocketUnavailable: "socket_unavailable",
 }
 
 func (r dropReason) String() string { return dropReasonNames[r] }
 
 func (h *Handler) drop(r dropReason) {
 	h.drops[r].Add(1)
+}
+
+// warnOnce logs msg at Warn the first time this handler drops for r.
+func (h *Handler) warnOnce(r dropReason, msg string, fields ...zap.Field) {
+	if !h.warned[r].Swap(true) {
+		h.logger.Warn(msg, append(fields, zap.Stringer("reason", r))...)
+	}
 }
 
 // Drops returns how many datagrams were dropped for each reason.

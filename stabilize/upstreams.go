@@ -109,6 +109,9 @@ type Host struct {
 	health hostHealth // see healthchecks.go
 }
 
+// healthy reports whether the upstream may be picked.
+func (u *Upstream) healthy() bool { return u.host.Healthy() }
+
 // Flows is the number of live flows currently assigned to the host.
 func (h *Host) Flows() int64 { return h.flows.Load() }
 

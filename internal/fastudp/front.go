@@ -1,0 +1,74 @@
+package fastudp
+
+import (
+	"net"
+	"sync"
+	"time"
+)
+
+// Front is one config's view of a Socket: the net.PacketConn that caddy-l4
+// reads the datagrams of unregistered clients from.
+type Front struct {
+	s         *Socket
+	queue     chan *queued
+	closed    chan struct{}
+	closeOnce sync.Once
+}
+
+// Socket is the socket behind the front.
+func (f *Front) Socket() *Socket { return f.s }
+
+// ReadFrom returns the next datagram of an unregistered client.
+func (f *Front) ReadFrom(b []byte) (int, net.Addr, error) {
+	select {
+	case q := <-f.queue:
+		n, addr := copy(b, q.buf[:q.n]), q.addr
+		queuedPool.Put(q)
+		return n, addr, nil
+	case <-f.closed:
+		return 0, nil, net.ErrClosed
+	}
+}
+
+// WriteTo sends a datagram through the shared socket.
+func (f *Front) WriteTo(b []byte, addr net.Addr) (int, error) {
+	return f.s.conn.WriteTo(b, addr)
+}
+
+// Close detaches this config from the socket, which closes once no config
+// uses it.
+func (f *Front) Close() error {
+	f.closeOnce.Do(func() {
+		s := f.s
+		s.mu.Lock()
+		for i, g := range s.fronts {
+			if g == f {
+				s.fronts = append(s.fronts[:i], s.fronts[i+1:]...)
+				break
+			}
+		}
+		s.mu.Unlock()
+		close(f.closed)
+		s.release()
+	})
+	return nil
+}
+
+// LocalAddr is the socket's address.
+func (f *Front) LocalAddr() net.Addr { return f.s.conn.LocalAddr() }
+
+// Unwrap returns the socket, as Caddy's own listener wrappers do.
+func (f *Front) Unwrap() net.PacketConn { return f.s.conn }
+
+// SetDeadline is a no-op: the socket is shared, and deadlines would reach
+// every client.
+func (f *Front) SetDeadline(time.Time) error { return nil }
+
+// SetReadDeadline is a no-op; see SetDeadline.
+func (f *Front) SetReadDeadline(time.Time) error { return nil }
+
+// SetWriteDeadline is a no-op; see SetDeadline.
+func (f *Front) SetWriteDeadline(time.Time) error { return nil }
+
+// Interface guards
+var _ net.PacketConn = (*Front)(nil)

@@ -1,0 +1,273 @@
+// Package fastudp is stabilize's own UDP listener socket. It reads
+// datagrams in batches and delivers those of registered clients straight to
+// their Endpoint, bypassing caddy-l4's per-datagram dispatch; datagrams of
+// other clients wait in a bounded queue for caddy-l4, which reads them
+// through a Front. A socket is shared by every config that listens on its
+// address and outlives config reloads while any of them uses it.
+package fastudp
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
+)
+
+// Endpoint receives the datagrams of one registered client.
+type Endpoint interface {
+	// Deliver handles one datagram from the client. b is valid only during
+	// the call; truncated says it was longer than the socket's buffer. now
+	// is the batch's arrival time in Unix nanoseconds.
+	Deliver(b []byte, truncated bool, now int64)
+	// Expired reports whether the endpoint has ended by now; the socket's
+	// reaper then closes it.
+	Expired(now int64) bool
+	// Close ends the endpoint; it unregisters itself.
+	Close()
+}
+
+// Sizes.
+const (
+	// BufferSize is the longest datagram delivered whole.
+	BufferSize = 9000
+	// batchSize is how many datagrams one recvmmsg reads at most.
+	batchSize = 64
+	// newClientQueue is how many datagrams of unregistered clients wait
+	// for caddy-l4; more are dropped and counted rather than stall the
+	// registered ones.
+	newClientQueue = 256
+	// socketBuffer is the receive and send buffer size of a socket, so that
+	// a burst from many clients is not dropped by the kernel.
+	socketBuffer = 4 << 20
+	// reapInterval is how often expired endpoints are looked for.
+	reapInterval = time.Second
+)
+
+// Socket is one UDP socket of the fast network.
+type Socket struct {
+	key  string
+	conn *net.UDPConn
+	done chan struct{}
+	refs int // under registryMu
+
+	mu     sync.Mutex
+	fronts []*Front // open ones, newest last
+
+	epMu sync.RWMutex
+	eps  map[netip.AddrPort]Endpoint
+
+	queueFull atomic.Uint64 // datagrams of new clients dropped: queue full
+	truncated atomic.Uint64 // datagrams of unregistered clients cut short
+}
+
+var (
+	registryMu sync.Mutex
+	registry   = make(map[string]*Socket) // by the address asked for
+)
+
+// Listen returns a new Front of the socket at addr ("host:port"), opening
+// the socket if no config uses it yet.
+func Listen(addr string) (*Front, error) {
+	registryMu.Lock()
+	defer registryMu.Unlock()
+	s := registry[addr]
+	if s == nil {
+		var err error
+		if s, err = open(addr); err != nil {
+			return nil, err
+		}
+		registry[addr] = s
+	}
+	s.refs++
+	f := &Front{s: s, queue: make(chan *queued, newClientQueue), closed: make(chan struct{})}
+	s.mu.Lock()
+	s.fronts = append(s.fronts, f)
+	s.mu.Unlock()
+	return f, nil
+}
+
+// Sockets returns the open sockets.
+func Sockets() []*Socket {
+	registryMu.Lock()
+	defer registryMu.Unlock()
+	list := make([]*Socket, 0, len(registry))
+	for _, s := range registry {
+		list = append(list, s)
+	}
+	return list
+}
+
+func open(addr string) (*Socket, error) {
+	pc, err := new(net.ListenConfig).ListenPacket(context.Background(), "udp", addr)
+	if err != nil {
+		return nil, err
+	}
+	conn := pc.(*net.UDPConn)
+	udpio.GrowBuffers(conn, socketBuffer)
+	s := &Socket{
+		key:  addr,
+		conn: conn,
+		done: make(chan struct{}),
+		eps:  make(map[netip.AddrPort]Endpoint),
+	}
+	b, err := udpio.NewBatch(conn, batchSize, BufferSize)
+	if err != nil {
+		_ = conn.Close()
+		return nil, err
+	}
+	go s.serve(b)
+	go s.reap()
+	return s, nil
+}
+
+// release drops one reference; the last closes the socket.
+func (s *Socket) release() {
+	registryMu.Lock()
+	s.refs--
+	last := s.refs == 0
+	if last {
+		delete(registry, s.key)
+	}
+	registryMu.Unlock()
+	if last {
+		_ = s.conn.Close()
+		<-s.done
+	}
+}
+
+// Key is the address the socket was asked for.
+func (s *Socket) Key() string { return s.key }
+
+// Conn is the socket. Writes to it go to clients.
+func (s *Socket) Conn() *net.UDPConn { return s.conn }
+
+// Drops returns how many datagrams of unregistered clients were dropped:
+// because the queue for caddy-l4 was full, and because they were cut short.
+func (s *Socket) Drops() (queueFull, truncated uint64) {
+	return s.queueFull.Load(), s.truncated.Load()
+}
+
+// Register delivers client's datagrams to ep from now on.
+func (s *Socket) Register(client netip.AddrPort, ep Endpoint) {
+	s.epMu.Lock()
+	s.eps[client] = ep
+	s.epMu.Unlock()
+}
+
+// Unregister sends client's datagrams back to caddy-l4, unless another
+// endpoint has replaced ep.
+func (s *Socket) Unregister(client netip.AddrPort, ep Endpoint) {
+	s.epMu.Lock()
+	if s.eps[client] == ep {
+		delete(s.eps, client)
+	}
+	s.epMu.Unlock()
+}
+
+// Endpoints is the number of registered clients.
+func (s *Socket) Endpoints() int {
+	s.epMu.RLock()
+	defer s.epMu.RUnlock()
+	return len(s.eps)
+}
+
+// serve reads datagrams in batches until the socket closes. It looks up a
+// batch's endpoints under one read lock and delivers outside it, so that a
+// slow endpoint never holds up registration.
+func (s *Socket) serve(b *udpio.Batch) {
+	defer close(s.done)
+	var eps [batchSize]Endpoint
+	for {
+		n, err := b.Read()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			continue
+		}
+		now := time.Now().UnixNano()
+		s.epMu.RLock()
+		for i := range n {
+			src, _, _ := b.Message(i)
+			eps[i] = s.eps[src]
+		}
+		s.epMu.RUnlock()
+		for i := range n {
+			src, data, truncated := b.Message(i)
+			switch ep := eps[i]; {
+			case ep != nil:
+				ep.Deliver(data, truncated, now)
+				eps[i] = nil
+			case truncated:
+				s.truncated.Add(1)
+			default:
+				s.toCaddy(src, data)
+			}
+		}
+	}
+}
+
+// toCaddy queues a datagram of an unregistered client for the newest
+// config's listener.
+func (s *Socket) toCaddy(src netip.AddrPort, data []byte) {
+	s.mu.Lock()
+	var f *Front
+	if len(s.fronts) > 0 {
+		f = s.fronts[len(s.fronts)-1]
+	}
+	s.mu.Unlock()
+	if f == nil {
+		s.queueFull.Add(1) // between configs: no listener reads new clients
+		return
+	}
+	q := queuedPool.Get().(*queued)
+	q.n = copy(q.buf[:], data)
+	q.addr = net.UDPAddrFromAddrPort(src)
+	select {
+	case f.queue <- q:
+	default:
+		queuedPool.Put(q)
+		s.queueFull.Add(1)
+	}
+}
+
+// reap closes expired endpoints until the socket closes.
+func (s *Socket) reap() {
+	t := time.NewTicker(reapInterval)
+	defer t.Stop()
+	var expired []Endpoint
+	for {
+		select {
+		case <-s.done:
+			return
+		case <-t.C:
+		}
+		now := time.Now().UnixNano()
+		s.epMu.RLock()
+		for _, ep := range s.eps {
+			if ep.Expired(now) {
+				expired = append(expired, ep)
+			}
+		}
+		s.epMu.RUnlock()
+		for i, ep := range expired {
+			ep.Close()
+			expired[i] = nil
+		}
+		expired = expired[:0]
+	}
+}
+
+// queued is a datagram waiting for caddy-l4.
+type queued struct {
+	buf  [BufferSize]byte
+	n    int
+	addr net.Addr
+}
+
+var queuedPool = sync.Pool{New: func() any { return new(queued) }}

@@ -1,0 +1,39 @@
+//go:build !linux
+
+package udpio
+
+import (
+	"net"
+	"net/netip"
+)
+
+// Batch reads one datagram at a time where recvmmsg is not available.
+type Batch struct {
+	conn  *net.UDPConn
+	buf   []byte
+	n     int
+	src   netip.AddrPort
+	trunc bool
+}
+
+// NewBatch returns a reader of datagrams of up to bufSize bytes; a longer
+// datagram is reported truncated.
+func NewBatch(conn *net.UDPConn, _ int, bufSize int) (*Batch, error) {
+	return &Batch{conn: conn, buf: make([]byte, bufSize+1)}, nil
+}
+
+// Read waits for a datagram.
+func (b *Batch) Read() (int, error) {
+	n, src, err := b.conn.ReadFromUDPAddrPort(b.buf)
+	if err != nil {
+		return 0, err
+	}
+	b.n, b.trunc = min(n, len(b.buf)-1), n == len(b.buf)
+	b.src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+	return 1, nil
+}
+
+// Message returns the datagram of the last Read.
+func (b *Batch) Message(int) (netip.AddrPort, []byte, bool) {
+	return b.src, b.buf[:b.n], b.trunc
+}

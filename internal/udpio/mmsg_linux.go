@@ -1,0 +1,150 @@
+package udpio
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// mmsghdr is struct mmsghdr for recvmmsg(2) and sendmmsg(2). Go pads it to
+// the alignment of Msghdr, as C does: 64 bytes on 64-bit platforms, 32 on
+// 32-bit ones.
+type mmsghdr struct {
+	hdr unix.Msghdr
+	len uint32
+}
+
+// Msgs is an array of datagrams, with their buffers and addresses, for
+// recvmmsg. It is allocation-free after NewMsgs.
+type Msgs struct {
+	hdrs  []mmsghdr
+	iovs  []unix.Iovec
+	names []unix.RawSockaddrInet6
+	bufs  [][]byte
+}
+
+// NewMsgs returns size messages with buffers of bufSize bytes.
+func NewMsgs(size, bufSize int) *Msgs {
+	m := &Msgs{
+		hdrs:  make([]mmsghdr, size),
+		iovs:  make([]unix.Iovec, size),
+		names: make([]unix.RawSockaddrInet6, size),
+		bufs:  make([][]byte, size),
+	}
+	for i := range size {
+		m.bufs[i] = make([]byte, bufSize)
+		m.iovs[i].Base = &m.bufs[i][0]
+		m.iovs[i].SetLen(bufSize)
+		m.hdrs[i].hdr.Name = (*byte)(unsafe.Pointer(&m.names[i]))
+		m.hdrs[i].hdr.Iov = &m.iovs[i]
+		m.hdrs[i].hdr.Iovlen = 1
+	}
+	return m
+}
+
+// Len is the number of messages.
+func (m *Msgs) Len() int { return len(m.hdrs) }
+
+// Recv reads datagrams from fd without blocking into messages from on, and
+// returns how many it read.
+func (m *Msgs) Recv(fd uintptr, from int) (int, syscall.Errno) {
+	for i := from; i < len(m.hdrs); i++ {
+		m.hdrs[i].hdr.Namelen = unix.SizeofSockaddrInet6
+		m.hdrs[i].hdr.Flags = 0
+	}
+	n, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&m.hdrs[from])),
+		uintptr(len(m.hdrs)-from), unix.MSG_DONTWAIT, 0, 0)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(n), 0
+}
+
+// Message returns datagram i: its source, its bytes (possibly none) and
+// whether it was cut short.
+func (m *Msgs) Message(i int) (netip.AddrPort, []byte, bool) {
+	h := &m.hdrs[i]
+	return addrPort(&m.names[i]), m.bufs[i][:h.len], h.hdr.Flags&unix.MSG_TRUNC != 0
+}
+
+// SendQueue gathers datagrams for one sendmmsg. It is allocation-free after
+// NewSendQueue. The datagrams' bytes must stay put until they are sent.
+type SendQueue struct {
+	hdrs  []mmsghdr
+	iovs  []unix.Iovec
+	names []unix.RawSockaddrInet6
+	n     int
+}
+
+// NewSendQueue returns a queue of up to size datagrams.
+func NewSendQueue(size int) *SendQueue {
+	q := &SendQueue{
+		hdrs:  make([]mmsghdr, size),
+		iovs:  make([]unix.Iovec, size),
+		names: make([]unix.RawSockaddrInet6, size),
+	}
+	for i := range q.hdrs {
+		q.hdrs[i].hdr.Iov = &q.iovs[i]
+		q.hdrs[i].hdr.Iovlen = 1
+		q.hdrs[i].hdr.Name = (*byte)(unsafe.Pointer(&q.names[i]))
+	}
+	return q
+}
+
+// Len is the number of queued datagrams.
+func (q *SendQueue) Len() int { return q.n }
+
+// Add queues b, to be sent to to from a socket of the given family. An empty
+// b is a valid, empty datagram.
+func (q *SendQueue) Add(b []byte, to netip.AddrPort, family int) {
+	i := q.n
+	q.iovs[i].Base = unsafe.SliceData(b)
+	q.iovs[i].SetLen(len(b))
+	q.hdrs[i].hdr.Namelen = putSockaddr(&q.names[i], family, to)
+	q.n++
+}
+
+// Send sends queued datagrams from up to to with one sendmmsg, without
+// blocking, and returns how many the socket took.
+func (q *SendQueue) Send(fd uintptr, from, to int) (int, syscall.Errno) {
+	n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&q.hdrs[from])),
+		uintptr(to-from), unix.MSG_DONTWAIT, 0, 0)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(n), 0
+}
+
+// Reset empties the queue.
+func (q *SendQueue) Reset() { q.n = 0 }
+
+func addrPort(sa *unix.RawSockaddrInet6) netip.AddrPort {
+	switch sa.Family {
+	case unix.AF_INET:
+		sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
+		port := binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa4.Port))[:])
+		return netip.AddrPortFrom(netip.AddrFrom4(sa4.Addr), port)
+	case unix.AF_INET6:
+		port := binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:])
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), port)
+	}
+	return netip.AddrPort{}
+}
+
+// putSockaddr stores ap in sa for a socket of the given family, and returns
+// the address length.
+func putSockaddr(sa *unix.RawSockaddrInet6, family int, ap netip.AddrPort) uint32 {
+	if family == unix.AF_INET {
+		sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
+		sa4.Family = unix.AF_INET
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa4.Port))[:], ap.Port())
+		sa4.Addr = ap.Addr().As4()
+		return unix.SizeofSockaddrInet4
+	}
+	*sa = unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: ap.Addr().As16()}
+	binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:], ap.Port())
+	return unix.SizeofSockaddrInet6
+}

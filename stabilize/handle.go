@@ -1,0 +1,88 @@
+package stabilize
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/mholt/caddy-l4/layer4"
+)
+
+// Handle balances one client flow. It reads the flow until caddy-l4 ends it
+// with io.EOF at its idle timeout, and never blocks that loop on an
+// upstream, so one slow or dead upstream cannot stall the listener. On a
+// fastudp listener it returns sooner: once the flow's datagrams bypass
+// caddy-l4, the socket keeps the flow.
+func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
+	client := addrPort(cx.RemoteAddr())
+	if !client.IsValid() {
+		return fmt.Errorf("stabilize handles UDP only, not %s", cx.RemoteAddr().Network())
+	}
+	fl := h.newFlow(cx, client)
+	if fl == nil {
+		// Refused and counted; keep draining so the listener never blocks
+		// on this flow.
+		_, _ = io.Copy(io.Discard, cx)
+		return nil
+	}
+	fl.handling.Store(true)
+	defer fl.handling.Store(false)
+	for {
+		if fl.fast != nil {
+			// Once the flow is registered, its datagrams bypass caddy-l4, so
+			// nothing more can queue up for this Handle: stop waiting soon.
+			_ = cx.SetReadDeadline(time.Now().Add(fastHandoff))
+		}
+		// Wait for a datagram without holding a buffer: a zero-length read
+		// returns once one has arrived and leaves it for the next read.
+		start := time.Now()
+		_, err := cx.Read(nil)
+		waited := time.Since(start)
+		if err == io.EOF && waited < emptyDatagramWindow {
+			// caddy-l4 reports an empty datagram as an immediate io.EOF;
+			// the end of the flow comes only after its idle timeout.
+			fl.forward(nil, false)
+			continue
+		}
+		if err != nil {
+			if fl.handler() != h {
+				return nil // moved to the next config's handler
+			}
+			if fl.fast != nil && !h.closing.Load() && fl.detach() {
+				return nil // the flow goes on, bypassing caddy-l4
+			}
+			fl.close()
+			if errors.Is(err, io.EOF) || h.closing.Load() {
+				return nil
+			}
+			return fmt.Errorf("reading client flow: %w", err)
+		}
+		h.forwardNext(fl, cx)
+	}
+}
+
+// forwardNext reads the datagram waiting in cx into a pooled buffer and
+// forwards it.
+func (h *Handler) forwardNext(fl *Flow, cx *layer4.Connection) {
+	buf := datagramPool.Get().(*[maxProxyHeader + ListenerBufferSize]byte)
+	defer datagramPool.Put(buf)
+	n, err := cx.Read(buf[:ListenerBufferSize])
+	if err != nil {
+		return // the next read reports it
+	}
+	// A fast socket delivers only whole datagrams to caddy-l4.
+	fl.forward(buf[:n], n == ListenerBufferSize && fl.fast == nil)
+}
+
+// datagramPool holds buffers for one client datagram and its PROXY header.
+var datagramPool = sync.Pool{New: func() any { return new([maxProxyHeader + ListenerBufferSize]byte) }}
+
+// fastHandoff is how long Handle waits for datagrams of a flow on a fast
+// socket before it leaves the flow to the socket.
+const fastHandoff = 2 * time.Second
+
+// emptyDatagramWindow tells an empty datagram (io.EOF at once) from the end
+// of the flow (io.EOF after the idle timeout, which is far longer).
+const emptyDatagramWindow = 100 * time.Millisecond

@@ -1,0 +1,50 @@
+package stabilize
+
+// router is a granularity: it decides which upstream each datagram of a
+// flow goes to, asking the policy only among the candidates that
+// Handler.candidates allows. Provision chooses one per handler.
+type router interface {
+	// route returns the upstream for fl's next datagram, or nil to drop
+	// it. fl.mu is held.
+	route(fl *Flow) *Upstream
+}
+
+// perPacketRouter asks the policy for every datagram.
+type perPacketRouter struct{ h *Handler }
+
+func (r perPacketRouter) route(fl *Flow) *Upstream {
+	pool, _ := r.h.candidates()
+	if pool == nil {
+		return nil
+	}
+	return r.h.selector.Select(pool, &fl.req)
+}
+
+// perFlowRouter asks the policy on a flow's first datagram and keeps the
+// flow on that upstream while it is healthy. When every upstream is down
+// and the handler fails open, a flow stays where it is.
+type perFlowRouter struct{ h *Handler }
+
+func (r perFlowRouter) route(fl *Flow) *Upstream {
+	u := fl.upstream
+	if u != nil && u.healthy() {
+		return u
+	}
+	pool, allDown := r.h.candidates()
+	switch {
+	case pool == nil:
+		return nil
+	case allDown && u != nil:
+		return u
+	}
+	if u = r.h.selector.Select(pool, &fl.req); u != nil {
+		fl.assign(u)
+	}
+	return u
+}
+
+// Interface guards
+var (
+	_ router = perPacketRouter{}
+	_ router = perFlowRouter{}
+)
