@@ -224,12 +224,12 @@ func TestMetricsTwoHandlersOneRegistry(t *testing.T) {
 	if got := m.labelValues(mDrops, "handler"); !slices.Equal(got, []string{"0", "1"}) {
 		t.Fatalf("handler labels %v, want [0 1]", got)
 	}
-	wantReasons := []string{"no_upstream", "reply_too_large", "truncated", "unknown_source", "write_error"}
+	wantReasons := slices.Sorted(slices.Values(dropReasonNames[:]))
 	if got := m.labelValues(mDrops, "reason"); !slices.Equal(got, wantReasons) {
 		t.Fatalf("drop reasons %v, want %v", got, wantReasons)
 	}
-	if n := len(m.series(mDrops)); n != 10 {
-		t.Fatalf("%d drop series, want 2 handlers x 5 reasons", n)
+	if n := len(m.series(mDrops)); n != 2*int(numDropReasons) {
+		t.Fatalf("%d drop series, want 2 handlers x %d reasons", n, numDropReasons)
 	}
 	if len(m.series(mCheckTime)) != 0 {
 		t.Errorf("health check latency reported without active checks or observations")

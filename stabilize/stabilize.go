@@ -89,7 +89,7 @@ type Handler struct {
 	affinity *affinity // per flow only
 	closing  atomic.Bool
 
-	mu    sync.Mutex
+	mu     sync.Mutex
 	flows  map[*Flow]struct{}
 	nflows int                // flows counted against the limits; see limits.go
 	perIP  map[netip.Addr]int // flows by client address, with MaxFlowsPerIP
@@ -278,14 +278,14 @@ func (h *Handler) candidates() (pool *UpstreamPool, allDown bool) {
 type dropReason int
 
 const (
-	dropNoUpstream      dropReason = iota // no healthy upstream
-	dropUnknownSource                     // a reply from an address that is not an upstream
-	dropTruncated                         // cut short by the listener's buffer
-	dropWriteError                        // sending failed
-	dropReplyTooLarge                     // a reply longer than the reply buffer
-	dropSendBufferFull                    // a socket's send buffer was full
-	dropFlowLimit                         // a new flow over max_flows or max_flows_per_ip
-	dropSocketUnavailable                 // a new flow's socket could not be opened
+	dropNoUpstream        dropReason = iota // no healthy upstream
+	dropUnknownSource                       // a reply from an address that is not an upstream
+	dropTruncated                           // cut short by the listener's buffer
+	dropWriteError                          // sending failed
+	dropReplyTooLarge                       // a reply longer than the reply buffer
+	dropSendBufferFull                      // a socket's send buffer was full
+	dropFlowLimit                           // a new flow over max_flows or max_flows_per_ip
+	dropSocketUnavailable                   // a new flow's socket could not be opened
 	numDropReasons
 )
 
