@@ -43,7 +43,7 @@ type Flow struct {
 	closeOnce  sync.Once
 	closed     atomic.Bool
 
-	health flowHealth // reply_timeout and socket error state; see healthchecks.go
+	health flowHealth // reply_timeout and socket error state; see health_passive.go
 }
 
 // Client is the client's address and port.
@@ -75,7 +75,7 @@ func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, 
 	if h.affinity != nil {
 		fl.affinityKey = affinityKey{listener: listener, client: fl.client}
 		if addr, ok := h.affinity.lookup(fl.affinityKey); ok {
-			if u := h.byAddr[addr]; u != nil && u.host.Healthy() {
+			if u := h.byAddr[addr]; u != nil && u.healthy() {
 				fl.assign(u)
 			}
 		}
@@ -95,7 +95,7 @@ func (fl *Flow) forward(b []byte) {
 	fl.mu.Lock()
 	defer fl.mu.Unlock()
 	u := fl.upstream
-	if u == nil || !fl.h.perFlow || !u.host.Healthy() && len(fl.h.available().Upstreams) > 0 {
+	if u == nil || !fl.h.perFlow || !u.healthy() && len(fl.h.available().Upstreams) > 0 {
 		u = fl.h.pick(fl)
 		if u == nil {
 			fl.h.drop(dropNoUpstream)
@@ -132,6 +132,9 @@ func (fl *Flow) reply(from netip.AddrPort, n int, truncated bool) *Upstream {
 	h := fl.h
 	if truncated {
 		h.drop(dropReplyTooLarge)
+		if u := h.byAddr[from]; u != nil {
+			fl.replyTooLarge(u)
+		}
 		return nil
 	}
 	u := h.byAddr[from]

@@ -335,7 +335,7 @@ func (h *Handler) available() *UpstreamPool {
 	}
 	healthy := make([]*Upstream, 0, len(h.Upstreams))
 	for _, u := range h.Upstreams {
-		if u.host.Healthy() {
+		if u.healthy() {
 			healthy = append(healthy, u)
 		}
 	}
