@@ -4,7 +4,9 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -95,6 +97,7 @@ type hostHealth struct {
 	latency   latencyHistogram            // of passing active checks
 
 	mu         sync.Mutex  // guards the rest
+	probers    []*prober   // of the host, for the admin API
 	passiveGen uint64      // identifies the current passive down period
 	failures   []time.Time // recent passive failures, oldest first
 }
@@ -117,6 +120,33 @@ type CheckResult struct {
 
 // LastCheck is the latest active check of the host by any handler, or nil.
 func (h *Host) LastCheck() *CheckResult { return h.health.lastCheck.Load() }
+
+// ActiveCheckStatus is the state of one set of active checks of a host,
+// shared by the handlers whose checks are identical.
+type ActiveCheckStatus struct {
+	// The checks, in canonical form, defaults included.
+	Checks string `json:"checks"`
+
+	// The checks' verdict: whether those handlers may pick the host.
+	Healthy bool `json:"healthy"`
+
+	// The latest check, or null before the first.
+	LastCheck *CheckResult `json:"last_check"`
+}
+
+// ActiveChecks is the state of every set of active checks of the host,
+// sorted by Checks, or nil without active checks.
+func (h *Host) ActiveChecks() []ActiveCheckStatus {
+	hh := &h.health
+	var out []ActiveCheckStatus
+	hh.mu.Lock()
+	for _, p := range hh.probers {
+		out = append(out, ActiveCheckStatus{Checks: p.check.String(), Healthy: !p.down.Load(), LastCheck: p.lastCheck.Load()})
+	}
+	hh.mu.Unlock()
+	slices.SortFunc(out, func(a, b ActiveCheckStatus) int { return strings.Compare(a.Checks, b.Checks) })
+	return out
+}
 
 // latencyBuckets are the upper bounds, in seconds, of the health check
 // latency histogram.

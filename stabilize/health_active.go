@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"regexp"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -131,11 +132,17 @@ func compileActive(a *ActiveHealthChecks) (*activeCheck, error) {
 	return c, nil
 }
 
+// String is the canonical form of the checks: every setting, defaults
+// included, the probe in hex.
+func (c *activeCheck) String() string {
+	return fmt.Sprintf("send_hex=%x expect=%q expect_exact=%q expect_prefix=%q port=%d interval=%v timeout=%v passes=%d fails=%d",
+		c.probe, c.Expect, c.ExpectExact, c.ExpectPrefix, c.Port, time.Duration(c.Interval), time.Duration(c.Timeout), c.Passes, c.Fails)
+}
+
 // key identifies the prober of upstream addr under these checks: handlers
 // whose checks give the same key share one prober and its verdict.
 func (c *activeCheck) key(addr netip.AddrPort) string {
-	return fmt.Sprintf("%s send_hex=%x expect=%q expect_exact=%q expect_prefix=%q port=%d interval=%d timeout=%d passes=%d fails=%d",
-		addr, c.probe, c.Expect, c.ExpectExact, c.ExpectPrefix, c.Port, c.Interval, c.Timeout, c.Passes, c.Fails)
+	return addr.String() + " " + c.String()
 }
 
 // probers holds the running probers, keyed by activeCheck.key. A prober
@@ -152,7 +159,8 @@ type prober struct {
 	target netip.AddrPort             // where probes go
 	logger atomic.Pointer[zap.Logger] // of the latest handler to join
 
-	down atomic.Bool // the verdict; flips bump healthEpoch
+	down      atomic.Bool // the verdict; flips bump healthEpoch
+	lastCheck atomic.Pointer[CheckResult]
 
 	mu     sync.Mutex // guards passes, fails and flips of down
 	passes int        // consecutive passing checks
@@ -166,7 +174,7 @@ type prober struct {
 // handler runs it yet. The caller releases it with probers.Delete(key).
 func acquireProber(key string, c *activeCheck, u *Upstream, logger *zap.Logger) (*prober, error) {
 	v, _, err := probers.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return newProber(c, u), nil
+		return newProber(c, u, logger), nil
 	})
 	if err != nil {
 		return nil, err
@@ -177,11 +185,16 @@ func acquireProber(key string, c *activeCheck, u *Upstream, logger *zap.Logger) 
 }
 
 // newProber starts probing u with check c.
-func newProber(c *activeCheck, u *Upstream) *prober {
+func newProber(c *activeCheck, u *Upstream, logger *zap.Logger) *prober {
 	p := &prober{check: c, host: u.host, target: u.addr, done: make(chan struct{})}
+	p.logger.Store(logger)
 	if c.Port != 0 {
 		p.target = netip.AddrPortFrom(u.addr.Addr(), uint16(c.Port))
 	}
+	hh := &p.host.health
+	hh.mu.Lock()
+	hh.probers = append(hh.probers, p)
+	hh.mu.Unlock()
 	var ctx context.Context
 	ctx, p.cancel = context.WithCancel(context.Background())
 	go p.run(ctx)
@@ -193,10 +206,14 @@ func newProber(c *activeCheck, u *Upstream) *prober {
 func (p *prober) Destruct() error {
 	p.cancel()
 	<-p.done
+	hh := &p.host.health
+	hh.mu.Lock()
+	hh.probers = slices.DeleteFunc(hh.probers, func(q *prober) bool { return q == p })
+	hh.mu.Unlock()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.down.Load() {
-		p.host.health.activeDown.Add(-1)
+		hh.activeDown.Add(-1)
 	}
 	return nil
 }
@@ -286,6 +303,7 @@ func (c *activeCheck) matches(reply []byte) bool {
 // result records a check and applies passes and fails to the verdict.
 func (p *prober) result(res CheckResult, replied bool) {
 	hh := &p.host.health
+	p.lastCheck.Store(&res)
 	hh.lastCheck.Store(&res)
 	if res.Passed && replied {
 		hh.latency.observe(res.Latency)

@@ -948,6 +948,12 @@ func testActiveHealthPerHandler(t *testing.T, network string) {
 	if !hUnchecked.Upstreams[0].healthy() || !hOther.Upstreams[0].healthy() {
 		t.Fatal("x is down for a handler whose checks do not fail it")
 	}
+	// /stabilize/upstreams reports both verdicts of x, and x as held down.
+	hx := hChecked.Upstreams[0].host
+	checks := hx.ActiveChecks()
+	if len(checks) != 2 || checks[0].Healthy == checks[1].Healthy || hx.Healthy() {
+		t.Errorf("x: active checks %+v, healthy %v; want one verdict down, one up, and x reported down", checks, hx.Healthy())
+	}
 
 	for _, tc := range []struct {
 		name, addr, want string
