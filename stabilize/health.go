@@ -23,8 +23,8 @@ import (
 //     with identical checks share it, and a reload that keeps the checks
 //     keeps it. A handler without active checks never sees another's.
 //   - The passive verdict belongs to the Host (health_passive.go), shared by
-//     every handler that dials the address: failures seen by any of them
-//     count. Only handlers with passive checks heed it.
+//     every handler that dials the address: failures seen by any handler
+//     with passive checks count, and only such handlers heed it.
 //
 // Each verdict is an atomic.Bool; Upstream.healthy, which the data path asks,
 // loads at most two. Every flip of either bumps healthEpoch, so each handler
@@ -55,7 +55,6 @@ type HealthChecks struct {
 	DropWhenAllDown bool `json:"drop_when_all_down,omitempty"`
 
 	// Set up by provisionHealthChecks.
-	logger       *zap.Logger
 	active       *activeCheck  // compiled Active
 	probers      []string      // the keys of the probers this handler holds
 	replyTimeout time.Duration // Passive.ReplyTimeout, 0 when off
@@ -189,7 +188,6 @@ func (h *Handler) provisionHealthChecks() error {
 	if hc == nil {
 		return nil
 	}
-	hc.logger = h.logger
 	if a := hc.Active; a != nil {
 		c, err := compileActive(a)
 		if err != nil {
