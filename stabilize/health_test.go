@@ -85,6 +85,13 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 // on.
 var healthNetworks = []string{"udp", FastNetwork}
 
+// onHealthNetworks runs test as a subtest on each of healthNetworks.
+func onHealthNetworks(t *testing.T, test func(t *testing.T, network string)) {
+	for _, network := range healthNetworks {
+		t.Run(network, func(t *testing.T) { test(t, network) })
+	}
+}
+
 func needLinux(t *testing.T) {
 	t.Helper()
 	if runtime.GOOS != "linux" {
@@ -96,9 +103,7 @@ func needLinux(t *testing.T) {
 // fails×interval plus an interval, gets no traffic while down, and comes
 // back after `passes` good checks.
 func TestActiveHealthChecksExpect(t *testing.T) {
-	for _, network := range healthNetworks {
-		t.Run(network, func(t *testing.T) { testActiveHealthChecksExpect(t, network) })
-	}
+	onHealthNetworks(t, testActiveHealthChecksExpect)
 }
 
 func testActiveHealthChecksExpect(t *testing.T, network string) {
@@ -182,9 +187,7 @@ func testActiveHealthChecksExpect(t *testing.T, network string) {
 // With no expected reply, silence passes and an ICMP port-unreachable
 // fails; a server on the port again brings the upstream back.
 func TestActiveHealthChecksNoExpect(t *testing.T) {
-	for _, network := range healthNetworks {
-		t.Run(network, func(t *testing.T) { testActiveHealthChecksNoExpect(t, network) })
-	}
+	onHealthNetworks(t, testActiveHealthChecksNoExpect)
 }
 
 func testActiveHealthChecksNoExpect(t *testing.T, network string) {
@@ -323,9 +326,7 @@ func TestPassiveHealthChecksICMP(t *testing.T) {
 // reply_timeout marks a silent upstream down from live traffic, never
 // sooner than the timeout, and never the upstream that replies.
 func TestPassiveHealthChecksReplyTimeout(t *testing.T) {
-	for _, network := range healthNetworks {
-		t.Run(network, func(t *testing.T) { testPassiveHealthChecksReplyTimeout(t, network) })
-	}
+	onHealthNetworks(t, testPassiveHealthChecksReplyTimeout)
 }
 
 func testPassiveHealthChecksReplyTimeout(t *testing.T, network string) {
@@ -381,9 +382,7 @@ func testPassiveHealthChecksReplyTimeout(t *testing.T, network string) {
 // same client socket gets replies, now from the other upstream.
 func TestFlowMovesWhenUpstreamGoesDown(t *testing.T) {
 	needLinux(t)
-	for _, network := range healthNetworks {
-		t.Run(network, func(t *testing.T) { testFlowMovesWhenUpstreamGoesDown(t, network) })
-	}
+	onHealthNetworks(t, testFlowMovesWhenUpstreamGoesDown)
 }
 
 func testFlowMovesWhenUpstreamGoesDown(t *testing.T, network string) {
@@ -486,9 +485,7 @@ func testAllUpstreamsDown(t *testing.T, network string, drop bool) {
 // old verdict, and the prober stops.
 func TestHealthSurvivesReload(t *testing.T) {
 	needLinux(t)
-	for _, network := range healthNetworks {
-		t.Run(network, func(t *testing.T) { testHealthSurvivesReload(t, network) })
-	}
+	onHealthNetworks(t, testHealthSurvivesReload)
 }
 
 func testHealthSurvivesReload(t *testing.T, network string) {
@@ -901,9 +898,7 @@ func startServers(t *testing.T, network, logFile string, handlers ...any) []stri
 // keeps sending to x; a handler with identical checks shares the prober and
 // agrees; one with other checks that x passes keeps it.
 func TestActiveHealthPerHandler(t *testing.T) {
-	for _, network := range healthNetworks {
-		t.Run(network, func(t *testing.T) { testActiveHealthPerHandler(t, network) })
-	}
+	onHealthNetworks(t, testActiveHealthPerHandler)
 }
 
 func testActiveHealthPerHandler(t *testing.T, network string) {
@@ -983,9 +978,7 @@ func testActiveHealthPerHandler(t *testing.T, network string) {
 // passive checks: one that finds x silent marks it down for every handler
 // with passive checks, and a handler without them keeps sending to x.
 func TestPassiveHealthSharedByAddress(t *testing.T) {
-	for _, network := range healthNetworks {
-		t.Run(network, func(t *testing.T) { testPassiveHealthSharedByAddress(t, network) })
-	}
+	onHealthNetworks(t, testPassiveHealthSharedByAddress)
 }
 
 func testPassiveHealthSharedByAddress(t *testing.T, network string) {
@@ -1066,9 +1059,7 @@ func startBigUpstream(t *testing.T, size int) netip.AddrPort {
 // An upstream whose replies are all too large to relay is marked down by
 // reply_timeout at once, for that reason, not for a missing reply (defect 9).
 func TestPassiveReplyTooLarge(t *testing.T) {
-	for _, network := range healthNetworks {
-		t.Run(network, func(t *testing.T) { testPassiveReplyTooLarge(t, network) })
-	}
+	onHealthNetworks(t, testPassiveReplyTooLarge)
 }
 
 func testPassiveReplyTooLarge(t *testing.T, network string) {
