@@ -31,13 +31,20 @@ func init() {
 //	    "bytes_to_upstream": 640,
 //	    "datagrams_from_upstream": 10,
 //	    "bytes_from_upstream": 660,
-//	    "last_check": {"time": "…", "passed": true, "latency_ns": 81234}
+//	    "last_check": {"time": "…", "passed": true, "latency_ns": 81234},
+//	    "active_checks": [
+//	      {"checks": "send_hex=… interval=5s …", "healthy": true, "last_check": {…}}
+//	    ]
 //	  }
 //	]
 //
 // The counters are cumulative across config reloads, like the
-// caddy_stabilize_upstream_* metrics. last_check is the latest active health
-// check, or null without active checks.
+// caddy_stabilize_upstream_* metrics. Health is per handler: healthy says
+// whether no check holds the address down, neither its passive checks
+// (shared by address) nor any handler's active checks; active_checks has
+// the verdict of each distinct set of active checks (handlers with
+// identical checks share one). last_check is the latest active check by any
+// of them, or null without active checks.
 type adminUpstreams struct{}
 
 // upstreamStatus is the state of one upstream in /stabilize/upstreams.
@@ -45,7 +52,9 @@ type upstreamStatus struct {
 	// The resolved address of the upstream, host:port.
 	Address string `json:"address"`
 
-	// Whether the upstream may be picked.
+	// Whether no health check holds the upstream down: neither its passive
+	// checks nor any handler's active checks. A handler heeds only the
+	// checks it configures, so one may still pick an upstream reported down.
 	Healthy bool `json:"healthy"`
 
 	// Client flows currently assigned to the upstream, across all handlers.
@@ -59,8 +68,11 @@ type upstreamStatus struct {
 	DatagramsFromUpstream uint64 `json:"datagrams_from_upstream"`
 	BytesFromUpstream     uint64 `json:"bytes_from_upstream"`
 
-	// The latest active health check, or null.
+	// The latest active health check by any handler, or null.
 	LastCheck *CheckResult `json:"last_check"`
+
+	// The verdict of each distinct set of active checks of the upstream.
+	ActiveChecks []ActiveCheckStatus `json:"active_checks,omitempty"`
 }
 
 // CaddyModule returns the Caddy module information.
@@ -109,6 +121,7 @@ func (adminUpstreams) handleUpstreams(w http.ResponseWriter, r *http.Request) er
 			DatagramsFromUpstream: h.datagramsReceived.Load(),
 			BytesFromUpstream:     h.bytesReceived.Load(),
 			LastCheck:             h.LastCheck(),
+			ActiveChecks:          h.ActiveChecks(),
 		})
 	}
 

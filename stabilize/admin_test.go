@@ -175,7 +175,9 @@ func TestAdminUpstreams(t *testing.T) {
 // metrics report it down, and traffic avoids it.
 func TestAdminUpstreamsShowsDown(t *testing.T) {
 	a, b := startUpstream(t, "a"), startUpstream(t, "b")
-	lb := startBalancer(t, true, 30*time.Second, handlerConfig("packet", "", a, b))
+	h := handlerConfig("packet", "", a, b)
+	h["health_checks"] = map[string]any{"passive": map[string]any{}} // heed the forced verdict
+	lb := startBalancer(t, true, 30*time.Second, h)
 
 	check := &CheckResult{Time: time.Now().UTC().Truncate(time.Second), Reason: "forced down by the test", Latency: 1500 * time.Microsecond}
 	host := hostOf(t, b.addr)

@@ -48,7 +48,7 @@ type Flow struct {
 	closeOnce  sync.Once
 	closed     atomic.Bool
 
-	health flowHealth // reply_timeout and socket error state; see healthchecks.go
+	health flowHealth // reply_timeout and socket error state; see health_passive.go
 }
 
 // flowIDs numbers flows.
@@ -168,6 +168,9 @@ func (fl *Flow) reply(from netip.AddrPort, n int, truncated bool) *Upstream {
 	h := fl.h
 	if truncated {
 		h.drop(dropReplyTooLarge)
+		if u := h.byAddr[from]; u != nil {
+			fl.replyTooLarge(u)
+		}
 		return nil
 	}
 	u := h.byAddr[from]

@@ -36,7 +36,9 @@ import (
 // (the key of the shared host state, as in /stabilize/upstreams); an upstream
 // that several handlers dial is reported once. `direction` is `to_upstream`
 // (client datagrams sent to the upstream) or `from_upstream` (replies received
-// from it). Upstream counters live in the shared host state, so they are
+// from it). upstream_healthy is 0 while any check holds the address down
+// (see Host.Healthy); /stabilize/upstreams has each handler's active
+// verdict. Upstream counters live in the shared host state, so they are
 // cumulative across config reloads for as long as some config keeps using
 // the address.
 //
@@ -78,7 +80,7 @@ var (
 		"Client flows currently assigned to the upstream (per-flow balancing only), across all handlers.",
 		"upstream")
 	upstreamHealthyDesc = newMetricDesc("upstream_healthy",
-		"Whether the upstream is healthy and may be picked (1) or is down (0).",
+		"Whether no health check holds the upstream down (1) or some does (0): its passive checks, shared by address, or the active checks of any handler. A handler heeds only the checks it configures.",
 		"upstream")
 	upstreamHealthCheckDurationDesc = newMetricDesc("upstream_health_check_duration_seconds",
 		"Round-trip time of passing active health checks of the upstream. Reported for upstreams of handlers with active health checks, or once any check has passed.",

@@ -26,6 +26,10 @@ type Upstream struct {
 
 	addr netip.AddrPort
 	host *Host
+
+	// Health, set up by provisionHealthChecks; see Upstream.healthy.
+	prober        *prober // the active checks' verdict, nil without them
+	passiveChecks bool    // the handler heeds the host's passive verdict
 }
 
 // provision resolves the dial address and attaches the shared host state.
@@ -106,11 +110,8 @@ type Host struct {
 	datagramsSent, bytesSent         atomic.Uint64 // towards the upstream
 	datagramsReceived, bytesReceived atomic.Uint64 // from the upstream
 
-	health hostHealth // see healthchecks.go
+	health hostHealth // see health.go
 }
-
-// healthy reports whether the upstream may be picked.
-func (u *Upstream) healthy() bool { return u.host.Healthy() }
 
 // Flows is the number of live flows currently assigned to the host.
 func (h *Host) Flows() int64 { return h.flows.Load() }

@@ -1,10 +1,15 @@
 package stabilize
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
@@ -13,6 +18,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	_ "github.com/caddyserver/caddy/v2/modules/logging" // the file log writer
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
@@ -75,6 +81,17 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 	return time.Since(start)
 }
 
+// healthNetworks are the listener networks every health behaviour test runs
+// on.
+var healthNetworks = []string{"udp", FastNetwork}
+
+// onHealthNetworks runs test as a subtest on each of healthNetworks.
+func onHealthNetworks(t *testing.T, test func(t *testing.T, network string)) {
+	for _, network := range healthNetworks {
+		t.Run(network, func(t *testing.T) { test(t, network) })
+	}
+}
+
 func needLinux(t *testing.T) {
 	t.Helper()
 	if runtime.GOOS != "linux" {
@@ -86,18 +103,23 @@ func needLinux(t *testing.T) {
 // fails×interval plus an interval, gets no traffic while down, and comes
 // back after `passes` good checks.
 func TestActiveHealthChecksExpect(t *testing.T) {
+	onHealthNetworks(t, testActiveHealthChecksExpect)
+}
+
+func testActiveHealthChecksExpect(t *testing.T, network string) {
 	const interval, fails, passes = 200 * time.Millisecond, 2, 2
 	const slack = 250 * time.Millisecond
 	a, b := startUpstream(t, "a"), startUpstream(t, "b")
 	handlers := captureHandlers(t)
-	lb := startBalancer(t, false, 30*time.Second, withHealth("packet", map[string]any{
+	lb := startBalancerOn(t, network, false, 30*time.Second, withHealth("packet", map[string]any{
 		"active": map[string]any{
 			"send": "PING", "expect": `\|PING$`, // the test upstream replies "<name>|PING"
 			"interval": interval.String(), "timeout": "100ms", "passes": passes, "fails": fails,
 		},
 	}, a, b))
 	h := onlyHandler(t, handlers)
-	ha, hb := h.Upstreams[0].host, h.Upstreams[1].host
+	ua, ub := h.Upstreams[0], h.Upstreams[1]
+	ha, hb := ua.host, ub.host
 
 	eventually(t, 2*time.Second, "the first checks", func() bool {
 		return ha.LastCheck() != nil && hb.LastCheck() != nil
@@ -120,15 +142,18 @@ func TestActiveHealthChecksExpect(t *testing.T) {
 	}
 
 	a.silent.Store(true)
-	took := waitFor(t, 3*time.Second, "a marked down", func() bool { return !ha.Healthy() })
+	took := waitFor(t, 3*time.Second, "a marked down", func() bool { return !ua.healthy() })
 	if limit := fails*interval + interval + slack; took > limit {
 		t.Errorf("a marked down after %v, want within %v", took, limit)
 	}
 	if c := ha.LastCheck(); c.Passed || c.Reason != "no reply within 100ms" {
 		t.Errorf("last check of a: %+v, want failed with no reply within 100ms", c)
 	}
-	if !hb.Healthy() {
+	if !ub.healthy() {
 		t.Fatal("b is down too")
+	}
+	if ha.Healthy() {
+		t.Error("the host of a is reported healthy while its checks hold it down")
 	}
 
 	dataBefore, probesBefore := dataGot(a, "PING"), a.gotPayload("PING")
@@ -146,7 +171,7 @@ func TestActiveHealthChecksExpect(t *testing.T) {
 	}
 
 	a.silent.Store(false)
-	took = waitFor(t, 3*time.Second, "a back up", ha.Healthy)
+	took = waitFor(t, 3*time.Second, "a back up", ua.healthy)
 	if limit := passes*interval + interval + slack; took > limit {
 		t.Errorf("a back up after %v, want within %v", took, limit)
 	}
@@ -162,15 +187,20 @@ func TestActiveHealthChecksExpect(t *testing.T) {
 // With no expected reply, silence passes and an ICMP port-unreachable
 // fails; a server on the port again brings the upstream back.
 func TestActiveHealthChecksNoExpect(t *testing.T) {
+	onHealthNetworks(t, testActiveHealthChecksNoExpect)
+}
+
+func testActiveHealthChecksNoExpect(t *testing.T, network string) {
 	const interval = 200 * time.Millisecond
 	const slack = 250 * time.Millisecond
 	a, b := startUpstream(t, "a"), startUpstream(t, "b")
 	handlers := captureHandlers(t)
-	lb := startBalancer(t, false, 30*time.Second, withHealth("packet", map[string]any{
+	lb := startBalancerOn(t, network, false, 30*time.Second, withHealth("packet", map[string]any{
 		"active": map[string]any{"interval": interval.String()},
 	}, a, b))
 	h := onlyHandler(t, handlers)
-	ha, hb := h.Upstreams[0].host, h.Upstreams[1].host
+	ua, ub := h.Upstreams[0], h.Upstreams[1]
+	ha, hb := ua.host, ub.host
 	if got := time.Duration(h.HealthChecks.Active.Timeout); got != interval {
 		t.Errorf("timeout defaulted to %v, want the interval %v", got, interval)
 	}
@@ -182,13 +212,13 @@ func TestActiveHealthChecksNoExpect(t *testing.T) {
 		c := hb.LastCheck()
 		return c != nil && c.Time.After(silentSince) && c.Latency == 0
 	})
-	if c := hb.LastCheck(); !c.Passed || !hb.Healthy() {
-		t.Fatalf("silent b: %+v, healthy %v; want passed", c, hb.Healthy())
+	if c := hb.LastCheck(); !c.Passed || !ub.healthy() {
+		t.Fatalf("silent b: %+v, healthy %v; want passed", c, ub.healthy())
 	}
 	b.silent.Store(false)
 
 	a.close()
-	took := waitFor(t, 3*time.Second, "closed a marked down", func() bool { return !ha.Healthy() })
+	took := waitFor(t, 3*time.Second, "closed a marked down", func() bool { return !ua.healthy() })
 	if limit := interval + interval + slack; took > limit {
 		t.Errorf("a marked down after %v, want within %v", took, limit)
 	}
@@ -203,7 +233,7 @@ func TestActiveHealthChecksNoExpect(t *testing.T) {
 	}
 
 	a2 := startUpstreamAt(t, "a2", a.addr.String())
-	took = waitFor(t, 3*time.Second, "a back up", ha.Healthy)
+	took = waitFor(t, 3*time.Second, "a back up", ua.healthy)
 	if limit := interval + interval + slack; took > limit {
 		t.Errorf("a back up after %v, want within %v", took, limit)
 	}
@@ -226,17 +256,18 @@ func TestPassiveHealthChecksICMP(t *testing.T) {
 	needLinux(t)
 	const failDuration = 2 * time.Second
 	for _, tc := range []struct {
-		per      string
-		maxFails int
-	}{{"packet", 2}, {"flow", 3}} {
-		t.Run(tc.per, func(t *testing.T) {
+		network, per string
+		maxFails     int
+	}{{"udp", "packet", 2}, {"udp", "flow", 3}, {FastNetwork, "packet", 2}, {FastNetwork, "flow", 3}} {
+		t.Run(tc.network+"/"+tc.per, func(t *testing.T) {
 			a, b, dead := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "dead")
 			handlers := captureHandlers(t)
-			lb := startBalancer(t, false, 30*time.Second, withHealth(tc.per, map[string]any{
+			lb := startBalancerOn(t, tc.network, false, 30*time.Second, withHealth(tc.per, map[string]any{
 				"passive": map[string]any{"max_fails": tc.maxFails, "fail_duration": failDuration.String()},
 			}, a, b, dead))
 			h := onlyHandler(t, handlers)
-			hd := h.Upstreams[2].host
+			ud := h.Upstreams[2]
+			hd := ud.host
 			dead.close()
 
 			// In per packet mode one client's datagrams rotate over the three
@@ -251,7 +282,7 @@ func TestPassiveHealthChecksICMP(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			for i := 0; hd.Healthy(); i++ {
+			for i := 0; ud.healthy(); i++ {
 				if i == 300 {
 					t.Fatalf("dead upstream still up after %d datagrams to it", hd.datagramsSent.Load())
 				}
@@ -277,7 +308,7 @@ func TestPassiveHealthChecksICMP(t *testing.T) {
 				t.Errorf("%d datagrams sent to the upstream while down", got-sent)
 			}
 
-			eventually(t, failDuration+time.Second, "the upstream back after fail_duration", hd.Healthy)
+			eventually(t, failDuration+time.Second, "the upstream back after fail_duration", ud.healthy)
 			if took := time.Since(downAt); took < failDuration-200*time.Millisecond {
 				t.Errorf("up again after %v, want fail_duration %v", took, failDuration)
 			}
@@ -295,15 +326,20 @@ func TestPassiveHealthChecksICMP(t *testing.T) {
 // reply_timeout marks a silent upstream down from live traffic, never
 // sooner than the timeout, and never the upstream that replies.
 func TestPassiveHealthChecksReplyTimeout(t *testing.T) {
+	onHealthNetworks(t, testPassiveHealthChecksReplyTimeout)
+}
+
+func testPassiveHealthChecksReplyTimeout(t *testing.T, network string) {
 	const replyTimeout = 200 * time.Millisecond
 	a, b := startUpstream(t, "a"), startUpstream(t, "b")
 	b.silent.Store(true)
 	handlers := captureHandlers(t)
-	lb := startBalancer(t, false, 30*time.Second, withHealth("flow", map[string]any{
+	lb := startBalancerOn(t, network, false, 30*time.Second, withHealth("flow", map[string]any{
 		"passive": map[string]any{"reply_timeout": replyTimeout.String(), "max_fails": 3, "fail_duration": "10s"},
 	}, a, b))
 	h := onlyHandler(t, handlers)
-	ha, hb := h.Upstreams[0].host, h.Upstreams[1].host
+	ua, ub := h.Upstreams[0], h.Upstreams[1]
+	ha := ua.host
 
 	// Six flows, alternately on a and b.
 	var clients []*client
@@ -315,14 +351,14 @@ func TestPassiveHealthChecksReplyTimeout(t *testing.T) {
 		}
 	}
 	start := time.Now()
-	took := waitFor(t, 3*time.Second, "b marked down", func() bool { return !hb.Healthy() })
+	took := waitFor(t, 3*time.Second, "b marked down", func() bool { return !ub.healthy() })
 	if elapsed := time.Since(start); elapsed < replyTimeout {
 		t.Errorf("b marked down after %v, before reply_timeout %v", elapsed, replyTimeout)
 	}
 	if limit := 2*replyTimeout + 300*time.Millisecond; took > limit {
 		t.Errorf("b marked down after %v, want within %v", took, limit)
 	}
-	if !ha.Healthy() {
+	if !ua.healthy() {
 		t.Fatal("a, which replies, is down too")
 	}
 	ha.health.mu.Lock()
@@ -346,13 +382,18 @@ func TestPassiveHealthChecksReplyTimeout(t *testing.T) {
 // same client socket gets replies, now from the other upstream.
 func TestFlowMovesWhenUpstreamGoesDown(t *testing.T) {
 	needLinux(t)
+	onHealthNetworks(t, testFlowMovesWhenUpstreamGoesDown)
+}
+
+func testFlowMovesWhenUpstreamGoesDown(t *testing.T, network string) {
 	a, b := startUpstream(t, "a"), startUpstream(t, "b")
 	handlers := captureHandlers(t)
-	lb := startBalancer(t, false, 30*time.Second, withHealth("flow", map[string]any{
+	lb := startBalancerOn(t, network, false, 30*time.Second, withHealth("flow", map[string]any{
 		"passive": map[string]any{},
 	}, a, b))
 	h := onlyHandler(t, handlers)
 	byName := map[string]*testUpstream{"a": a, "b": b}
+	upOfName := map[string]*Upstream{"a": h.Upstreams[0], "b": h.Upstreams[1]}
 	hostOfName := map[string]*Host{"a": h.Upstreams[0].host, "b": h.Upstreams[1].host}
 
 	cl := newClient(t, lb.addr)
@@ -362,7 +403,7 @@ func TestFlowMovesWhenUpstreamGoesDown(t *testing.T) {
 	if _, _, err := cl.roundTrip([]byte("lost"), 300*time.Millisecond); err == nil {
 		t.Fatal("a datagram to the closed upstream was answered")
 	}
-	eventually(t, 2*time.Second, first+" marked down", func() bool { return !hostOfName[first].Healthy() })
+	eventually(t, 2*time.Second, first+" marked down", func() bool { return !upOfName[first].healthy() })
 	sent := hostOfName[first].datagramsSent.Load()
 	for i := range 5 {
 		if name := cl.mustRoundTrip(fmt.Sprintf("moved-%d", i)); name != other {
@@ -380,75 +421,98 @@ func TestFlowMovesWhenUpstreamGoesDown(t *testing.T) {
 // When every upstream is down the handler fails open and counts it, or with
 // drop_when_all_down drops and counts that.
 func TestAllUpstreamsDown(t *testing.T) {
-	for _, drop := range []bool{false, true} {
-		t.Run(fmt.Sprintf("drop_when_all_down=%v", drop), func(t *testing.T) {
-			a, b := startUpstream(t, "a"), startUpstream(t, "b")
-			handlers := captureHandlers(t)
-			lb := startBalancer(t, false, 30*time.Second, withHealth("packet", map[string]any{
-				// The upstreams answer traffic but fail every check.
-				"active":             map[string]any{"send": "PING", "expect_exact": "never", "interval": "200ms"},
-				"drop_when_all_down": drop,
-			}, a, b))
-			h := onlyHandler(t, handlers)
-			eventually(t, 2*time.Second, "both upstreams down", func() bool {
-				return !h.Upstreams[0].host.Healthy() && !h.Upstreams[1].host.Healthy()
+	for _, network := range healthNetworks {
+		for _, drop := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/drop_when_all_down=%v", network, drop), func(t *testing.T) {
+				testAllUpstreamsDown(t, network, drop)
 			})
-			if c := h.Upstreams[0].host.LastCheck(); !strings.HasPrefix(c.Reason, `reply did not match: "a|PING"`) {
-				t.Errorf("last check of a: %+v, want the reply that did not match", c)
-			}
-
-			cl := newClient(t, lb.addr)
-			if !drop {
-				var names []string
-				for i := range 6 {
-					names = append(names, cl.mustRoundTrip(fmt.Sprintf("open-%d", i)))
-				}
-				if got := counts(names); got != "map[a:3 b:3]" {
-					t.Errorf("failing open: %s, want a:3 b:3", got)
-				}
-				if got := h.allDownSent.Load(); got != 6 {
-					t.Errorf("allDownSent = %d, want 6", got)
-				}
-				if got := h.Drops()["no_upstream"]; got != 0 {
-					t.Errorf("no_upstream drops = %d, want 0", got)
-				}
-				return
-			}
-			for i := range 3 {
-				if _, _, err := cl.roundTrip([]byte(fmt.Sprintf("drop-%d", i)), 200*time.Millisecond); !isTimeout(err) {
-					t.Fatalf("datagram %d: %v, want it dropped", i, err)
-				}
-			}
-			if got := h.Drops()["no_upstream"]; got != 3 {
-				t.Errorf("no_upstream drops = %d, want 3", got)
-			}
-			if got := h.allDownSent.Load(); got != 0 {
-				t.Errorf("allDownSent = %d, want 0", got)
-			}
-			if n := dataGot(a, "PING") + dataGot(b, "PING"); n != 0 {
-				t.Errorf("upstreams received %d datagrams of traffic", n)
-			}
-		})
+		}
 	}
 }
 
-// Health state lives in the shared host, so a reload keeps a down upstream
-// down; an upstream that only active checks kept down comes up when no
-// config checks it any more.
+func testAllUpstreamsDown(t *testing.T, network string, drop bool) {
+	a, b := startUpstream(t, "a"), startUpstream(t, "b")
+	handlers := captureHandlers(t)
+	lb := startBalancerOn(t, network, false, 30*time.Second, withHealth("packet", map[string]any{
+		// The upstreams answer traffic but fail every check.
+		"active":             map[string]any{"send": "PING", "expect_exact": "never", "interval": "200ms"},
+		"drop_when_all_down": drop,
+	}, a, b))
+	h := onlyHandler(t, handlers)
+	eventually(t, 2*time.Second, "both upstreams down", func() bool {
+		return !h.Upstreams[0].healthy() && !h.Upstreams[1].healthy()
+	})
+	if c := h.Upstreams[0].host.LastCheck(); !strings.HasPrefix(c.Reason, `reply did not match: "a|PING"`) {
+		t.Errorf("last check of a: %+v, want the reply that did not match", c)
+	}
+
+	cl := newClient(t, lb.addr)
+	if !drop {
+		var names []string
+		for i := range 6 {
+			names = append(names, cl.mustRoundTrip(fmt.Sprintf("open-%d", i)))
+		}
+		if got := counts(names); got != "map[a:3 b:3]" {
+			t.Errorf("failing open: %s, want a:3 b:3", got)
+		}
+		if got := h.allDownSent.Load(); got != 6 {
+			t.Errorf("allDownSent = %d, want 6", got)
+		}
+		if got := h.Drops()["no_upstream"]; got != 0 {
+			t.Errorf("no_upstream drops = %d, want 0", got)
+		}
+		return
+	}
+	for i := range 3 {
+		if _, _, err := cl.roundTrip([]byte(fmt.Sprintf("drop-%d", i)), 200*time.Millisecond); !isTimeout(err) {
+			t.Fatalf("datagram %d: %v, want it dropped", i, err)
+		}
+	}
+	if got := h.Drops()["no_upstream"]; got != 3 {
+		t.Errorf("no_upstream drops = %d, want 3", got)
+	}
+	if got := h.allDownSent.Load(); got != 0 {
+		t.Errorf("allDownSent = %d, want 0", got)
+	}
+	if n := dataGot(a, "PING") + dataGot(b, "PING"); n != 0 {
+		t.Errorf("upstreams received %d datagrams of traffic", n)
+	}
+}
+
+// Health outlives reloads: the passive verdict lives in the shared host, and
+// the active one in the prober that a reload with unchanged checks keeps, so
+// a down upstream stays down. A config without active checks ignores the
+// old verdict, and the prober stops.
 func TestHealthSurvivesReload(t *testing.T) {
 	needLinux(t)
+	onHealthNetworks(t, testHealthSurvivesReload)
+}
+
+func testHealthSurvivesReload(t *testing.T, network string) {
 	a, b, dead := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "dead")
 	handlers := captureHandlers(t)
 	cfg := withHealth("packet", map[string]any{
 		"passive": map[string]any{"fail_duration": "10s"},
 	}, a, b, dead)
-	lb := startBalancer(t, false, 30*time.Second, cfg)
+	lb := startBalancerOn(t, network, false, 30*time.Second, cfg)
+	reload := func(what string, handler any) *Handler {
+		t.Helper()
+		n := len(handlers())
+		if err := caddy.Load(testConfigOn(network, lb.addr, "", 30*time.Second, handler), true); err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		hs := handlers()
+		if len(hs) != n+1 {
+			t.Fatalf("%s: %d handlers provisioned, want 1", what, len(hs)-n)
+		}
+		return hs[n]
+	}
 	h0 := onlyHandler(t, handlers)
 	hd := h0.Upstreams[2].host
 	dead.close()
 
 	cl := newClient(t, lb.addr)
-	for i := 0; hd.Healthy(); i++ {
+	for i := 0; h0.Upstreams[2].healthy(); i++ {
 		if i == 100 {
 			t.Fatal("dead upstream never marked down")
 		}
@@ -456,18 +520,11 @@ func TestHealthSurvivesReload(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 
-	if err := caddy.Load(testConfig(lb.addr, "", 30*time.Second, cfg), true); err != nil {
-		t.Fatalf("reloading: %v", err)
-	}
-	hs := handlers()
-	if len(hs) != 2 {
-		t.Fatalf("%d handlers after the reload, want 2", len(hs))
-	}
-	h1 := hs[1]
+	h1 := reload("reloading", cfg)
 	if h1.Upstreams[2].host != hd {
 		t.Fatal("the reloaded config has a new host for the same address")
 	}
-	if hd.Healthy() {
+	if h1.Upstreams[2].healthy() {
 		t.Fatal("the reload brought the down upstream up")
 	}
 	sent := hd.datagramsSent.Load()
@@ -481,26 +538,29 @@ func TestHealthSurvivesReload(t *testing.T) {
 	}
 
 	// Active checks: a config that fails every check, reloaded, keeps its
-	// verdict; a config without active checks clears it.
+	// prober and verdict; a config without active checks ignores it.
 	active := withHealth("packet", map[string]any{
 		"active": map[string]any{"send": "PING", "expect_exact": "never", "interval": "200ms", "fails": 1},
 	}, a, b)
-	if err := caddy.Load(testConfig(lb.addr, "", 30*time.Second, active), true); err != nil {
-		t.Fatalf("loading active checks: %v", err)
+	h2 := reload("loading active checks", active)
+	ua := h2.Upstreams[0]
+	eventually(t, 2*time.Second, "a down by active checks", func() bool { return !ua.healthy() })
+	h3 := reload("reloading active checks", active)
+	if h3.Upstreams[0].prober != ua.prober {
+		t.Error("reloading the same active checks started a new prober")
 	}
-	ha := handlers()[2].Upstreams[0].host
-	eventually(t, 2*time.Second, "a down by active checks", func() bool { return !ha.Healthy() })
-	if err := caddy.Load(testConfig(lb.addr, "", 30*time.Second, active), true); err != nil {
-		t.Fatalf("reloading active checks: %v", err)
-	}
-	if ha.Healthy() {
+	if h3.Upstreams[0].healthy() {
 		t.Error("reloading the same active checks brought a up")
 	}
-	if err := caddy.Load(testConfig(lb.addr, "", 30*time.Second, handlerConfig("packet", "", a, b)), true); err != nil {
-		t.Fatalf("loading without health checks: %v", err)
+	h4 := reload("loading without health checks", handlerConfig("packet", "", a, b))
+	if !h4.Upstreams[0].healthy() {
+		t.Error("a is down for a handler without health checks")
 	}
-	if !ha.Healthy() {
-		t.Error("a stays down with no active checks left to bring it up")
+	if !ua.host.Healthy() {
+		t.Error("a is reported down with no active checks left")
+	}
+	if _, ok := probers.References(ua.prober.check.key(ua.addr)); ok {
+		t.Error("the prober runs on with no handler holding it")
 	}
 }
 
@@ -551,7 +611,7 @@ func TestHealthCheckConfig(t *testing.T) {
 	a, p := h.HealthChecks.Active, h.HealthChecks.Passive
 	if a.Interval != caddy.Duration(5*time.Second) || a.Timeout != caddy.Duration(2*time.Second) ||
 		a.Passes != 1 || a.Fails != 1 || p.MaxFails != 1 || p.FailDuration != caddy.Duration(10*time.Second) ||
-		p.ReplyTimeout != 0 || len(h.HealthChecks.probe) != 0 || h.HealthChecks.judged {
+		p.ReplyTimeout != 0 || len(h.HealthChecks.active.probe) != 0 || h.HealthChecks.active.judged {
 		t.Errorf("defaults: active %+v, passive %+v", a, p)
 	}
 	h, err = provisionErr(t, "{"+up+`, "health_checks": {"active": {"interval": "1s", "send_hex": "50494e47", "expect_prefix": "x"}}}`)
@@ -561,8 +621,8 @@ func TestHealthCheckConfig(t *testing.T) {
 	if a := h.HealthChecks.Active; a.Timeout != caddy.Duration(time.Second) {
 		t.Errorf("timeout %v, want the 1s interval", time.Duration(a.Timeout))
 	}
-	if got := string(h.HealthChecks.probe); got != "PING" || !h.HealthChecks.judged {
-		t.Errorf("probe %q, judged %v", got, h.HealthChecks.judged)
+	if c := h.HealthChecks.active; string(c.probe) != "PING" || !c.judged {
+		t.Errorf("probe %q, judged %v", c.probe, c.judged)
 	}
 	// Stopping is prompt even while a probe waits for its reply.
 	start := time.Now()
@@ -596,10 +656,11 @@ func TestHealthCheckMatching(t *testing.T) {
 		if err := json.Unmarshal([]byte(`{"active": `+string(b)+`}`), hc); err != nil {
 			t.Fatal(err)
 		}
-		if err := hc.provisionActive(hc.Active); err != nil {
+		c, err := compileActive(hc.Active)
+		if err != nil {
 			t.Fatal(err)
 		}
-		if got := hc.matches([]byte(tc.reply)); got != tc.want {
+		if got := c.matches([]byte(tc.reply)); got != tc.want {
 			t.Errorf("%s with reply %q: matches %v, want %v", b, tc.reply, got, tc.want)
 		}
 	}
@@ -611,7 +672,8 @@ func observedLogger() (*zap.Logger, *observer.ObservedLogs) {
 	return zap.New(core), logs
 }
 
-// transitions are the up/down log entries, as "level message reason".
+// transitions are the up/down log entries, as "level message: reason
+// (checks upstream)".
 func transitions(logs *observer.ObservedLogs) []string {
 	var out []string
 	for _, e := range logs.All() {
@@ -619,23 +681,31 @@ func transitions(logs *observer.ObservedLogs) []string {
 			continue
 		}
 		m := e.ContextMap()
-		out = append(out, fmt.Sprintf("%s %s: %v (%v)", e.Level, e.Message, m["reason"], m["upstream"]))
+		out = append(out, fmt.Sprintf("%s %s: %v (%v %v)", e.Level, e.Message, m["reason"], m["checks"], m["upstream"]))
 	}
 	return out
+}
+
+// testProber is a prober of host that is not running.
+func testProber(host *Host, logger *zap.Logger, passes, fails int) *prober {
+	p := &prober{check: &activeCheck{ActiveHealthChecks: &ActiveHealthChecks{Passes: passes, Fails: fails}}, host: host}
+	p.logger.Store(logger)
+	return p
 }
 
 func TestActiveAccounting(t *testing.T) {
 	logger, logs := observedLogger()
 	host := &Host{addr: netip.MustParseAddrPort("192.0.2.1:53")}
-	hc := &HealthChecks{logger: logger, Active: &ActiveHealthChecks{Passes: 2, Fails: 3}}
+	p := testProber(host, logger, 2, 3)
+	u := &Upstream{host: host, prober: p}
 	pass := CheckResult{Passed: true, Latency: time.Millisecond}
 	fail := CheckResult{Reason: "no reply within 1s"}
 	epoch := healthEpoch.Load()
 	step := func(res CheckResult, wantHealthy bool) {
 		t.Helper()
-		host.activeResult(hc, res, res.Passed)
-		if host.Healthy() != wantHealthy {
-			t.Fatalf("after %+v: healthy %v, want %v", res, host.Healthy(), wantHealthy)
+		p.result(res, res.Passed)
+		if u.healthy() != wantHealthy || host.Healthy() != wantHealthy {
+			t.Fatalf("after %+v: healthy %v, host healthy %v; want %v", res, u.healthy(), host.Healthy(), wantHealthy)
 		}
 		if *host.LastCheck() != res {
 			t.Fatalf("last check %+v, want %+v", host.LastCheck(), res)
@@ -660,17 +730,36 @@ func TestActiveAccounting(t *testing.T) {
 		t.Errorf("%d latencies observed, want one per passing check (5)", n)
 	}
 	want := []string{
-		"warn upstream is down: no reply within 1s (3 failing health checks in a row) (192.0.2.1:53)",
-		"info upstream is up: 2 passing health checks in a row (192.0.2.1:53)",
+		"warn upstream is down: no reply within 1s (3 failing health checks in a row) (active 192.0.2.1:53)",
+		"info upstream is up: 2 passing health checks in a row (active 192.0.2.1:53)",
 	}
 	if got := transitions(logs); !slices.Equal(got, want) {
 		t.Errorf("logged %q, want %q", got, want)
+	}
+
+	// Two probers of one host, as for two handlers with different checks:
+	// each has its own verdict, and the host is reported down while either
+	// says so, until the one that says so stops.
+	q := testProber(host, logger, 1, 1)
+	v := &Upstream{host: host, prober: q}
+	q.result(fail, false)
+	if !u.healthy() || v.healthy() || host.Healthy() {
+		t.Fatalf("one prober down: healthy %v and %v, host %v; want true, false, false", u.healthy(), v.healthy(), host.Healthy())
+	}
+	q.cancel, q.done = func() {}, make(chan struct{})
+	close(q.done)
+	if err := q.Destruct(); err != nil {
+		t.Fatal(err)
+	}
+	if !host.Healthy() {
+		t.Error("the host is reported down after its down prober stopped")
 	}
 }
 
 func TestPassiveAccounting(t *testing.T) {
 	logger, logs := observedLogger()
 	host := &Host{addr: netip.MustParseAddrPort("192.0.2.2:53")}
+	u := &Upstream{host: host, passiveChecks: true}
 	const failDuration = 150 * time.Millisecond
 	fail := func() { host.passiveFailure(logger, reasonPortUnreachable, 3, failDuration) }
 
@@ -679,44 +768,47 @@ func TestPassiveAccounting(t *testing.T) {
 	time.Sleep(failDuration + 20*time.Millisecond) // both forgotten
 	fail()
 	fail()
-	if !host.Healthy() {
+	if !u.healthy() {
 		t.Fatal("down after 2 recent failures, want max_fails 3")
 	}
 	fail()
-	if host.Healthy() {
+	if u.healthy() || host.Healthy() {
 		t.Fatal("up after 3 failures within fail_duration")
+	}
+	if ignoring := (&Upstream{host: host}); !ignoring.healthy() {
+		t.Error("a handler without passive checks heeds the passive verdict")
 	}
 	downAt := time.Now()
 	fail() // not counted while down
-	took := waitFor(t, time.Second, "up after fail_duration", host.Healthy)
+	took := waitFor(t, time.Second, "up after fail_duration", u.healthy)
 	if elapsed := time.Since(downAt); elapsed < failDuration-10*time.Millisecond || took > failDuration+200*time.Millisecond {
 		t.Errorf("up after %v, want fail_duration %v", elapsed, failDuration)
 	}
 	fail()
 	fail()
-	if !host.Healthy() {
+	if !u.healthy() {
 		t.Fatal("failures before the down period counted after it")
 	}
 	want := []string{
-		"warn upstream is down: ICMP port unreachable (3 failures within 150ms) (192.0.2.2:53)",
-		"info upstream is up: down for fail_duration 150ms (192.0.2.2:53)",
+		"warn upstream is down: ICMP port unreachable (3 failures within 150ms) (passive 192.0.2.2:53)",
+		"info upstream is up: down for fail_duration 150ms (passive 192.0.2.2:53)",
 	}
 	if got := transitions(logs); !slices.Equal(got, want) {
 		t.Errorf("logged %q, want %q", got, want)
 	}
 
 	// Active and passive combine: down while either says so.
-	hc := &HealthChecks{logger: logger, Active: &ActiveHealthChecks{Passes: 1, Fails: 1}}
-	host.activeResult(hc, CheckResult{Reason: "x"}, false)
+	u.prober = testProber(host, logger, 1, 1)
+	u.prober.result(CheckResult{Reason: "x"}, false)
 	fail()
-	if host.Healthy() {
+	if u.healthy() {
 		t.Fatal("up while both say down")
 	}
-	host.activeResult(hc, CheckResult{Passed: true}, false)
-	if host.Healthy() {
+	u.prober.result(CheckResult{Passed: true}, false)
+	if u.healthy() {
 		t.Fatal("up while passive checks say down")
 	}
-	eventually(t, time.Second, "up when both say up", host.Healthy)
+	eventually(t, time.Second, "up when both say up", u.healthy)
 }
 
 // sentTo and replyFrom are on the data path: no allocation.
@@ -731,12 +823,10 @@ func TestReplyTimeoutBookkeeping(t *testing.T) {
 	if s, w := fl.health.since.Load(), fl.health.upstream.Load(); s != 7 || w != u {
 		t.Fatalf("watching %p since %d, want %p since 7", w, s, u)
 	}
-	fl.replyFrom(v)
-	if fl.health.since.Load() == 0 {
+	if fl.replyFrom(v) || fl.health.since.Load() == 0 {
 		t.Fatal("a reply from another upstream cleared the watch")
 	}
-	fl.replyFrom(u)
-	if fl.health.since.Load() != 0 {
+	if !fl.replyFrom(u) || fl.health.since.Load() != 0 {
 		t.Fatal("the reply did not clear the watch")
 	}
 	if n := testing.AllocsPerRun(1000, func() { fl.sentTo(u); fl.replyFrom(u) }); n != 0 {
@@ -749,4 +839,285 @@ func TestReplyTimeoutBookkeeping(t *testing.T) {
 	if off.health.since.Load() != 0 {
 		t.Error("watching without reply_timeout")
 	}
+}
+
+// healthy is what the data path asks: no allocation.
+func TestUpstreamHealthyAllocs(t *testing.T) {
+	host := &Host{addr: netip.MustParseAddrPort("192.0.2.3:53")}
+	u := &Upstream{host: host, prober: testProber(host, zap.NewNop(), 1, 1), passiveChecks: true}
+	if n := testing.AllocsPerRun(1000, func() { _ = u.healthy() }); n != 0 {
+		t.Errorf("healthy allocates %v times", n)
+	}
+}
+
+// startServers loads a Caddy config with a layer4 server per handler, each
+// on a fresh port of network, and returns their addresses. With logFile,
+// logs go there as JSON, from Info up.
+func startServers(t *testing.T, network, logFile string, handlers ...any) []string {
+	t.Helper()
+	var cfg map[string]any
+	if err := json.Unmarshal(testConfigOn(network, "127.0.0.1:1", "", 30*time.Second, nil), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if logFile != "" {
+		cfg["logging"] = map[string]any{"logs": map[string]any{"default": map[string]any{
+			"level":   "INFO",
+			"writer":  map[string]any{"output": "file", "filename": logFile},
+			"encoder": map[string]any{"format": "json"},
+		}}}
+	}
+	servers := map[string]any{}
+	var addrs []string
+	for i, h := range handlers {
+		addr := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
+		addrs = append(addrs, addr)
+		servers[fmt.Sprintf("srv%d", i)] = map[string]any{
+			"listen":       []string{network + "/" + addr},
+			"idle_timeout": "30s",
+			"routes":       []any{map[string]any{"handle": []any{h}}},
+		}
+	}
+	cfg["apps"] = map[string]any{"layer4": map[string]any{"servers": servers}}
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Load(b, true); err != nil {
+		t.Fatalf("loading config: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("stopping caddy: %v", err)
+		}
+	})
+	return addrs
+}
+
+// Active health is per handler (defect 4): a handler whose checks fail on x
+// stops sending to it; a handler without checks over the same upstreams
+// keeps sending to x; a handler with identical checks shares the prober and
+// agrees; one with other checks that x passes keeps it.
+func TestActiveHealthPerHandler(t *testing.T) {
+	onHealthNetworks(t, testActiveHealthPerHandler)
+}
+
+func testActiveHealthPerHandler(t *testing.T, network string) {
+	x, y := startUpstream(t, "x"), startUpstream(t, "y")
+	failsX := map[string]any{"active": map[string]any{"send": "PING", "expect_prefix": "y|", "interval": "100ms"}}
+	passesX := map[string]any{"active": map[string]any{"send": "PING", "expect": `^[xy]\|PING$`, "interval": "100ms"}}
+	checked := withHealth("packet", failsX, x, y)
+	unchecked := handlerConfig("packet", "", x, y)
+	same := withHealth("flow", failsX, x, y)
+	other := withHealth("packet", passesX, x, y)
+	handlers := captureHandlers(t)
+	addrs := startServers(t, network, "", checked, unchecked, same, other)
+
+	var hChecked, hSame, hOther, hUnchecked *Handler
+	for _, h := range handlers() {
+		switch {
+		case h.HealthChecks == nil:
+			hUnchecked = h
+		case h.HealthChecks.Active.ExpectPrefix == "" && hOther == nil:
+			hOther = h
+		case h.Per == PerFlow:
+			hSame = h
+		default:
+			hChecked = h
+		}
+	}
+	if hChecked == nil || hSame == nil || hOther == nil || hUnchecked == nil {
+		t.Fatalf("handlers not told apart: %d provisioned", len(handlers()))
+	}
+	eventually(t, 2*time.Second, "x down by the failing checks", func() bool { return !hChecked.Upstreams[0].healthy() })
+	if hSame.Upstreams[0].prober != hChecked.Upstreams[0].prober {
+		t.Error("handlers with identical checks run two probers")
+	}
+	if hOther.Upstreams[0].prober == hChecked.Upstreams[0].prober {
+		t.Error("handlers with different checks share a prober")
+	}
+	// The other checks have passed by now: both probers check at once.
+	eventually(t, 2*time.Second, "a passing check by the other checks", func() bool {
+		c := hOther.Upstreams[0].host.LastCheck()
+		return c != nil && c.Passed
+	})
+	if !hUnchecked.Upstreams[0].healthy() || !hOther.Upstreams[0].healthy() {
+		t.Fatal("x is down for a handler whose checks do not fail it")
+	}
+	// /stabilize/upstreams reports both verdicts of x, and x as held down.
+	hx := hChecked.Upstreams[0].host
+	checks := hx.ActiveChecks()
+	if len(checks) != 2 || checks[0].Healthy == checks[1].Healthy || hx.Healthy() {
+		t.Errorf("x: active checks %+v, healthy %v; want one verdict down, one up, and x reported down", checks, hx.Healthy())
+	}
+
+	for _, tc := range []struct {
+		name, addr, want string
+	}{
+		{"failing checks", addrs[0], "map[y:6]"},
+		{"no checks", addrs[1], "map[x:3 y:3]"},
+		{"checks that x passes", addrs[3], "map[x:3 y:3]"},
+	} {
+		cl := newClient(t, tc.addr)
+		var names []string
+		for i := range 6 {
+			names = append(names, cl.mustRoundTrip(fmt.Sprintf("%s-%d", tc.name, i)))
+		}
+		if got := counts(names); got != tc.want {
+			t.Errorf("handler with %s: %s, want %s", tc.name, got, tc.want)
+		}
+	}
+	// Per flow, with the same checks: every new flow avoids x.
+	for i := range 4 {
+		if name := newClient(t, addrs[2]).mustRoundTrip(fmt.Sprintf("same-%d", i)); name != "y" {
+			t.Errorf("flow %d of the handler with identical checks went to %s", i, name)
+		}
+	}
+}
+
+// The passive verdict is per upstream address, heeded only by handlers with
+// passive checks: one that finds x silent marks it down for every handler
+// with passive checks, and a handler without them keeps sending to x.
+func TestPassiveHealthSharedByAddress(t *testing.T) {
+	onHealthNetworks(t, testPassiveHealthSharedByAddress)
+}
+
+func testPassiveHealthSharedByAddress(t *testing.T, network string) {
+	x, y := startUpstream(t, "x"), startUpstream(t, "y")
+	x.silent.Store(true)
+	watching := withHealth("packet", map[string]any{
+		"passive": map[string]any{"reply_timeout": "100ms", "fail_duration": "10s"},
+	}, x, y)
+	heeding := withHealth("packet", map[string]any{"passive": map[string]any{"max_fails": 5}}, x, y)
+	unchecked := handlerConfig("packet", "", x, y)
+	handlers := captureHandlers(t)
+	addrs := startServers(t, network, "", watching, heeding, unchecked)
+
+	var hWatching, hHeeding, hUnchecked *Handler
+	for _, h := range handlers() {
+		switch {
+		case h.HealthChecks == nil:
+			hUnchecked = h
+		case h.HealthChecks.replyTimeout > 0:
+			hWatching = h
+		default:
+			hHeeding = h
+		}
+	}
+	if hWatching == nil || hHeeding == nil || hUnchecked == nil {
+		t.Fatalf("handlers not told apart: %d provisioned", len(handlers()))
+	}
+	cl := newClient(t, addrs[0])
+	for i := range 2 { // one to each upstream
+		_, _ = cl.conn.Write([]byte(fmt.Sprintf("watched-%d", i)))
+	}
+	eventually(t, 2*time.Second, "x down by reply_timeout", func() bool { return !hWatching.Upstreams[0].healthy() })
+	if hHeeding.Upstreams[0].healthy() {
+		t.Error("x is up for another handler with passive checks")
+	}
+	if !hUnchecked.Upstreams[0].healthy() {
+		t.Fatal("x is down for a handler without passive checks")
+	}
+	before := x.got.Load()
+	c := newClient(t, addrs[1])
+	for i := range 4 {
+		if name := c.mustRoundTrip(fmt.Sprintf("heeding-%d", i)); name != "y" {
+			t.Fatalf("datagram %d of the heeding handler went to %s", i, name)
+		}
+	}
+	if got := x.got.Load(); got != before {
+		t.Errorf("x got %d datagrams from handlers that heed its passive verdict", got-before)
+	}
+	c = newClient(t, addrs[2])
+	for i := range 4 {
+		_, _ = c.conn.Write([]byte(fmt.Sprintf("unchecked-%d", i)))
+	}
+	eventually(t, 2*time.Second, "the handler without checks sending to x", func() bool { return x.got.Load() >= before+2 })
+}
+
+// startBigUpstream starts a UDP server on 127.0.0.1 that answers every
+// datagram with size bytes.
+func startBigUpstream(t *testing.T, size int) netip.AddrPort {
+	t.Helper()
+	conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	go func() {
+		buf, big := make([]byte, 65535), make([]byte, size)
+		for {
+			_, from, err := conn.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			_, _ = conn.WriteToUDPAddrPort(big, from)
+		}
+	}()
+	return conn.LocalAddr().(*net.UDPAddr).AddrPort()
+}
+
+// An upstream whose replies are all too large to relay is marked down by
+// reply_timeout at once, for that reason, not for a missing reply (defect 9).
+func TestPassiveReplyTooLarge(t *testing.T) {
+	onHealthNetworks(t, testPassiveReplyTooLarge)
+}
+
+func testPassiveReplyTooLarge(t *testing.T, network string) {
+	const replyTimeout = time.Second
+	a := startUpstream(t, "a")
+	big := startBigUpstream(t, ListenerBufferSize+1)
+	h := withHealth("packet", map[string]any{"passive": map[string]any{
+		"reply_timeout": replyTimeout.String(), "max_fails": 1, "fail_duration": "10s",
+	}}, a)
+	h["upstreams"] = []any{map[string]any{"dial": big.String()}, map[string]any{"dial": a.dial()}}
+	logFile := filepath.Join(t.TempDir(), "caddy.log")
+	handlers := captureHandlers(t)
+	addrs := startServers(t, network, logFile, h)
+	hb := onlyHandler(t, handlers).Upstreams[0]
+
+	// Spaced out, so that each datagram is watched.
+	cl := newClient(t, addrs[0])
+	start := time.Now()
+	for i := 0; hb.healthy(); i++ {
+		if i == 60 {
+			t.Fatalf("still up after %v", time.Since(start))
+		}
+		if _, err := cl.conn.Write([]byte(fmt.Sprintf("req-%d", i))); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if took := time.Since(start); took >= replyTimeout {
+		t.Errorf("down after %v, want before reply_timeout %v", took, replyTimeout)
+	}
+	if got := onlyHandler(t, handlers).Drops()["reply_too_large"]; got == 0 {
+		t.Error("no reply_too_large drop counted")
+	}
+	var reasons []string
+	eventually(t, 2*time.Second, "the down transition logged", func() bool {
+		reasons = loggedDownReasons(t, logFile, big)
+		return len(reasons) > 0
+	})
+	want := reasonReplyTooLarge + " (1 failure within 10s)"
+	if !slices.Equal(reasons, []string{want}) {
+		t.Errorf("logged reasons %q, want %q", reasons, want)
+	}
+}
+
+// loggedDownReasons are the reasons of the passive "upstream is down" entries
+// for upstream in a JSON log file.
+func loggedDownReasons(t *testing.T, logFile string, upstream netip.AddrPort) []string {
+	t.Helper()
+	b, err := os.ReadFile(logFile)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	var reasons []string
+	for line := range bytes.Lines(b) {
+		var e struct{ Msg, Upstream, Checks, Reason string }
+		if json.Unmarshal(line, &e) == nil && e.Msg == "upstream is down" && e.Upstream == upstream.String() && e.Checks == "passive" {
+			reasons = append(reasons, e.Reason)
+		}
+	}
+	return reasons
 }
