@@ -253,7 +253,7 @@ func (h *Handler) provisionHealthChecks() error {
 func (hc *HealthChecks) provisionActive(a *ActiveHealthChecks) error {
 	switch {
 	case a.Send != "" && a.SendHex != "":
-		return errors.New("send and send_hex: use one, not both")
+		return fmt.Errorf("send and send_hex: use one, not both (send %q, send_hex %q)", a.Send, a.SendHex)
 	case a.SendHex != "":
 		b, err := hex.DecodeString(a.SendHex)
 		if err != nil {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -64,6 +65,15 @@ type Handler struct {
 	// Default: the system's.
 	WriteBuffer int `json:"write_buffer,omitempty"`
 
+	// The most client flows this handler keeps at once; a new flow over the
+	// cap is dropped and counted as `flow_limit`, established flows are
+	// unaffected. Default: derived from the process's open-file limit (see
+	// README). -1 means no limit.
+	MaxFlows int `json:"max_flows,omitempty"`
+
+	// The most flows from one client IP address. Default: 0, no limit.
+	MaxFlowsPerIP int `json:"max_flows_per_ip,omitempty"`
+
 	ctx      caddy.Context
 	logger   *zap.Logger
 	selector Selector
@@ -115,7 +125,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.LoadBalancing.SelectionPolicyRaw != nil {
 		mod, err := ctx.LoadModule(h.LoadBalancing, "SelectionPolicyRaw")
 		if err != nil {
-			return fmt.Errorf("loading load balancing selection policy: %w", err)
+			return fmt.Errorf("load_balancing.selection: %w", err)
 		}
 		h.selector = mod.(Selector)
 	} else {
@@ -154,6 +164,18 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.WriteBuffer < 0 {
 		return fmt.Errorf("write_buffer %d: must not be negative", h.WriteBuffer)
+	}
+	if h.ReadBuffer > math.MaxInt32 {
+		return fmt.Errorf("read_buffer %d: must be at most %d", h.ReadBuffer, math.MaxInt32)
+	}
+	if h.WriteBuffer > math.MaxInt32 {
+		return fmt.Errorf("write_buffer %d: must be at most %d", h.WriteBuffer, math.MaxInt32)
+	}
+	if h.MaxFlows < -1 {
+		return fmt.Errorf("max_flows %d: must be -1 (no limit), 0 (the default) or positive", h.MaxFlows)
+	}
+	if h.MaxFlowsPerIP < 0 {
+		return fmt.Errorf("max_flows_per_ip %d: must not be negative", h.MaxFlowsPerIP)
 	}
 	switch h.ProxyProtocol {
 	case "", "v2":
