@@ -20,9 +20,10 @@ import (
 //		...
 //	}
 //
-// The options are those of caddyfileOptions; caddyfileSyntax prints them
-// and README.md documents each. Same-line arguments are upstreams, as for
-// `to`; a plain host:port is written to the JSON config as udp/host:port.
+// The options are those of the table caddyfileOptions, which
+// caddyfileSyntax prints and README.md documents. Same-line arguments are
+// upstreams, as for `to`; a plain host:port is written to the JSON config
+// as udp/host:port.
 //
 // The parser checks syntax only: unknown and repeated options, argument
 // counts, blocks, and that numbers, durations and sizes parse. Provision
@@ -82,19 +83,19 @@ var caddyfileOptions = []caddyfileOption{
 		parse: setInt(func(h *Handler) *int { return &h.MaxFlowsPerIP })},
 
 	{group: "active health checks", name: "health_send", args: "<text>",
-		doc:   "the probe datagram, as text (default: an empty datagram)",
+		doc:   "the active health check's probe datagram, as text (default: an empty datagram)",
 		parse: setText(func(h *Handler) *string { return &activeOf(h).Send })},
 	{name: "health_send_hex", args: "<hex>",
-		doc:   "the probe datagram, in hexadecimal; instead of health_send",
+		doc:   "the probe datagram in hexadecimal, instead of health_send",
 		parse: setText(func(h *Handler) *string { return &activeOf(h).SendHex })},
 	{name: "health_expect", args: "<regexp>",
-		doc:   "a regular expression the reply must match",
+		doc:   "a regular expression the reply to the probe must match",
 		parse: setText(func(h *Handler) *string { return &activeOf(h).Expect })},
 	{name: "health_expect_exact", args: "<text>",
-		doc:   "the exact reply",
+		doc:   "the exact reply expected",
 		parse: setText(func(h *Handler) *string { return &activeOf(h).ExpectExact })},
 	{name: "health_expect_prefix", args: "<text>",
-		doc:   "a prefix of the reply",
+		doc:   "a prefix the reply must start with",
 		parse: setText(func(h *Handler) *string { return &activeOf(h).ExpectPrefix })},
 	{name: "health_interval", args: "<duration>",
 		doc:   "how often to probe each upstream (default 5s)",
@@ -113,7 +114,7 @@ var caddyfileOptions = []caddyfileOption{
 		parse: setInt(func(h *Handler) *int { return &activeOf(h).Port })},
 
 	{group: "passive health checks", name: "reply_timeout", args: "<duration>",
-		doc:   "a datagram without a reply within this time is a failure (default: off)",
+		doc:   "passive checks: a datagram without a reply within this time is a failure (default: off)",
 		parse: setDuration(func(h *Handler) *caddy.Duration { return &passiveOf(h).ReplyTimeout })},
 	{name: "max_fails", args: "<n>",
 		doc:   "failures within fail_duration that mark an upstream down (default 1)",
@@ -123,7 +124,7 @@ var caddyfileOptions = []caddyfileOption{
 		parse: setDuration(func(h *Handler) *caddy.Duration { return &passiveOf(h).FailDuration })},
 
 	{group: "when every upstream is down", name: "drop_when_all_down",
-		doc: "drop datagrams instead of failing open",
+		doc: "when every upstream is down, drop datagrams instead of failing open",
 		parse: func(p *caddyfileParser, _ []string) error {
 			healthChecksOf(p.h).DropWhenAllDown = true
 			return nil
@@ -133,10 +134,10 @@ var caddyfileOptions = []caddyfileOption{
 		doc:   "prepend a PROXY protocol v2 header with the client's address to every datagram",
 		parse: setText(func(h *Handler) *string { return &h.ProxyProtocol })},
 	{name: "read_buffer", args: "<size>",
-		doc:   "the receive buffer size, such as 4MiB (default: the system's)",
+		doc:   "the receive buffer size of each upstream-facing socket, such as 4MiB (default: the system's)",
 		parse: setSize(func(h *Handler) *int { return &h.ReadBuffer })},
 	{name: "write_buffer", args: "<size>",
-		doc:   "the send buffer size, such as 4MiB (default: the system's)",
+		doc:   "the send buffer size of each upstream-facing socket, such as 4MiB (default: the system's)",
 		parse: setSize(func(h *Handler) *int { return &h.WriteBuffer })},
 }
 
@@ -150,15 +151,19 @@ var caddyfileOptionByName = func() map[string]*caddyfileOption {
 }()
 
 // caddyfileSyntax returns the syntax of the stabilize Caddyfile directive,
-// from the table of options.
-func caddyfileSyntax() string {
+// from the table of options: with a comment naming each group of options,
+// or, withDocs, with each option's doc as a comment above it.
+func caddyfileSyntax(withDocs bool) string {
 	var sb strings.Builder
 	sb.WriteString("stabilize [<upstreams...>] {\n")
 	for i, o := range caddyfileOptions {
-		if o.group != "" {
-			if i > 0 {
-				sb.WriteString("\n")
-			}
+		if o.group != "" && i > 0 {
+			sb.WriteString("\n")
+		}
+		switch {
+		case withDocs:
+			sb.WriteString("\t# " + o.doc + "\n")
+		case o.group != "":
 			sb.WriteString("\t# " + o.group + "\n")
 		}
 		sb.WriteString("\t" + strings.TrimSpace(o.name+" "+o.args))
@@ -269,13 +274,10 @@ func (p *caddyfileParser) upstream(args []string) error {
 // addUpstream appends an upstream. A plain host:port is written as
 // udp/host:port; a weight of 1 is left to the default.
 func (p *caddyfileParser) addUpstream(addr string, weight int) {
-	if !strings.Contains(addr, "/") {
-		addr = "udp/" + addr
-	}
 	if weight == 1 {
 		weight = 0
 	}
-	p.h.Upstreams = append(p.h.Upstreams, &Upstream{Dial: addr, Weight: weight})
+	p.h.Upstreams = append(p.h.Upstreams, &Upstream{Dial: udpDial(addr), Weight: weight})
 }
 
 // policy parses `lb_policy <name> [<args...>]`. The policy module parses

@@ -74,7 +74,7 @@ func TestCaddyfileOptionREADME(t *testing.T) {
 		t.Fatal(err)
 	}
 	text := string(readme)
-	if syntax := caddyfileSyntax(); !strings.Contains(text, "```caddyfile\n"+syntax+"```\n") {
+	if syntax := caddyfileSyntax(false); !strings.Contains(text, "```caddyfile\n"+syntax+"```\n") {
 		t.Errorf("README.md lacks the Caddyfile syntax block:\n%s", syntax)
 	}
 	for _, o := range caddyfileOptions {

@@ -72,7 +72,11 @@ and "caddy stop" stops it. Use --admin <addr> to serve the admin API
 elsewhere, or --admin off to turn it off. The config is not saved.
 
 --debug turns on debug logging.
-`,
+
+In a config file, the stabilize handler goes in a route of caddy-l4's layer4
+global option. Its Caddyfile syntax:
+
+` + commandCaddyfileHelp(),
 		CobraFunc: func(cmd *cobra.Command) {
 			cmd.Flags().StringP("listen", "l", "", "UDP address to receive datagrams on (required)")
 			cmd.Flags().StringSliceP("to", "t", []string{}, "Upstream UDP address(es); repeatable, comma-separated (required)")
@@ -85,6 +89,19 @@ elsewhere, or --admin off to turn it off. The config is not saved.
 			cmd.RunE = caddycmd.WrapCommandFuncForCobra(cmdStabilize)
 		},
 	})
+}
+
+// commandCaddyfileHelp is the handler's Caddyfile syntax, with each
+// option's doc, indented for the help text.
+func commandCaddyfileHelp() string {
+	var sb strings.Builder
+	for line := range strings.Lines(caddyfileSyntax(true)) {
+		if line != "\n" {
+			sb.WriteString("  ")
+		}
+		sb.WriteString(strings.ReplaceAll(line, "\t", "  "))
+	}
+	return sb.String()
 }
 
 // commandOptions are the flags of `caddy stabilize`.
@@ -261,10 +278,7 @@ func expandUpstreams(to []string) []*Upstream {
 		s := strings.TrimSpace(raw)
 		na, err := caddy.ParseNetworkAddressWithDefaults(s, "udp", 0)
 		if err != nil || na.PortRangeSize() == 1 {
-			if !strings.Contains(s, "/") {
-				s = "udp/" + s
-			}
-			ups = append(ups, &Upstream{Dial: s}) // provisioning checks it
+			ups = append(ups, &Upstream{Dial: udpDial(s)}) // Provision checks it
 			continue
 		}
 		for port := na.StartPort; port <= na.EndPort; port++ {

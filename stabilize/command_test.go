@@ -95,6 +95,12 @@ func TestCommandRegistered(t *testing.T) {
 			t.Errorf("help text lacks %q", want)
 		}
 	}
+	// The Caddyfile syntax, from the table of options.
+	for _, o := range caddyfileOptions {
+		if !strings.Contains(c.Long, "\n    "+o.name) || !strings.Contains(c.Long, "# "+o.doc+"\n") {
+			t.Errorf("help text lacks the Caddyfile option %s and its doc", o.name)
+		}
+	}
 }
 
 func TestBuildCommandConfigTypical(t *testing.T) {

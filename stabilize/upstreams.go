@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"sync/atomic"
 
 	"github.com/caddyserver/caddy/v2"
@@ -71,6 +72,15 @@ func parseUpstreamAddr(dial string) (netip.AddrPort, error) {
 		return netip.AddrPort{}, fmt.Errorf("upstream %q: %w", dial, err)
 	}
 	return addrPort(ua), nil
+}
+
+// udpDial returns addr with the udp/ network if it names no network: a
+// plain host:port is UDP.
+func udpDial(addr string) string {
+	if strings.Contains(addr, "/") {
+		return addr
+	}
+	return "udp/" + addr
 }
 
 // parseUDPAddr parses a Caddy network address with one port on a UDP
