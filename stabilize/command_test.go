@@ -248,86 +248,74 @@ func TestBuildCommandConfigAdmin(t *testing.T) {
 	}
 }
 
-// TestBuildCommandConfigErrors checks the errors of parsing the flags:
-// required flags, the listener and values that do not parse.
-func TestBuildCommandConfigErrors(t *testing.T) {
+// TestCommandOptionErrors checks where each error comes from. Parsing the
+// flags fails for missing flags, for the listener, which is the command's
+// own, and for values that do not parse. Other values are left to
+// Provision: the config built for them fails when Caddy validates it, with
+// an error naming the field and the value.
+func TestCommandOptionErrors(t *testing.T) {
 	good := commandOptions{Listen: ":5000", To: []string{"127.0.0.1:6001"}}
 	for _, tc := range []struct {
-		name string
-		edit func(*commandOptions)
-		want string
+		name      string
+		edit      func(*commandOptions)
+		provision bool
+		want      string
 	}{
-		{"no listen", func(o *commandOptions) { o.Listen = "" }, "--listen is required"},
-		{"listen tcp", func(o *commandOptions) { o.Listen = "tcp/:5000" }, `--listen "tcp/:5000": network "tcp" is not UDP`},
-		{"listen no port", func(o *commandOptions) { o.Listen = "localhost" }, `--listen "localhost": a port (1-65535) is required`},
-		{"listen port 0", func(o *commandOptions) { o.Listen = ":0" }, `--listen ":0": a port (1-65535) is required`},
-		{"listen bad port", func(o *commandOptions) { o.Listen = ":99999" }, `--listen ":99999": invalid start port`},
-		{"listen range", func(o *commandOptions) { o.Listen = ":5000-5001" }, `--listen ":5000-5001": exactly one port is required`},
-		{"no upstreams", func(o *commandOptions) { o.To = nil }, "--to is required"},
-		{"idle timeout", func(o *commandOptions) { o.IdleTimeout = "soon" }, `--idle-timeout "soon": `},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			opts := good
-			tc.edit(&opts)
-			_, err := buildCommandConfig(opts)
-			if err == nil || !strings.Contains(err.Error(), tc.want) {
-				t.Errorf("error = %v, want one containing %q", err, tc.want)
-			}
-		})
-	}
-}
+		{"no listen", func(o *commandOptions) { o.Listen = "" }, false, "--listen is required"},
+		{"listen tcp", func(o *commandOptions) { o.Listen = "tcp/:5000" }, false, `--listen "tcp/:5000": network "tcp" is not UDP`},
+		{"listen no port", func(o *commandOptions) { o.Listen = "localhost" }, false, `--listen "localhost": a port (1-65535) is required`},
+		{"listen port 0", func(o *commandOptions) { o.Listen = ":0" }, false, `--listen ":0": a port (1-65535) is required`},
+		{"listen bad port", func(o *commandOptions) { o.Listen = ":99999" }, false, `--listen ":99999": invalid start port`},
+		{"listen range", func(o *commandOptions) { o.Listen = ":5000-5001" }, false, `--listen ":5000-5001": exactly one port is required`},
+		{"no upstreams", func(o *commandOptions) { o.To = nil }, false, "--to is required"},
+		{"idle timeout", func(o *commandOptions) { o.IdleTimeout = "soon" }, false, `--idle-timeout "soon": `},
 
-// TestCommandOptionValues checks that the command leaves values to
-// Provision: the config it builds for bad values is rejected when Caddy
-// validates it, with an error naming the field and the value.
-func TestCommandOptionValues(t *testing.T) {
-	good := commandOptions{Listen: ":5000", To: []string{"127.0.0.1:6001"}}
-	for _, tc := range []struct {
-		name string
-		edit func(*commandOptions)
-		want string
-	}{
-		{"empty upstream", func(o *commandOptions) { o.To = []string{"127.0.0.1:6001", ""} }, `upstreams[1]: upstream "udp/": `},
-		{"tcp upstream", func(o *commandOptions) { o.To = []string{"tcp/x:1"} }, `upstreams[0]: upstream "tcp/x:1": network "tcp" is not UDP`},
-		{"unix upstream", func(o *commandOptions) { o.To = []string{"unix//tmp/s"} }, `upstreams[0]: upstream "unix//tmp/s": network "unix" is not UDP`},
-		{"upstream no port", func(o *commandOptions) { o.To = []string{"127.0.0.1"} }, `upstreams[0]: upstream "udp/127.0.0.1": a port (1-65535) is required`},
-		{"upstream no host", func(o *commandOptions) { o.To = []string{":6001"} }, `upstreams[0]: upstream "udp/:6001": a host is required`},
-		{"upstream bad port", func(o *commandOptions) { o.To = []string{"127.0.0.1:x"} }, `upstreams[0]: upstream "udp/127.0.0.1:x": invalid start port`},
-		{"upstream twice", func(o *commandOptions) { o.To = []string{"127.0.0.1:6001", "udp/127.0.0.1:6001"} }, `upstreams[1]: upstream "udp/127.0.0.1:6001" is listed twice`},
-		{"per", func(o *commandOptions) { o.Per = "bytes" }, `per "bytes": must be "flow" or "packet"`},
-		{"policy", func(o *commandOptions) { o.LBPolicy = "fastest" }, `load_balancing.selection: `},
-		{"max flows", func(o *commandOptions) { o.MaxFlows = -2 }, `max_flows -2: must be -1`},
+		{"empty upstream", func(o *commandOptions) { o.To = []string{"127.0.0.1:6001", ""} }, true, `upstreams[1]: upstream "udp/": `},
+		{"tcp upstream", func(o *commandOptions) { o.To = []string{"tcp/x:1"} }, true, `upstreams[0]: upstream "tcp/x:1": network "tcp" is not UDP`},
+		{"unix upstream", func(o *commandOptions) { o.To = []string{"unix//tmp/s"} }, true, `upstreams[0]: upstream "unix//tmp/s": network "unix" is not UDP`},
+		{"upstream no port", func(o *commandOptions) { o.To = []string{"127.0.0.1"} }, true, `upstreams[0]: upstream "udp/127.0.0.1": a port (1-65535) is required`},
+		{"upstream no host", func(o *commandOptions) { o.To = []string{":6001"} }, true, `upstreams[0]: upstream "udp/:6001": a host is required`},
+		{"upstream bad port", func(o *commandOptions) { o.To = []string{"127.0.0.1:x"} }, true, `upstreams[0]: upstream "udp/127.0.0.1:x": invalid start port`},
+		{"upstream twice", func(o *commandOptions) { o.To = []string{"127.0.0.1:6001", "udp/127.0.0.1:6001"} }, true, `upstreams[1]: upstream "udp/127.0.0.1:6001" is listed twice`},
+		{"per", func(o *commandOptions) { o.Per = "bytes" }, true, `per "bytes": must be "flow" or "packet"`},
+		{"policy", func(o *commandOptions) { o.LBPolicy = "fastest" }, true, `load_balancing.selection: `},
+		{"max flows", func(o *commandOptions) { o.MaxFlows = -2 }, true, `max_flows -2: must be -1`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			opts := good
 			tc.edit(&opts)
-			raw, err := buildCommandConfig(opts)
-			if err != nil {
-				t.Fatalf("buildCommandConfig: %v, want only Provision to check values", err)
-			}
-			var cfg caddy.Config
-			if err := json.Unmarshal(raw, &cfg); err != nil {
-				t.Fatal(err)
-			}
-			err = caddy.Validate(&cfg)
-			if err == nil || !strings.Contains(err.Error(), "provision layer4.handlers.stabilize: "+tc.want) {
-				t.Errorf("validating: %v, want a Provision error starting %q", err, tc.want)
+			parseErr, provisionErr := commandErrors(t, opts)
+			switch {
+			case !tc.provision && (parseErr == nil || !strings.Contains(parseErr.Error(), tc.want)):
+				t.Errorf("parsing: %v, want an error containing %q", parseErr, tc.want)
+			case tc.provision && parseErr != nil:
+				t.Errorf("parsing: %v, want only Provision to check the value", parseErr)
+			case tc.provision && (provisionErr == nil || !strings.Contains(provisionErr.Error(), "provision layer4.handlers.stabilize: "+tc.want)):
+				t.Errorf("validating: %v, want a Provision error starting %q", provisionErr, tc.want)
 			}
 		})
 	}
 
 	// With good values, the config validates.
-	raw, err := buildCommandConfig(commandOptions{Listen: ":5000", To: []string{"127.0.0.1:6001"}, MaxFlows: -1, LBPolicy: "maglev"})
+	parseErr, provisionErr := commandErrors(t, commandOptions{Listen: ":5000", To: []string{"127.0.0.1:6001"}, MaxFlows: -1, LBPolicy: "maglev"})
+	if parseErr != nil || provisionErr != nil {
+		t.Errorf("good options: %v, %v", parseErr, provisionErr)
+	}
+}
+
+// commandErrors builds the command's config for opts and validates it as
+// Caddy does, returning the error of each stage.
+func commandErrors(t *testing.T, opts commandOptions) (parseErr, provisionErr error) {
+	t.Helper()
+	raw, err := buildCommandConfig(opts)
 	if err != nil {
-		t.Fatal(err)
+		return err, nil
 	}
 	var cfg caddy.Config
 	if err := json.Unmarshal(raw, &cfg); err != nil {
 		t.Fatal(err)
 	}
-	if err := caddy.Validate(&cfg); err != nil {
-		t.Errorf("validating %s: %v", raw, err)
-	}
+	return nil, caddy.Validate(&cfg)
 }
 
 // TestCommandPolicyNames checks that the --lb-policy flag lists the
