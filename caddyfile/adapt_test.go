@@ -24,11 +24,19 @@ var update = flag.Bool("update", false, "rewrite the golden expectations from th
 // separator splits a test file into its Caddyfile and its expectation.
 const separator = "----------"
 
-// errorPrefix starts an expectation that adapting fails.
+// errorPrefix starts an expectation that adapting fails: the parser
+// rejects the syntax.
 const errorPrefix = "error: "
+
+// invalidPrefix starts an expectation that adapting succeeds but the
+// adapted config does not validate: the handler's Provision rejects a value.
+const invalidPrefix = "invalid: "
 
 // globalOptionPrefix is how httpcaddyfile wraps a global option's error.
 const globalOptionPrefix = "parsing caddyfile tokens for 'layer4': "
+
+// provisionPrefix ends how Caddy wraps the handler's Provision error.
+const provisionPrefix = "provision layer4.handlers.stabilize: "
 
 // adapt runs the caddyfile adapter on body.
 func adapt(t *testing.T, body []byte) ([]byte, error) {
@@ -47,9 +55,14 @@ func adapt(t *testing.T, body []byte) ([]byte, error) {
 	return out, nil
 }
 
-// errorShape is what every expected error must look like: it comes from
-// the handler, and carries the Caddyfile's file and line.
+// errorShape is what every parse error must look like: it comes from the
+// handler, and carries the Caddyfile's file and line.
 var errorShape = regexp.MustCompile(`^stabilize: .+, at Caddyfile:\d+$`)
+
+// invalidShape is what every Provision error must look like: it starts with
+// the JSON field and names the value, quoted or as a number, or says what
+// is required.
+var invalidShape = regexp.MustCompile(`^[a-z_]+(\[\d+\])?(\.[a-z_]+)*[: ].*(["\d]|required)`)
 
 func TestCaddyfileAdapt(t *testing.T) {
 	files, err := filepath.Glob(filepath.Join("testdata", "*.caddyfiletest"))
@@ -110,6 +123,33 @@ func testAdaptFile(t *testing.T, file string) {
 	if adaptErr != nil {
 		t.Fatalf("adapting: %v", adaptErr)
 	}
+
+	// The adapted config must load as Caddy would load it: provision the
+	// layer4 app and the handler (this resolves the upstreams) without
+	// starting it.
+	validErr := caddy.Validate(mustConfig(t, out))
+
+	if expectErr, isInvalid := strings.CutPrefix(want, invalidPrefix); isInvalid {
+		if validErr == nil {
+			t.Fatalf("validated without error, want error containing %q; adapted:\n%s", expectErr, out)
+		}
+		_, got, ok := strings.Cut(validErr.Error(), provisionPrefix)
+		if !ok {
+			t.Fatalf("error %q does not come from the handler's Provision", validErr)
+		}
+		if *update {
+			rewrite(t, file, caddyfileText, invalidPrefix+got)
+			expectErr = got
+		}
+		if !invalidShape.MatchString(expectErr) {
+			t.Errorf("expected error %q must start with the field and name the value", expectErr)
+		}
+		if !strings.Contains(got, expectErr) {
+			t.Errorf("wrong error\n got: %s\nwant: %s", got, expectErr)
+		}
+		return
+	}
+
 	var indented bytes.Buffer
 	if err := json.Indent(&indented, out, "", "\t"); err != nil {
 		t.Fatalf("indenting adapted JSON: %v", err)
@@ -122,11 +162,8 @@ func testAdaptFile(t *testing.T, file string) {
 			t.Errorf("adapted JSON differs (run with -update to accept)\n got:\n%s\nwant:\n%s", got, want)
 		}
 	}
-
-	// The adapted config must also load: provision the layer4 app and the
-	// handler (this resolves the upstreams) without starting it.
-	if err := caddy.Validate(mustConfig(t, out)); err != nil {
-		t.Errorf("adapted config does not validate: %v", err)
+	if validErr != nil {
+		t.Errorf("adapted config does not validate: %v", validErr)
 	}
 }
 

@@ -1,10 +1,8 @@
 package stabilize
 
 import (
-	"encoding/hex"
 	"fmt"
 	"math"
-	"regexp"
 	"strconv"
 	"strings"
 
@@ -18,460 +16,376 @@ import (
 // route of the layer4 global option. Syntax:
 //
 //	stabilize [<upstreams...>] {
-//		# upstreams (at least one, from any of the three forms)
-//		to <upstreams...>
-//		upstream <address> [{
-//			weight <n>
-//		}]
-//
-//		# load balancing
-//		per packet|flow
-//		lb_policy round_robin|weighted_round_robin|random|least_sessions|first|random_choose [<n>]|maglev [<key>]
-//
-//		# active health checks
-//		health_send <text>
-//		health_send_hex <hex>
-//		health_expect <regexp>
-//		health_expect_exact <text>
-//		health_expect_prefix <text>
-//		health_interval <duration>
-//		health_timeout <duration>
-//		health_passes <n>
-//		health_fails <n>
-//		health_port <port>
-//
-//		# passive health checks
-//		reply_timeout <duration>
-//		max_fails <n>
-//		fail_duration <duration>
-//
-//		drop_when_all_down
-//
-//		proxy_protocol v2
-//		read_buffer <size>
-//		write_buffer <size>
+//		<option> [<arguments...>]
+//		...
 //	}
 //
-// An upstream address is `udp/host:port`, `udp4/host:port`,
-// `udp6/host:port` or a plain `host:port`, which is UDP and is written to
-// the JSON config as `udp/host:port`. It must name one host and one port;
-// any other network (such as `tcp/`) is an error. Every upstream may be
-// listed once. `upstream` takes one address and an optional block; its
-// `weight` (for weighted_round_robin) is a positive integer, default 1.
+// The options are those of the table caddyfileOptions, which
+// caddyfileSyntax prints and README.md documents. Same-line arguments are
+// upstreams, as for `to`; a plain host:port is written to the JSON config
+// as udp/host:port.
 //
-// `per` maps to `per`; `lb_policy` to `load_balancing.selection` (policy
-// arguments: random_choose's number of upstreams to sample, at least 2, and
-// maglev's key placeholder); the health_* options to `health_checks.active`
-// (send, send_hex, expect, expect_exact, expect_prefix, interval, timeout,
-// passes, fails, port); reply_timeout, max_fails and fail_duration to
-// `health_checks.passive`; drop_when_all_down to
-// `health_checks.drop_when_all_down`. health_send and health_send_hex are
-// mutually exclusive. Durations use Caddy's duration syntax (such as 500ms,
-// 5s, 1m) and must be positive; counts must be positive integers.
-// read_buffer and write_buffer are byte sizes such as 4194304, 4MiB or 4MB.
-//
-// Every option but to and upstream may be given once. Errors name the
-// option and the offending value, and carry the Caddyfile's file and line.
+// The parser checks syntax only: unknown and repeated options, argument
+// counts, blocks, and that numbers, durations and sizes parse. Provision
+// checks the values, naming the field and the value. A zero number,
+// duration or size means the default, as it does in JSON. Parse errors
+// name the option and the value, with the Caddyfile's file and line.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume the handler name
 
-	p := &caddyfileParser{
-		h:     h,
-		d:     d,
-		seen:  make(map[string]int),
-		dials: make(map[string]bool),
+	p := &caddyfileParser{h: h, d: d, seen: make(map[string]int)}
+	if err := p.to(d.RemainingArgs()); err != nil {
+		return err
 	}
-
-	// Same-line arguments are upstream addresses.
-	for d.NextArg() {
-		if err := p.addUpstream("", d.Val(), 0); err != nil {
-			return err
-		}
-	}
-
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		option := d.Val()
-		if err := p.option(option); err != nil {
+		if err := p.option(nesting); err != nil {
 			return err
 		}
-		// upstream and lb_policy consume their own blocks; no other
-		// option has one.
-		if option != "upstream" && option != "lb_policy" && d.NextBlock(nesting+1) {
-			return d.Errf("stabilize: %s: unexpected block starting with %q: only upstream takes a block", option, d.Val())
-		}
-	}
-
-	if len(h.Upstreams) == 0 {
-		return d.Errf("stabilize: missing upstreams: list them after stabilize, or add them with to or upstream")
 	}
 	return nil
+}
+
+// caddyfileOption is one option of the stabilize block.
+type caddyfileOption struct {
+	group    string // starts a group of options in the syntax, with this comment
+	name     string
+	args     string   // the argument syntax; "" for none
+	variadic bool     // takes one or more arguments, not exactly one
+	block    []string // the syntax of its block's lines; nil for no block
+	many     bool     // may be given more than once
+	doc      string   // one line
+	parse    func(p *caddyfileParser, args []string) error
+}
+
+// caddyfileOptions is the table of the stabilize block's options. It drives
+// UnmarshalCaddyfile and caddyfileSyntax, and a test checks that README.md
+// documents every option.
+var caddyfileOptions = []caddyfileOption{
+	{group: "upstreams: at least one, in any of the three forms", name: "to", args: "<upstreams...>", variadic: true, many: true,
+		doc:   "UDP upstreams: udp/host:port, udp4/..., udp6/... or a plain host:port",
+		parse: (*caddyfileParser).to},
+	{name: "upstream", args: "<address>", block: []string{"weight <n>"}, many: true,
+		doc:   "one upstream, with an optional weight for weighted policies (1-10000, default 1)",
+		parse: (*caddyfileParser).upstream},
+
+	{group: "load balancing", name: "per", args: "packet|flow",
+		doc:   "when the policy picks an upstream: for a flow's first datagram (default) or for every datagram",
+		parse: setText(func(h *Handler) *string { return &h.Per })},
+	{name: "lb_policy", args: "<policy> [<arguments...>]", variadic: true,
+		doc:   "the selection policy and its arguments (default round_robin)",
+		parse: (*caddyfileParser).policy},
+
+	{group: "limits", name: "max_flows", args: "<n>",
+		doc:   "the most client flows at once; -1 for no limit (default: derived from the open-file limit)",
+		parse: setInt(func(h *Handler) *int { return &h.MaxFlows })},
+	{name: "max_flows_per_ip", args: "<n>",
+		doc:   "the most client flows from one IP address (default 0, no limit)",
+		parse: setInt(func(h *Handler) *int { return &h.MaxFlowsPerIP })},
+
+	{group: "active health checks", name: "health_send", args: "<text>",
+		doc:   "the active health check's probe datagram, as text (default: an empty datagram)",
+		parse: setText(func(h *Handler) *string { return &activeOf(h).Send })},
+	{name: "health_send_hex", args: "<hex>",
+		doc:   "the probe datagram in hexadecimal, instead of health_send",
+		parse: setText(func(h *Handler) *string { return &activeOf(h).SendHex })},
+	{name: "health_expect", args: "<regexp>",
+		doc:   "a regular expression the reply to the probe must match",
+		parse: setText(func(h *Handler) *string { return &activeOf(h).Expect })},
+	{name: "health_expect_exact", args: "<text>",
+		doc:   "the exact reply expected",
+		parse: setText(func(h *Handler) *string { return &activeOf(h).ExpectExact })},
+	{name: "health_expect_prefix", args: "<text>",
+		doc:   "a prefix the reply must start with",
+		parse: setText(func(h *Handler) *string { return &activeOf(h).ExpectPrefix })},
+	{name: "health_interval", args: "<duration>",
+		doc:   "how often to probe each upstream (default 5s)",
+		parse: setDuration(func(h *Handler) *caddy.Duration { return &activeOf(h).Interval })},
+	{name: "health_timeout", args: "<duration>",
+		doc:   "how long to wait for a reply (default 2s)",
+		parse: setDuration(func(h *Handler) *caddy.Duration { return &activeOf(h).Timeout })},
+	{name: "health_passes", args: "<n>",
+		doc:   "consecutive passing checks that mark an upstream up (default 1)",
+		parse: setInt(func(h *Handler) *int { return &activeOf(h).Passes })},
+	{name: "health_fails", args: "<n>",
+		doc:   "consecutive failing checks that mark an upstream down (default 1)",
+		parse: setInt(func(h *Handler) *int { return &activeOf(h).Fails })},
+	{name: "health_port", args: "<port>",
+		doc:   "the port to probe, if not the upstream's",
+		parse: setInt(func(h *Handler) *int { return &activeOf(h).Port })},
+
+	{group: "passive health checks", name: "reply_timeout", args: "<duration>",
+		doc:   "passive checks: a datagram without a reply within this time is a failure (default: off)",
+		parse: setDuration(func(h *Handler) *caddy.Duration { return &passiveOf(h).ReplyTimeout })},
+	{name: "max_fails", args: "<n>",
+		doc:   "failures within fail_duration that mark an upstream down (default 1)",
+		parse: setInt(func(h *Handler) *int { return &passiveOf(h).MaxFails })},
+	{name: "fail_duration", args: "<duration>",
+		doc:   "how long a failure counts, and an upstream stays down (default 10s)",
+		parse: setDuration(func(h *Handler) *caddy.Duration { return &passiveOf(h).FailDuration })},
+
+	{group: "when every upstream is down", name: "drop_when_all_down",
+		doc: "when every upstream is down, drop datagrams instead of failing open",
+		parse: func(p *caddyfileParser, _ []string) error {
+			healthChecksOf(p.h).DropWhenAllDown = true
+			return nil
+		}},
+
+	{group: "upstream-facing sockets", name: "proxy_protocol", args: "v2",
+		doc:   "prepend a PROXY protocol v2 header with the client's address to every datagram",
+		parse: setText(func(h *Handler) *string { return &h.ProxyProtocol })},
+	{name: "read_buffer", args: "<size>",
+		doc:   "the receive buffer size of each upstream-facing socket, such as 4MiB (default: the system's)",
+		parse: setSize(func(h *Handler) *int { return &h.ReadBuffer })},
+	{name: "write_buffer", args: "<size>",
+		doc:   "the send buffer size of each upstream-facing socket, such as 4MiB (default: the system's)",
+		parse: setSize(func(h *Handler) *int { return &h.WriteBuffer })},
+}
+
+// caddyfileOptionByName indexes caddyfileOptions.
+var caddyfileOptionByName = func() map[string]*caddyfileOption {
+	m := make(map[string]*caddyfileOption, len(caddyfileOptions))
+	for i := range caddyfileOptions {
+		m[caddyfileOptions[i].name] = &caddyfileOptions[i]
+	}
+	return m
+}()
+
+// caddyfileSyntax returns the syntax of the stabilize Caddyfile directive,
+// from the table of options: with a comment naming each group of options,
+// or, withDocs, with each option's doc as a comment above it.
+func caddyfileSyntax(withDocs bool) string {
+	var sb strings.Builder
+	sb.WriteString("stabilize [<upstreams...>] {\n")
+	for i, o := range caddyfileOptions {
+		if o.group != "" && i > 0 {
+			sb.WriteString("\n")
+		}
+		switch {
+		case withDocs:
+			sb.WriteString("\t# " + o.doc + "\n")
+		case o.group != "":
+			sb.WriteString("\t# " + o.group + "\n")
+		}
+		sb.WriteString("\t" + strings.TrimSpace(o.name+" "+o.args))
+		if o.block != nil {
+			sb.WriteString(" {\n")
+			for _, line := range o.block {
+				sb.WriteString("\t\t" + line + "\n")
+			}
+			sb.WriteString("\t}")
+		}
+		sb.WriteString("\n")
+	}
+	sb.WriteString("}\n")
+	return sb.String()
 }
 
 // caddyfileParser holds the state of parsing one stabilize block.
 type caddyfileParser struct {
-	h     *Handler
-	d     *caddyfile.Dispenser
-	seen  map[string]int  // single-valued option -> line first set
-	dials map[string]bool // normalised upstream addresses so far
+	h    *Handler
+	d    *caddyfile.Dispenser
+	seen map[string]int    // option -> line first given
+	opt  *caddyfileOption  // the option being parsed
+	toks []caddyfile.Token // its arguments
 }
 
-// once fails if the single-valued option was already set.
-func (p *caddyfileParser) once(option string) error {
-	if line, dup := p.seen[option]; dup {
-		return p.d.Errf("stabilize: duplicate option %q (first set on line %d)", option, line)
-	}
-	p.seen[option] = p.d.Line()
-	return nil
-}
-
-// arg reads the one argument of option; usage describes it in errors.
-func (p *caddyfileParser) arg(option, usage string) (string, error) {
+// option parses one option of the stabilize block, at nesting; the
+// dispenser is on the option's name.
+func (p *caddyfileParser) option(nesting int) error {
 	d := p.d
-	if !d.NextArg() {
-		return "", d.Errf("stabilize: %s: missing argument %s", option, usage)
-	}
-	val := d.Val()
-	if d.NextArg() {
-		return "", d.Errf("stabilize: %s: too many arguments: unexpected %q after %q", option, d.Val(), val)
-	}
-	return val, nil
-}
-
-// option parses one option of the stabilize block; the dispenser is on
-// the option's name.
-func (p *caddyfileParser) option(option string) error {
-	d, h := p.d, p.h
-	switch option {
-	case "to":
-		args := d.RemainingArgs()
-		if len(args) == 0 {
-			return d.Errf("stabilize: to: missing argument <upstreams...>")
-		}
-		for _, a := range args {
-			if err := p.addUpstream("to", a, 0); err != nil {
-				return err
-			}
-		}
-		return nil
-
-	case "upstream":
-		return p.parseUpstream()
-
-	case "lb_policy":
-		if err := p.once(option); err != nil {
-			return err
-		}
-		return p.parsePolicy()
-
-	case "drop_when_all_down":
-		if err := p.once(option); err != nil {
-			return err
-		}
-		if d.NextArg() {
-			return d.Errf("stabilize: drop_when_all_down: takes no arguments, got %q", d.Val())
-		}
-		p.healthChecks().DropWhenAllDown = true
-		return nil
-	}
-
-	// The rest take exactly one argument.
-	usage, known := singleArgUsage[option]
+	name := d.Val()
+	o, known := caddyfileOptionByName[name]
 	if !known {
-		return d.Errf("stabilize: unknown option %q", option)
+		return d.Errf("stabilize: unknown option %q", name)
 	}
-	if err := p.once(option); err != nil {
+	if line, dup := p.seen[name]; dup && !o.many {
+		return d.Errf("stabilize: duplicate option %q (first set on line %d)", name, line)
+	}
+	p.seen[name] = d.Line()
+	p.opt = o
+
+	p.toks = d.RemainingArgsAsTokens()
+	args := make([]string, len(p.toks))
+	for i, t := range p.toks {
+		args[i] = t.Text
+	}
+	switch {
+	case o.args == "" && len(args) > 0:
+		return d.Errf("stabilize: %s: takes no arguments, got %q", name, args[0])
+	case o.args != "" && len(args) == 0:
+		return d.Errf("stabilize: %s: missing argument %s", name, o.args)
+	case o.args != "" && !o.variadic && len(args) > 1:
+		return d.Errf("stabilize: %s: too many arguments: unexpected %q after %q", name, args[1], args[0])
+	}
+	if err := o.parse(p, args); err != nil {
 		return err
 	}
-	val, err := p.arg(option, usage)
-	if err != nil {
-		return err
-	}
-
-	switch option {
-	case "per":
-		switch val {
-		case PerPacket, PerFlow:
-			h.Per = val
-		default:
-			return d.Errf("stabilize: per: invalid value %q: must be %q or %q", val, PerPacket, PerFlow)
-		}
-
-	case "proxy_protocol":
-		switch val {
-		case "v2":
-			h.ProxyProtocol = val
-		case "v1":
-			return d.Errf("stabilize: proxy_protocol: version %q is not supported: v1 is TCP-only; use v2, the only version that carries UDP", val)
-		default:
-			return d.Errf("stabilize: proxy_protocol: unknown version %q: must be v2", val)
-		}
-
-	case "read_buffer", "write_buffer":
-		size, err := p.byteSize(option, val)
-		if err != nil {
-			return err
-		}
-		if option == "read_buffer" {
-			h.ReadBuffer = size
-		} else {
-			h.WriteBuffer = size
-		}
-
-	case "health_send":
-		if line, both := p.seen["health_send_hex"]; both {
-			return d.Errf("stabilize: health_send %q: cannot be combined with health_send_hex (line %d): use one", val, line)
-		}
-		p.active().Send = val
-
-	case "health_send_hex":
-		if line, both := p.seen["health_send"]; both {
-			return d.Errf("stabilize: health_send_hex %q: cannot be combined with health_send (line %d): use one", val, line)
-		}
-		if _, err := hex.DecodeString(val); err != nil {
-			return d.Errf("stabilize: health_send_hex: invalid hex %q: %v", val, err)
-		}
-		p.active().SendHex = val
-
-	case "health_expect":
-		if _, err := regexp.Compile(val); err != nil {
-			return d.Errf("stabilize: health_expect: invalid regexp %q: %v", val, err)
-		}
-		p.active().Expect = val
-
-	case "health_expect_exact":
-		p.active().ExpectExact = val
-
-	case "health_expect_prefix":
-		p.active().ExpectPrefix = val
-
-	case "health_interval", "health_timeout", "reply_timeout", "fail_duration":
-		dur, err := p.duration(option, val)
-		if err != nil {
-			return err
-		}
-		switch option {
-		case "health_interval":
-			p.active().Interval = dur
-		case "health_timeout":
-			p.active().Timeout = dur
-		case "reply_timeout":
-			p.passive().ReplyTimeout = dur
-		case "fail_duration":
-			p.passive().FailDuration = dur
-		}
-
-	case "health_passes", "health_fails", "max_fails":
-		n, err := strconv.Atoi(val)
-		if err != nil || n < 1 {
-			return d.Errf("stabilize: %s: invalid count %q: must be a positive integer", option, val)
-		}
-		switch option {
-		case "health_passes":
-			p.active().Passes = n
-		case "health_fails":
-			p.active().Fails = n
-		case "max_fails":
-			p.passive().MaxFails = n
-		}
-
-	case "health_port":
-		port, err := strconv.Atoi(val)
-		if err != nil || port < 1 || port > math.MaxUint16 {
-			return d.Errf("stabilize: health_port: invalid port %q: must be an integer from 1 to 65535", val)
-		}
-		p.active().Port = port
+	if o.block == nil && d.NextBlock(nesting+1) {
+		return d.Errf("stabilize: %s: unexpected block starting with %q", name, d.Val())
 	}
 	return nil
 }
 
-// singleArgUsage lists the options that take exactly one argument, with
-// the argument's description for errors.
-var singleArgUsage = map[string]string{
-	"per":                  "packet|flow",
-	"proxy_protocol":       "v2",
-	"read_buffer":          "<size>",
-	"write_buffer":         "<size>",
-	"health_send":          "<text>",
-	"health_send_hex":      "<hex>",
-	"health_expect":        "<regexp>",
-	"health_expect_exact":  "<text>",
-	"health_expect_prefix": "<text>",
-	"health_interval":      "<duration>",
-	"health_timeout":       "<duration>",
-	"health_passes":        "<n>",
-	"health_fails":         "<n>",
-	"health_port":          "<port>",
-	"reply_timeout":        "<duration>",
-	"max_fails":            "<n>",
-	"fail_duration":        "<duration>",
+// to adds upstreams, one per address.
+func (p *caddyfileParser) to(addrs []string) error {
+	for _, a := range addrs {
+		p.addUpstream(a, 0)
+	}
+	return nil
 }
 
-// duration parses a positive Caddy duration.
-func (p *caddyfileParser) duration(option, val string) (caddy.Duration, error) {
-	dur, err := caddy.ParseDuration(val)
-	if err != nil {
-		return 0, p.d.Errf("stabilize: %s: invalid duration %q: %v", option, val, err)
-	}
-	if dur <= 0 {
-		return 0, p.d.Errf("stabilize: %s: invalid duration %q: must be positive", option, val)
-	}
-	return caddy.Duration(dur), nil
-}
-
-// byteSize parses a positive socket buffer size such as 4194304, 4MiB or
-// 4MB.
-func (p *caddyfileParser) byteSize(option, val string) (int, error) {
-	size, err := humanize.ParseBytes(val)
-	if err != nil {
-		return 0, p.d.Errf("stabilize: %s: invalid size %q: %v", option, val, err)
-	}
-	if size == 0 || size > math.MaxInt32 {
-		return 0, p.d.Errf("stabilize: %s: invalid size %q: must be from 1 byte to 2GiB", option, val)
-	}
-	return int(size), nil
-}
-
-// parseUpstream parses `upstream <address> [{ weight <n> }]`.
-func (p *caddyfileParser) parseUpstream() error {
+// upstream parses `upstream <address> [{ weight <n> }]`; the dispenser is
+// on the address.
+func (p *caddyfileParser) upstream(args []string) error {
 	d := p.d
-	if !d.NextArg() {
-		return d.Errf("stabilize: upstream: missing argument <address>")
-	}
-	addr := d.Val()
-	if d.NextArg() {
-		return d.Errf("stabilize: upstream: too many arguments: unexpected %q after %q (one address per upstream; use to for several)", d.Val(), addr)
-	}
+	addr := args[0]
 	weight := 0
 	hasWeight := false
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
-		switch sub {
-		case "weight":
-			if hasWeight {
-				return d.Errf("stabilize: upstream %q: duplicate option \"weight\"", addr)
-			}
-			hasWeight = true
-			val, err := p.arg("weight", "<n>")
-			if err != nil {
-				return err
-			}
-			n, err := strconv.Atoi(val)
-			if err != nil || n < 1 || n > MaxWeight {
-				return d.Errf("stabilize: weight: invalid weight %q: must be an integer from 1 to %d", val, MaxWeight)
-			}
-			weight = n
-		default:
+		if sub != "weight" {
 			return d.Errf("stabilize: upstream %q: unknown option %q", addr, sub)
 		}
+		if hasWeight {
+			return d.Errf("stabilize: upstream %q: duplicate option \"weight\"", addr)
+		}
+		hasWeight = true
+		vals := d.RemainingArgs()
+		switch len(vals) {
+		case 0:
+			return d.Errf("stabilize: upstream %q: weight: missing argument <n>", addr)
+		case 1:
+		default:
+			return d.Errf("stabilize: upstream %q: weight: too many arguments: unexpected %q after %q", addr, vals[1], vals[0])
+		}
+		n, err := strconv.Atoi(vals[0])
+		if err != nil {
+			return d.Errf("stabilize: upstream %q: weight: invalid integer %q", addr, vals[0])
+		}
+		weight = n
 		if d.NextBlock(nesting + 1) {
-			return d.Errf("stabilize: upstream %q: %s: unexpected block starting with %q", addr, sub, d.Val())
+			return d.Errf("stabilize: upstream %q: weight: unexpected block starting with %q", addr, d.Val())
 		}
 	}
-	return p.addUpstream("upstream", addr, weight)
+	p.addUpstream(addr, weight)
+	return nil
 }
 
-// addUpstream validates addr and appends it to the handler's upstreams. A
-// plain host:port is written as udp/host:port; a weight of 1 is left to
-// the default.
-func (p *caddyfileParser) addUpstream(option, addr string, weight int) error {
-	d := p.d
-	prefix := "stabilize: "
-	if option != "" && option != "upstream" {
-		prefix += option + ": "
-	}
-	if _, err := checkUpstreamAddr(addr); err != nil {
-		return d.Errf("%s%v", prefix, err)
-	}
-	dial := addr
-	if network, _, _, err := caddy.SplitNetworkAddress(addr); err == nil && network == "" {
-		dial = "udp/" + addr
-	}
-	if p.dials[dial] {
-		return d.Errf("%supstream %q is listed twice", prefix, addr)
-	}
-	p.dials[dial] = true
+// addUpstream appends an upstream. A plain host:port is written as
+// udp/host:port; a weight of 1 is left to the default.
+func (p *caddyfileParser) addUpstream(addr string, weight int) {
 	if weight == 1 {
 		weight = 0
 	}
-	p.h.Upstreams = append(p.h.Upstreams, &Upstream{Dial: dial, Weight: weight})
-	return nil
+	p.h.Upstreams = append(p.h.Upstreams, &Upstream{Dial: udpDial(addr), Weight: weight})
 }
 
-// parsePolicy parses `lb_policy <name> [<args...>]`. The policy module
-// parses its own arguments if it is a caddyfile.Unmarshaler; otherwise it
-// takes none.
-func (p *caddyfileParser) parsePolicy() error {
+// policy parses `lb_policy <name> [<args...>]`. The policy module parses
+// its own arguments if it is a caddyfile.Unmarshaler; otherwise it takes
+// none.
+func (p *caddyfileParser) policy(args []string) error {
 	d := p.d
-	if !d.NextArg() {
-		return d.Errf("stabilize: lb_policy: missing argument <policy> (one of %s)", strings.Join(caddyfilePolicyNames(), ", "))
-	}
-	name := d.Val()
+	name := args[0]
 	mod, err := caddy.GetModule(selectionPolicyNamespace + "." + name)
-	if err != nil || name == "" || strings.Contains(name, ".") {
-		return d.Errf("stabilize: lb_policy: unknown policy %q (known: %s)", name, strings.Join(caddyfilePolicyNames(), ", "))
+	if err != nil || strings.Contains(name, ".") {
+		return d.Errf("stabilize: lb_policy: unknown policy %q (known: %s)", name, strings.Join(selectionPolicyNames(), ", "))
 	}
-
-	segment := d.NextSegment() // the policy name, its arguments and any block
-	check := caddyfile.NewDispenser(segment)
-	check.Next()
-	args := check.RemainingArgs()
-	if check.Next() && check.Next() && check.Val() != "}" {
-		return check.Errf("stabilize: lb_policy %s: unexpected block starting with %q: policies take no block", name, check.Val())
-	}
-
 	inst := mod.New()
 	if unm, ok := inst.(caddyfile.Unmarshaler); ok {
-		if err := unm.UnmarshalCaddyfile(caddyfile.NewDispenser(segment)); err != nil {
-			if strings.HasPrefix(err.Error(), "lb_policy ") {
-				return fmt.Errorf("stabilize: %w", err)
+		if err := unm.UnmarshalCaddyfile(caddyfile.NewDispenser(p.toks)); err != nil {
+			quoted := []string{name}
+			for _, a := range args[1:] {
+				quoted = append(quoted, strconv.Quote(a))
 			}
-			quoted := make([]string, len(args))
-			for i, a := range args {
-				quoted[i] = strconv.Quote(a)
-			}
-			return fmt.Errorf("stabilize: lb_policy %s: %w", strings.Join(append([]string{name}, quoted...), " "), err)
+			return fmt.Errorf("stabilize: lb_policy %s: %w", strings.Join(quoted, " "), err)
 		}
-	} else if len(args) > 0 {
-		return d.Errf("stabilize: lb_policy %s: takes no arguments, got %q", name, args[0])
+	} else if len(args) > 1 {
+		return d.Errf("stabilize: lb_policy %s: takes no arguments, got %q", name, args[1])
 	}
-	sel, ok := inst.(Selector)
-	if !ok {
-		return d.Errf("stabilize: lb_policy: module %q (%T) is not a stabilize Selector", mod.ID, inst)
-	}
-
 	if p.h.LoadBalancing == nil {
 		p.h.LoadBalancing = new(LoadBalancing)
 	}
-	p.h.LoadBalancing.SelectionPolicyRaw = caddyconfig.JSONModuleObject(sel, "policy", name, nil)
+	p.h.LoadBalancing.SelectionPolicyRaw = caddyconfig.JSONModuleObject(inst, "policy", name, nil)
 	return nil
 }
 
-// caddyfilePolicyNames lists the registered selection policies.
-func caddyfilePolicyNames() []string {
+// selectionPolicyNames lists the registered selection policies.
+func selectionPolicyNames() []string {
 	var names []string
-	for _, mi := range caddy.GetModules(selectionPolicyNamespace) {
-		names = append(names, mi.ID.Name())
+	for _, m := range caddy.GetModules(selectionPolicyNamespace) {
+		names = append(names, m.ID.Name())
 	}
 	return names
 }
 
-func (p *caddyfileParser) healthChecks() *HealthChecks {
-	if p.h.HealthChecks == nil {
-		p.h.HealthChecks = new(HealthChecks)
+// setText returns a parse function that sets a string field to the
+// argument.
+func setText(field func(*Handler) *string) func(*caddyfileParser, []string) error {
+	return func(p *caddyfileParser, args []string) error {
+		*field(p.h) = args[0]
+		return nil
 	}
-	return p.h.HealthChecks
 }
 
-func (p *caddyfileParser) active() *ActiveHealthChecks {
-	hc := p.healthChecks()
+// setInt returns a parse function that sets an int field to the argument,
+// an integer.
+func setInt(field func(*Handler) *int) func(*caddyfileParser, []string) error {
+	return func(p *caddyfileParser, args []string) error {
+		n, err := strconv.Atoi(args[0])
+		if err != nil {
+			return p.d.Errf("stabilize: %s: invalid integer %q", p.opt.name, args[0])
+		}
+		*field(p.h) = n
+		return nil
+	}
+}
+
+// setDuration returns a parse function that sets a duration field to the
+// argument, in Caddy's duration syntax (such as 500ms, 5s, 1m).
+func setDuration(field func(*Handler) *caddy.Duration) func(*caddyfileParser, []string) error {
+	return func(p *caddyfileParser, args []string) error {
+		dur, err := caddy.ParseDuration(args[0])
+		if err != nil {
+			return p.d.Errf("stabilize: %s: invalid duration %q: %v", p.opt.name, args[0], err)
+		}
+		*field(p.h) = caddy.Duration(dur)
+		return nil
+	}
+}
+
+// setSize returns a parse function that sets an int field to the argument,
+// a byte size such as 4194304, 4MiB or 4MB.
+func setSize(field func(*Handler) *int) func(*caddyfileParser, []string) error {
+	return func(p *caddyfileParser, args []string) error {
+		size, err := humanize.ParseBytes(args[0])
+		if err == nil && size > math.MaxInt {
+			err = fmt.Errorf("more than %d bytes", math.MaxInt)
+		}
+		if err != nil {
+			return p.d.Errf("stabilize: %s: invalid size %q: %v", p.opt.name, args[0], err)
+		}
+		*field(p.h) = int(size)
+		return nil
+	}
+}
+
+func healthChecksOf(h *Handler) *HealthChecks {
+	if h.HealthChecks == nil {
+		h.HealthChecks = new(HealthChecks)
+	}
+	return h.HealthChecks
+}
+
+func activeOf(h *Handler) *ActiveHealthChecks {
+	hc := healthChecksOf(h)
 	if hc.Active == nil {
 		hc.Active = new(ActiveHealthChecks)
 	}
 	return hc.Active
 }
 
-func (p *caddyfileParser) passive() *PassiveHealthChecks {
-	hc := p.healthChecks()
+func passiveOf(h *Handler) *PassiveHealthChecks {
+	hc := healthChecksOf(h)
 	if hc.Passive == nil {
 		hc.Passive = new(PassiveHealthChecks)
 	}

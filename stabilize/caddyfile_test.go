@@ -2,6 +2,8 @@ package stabilize
 
 import (
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -63,12 +65,75 @@ func TestCaddyfileProvision(t *testing.T) {
 	}
 }
 
-// TestCaddyfileNoUpstreams checks that a handler without upstreams is
-// rejected at parse time.
-func TestCaddyfileNoUpstreams(t *testing.T) {
+// TestCaddyfileOptionREADME checks that README.md shows the syntax that the
+// table of options generates, and documents every option in its table of
+// options.
+func TestCaddyfileOptionREADME(t *testing.T) {
+	readme, err := os.ReadFile(filepath.Join("..", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(readme)
+	if syntax := caddyfileSyntax(false); !strings.Contains(text, "```caddyfile\n"+syntax+"```\n") {
+		t.Errorf("README.md lacks the Caddyfile syntax block:\n%s", syntax)
+	}
+	for _, o := range caddyfileOptions {
+		if !strings.Contains(text, "\n| `"+o.name) && !strings.Contains(text, ", `"+o.name) && !strings.Contains(text, "/ `"+o.name) {
+			t.Errorf("README.md's table of options does not document %s", o.name)
+		}
+	}
+}
+
+// TestCaddyfileOptionGolden checks that every option of the table has a
+// golden test that adapts it and, if it takes arguments, one that leaves
+// them out.
+func TestCaddyfileOptionGolden(t *testing.T) {
+	files, err := filepath.Glob(filepath.Join("..", "caddyfile", "testdata", "ok_*.caddyfiletest"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no golden tests: %v", err)
+	}
+	used := make(map[string]bool)
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for line := range strings.Lines(string(data)) {
+			if name, _, _ := strings.Cut(strings.TrimSpace(line), " "); name != "" {
+				used[name] = true
+			}
+		}
+	}
+	for _, o := range caddyfileOptions {
+		if !used[o.name] {
+			t.Errorf("option %s has no ok_*.caddyfiletest", o.name)
+		}
+		missing := filepath.Join("..", "caddyfile", "testdata", "err_missing_"+o.name+".caddyfiletest")
+		if _, err := os.Stat(missing); o.args != "" && err != nil {
+			t.Errorf("option %s has no golden test without its argument: %v", o.name, err)
+		}
+	}
+}
+
+// TestCaddyfileOptionParseOnly checks that the parser leaves values to
+// Provision: out-of-range values parse, and Provision rejects them naming
+// the field and the value.
+func TestCaddyfileOptionParseOnly(t *testing.T) {
 	var h Handler
-	err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("stabilize"))
-	if err == nil || !strings.Contains(err.Error(), "stabilize: missing upstreams") {
-		t.Fatalf("err = %v, want missing upstreams", err)
+	input := `stabilize tcp/127.0.0.1:80 {
+		per stream
+		max_flows -5
+	}`
+	if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(input)); err != nil {
+		t.Fatalf("parsing: %v", err)
+	}
+	if h.Per != "stream" || h.MaxFlows != -5 || h.Upstreams[0].Dial != "tcp/127.0.0.1:80" {
+		t.Errorf("parsed per %q, max_flows %d, upstreams %v: want the values as written", h.Per, h.MaxFlows, h.Upstreams)
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
+	defer cancel()
+	err := h.Provision(ctx)
+	if err == nil || !strings.Contains(err.Error(), `per "stream"`) {
+		t.Errorf("Provision: %v, want the per error", err)
 	}
 }

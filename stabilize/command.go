@@ -20,7 +20,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "stabilize",
-		Usage: `--listen <addr> --to <addr> [--to <addr>...] [--per packet|flow] [--lb-policy <policy>] [--idle-timeout <duration>] [--admin <addr>|off] [--debug]`,
+		Usage: `--listen <addr> --to <addr> [--to <addr>...] [--per packet|flow] [--lb-policy <policy>] [--max-flows <n>] [--idle-timeout <duration>] [--admin <addr>|off] [--debug]`,
 		Short: "A quick UDP load balancer",
 		Long: `
 A quick UDP load balancer: receives datagrams on the --listen address and
@@ -41,10 +41,14 @@ needed.
     a client's first datagram and keeps that client address:port on the same
     upstream until it has been idle for --idle-timeout; "packet" picks for
     every datagram.
-  --lb-policy is the selection policy, by name: round_robin (default),
-    weighted_round_robin, random, random_choose (of 2), least_sessions,
-    first or maglev.
+  --lb-policy is the selection policy, by name: round_robin (default) or
+    another of those listed with the flag below.
+  --max-flows is the most client flows held at once; a new flow over it is
+    dropped. 0 (default) derives it from the open-file limit; -1 means no
+    limit.
   --idle-timeout is how long a client flow may be idle before it ends.
+
+Loading the config checks the values, as for a config file.
 
 For example, to balance port 5000 over three local upstreams, datagram by
 datagram in turn:
@@ -68,12 +72,17 @@ and "caddy stop" stops it. Use --admin <addr> to serve the admin API
 elsewhere, or --admin off to turn it off. The config is not saved.
 
 --debug turns on debug logging.
-`,
+
+In a config file, the stabilize handler goes in a route of caddy-l4's layer4
+global option. Its Caddyfile syntax:
+
+` + commandCaddyfileHelp(),
 		CobraFunc: func(cmd *cobra.Command) {
 			cmd.Flags().StringP("listen", "l", "", "UDP address to receive datagrams on (required)")
 			cmd.Flags().StringSliceP("to", "t", []string{}, "Upstream UDP address(es); repeatable, comma-separated (required)")
 			cmd.Flags().String("per", PerFlow, "When to pick an upstream: \"flow\" or \"packet\"")
-			cmd.Flags().String("lb-policy", "round_robin", "Load balancing selection policy")
+			cmd.Flags().String("lb-policy", "round_robin", "Load balancing selection policy: "+strings.Join(selectionPolicyNames(), ", "))
+			cmd.Flags().Int("max-flows", 0, "The most client flows at once (0: from the open-file limit, -1: no limit)")
 			cmd.Flags().String("idle-timeout", "30s", "How long a client flow may be idle before it ends")
 			cmd.Flags().String("admin", "", "Admin API address, or \"off\" (default localhost:2019 or $CADDY_ADMIN)")
 			cmd.Flags().BoolP("debug", "v", false, "Enable verbose debug logs")
@@ -82,12 +91,26 @@ elsewhere, or --admin off to turn it off. The config is not saved.
 	})
 }
 
+// commandCaddyfileHelp is the handler's Caddyfile syntax, with each
+// option's doc, indented for the help text.
+func commandCaddyfileHelp() string {
+	var sb strings.Builder
+	for line := range strings.Lines(caddyfileSyntax(true)) {
+		if line != "\n" {
+			sb.WriteString("  ")
+		}
+		sb.WriteString(strings.ReplaceAll(line, "\t", "  "))
+	}
+	return sb.String()
+}
+
 // commandOptions are the flags of `caddy stabilize`.
 type commandOptions struct {
 	Listen      string
 	To          []string
 	Per         string
 	LBPolicy    string
+	MaxFlows    int
 	IdleTimeout string
 	Admin       string // "" for the default address, "off" to disable
 	Debug       bool
@@ -103,28 +126,33 @@ func cmdStabilize(fs caddycmd.Flags) (int, error) {
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
-	cfgJSON, err := buildCommandConfig(opts)
-	if err != nil {
+	if err := startCommand(opts); err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
+	select {}
+}
 
-	// These cannot fail: buildCommandConfig parsed them already.
-	listen, _ := parseListenAddr(opts.Listen)
-	ups, _ := parseUpstreamFlags(opts.To)
-	dials := make([]string, len(ups))
-	for i, u := range ups {
-		dials[i] = u.Dial
+// startCommand runs the config of opts, once its listen and admin
+// addresses are known to be free.
+func startCommand(opts commandOptions) error {
+	cfgJSON, err := buildCommandConfig(opts)
+	if err != nil {
+		return err
 	}
+	listen, _ := parseListenAddr(opts.Listen) // buildCommandConfig parsed it
 	admin := opts.Admin
 	if admin == "" {
 		admin = caddy.DefaultAdminListen
 	}
-
 	if err := checkAddrsFree(listen, admin); err != nil {
-		return caddy.ExitCodeFailedStartup, err
+		return err
 	}
 	if err := caddy.Load(cfgJSON, true); err != nil {
-		return caddy.ExitCodeFailedStartup, err
+		return err
+	}
+	var dials []string
+	for _, u := range expandUpstreams(opts.To) {
+		dials = append(dials, u.Dial)
 	}
 	caddy.Log().Info("caddy stabilize balancing UDP",
 		zap.String("listen", listen),
@@ -132,8 +160,7 @@ func cmdStabilize(fs caddycmd.Flags) (int, error) {
 		zap.String("per", opts.Per),
 		zap.String("lb_policy", opts.LBPolicy),
 		zap.String("admin", admin))
-
-	select {}
+	return nil
 }
 
 // commandOptionsFromFlags reads the command's parsed flags.
@@ -142,11 +169,16 @@ func commandOptionsFromFlags(fs caddycmd.Flags) (commandOptions, error) {
 	if err != nil {
 		return commandOptions{}, fmt.Errorf("invalid --to flag: %v", err)
 	}
+	maxFlows, err := fs.GetInt("max-flows")
+	if err != nil {
+		return commandOptions{}, fmt.Errorf("invalid --max-flows flag: %v", err)
+	}
 	return commandOptions{
 		Listen:      fs.String("listen"),
 		To:          to,
 		Per:         fs.String("per"),
 		LBPolicy:    fs.String("lb-policy"),
+		MaxFlows:    maxFlows,
 		IdleTimeout: fs.String("idle-timeout"),
 		Admin:       fs.String("admin"),
 		Debug:       fs.Bool("debug"),
@@ -154,8 +186,8 @@ func commandOptionsFromFlags(fs caddycmd.Flags) (commandOptions, error) {
 }
 
 // buildCommandConfig returns the config JSON that `caddy stabilize` runs. It
-// only parses and checks its options: it resolves no names and opens no
-// sockets.
+// only parses its options; loading the config checks the values. It
+// resolves no names and opens no sockets.
 func buildCommandConfig(opts commandOptions) ([]byte, error) {
 	if opts.Listen == "" {
 		return nil, errors.New("--listen is required (e.g. --listen :5000)")
@@ -164,26 +196,8 @@ func buildCommandConfig(opts commandOptions) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-
-	ups, err := parseUpstreamFlags(opts.To)
-	if err != nil {
-		return nil, err
-	}
-
-	per := opts.Per
-	if per == "" {
-		per = PerFlow
-	}
-	if per != PerFlow && per != PerPacket {
-		return nil, fmt.Errorf("--per %q: must be %s or %s", opts.Per, PerPacket, PerFlow)
-	}
-
-	policy := opts.LBPolicy
-	if policy == "" {
-		policy = "round_robin"
-	}
-	if _, err := caddy.GetModule(selectionPolicyNamespace + "." + policy); err != nil || strings.Contains(policy, ".") {
-		return nil, fmt.Errorf("--lb-policy %q: unknown policy (choose one of %s)", opts.LBPolicy, strings.Join(selectionPolicyNames(), ", "))
+	if len(opts.To) == 0 {
+		return nil, errors.New("--to is required: at least one upstream (e.g. --to 127.0.0.1:6001)")
 	}
 
 	var idle caddy.Duration
@@ -192,23 +206,18 @@ func buildCommandConfig(opts commandOptions) ([]byte, error) {
 		if err != nil {
 			return nil, fmt.Errorf("--idle-timeout %q: %v", opts.IdleTimeout, err)
 		}
-		if d <= 0 {
-			return nil, fmt.Errorf("--idle-timeout %q: must be positive", opts.IdleTimeout)
-		}
 		idle = caddy.Duration(d)
 	}
 
-	admin, err := adminConfig(opts.Admin)
-	if err != nil {
-		return nil, err
-	}
-
 	handler := &Handler{
-		Upstreams: ups,
-		Per:       per,
-		LoadBalancing: &LoadBalancing{
-			SelectionPolicyRaw: caddyconfig.JSONModuleObject(struct{}{}, "policy", policy, nil),
-		},
+		Upstreams: expandUpstreams(opts.To),
+		Per:       opts.Per,
+		MaxFlows:  opts.MaxFlows,
+	}
+	if opts.LBPolicy != "" {
+		handler.LoadBalancing = &LoadBalancing{
+			SelectionPolicyRaw: caddyconfig.JSONModuleObject(struct{}{}, "policy", opts.LBPolicy, nil),
+		}
 	}
 	server := &layer4.Server{
 		Listen: []string{listen},
@@ -222,7 +231,7 @@ func buildCommandConfig(opts commandOptions) ([]byte, error) {
 	app := layer4.App{Servers: map[string]*layer4.Server{commandServerName: server}}
 
 	cfg := &caddy.Config{
-		Admin:   admin,
+		Admin:   adminConfig(opts.Admin),
 		AppsRaw: caddy.ModuleMap{"layer4": caddyconfig.JSON(app, nil)},
 	}
 	if opts.Debug {
@@ -236,145 +245,81 @@ func buildCommandConfig(opts commandOptions) ([]byte, error) {
 }
 
 // parseListenAddr turns a --listen value into a caddy-l4 listener address
-// such as udp/:5000.
+// such as udp/:5000 or fastudp/:5000. A port alone means every interface.
+// The command decides what it listens on, so this is the one place that
+// checks it: one port, on a UDP network or the fast network.
 func parseListenAddr(s string) (string, error) {
 	addr, fast := strings.CutPrefix(strings.TrimSpace(s), FastNetwork+"/")
-	na, err := parseUDPAddr(addr)
+	network, hostPort, found := strings.Cut(addr, "/")
+	if !found {
+		network, hostPort = "", addr
+	}
+	if _, err := strconv.ParseUint(hostPort, 10, 16); err == nil {
+		hostPort = ":" + hostPort
+	}
+	if network != "" {
+		hostPort = network + "/" + hostPort
+	}
+	na, err := parseUDPAddr(hostPort)
 	if err != nil {
 		return "", fmt.Errorf("--listen %q: %v", s, err)
-	}
-	if na.PortRangeSize() != 1 {
-		return "", fmt.Errorf("--listen %q: exactly one port is required", s)
 	}
 	if fast {
 		na.Network = FastNetwork
 	}
-	return caddy.JoinNetworkAddress(na.Network, na.Host, strconv.FormatUint(uint64(na.StartPort), 10)), nil
+	return na.String(), nil
 }
 
-// parseUpstreamFlags turns the --to values into upstreams, one per address
-// and one per port of a port range.
-func parseUpstreamFlags(to []string) ([]*Upstream, error) {
+// expandUpstreams turns the --to values into upstreams, one per address and
+// one per port of a port range. A plain host:port is UDP.
+func expandUpstreams(to []string) []*Upstream {
 	var ups []*Upstream
-	seen := make(map[string]bool)
 	for _, raw := range to {
 		s := strings.TrimSpace(raw)
-		if s == "" {
-			return nil, fmt.Errorf("--to %q: empty address", raw)
-		}
-		na, err := parseUDPAddr(s)
-		if err != nil {
-			return nil, fmt.Errorf("--to %q: %v", raw, err)
-		}
-		if na.Host == "" {
-			return nil, fmt.Errorf("--to %q: a host is required (e.g. 127.0.0.1:6001)", raw)
+		na, err := caddy.ParseNetworkAddressWithDefaults(s, "udp", 0)
+		if err != nil || na.PortRangeSize() == 1 {
+			ups = append(ups, &Upstream{Dial: udpDial(s)}) // Provision checks it
+			continue
 		}
 		for port := na.StartPort; port <= na.EndPort; port++ {
 			dial := caddy.JoinNetworkAddress(na.Network, na.Host, strconv.FormatUint(uint64(port), 10))
-			if seen[dial] {
-				return nil, fmt.Errorf("--to %q: upstream %s is listed twice", raw, dial)
-			}
-			seen[dial] = true
 			ups = append(ups, &Upstream{Dial: dial})
 		}
 	}
-	if len(ups) == 0 {
-		return nil, errors.New("--to is required: at least one upstream (e.g. --to 127.0.0.1:6001)")
-	}
-	return ups, nil
-}
-
-// parseUDPAddr parses a Caddy network address whose network defaults to
-// udp and must be UDP, and which must have a port. A port alone ("5000",
-// "udp/5000") means every interface.
-func parseUDPAddr(s string) (caddy.NetworkAddress, error) {
-	network, rest, found := strings.Cut(s, "/")
-	if !found {
-		network, rest = "", s
-	}
-	if isDigits(rest) {
-		rest = ":" + rest
-	}
-	if network != "" {
-		rest = network + "/" + rest
-	}
-	na, err := caddy.ParseNetworkAddressWithDefaults(rest, "udp", 0)
-	if err != nil {
-		return na, err
-	}
-	switch na.Network {
-	case "udp", "udp4", "udp6":
-	default:
-		return na, fmt.Errorf("not a UDP address (network %q; use host:port, udp/, udp4/ or udp6/)", na.Network)
-	}
-	if na.StartPort == 0 {
-		return na, errors.New("a port is required (e.g. :5000)")
-	}
-	return na, nil
-}
-
-func isDigits(s string) bool {
-	if s == "" {
-		return false
-	}
-	for _, r := range s {
-		if r < '0' || r > '9' {
-			return false
-		}
-	}
-	return true
+	return ups
 }
 
 // adminConfig returns the admin settings for an --admin value: the default
 // address for "", disabled for "off", else the given address. The config is
 // never persisted, so the command does not overwrite Caddy's autosave.
-func adminConfig(s string) (*caddy.AdminConfig, error) {
+func adminConfig(s string) *caddy.AdminConfig {
 	persist := false
 	admin := &caddy.AdminConfig{Config: &caddy.ConfigSettings{Persist: &persist}}
 	switch s {
 	case "":
-		return admin, nil
 	case "off":
 		admin.Disabled = true
-		return admin, nil
-	}
-	na, err := caddy.ParseNetworkAddress(s)
-	if err != nil {
-		return nil, fmt.Errorf("--admin %q: %v", s, err)
-	}
-	switch {
-	case na.IsUnixNetwork():
-	case na.Network == "tcp" || na.Network == "tcp4" || na.Network == "tcp6":
-		if na.PortRangeSize() != 1 || na.StartPort == 0 {
-			return nil, fmt.Errorf("--admin %q: exactly one port is required (e.g. localhost:2019)", s)
-		}
 	default:
-		return nil, fmt.Errorf("--admin %q: must be a TCP or unix socket address, or off", s)
+		admin.Listen = s
 	}
-	admin.Listen = s
-	return admin, nil
-}
-
-// selectionPolicyNames lists the registered selection policies.
-func selectionPolicyNames() []string {
-	var names []string
-	for _, m := range caddy.GetModules(selectionPolicyNamespace) {
-		names = append(names, m.ID.Name())
-	}
-	return names
+	return admin
 }
 
 // checkAddrsFree fails when another process holds the UDP listen address or
 // the admin API's TCP address. Caddy binds both with SO_REUSEPORT, so a
 // second balancer on the same port would otherwise start quietly and take
 // a share of the datagrams and of the admin requests; a probe bind without
-// SO_REUSEPORT fails instead.
+// SO_REUSEPORT fails instead. listen is a parseListenAddr address.
 func checkAddrsFree(listen, admin string) error {
 	na, err := caddy.ParseNetworkAddress(listen)
 	if err != nil {
 		return err
 	}
-	pc, err := net.ListenPacket(na.Network, na.JoinHostPort(0))
+	network := na.Network
+	if network == FastNetwork {
+		network = "udp" // a fast socket is a plain UDP socket
+	}
+	pc, err := net.ListenPacket(network, na.JoinHostPort(0))
 	if err != nil {
 		if errors.Is(err, syscall.EADDRINUSE) {
 			return fmt.Errorf("--listen %s: %v (is another balancer running on it?)", listen, err)
@@ -387,7 +332,7 @@ func checkAddrsFree(listen, admin string) error {
 		return nil
 	}
 	na, err = caddy.ParseNetworkAddress(admin)
-	if err != nil || na.IsUnixNetwork() || na.IsFdNetwork() {
+	if err != nil || !strings.HasPrefix(na.Network, "tcp") {
 		return nil // Caddy reports what it cannot use
 	}
 	ln, err := net.Listen(na.Network, na.JoinHostPort(0))

@@ -41,6 +41,7 @@ type commandConfig struct {
 						Handler       string           `json:"handler"`
 						Upstreams     []map[string]any `json:"upstreams"`
 						Per           string           `json:"per"`
+						MaxFlows      int              `json:"max_flows"`
 						LoadBalancing struct {
 							Selection map[string]any `json:"selection"`
 						} `json:"load_balancing"`
@@ -94,6 +95,12 @@ func TestCommandRegistered(t *testing.T) {
 			t.Errorf("help text lacks %q", want)
 		}
 	}
+	// The Caddyfile syntax, from the table of options.
+	for _, o := range caddyfileOptions {
+		if !strings.Contains(c.Long, "\n    "+o.name) || !strings.Contains(c.Long, "# "+o.doc+"\n") {
+			t.Errorf("help text lacks the Caddyfile option %s and its doc", o.name)
+		}
+	}
 }
 
 func TestBuildCommandConfigTypical(t *testing.T) {
@@ -103,6 +110,7 @@ func TestBuildCommandConfigTypical(t *testing.T) {
 		"--to", "127.0.0.1:6002,udp/127.0.0.1:6003",
 		"--per", "packet",
 		"--lb-policy", "least_sessions",
+		"--max-flows", "500",
 		"--idle-timeout", "1m",
 		"--debug")
 	cfg := buildAndDecode(t, opts)
@@ -149,6 +157,9 @@ func TestBuildCommandConfigTypical(t *testing.T) {
 	if h.Per != "packet" {
 		t.Errorf("per = %q, want packet", h.Per)
 	}
+	if h.MaxFlows != 500 {
+		t.Errorf("max_flows = %d, want 500", h.MaxFlows)
+	}
 	if sel := h.LoadBalancing.Selection; len(sel) != 1 || sel["policy"] != "least_sessions" {
 		t.Errorf("load_balancing.selection = %v, want {policy: least_sessions}", sel)
 	}
@@ -163,6 +174,9 @@ func TestBuildCommandConfigDefaults(t *testing.T) {
 	}
 	if h.LoadBalancing.Selection["policy"] != "round_robin" {
 		t.Errorf("policy = %v, want round_robin", h.LoadBalancing.Selection["policy"])
+	}
+	if h.MaxFlows != 0 {
+		t.Errorf("max_flows = %d, want 0 (the handler's default)", h.MaxFlows)
 	}
 	if srv.IdleTimeout != int64(30*time.Second) {
 		t.Errorf("idle_timeout = %d, want 30s", srv.IdleTimeout)
@@ -234,51 +248,128 @@ func TestBuildCommandConfigAdmin(t *testing.T) {
 	}
 }
 
-func TestBuildCommandConfigErrors(t *testing.T) {
+// TestCommandOptionErrors checks where each error comes from. Parsing the
+// flags fails for missing flags, for the listener, which is the command's
+// own, and for values that do not parse. Other values are left to
+// Provision: the config built for them fails when Caddy validates it, with
+// an error naming the field and the value.
+func TestCommandOptionErrors(t *testing.T) {
 	good := commandOptions{Listen: ":5000", To: []string{"127.0.0.1:6001"}}
 	for _, tc := range []struct {
-		name string
-		edit func(*commandOptions)
-		want string
+		name      string
+		edit      func(*commandOptions)
+		provision bool
+		want      string
 	}{
-		{"no listen", func(o *commandOptions) { o.Listen = "" }, "--listen is required"},
-		{"listen tcp", func(o *commandOptions) { o.Listen = "tcp/:5000" }, `--listen "tcp/:5000": not a UDP address`},
-		{"listen no port", func(o *commandOptions) { o.Listen = "localhost" }, `--listen "localhost": a port is required`},
-		{"listen port 0", func(o *commandOptions) { o.Listen = ":0" }, `--listen ":0": a port is required`},
-		{"listen bad port", func(o *commandOptions) { o.Listen = ":99999" }, `--listen ":99999": invalid start port`},
-		{"listen range", func(o *commandOptions) { o.Listen = ":5000-5001" }, `--listen ":5000-5001": exactly one port is required`},
-		{"no upstreams", func(o *commandOptions) { o.To = nil }, "--to is required"},
-		{"empty upstream", func(o *commandOptions) { o.To = []string{"127.0.0.1:6001", ""} }, `--to "": empty address`},
-		{"tcp upstream", func(o *commandOptions) { o.To = []string{"tcp/x:1"} }, `--to "tcp/x:1": not a UDP address`},
-		{"unix upstream", func(o *commandOptions) { o.To = []string{"unix//tmp/s"} }, `--to "unix//tmp/s": not a UDP address`},
-		{"upstream no port", func(o *commandOptions) { o.To = []string{"127.0.0.1"} }, `--to "127.0.0.1": a port is required`},
-		{"upstream no host", func(o *commandOptions) { o.To = []string{":6001"} }, `--to ":6001": a host is required`},
-		{"upstream bad port", func(o *commandOptions) { o.To = []string{"127.0.0.1:x"} }, `--to "127.0.0.1:x": invalid start port`},
-		{"upstream twice", func(o *commandOptions) { o.To = []string{"127.0.0.1:6001", "udp/127.0.0.1:6001"} }, `--to "udp/127.0.0.1:6001": upstream udp/127.0.0.1:6001 is listed twice`},
-		{"per", func(o *commandOptions) { o.Per = "bytes" }, `--per "bytes": must be packet or flow`},
-		{"policy", func(o *commandOptions) { o.LBPolicy = "fastest" }, `--lb-policy "fastest": unknown policy (choose one of `},
-		{"policy dotted", func(o *commandOptions) { o.LBPolicy = "round_robin.x" }, `--lb-policy "round_robin.x": unknown policy`},
-		{"idle timeout", func(o *commandOptions) { o.IdleTimeout = "soon" }, `--idle-timeout "soon": `},
-		{"idle timeout zero", func(o *commandOptions) { o.IdleTimeout = "0s" }, `--idle-timeout "0s": must be positive`},
-		{"idle timeout negative", func(o *commandOptions) { o.IdleTimeout = "-1s" }, `--idle-timeout "-1s": must be positive`},
-		{"admin udp", func(o *commandOptions) { o.Admin = "udp/localhost:2019" }, `--admin "udp/localhost:2019": must be a TCP or unix socket address, or off`},
-		{"admin no port", func(o *commandOptions) { o.Admin = "localhost" }, `--admin "localhost": exactly one port is required`},
+		{"no listen", func(o *commandOptions) { o.Listen = "" }, false, "--listen is required"},
+		{"listen tcp", func(o *commandOptions) { o.Listen = "tcp/:5000" }, false, `--listen "tcp/:5000": network "tcp" is not UDP`},
+		{"listen no port", func(o *commandOptions) { o.Listen = "localhost" }, false, `--listen "localhost": a port (1-65535) is required`},
+		{"listen port 0", func(o *commandOptions) { o.Listen = ":0" }, false, `--listen ":0": a port (1-65535) is required`},
+		{"listen bad port", func(o *commandOptions) { o.Listen = ":99999" }, false, `--listen ":99999": invalid start port`},
+		{"listen range", func(o *commandOptions) { o.Listen = ":5000-5001" }, false, `--listen ":5000-5001": exactly one port is required`},
+		{"no upstreams", func(o *commandOptions) { o.To = nil }, false, "--to is required"},
+		{"idle timeout", func(o *commandOptions) { o.IdleTimeout = "soon" }, false, `--idle-timeout "soon": `},
+
+		{"empty upstream", func(o *commandOptions) { o.To = []string{"127.0.0.1:6001", ""} }, true, `upstreams[1]: upstream "udp/": `},
+		{"tcp upstream", func(o *commandOptions) { o.To = []string{"tcp/x:1"} }, true, `upstreams[0]: upstream "tcp/x:1": network "tcp" is not UDP`},
+		{"unix upstream", func(o *commandOptions) { o.To = []string{"unix//tmp/s"} }, true, `upstreams[0]: upstream "unix//tmp/s": network "unix" is not UDP`},
+		{"upstream no port", func(o *commandOptions) { o.To = []string{"127.0.0.1"} }, true, `upstreams[0]: upstream "udp/127.0.0.1": a port (1-65535) is required`},
+		{"upstream no host", func(o *commandOptions) { o.To = []string{":6001"} }, true, `upstreams[0]: upstream "udp/:6001": a host is required`},
+		{"upstream bad port", func(o *commandOptions) { o.To = []string{"127.0.0.1:x"} }, true, `upstreams[0]: upstream "udp/127.0.0.1:x": invalid start port`},
+		{"upstream twice", func(o *commandOptions) { o.To = []string{"127.0.0.1:6001", "udp/127.0.0.1:6001"} }, true, `upstreams[1]: upstream "udp/127.0.0.1:6001" is listed twice`},
+		{"per", func(o *commandOptions) { o.Per = "bytes" }, true, `per "bytes": must be "flow" or "packet"`},
+		{"policy", func(o *commandOptions) { o.LBPolicy = "fastest" }, true, `load_balancing.selection: `},
+		{"max flows", func(o *commandOptions) { o.MaxFlows = -2 }, true, `max_flows -2: must be -1`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			opts := good
 			tc.edit(&opts)
-			_, err := buildCommandConfig(opts)
-			if err == nil || !strings.Contains(err.Error(), tc.want) {
-				t.Errorf("error = %v, want one containing %q", err, tc.want)
+			parseErr, provisionErr := commandErrors(t, opts)
+			switch {
+			case !tc.provision && (parseErr == nil || !strings.Contains(parseErr.Error(), tc.want)):
+				t.Errorf("parsing: %v, want an error containing %q", parseErr, tc.want)
+			case tc.provision && parseErr != nil:
+				t.Errorf("parsing: %v, want only Provision to check the value", parseErr)
+			case tc.provision && (provisionErr == nil || !strings.Contains(provisionErr.Error(), "provision layer4.handlers.stabilize: "+tc.want)):
+				t.Errorf("validating: %v, want a Provision error starting %q", provisionErr, tc.want)
 			}
 		})
 	}
 
-	// The unknown-policy error lists the registered policies.
-	_, err := buildCommandConfig(commandOptions{Listen: ":5000", To: []string{"127.0.0.1:6001"}, LBPolicy: "fastest"})
+	// With good values, the config validates.
+	parseErr, provisionErr := commandErrors(t, commandOptions{Listen: ":5000", To: []string{"127.0.0.1:6001"}, MaxFlows: -1, LBPolicy: "maglev"})
+	if parseErr != nil || provisionErr != nil {
+		t.Errorf("good options: %v, %v", parseErr, provisionErr)
+	}
+}
+
+// commandErrors builds the command's config for opts and validates it as
+// Caddy does, returning the error of each stage.
+func commandErrors(t *testing.T, opts commandOptions) (parseErr, provisionErr error) {
+	t.Helper()
+	raw, err := buildCommandConfig(opts)
+	if err != nil {
+		return err, nil
+	}
+	var cfg caddy.Config
+	if err := json.Unmarshal(raw, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	return nil, caddy.Validate(&cfg)
+}
+
+// TestCommandPolicyNames checks that the --lb-policy flag lists the
+// registered policies.
+func TestCommandPolicyNames(t *testing.T) {
+	cmd := &cobra.Command{Use: "stabilize"}
+	caddycmd.Commands()["stabilize"].CobraFunc(cmd)
+	usage := cmd.Flags().Lookup("lb-policy").Usage
 	for _, p := range []string{"round_robin", "weighted_round_robin", "random", "random_choose", "least_sessions", "first", "maglev"} {
-		if err == nil || !strings.Contains(err.Error(), p) {
-			t.Errorf("unknown-policy error %v does not list %s", err, p)
+		if !strings.Contains(usage, p) {
+			t.Errorf("--lb-policy usage %q does not list %s", usage, p)
+		}
+	}
+}
+
+// TestCommandFastUDP runs the command's start-up path with the fast
+// network, as its help recommends, and sends a datagram through it to a
+// real upstream. It uses Caddy's global state, so it must not run in
+// parallel.
+func TestCommandFastUDP(t *testing.T) {
+	up := startUpstream(t, "A")
+	listen := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
+	opts := parseCommandArgs(t,
+		"--listen", FastNetwork+"/"+listen,
+		"--to", up.addr.String(),
+		"--max-flows", "100",
+		"--admin", "off")
+	if err := startCommand(opts); err != nil {
+		t.Fatalf("starting: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("stopping: %v", err)
+		}
+	})
+	if got := newClient(t, listen).mustRoundTrip("hello"); got != "A" {
+		t.Errorf("reply from %q, want A", got)
+	}
+}
+
+// TestCommandListenInUse checks that the command refuses a listen address
+// that another socket holds, on both networks: Caddy's own UDP listener
+// would share it quietly (SO_REUSEPORT).
+func TestCommandListenInUse(t *testing.T) {
+	held, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	for _, network := range []string{"udp", FastNetwork} {
+		listen := network + "/" + held.LocalAddr().String()
+		err := startCommand(commandOptions{Listen: listen, To: []string{"127.0.0.1:6001"}, Admin: "off"})
+		if err == nil || !strings.Contains(err.Error(), "is another balancer running on it?") {
+			t.Errorf("--listen %s: error %v, want the address in use", listen, err)
 		}
 	}
 }
@@ -315,12 +406,8 @@ func TestCommandEndToEnd(t *testing.T) {
 		"--to", strings.Join(upstreams, ","),
 		"--per", "packet",
 		"--admin", admin)
-	cfgJSON, err := buildCommandConfig(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := caddy.Load(cfgJSON, true); err != nil {
-		t.Fatalf("loading %s: %v", cfgJSON, err)
+	if err := startCommand(opts); err != nil {
+		t.Fatalf("starting: %v", err)
 	}
 	t.Cleanup(func() {
 		// Stopping the apps leaves the admin server up; a config with the
@@ -362,7 +449,7 @@ func TestCommandEndToEnd(t *testing.T) {
 	// Per flow: each client stays on one upstream, and new clients take the
 	// upstreams in turn.
 	opts.Per = "flow"
-	cfgJSON, err = buildCommandConfig(opts)
+	cfgJSON, err := buildCommandConfig(opts)
 	if err != nil {
 		t.Fatal(err)
 	}

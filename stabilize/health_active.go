@@ -79,7 +79,7 @@ func compileActive(a *ActiveHealthChecks) (*activeCheck, error) {
 	c := &activeCheck{ActiveHealthChecks: a}
 	switch {
 	case a.Send != "" && a.SendHex != "":
-		return nil, errors.New("send and send_hex: use one, not both")
+		return nil, fmt.Errorf("send and send_hex: use one, not both (send %q, send_hex %q)", a.Send, a.SendHex)
 	case a.SendHex != "":
 		b, err := hex.DecodeString(a.SendHex)
 		if err != nil {

@@ -20,7 +20,7 @@ const minDefaultMaxFlows = 64
 func (h *Handler) provisionLimits() error {
 	switch {
 	case h.MaxFlows < -1:
-		return fmt.Errorf("max_flows %d: must be positive, or -1 for no limit", h.MaxFlows)
+		return fmt.Errorf("max_flows %d: must be -1 (no limit), 0 (the default) or positive", h.MaxFlows)
 	case h.MaxFlows == -1:
 		h.maxFlows = 0
 	case h.MaxFlows == 0:

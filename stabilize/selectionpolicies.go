@@ -241,8 +241,8 @@ func (r *RandomChoiceSelection) UnmarshalCaddyfile(d *caddyfile.Dispenser) error
 		return nil
 	}
 	n, err := strconv.Atoi(d.Val())
-	if err != nil || n < 2 {
-		return d.Errf("lb_policy random_choose: invalid number of choices %q: must be an integer of at least 2", d.Val())
+	if err != nil {
+		return d.Errf("invalid number of choices %q: must be an integer", d.Val())
 	}
 	r.Choose = n
 	if d.NextArg() {

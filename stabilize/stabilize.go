@@ -7,6 +7,7 @@ package stabilize
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -116,7 +117,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.LoadBalancing.SelectionPolicyRaw != nil {
 		mod, err := ctx.LoadModule(h.LoadBalancing, "SelectionPolicyRaw")
 		if err != nil {
-			return fmt.Errorf("loading load balancing selection policy: %w", err)
+			return fmt.Errorf("load_balancing.selection: %w", err)
 		}
 		h.selector = mod.(Selector)
 	} else {
@@ -163,6 +164,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.WriteBuffer < 0 {
 		return fmt.Errorf("write_buffer %d: must not be negative", h.WriteBuffer)
+	}
+	if h.ReadBuffer > math.MaxInt32 {
+		return fmt.Errorf("read_buffer %d: must be at most %d", h.ReadBuffer, math.MaxInt32)
+	}
+	if h.WriteBuffer > math.MaxInt32 {
+		return fmt.Errorf("write_buffer %d: must be at most %d", h.WriteBuffer, math.MaxInt32)
 	}
 	if err := h.provisionLimits(); err != nil {
 		return err

@@ -1,10 +1,11 @@
 package stabilize
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
-	"strconv"
+	"strings"
 	"sync/atomic"
 
 	"github.com/caddyserver/caddy/v2"
@@ -60,41 +61,45 @@ func (u *Upstream) release() {
 // Addr is the resolved address of the upstream.
 func (u *Upstream) Addr() netip.AddrPort { return u.addr }
 
-// parseUpstreamAddr parses a Caddy network address that must name one UDP
-// host and port.
+// parseUpstreamAddr parses an upstream address, which must name one UDP
+// host and port, and resolves it.
 func parseUpstreamAddr(dial string) (netip.AddrPort, error) {
-	na, err := checkUpstreamAddr(dial)
-	if err != nil {
-		return netip.AddrPort{}, err
+	na, err := parseUDPAddr(dial)
+	if err == nil && na.Host == "" {
+		err = errors.New("a host is required")
 	}
-	ua, err := net.ResolveUDPAddr(na.Network, net.JoinHostPort(na.Host, strconv.FormatUint(uint64(na.StartPort), 10)))
 	if err != nil {
 		return netip.AddrPort{}, fmt.Errorf("upstream %q: %w", dial, err)
 	}
-	ap := ua.AddrPort()
-	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
+	ua, err := net.ResolveUDPAddr(na.Network, na.JoinHostPort(0))
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("upstream %q: %w", dial, err)
+	}
+	return addrPort(ua), nil
 }
 
-// checkUpstreamAddr parses a Caddy network address that must name one UDP
-// host and port, without resolving it. A plain host:port is UDP.
-func checkUpstreamAddr(dial string) (caddy.NetworkAddress, error) {
-	na, err := caddy.ParseNetworkAddressWithDefaults(dial, "udp", 0)
-	if err != nil {
-		return na, fmt.Errorf("upstream %q: %w", dial, err)
+// udpDial returns addr with the udp/ network if it names no network: a
+// plain host:port is UDP.
+func udpDial(addr string) string {
+	if strings.Contains(addr, "/") {
+		return addr
 	}
-	switch na.Network {
-	case "udp", "udp4", "udp6":
-	default:
-		return na, fmt.Errorf("upstream %q: network %q is not UDP (use udp/, udp4/ or udp6/)", dial, na.Network)
-	}
-	if na.PortRangeSize() != 1 {
-		return na, fmt.Errorf("upstream %q: exactly one port is required", dial)
-	}
-	if na.StartPort == 0 {
-		return na, fmt.Errorf("upstream %q: a port (1-65535) is required", dial)
-	}
-	if na.Host == "" {
-		return na, fmt.Errorf("upstream %q: a host is required", dial)
+	return "udp/" + addr
+}
+
+// parseUDPAddr parses a Caddy network address with one port on a UDP
+// network: udp (the default), udp4 or udp6. It resolves nothing.
+func parseUDPAddr(addr string) (caddy.NetworkAddress, error) {
+	na, err := caddy.ParseNetworkAddressWithDefaults(addr, "udp", 0)
+	switch {
+	case err != nil:
+		return na, err
+	case na.Network != "udp" && na.Network != "udp4" && na.Network != "udp6":
+		return na, fmt.Errorf("network %q is not UDP (use udp/, udp4/ or udp6/)", na.Network)
+	case na.PortRangeSize() != 1:
+		return na, errors.New("exactly one port is required")
+	case na.StartPort == 0:
+		return na, errors.New("a port (1-65535) is required")
 	}
 	return na, nil
 }
