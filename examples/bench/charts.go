@@ -343,16 +343,27 @@ func (f *figure) draw(c draw.Canvas) {
 	}
 }
 
-// compactTicks are plot.DefaultTicks labelled briefly: 50k, not 50000.
+// compactTicks are about five ticks at 1, 2, 2.5 or 5 × 10^k, labelled
+// briefly: 50k, not 50000.
 type compactTicks struct{}
 
 // Ticks implements plot.Ticker.
 func (compactTicks) Ticks(lo, hi float64) []plot.Tick {
-	ticks := plot.DefaultTicks{}.Ticks(lo, hi)
-	for i := range ticks {
-		if ticks[i].Label != "" {
-			ticks[i].Label = compact(ticks[i].Value)
+	if !(hi > lo) {
+		return []plot.Tick{{Value: lo, Label: compact(lo)}}
+	}
+	raw := (hi - lo) / 5
+	mag := math.Pow(10, math.Floor(math.Log10(raw)))
+	step := 10 * mag
+	for _, m := range []float64{1, 2, 2.5, 5} {
+		if m*mag >= raw {
+			step = m * mag
+			break
 		}
+	}
+	var ticks []plot.Tick
+	for i := math.Ceil(lo / step); i*step <= hi*(1+1e-9); i++ {
+		ticks = append(ticks, plot.Tick{Value: i * step, Label: compact(i * step)})
 	}
 	return ticks
 }

@@ -4,6 +4,7 @@ package main
 
 import (
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"gonum.org/v1/plot"
@@ -130,4 +131,24 @@ func TestSweepChartLogScale(t *testing.T) {
 	}
 	// Drawing must not panic on a log axis.
 	checkNoOverlap(t, sampleSweep())
+}
+
+func TestCompactTicks(t *testing.T) {
+	for _, c := range []struct {
+		lo, hi float64
+		want   string
+	}{
+		{0, 195329, "0 50k 100k 150k"},
+		{0, 16, "0 5 10 15"},
+		{0, 0.7, "0 0.2 0.4 0.6"},
+		{3, 3, "3"},
+	} {
+		var got []string
+		for _, tk := range (compactTicks{}).Ticks(c.lo, c.hi) {
+			got = append(got, tk.Label)
+		}
+		if strings.Join(got, " ") != c.want {
+			t.Errorf("Ticks(%v, %v) = %q, want %q", c.lo, c.hi, got, c.want)
+		}
+	}
 }
