@@ -1,0 +1,202 @@
+//go:build linux
+
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// balancer is a running balancer process (Caddy or nginx).
+type balancer struct {
+	cmd     *exec.Cmd
+	addr    string
+	port    int
+	logPath string
+	done    chan struct{}
+	pids    []int // the process and its children (nginx workers)
+}
+
+// start starts a fresh balancer for target t on a free port and waits until
+// it answers.
+func (e *benchEnv) start(ctx context.Context, t string) (*balancer, error) {
+	port, err := freeUDPPort()
+	if err != nil {
+		return nil, fmt.Errorf("free port: %w", err)
+	}
+	listen := fmt.Sprintf("127.0.0.1:%d", port)
+	dir, err := os.MkdirTemp(e.tmp, t+"-")
+	if err != nil {
+		return nil, err
+	}
+	var cmd *exec.Cmd
+	switch t {
+	case "nginx":
+		conf := nginxConfig(dir, listen, e.upstreamAddrs(), e.opts.nginxWorkers, e.nginx.module)
+		confPath := filepath.Join(dir, "nginx.conf")
+		if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
+			return nil, err
+		}
+		cmd = exec.Command(e.nginx.path, "-p", dir, "-c", confPath, "-e", filepath.Join(dir, "error.log"))
+	default:
+		cfg, err := caddyConfig(listenNetwork(t), listen, handlerFor(baseTarget(t), e.upstreamAddrs()))
+		if err != nil {
+			return nil, fmt.Errorf("caddy config for %s: %w", t, err)
+		}
+		cfgPath := filepath.Join(dir, "caddy.json")
+		if err := os.WriteFile(cfgPath, cfg, 0o644); err != nil {
+			return nil, err
+		}
+		cmd = exec.Command(e.caddy, "run", "--config", cfgPath)
+		// Keep Caddy's storage out of the user's home.
+		cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+		if gomaxprocsOne(t) {
+			// Caddy's automaxprocs leaves an explicit GOMAXPROCS alone.
+			cmd.Env = append(cmd.Env, "GOMAXPROCS=1")
+		}
+	}
+	b := &balancer{cmd: cmd, addr: listen, port: port, logPath: filepath.Join(dir, "output.log"), done: make(chan struct{})}
+	logf, err := os.Create(b.logPath)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// Own process group, so that stop reaches nginx's workers too; and
+	// killed by the kernel should this process die.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := startChild(cmd); err != nil {
+		return nil, fmt.Errorf("start %s: %w", cmd.Path, err)
+	}
+	go func() {
+		_ = cmd.Wait()
+		forgetChild(cmd)
+		close(b.done)
+	}()
+	if err := b.waitReady(ctx, 15*time.Second); err != nil {
+		b.stop()
+		return nil, err
+	}
+	b.pids = processTree(cmd.Process.Pid)
+	return b, nil
+}
+
+// waitReady sends probes until one is answered.
+func (b *balancer) waitReady(ctx context.Context, limit time.Duration) error {
+	raddr, err := net.ResolveUDPAddr("udp4", b.addr)
+	if err != nil {
+		return err
+	}
+	c, err := net.DialUDP("udp4", nil, raddr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	probe := make([]byte, 16)
+	copy(probe, "probe")
+	buf := make([]byte, 256)
+	deadline := time.Now().Add(limit)
+	for i := uint64(1); time.Now().Before(deadline); i++ {
+		select {
+		case <-b.done:
+			return fmt.Errorf("balancer exited before answering: %s", b.logTail())
+		case <-ctx.Done():
+			return ctx.Err()
+		default:
+		}
+		binary.LittleEndian.PutUint64(probe[8:], i)
+		_, _ = c.Write(probe)
+		_ = c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+		if n, err := c.Read(buf); err == nil && n >= seqLen {
+			return nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return fmt.Errorf("balancer did not answer within %v: %s", limit, b.logTail())
+}
+
+func (b *balancer) alive() bool {
+	select {
+	case <-b.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// stop sends SIGTERM to the process group, waits up to 5 s, then kills it.
+func (b *balancer) stop() {
+	pgid := b.cmd.Process.Pid
+	_ = syscall.Kill(-pgid, syscall.SIGTERM)
+	select {
+	case <-b.done:
+	case <-time.After(5 * time.Second):
+		_ = syscall.Kill(-pgid, syscall.SIGKILL)
+		<-b.done
+	}
+	// nginx workers may outlive the master by a moment.
+	_ = syscall.Kill(-pgid, syscall.SIGKILL)
+}
+
+// logTail is the end of the balancer's output, for error messages.
+func (b *balancer) logTail() string {
+	out, _ := os.ReadFile(b.logPath)
+	out = bytes.TrimSpace(out)
+	if len(out) > 1500 {
+		out = out[len(out)-1500:]
+	}
+	if len(out) == 0 {
+		return "(no output)"
+	}
+	return string(out)
+}
+
+// freeUDPPort returns a UDP port on 127.0.0.1 that was free a moment ago.
+func freeUDPPort() (int, error) {
+	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	return c.LocalAddr().(*net.UDPAddr).Port, nil
+}
+
+// children are the running child processes, killed on any exit.
+var (
+	childMu  sync.Mutex
+	children = map[*exec.Cmd]struct{}{}
+)
+
+func startChild(cmd *exec.Cmd) error {
+	childMu.Lock()
+	defer childMu.Unlock()
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	children[cmd] = struct{}{}
+	return nil
+}
+
+func forgetChild(cmd *exec.Cmd) {
+	childMu.Lock()
+	delete(children, cmd)
+	childMu.Unlock()
+}
+
+// killAllChildren kills every child's process group.
+func killAllChildren() {
+	childMu.Lock()
+	defer childMu.Unlock()
+	for cmd := range children {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	}
+}

@@ -1,0 +1,38 @@
+//go:build linux
+
+package main
+
+import (
+	"encoding/json"
+	"math"
+)
+
+// num is a measured number that may be unknown: NaN (or ±Inf), which
+// encoding/json cannot write as a number, is JSON null, and null reads back
+// as NaN.
+type num float64
+
+// nan is the unknown number.
+var nan = num(math.NaN())
+
+// known reports whether n is a finite number.
+func (n num) known() bool {
+	return !math.IsNaN(float64(n)) && !math.IsInf(float64(n), 0)
+}
+
+// MarshalJSON writes n as a JSON number, or null when it is unknown.
+func (n num) MarshalJSON() ([]byte, error) {
+	if !n.known() {
+		return []byte("null"), nil
+	}
+	return json.Marshal(float64(n))
+}
+
+// UnmarshalJSON reads a JSON number, or null as NaN.
+func (n *num) UnmarshalJSON(b []byte) error {
+	if string(b) == "null" {
+		*n = nan
+		return nil
+	}
+	return json.Unmarshal(b, (*float64)(n))
+}

@@ -1,0 +1,187 @@
+//go:build linux
+
+package main
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// idleAfter is how long after the load generator stops (every request
+// answered or given up on) the sweep reads the balancer's idle RSS, with
+// every flow still live (idleAfter < idleTimeout).
+const idleAfter = 3 * time.Second
+
+// measurement is one target measured once.
+type measurement struct {
+	Target     string  `json:"target"`
+	Round      int     `json:"round"`
+	Payload    int     `json:"payload"`
+	Flows      int     `json:"flows"`
+	Window     int     `json:"window"`
+	Sent       int64   `json:"sent"`
+	Received   int64   `json:"received"`
+	Lost       int64   `json:"lost"`
+	Late       int64   `json:"late"`
+	Corrupt    int64   `json:"corrupt"`
+	SendErrors int64   `json:"send_errors"`
+	Seconds    float64 `json:"seconds"`
+	Throughput num     `json:"throughput"` // replies/s
+	LossPct    num     `json:"loss_pct"`
+	P50US      num     `json:"p50_us"`
+	P99US      num     `json:"p99_us"`
+	P999US     num     `json:"p999_us"`
+	// The balancer's (for nginx: master + workers) CPU time during the
+	// window, and per answered request (request forwarded + reply relayed).
+	CPUSeconds    num   `json:"cpu_seconds"`
+	CPUPerDgramUS num   `json:"cpu_us_per_datagram"`
+	PeakRSSKB     int64 `json:"peak_rss_kb"`
+	// Sweep only: VmRSS before the load, at the end of the window with all
+	// flows live and busy, and idleAfter after the load stopped with all
+	// flows still live but idle.
+	RSSBaseKB       int64 `json:"rss_base_kb,omitempty"`
+	RSSLiveKB       int64 `json:"rss_live_kb,omitempty"`
+	RSSIdleKB       int64 `json:"rss_idle_kb,omitempty"`
+	MemPerFlowB     num   `json:"mem_per_flow_bytes"`
+	MemPerIdleFlowB num   `json:"mem_per_idle_flow_bytes"`
+	// Datagrams the kernel dropped during the window for a full receive
+	// buffer, by socket role (see dropListener…).
+	KernelDrops map[string]uint64 `json:"kernel_drops,omitempty"`
+	Err         string            `json:"error,omitempty"`
+}
+
+// measure runs one measurement of target t with a fresh balancer process.
+// Errors are recorded in the measurement, so that one failing target does
+// not end the benchmark.
+func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep bool) *measurement {
+	m := &measurement{Target: t, Payload: lc.payload, Flows: lc.flows, Window: lc.window}
+	m.setNaN()
+	var bal *balancer
+	addr := e.upstreams[0].Addr().String()
+	if t != "direct" {
+		var err error
+		bal, err = e.start(ctx, t)
+		if err != nil {
+			m.Err = err.Error()
+			return m
+		}
+		defer bal.stop()
+		addr = bal.addr
+	}
+
+	var cpu0, cpu1 float64
+	var rssBase, rssLive int64
+	if bal != nil && sweep {
+		// Let the process settle after start-up before the baseline.
+		time.Sleep(300 * time.Millisecond)
+		rssBase = bal.rssKB("VmRSS")
+	}
+	var socks0, socks1 []udpSocket
+	var balInodes map[uint64]bool
+	hooks := loadHooks{
+		start: func() {
+			if bal != nil {
+				cpu0 = bal.cpuSeconds()
+			}
+			socks0 = readUDPSockets()
+		},
+		end: func() {
+			if bal != nil {
+				cpu1 = bal.cpuSeconds()
+				if sweep {
+					rssLive = bal.rssKB("VmRSS")
+				}
+			}
+			socks1 = readUDPSockets()
+			if bal != nil {
+				balInodes = socketInodes(bal.pids)
+			}
+		},
+	}
+	res, err := runLoad(ctx, addr, lc, hooks)
+	if err != nil {
+		m.Err = err.Error()
+		if res == nil {
+			return m
+		}
+	}
+	m.fromLoad(res)
+	var rssIdle int64
+	if bal != nil && sweep && ctx.Err() == nil {
+		// The load generator has stopped; the balancer's flows stay live
+		// until its idle timeout (idleTimeout ≫ idleAfter).
+		sleepUntil(ctx, time.Now().Add(idleAfter))
+		rssIdle = bal.rssKB("VmRSS")
+	}
+	listenPort := e.upstreams[0].Addr().Port
+	if bal != nil {
+		listenPort = bal.port
+	}
+	upPorts := map[int]bool{}
+	for _, u := range e.upstreams {
+		upPorts[u.Addr().Port] = true
+	}
+	m.KernelDrops = dropDelta(socks0, socks1, listenPort, upPorts, balInodes)
+	if bal == nil {
+		return m
+	}
+	if !bal.alive() {
+		m.Err = "balancer exited during the measurement: " + bal.logTail()
+	}
+	m.CPUSeconds = num(cpu1 - cpu0)
+	if m.Received > 0 {
+		m.CPUPerDgramUS = m.CPUSeconds / num(m.Received) * 1e6
+	}
+	m.PeakRSSKB = bal.rssKB("VmHWM")
+	if sweep {
+		m.RSSBaseKB, m.RSSLiveKB, m.RSSIdleKB = rssBase, rssLive, rssIdle
+		m.MemPerFlowB = num(rssLive-rssBase) * 1024 / num(lc.flows)
+		if rssIdle > 0 {
+			m.MemPerIdleFlowB = num(rssIdle-rssBase) * 1024 / num(lc.flows)
+		}
+	}
+	return m
+}
+
+// setNaN marks the derived numbers unknown until measured.
+func (m *measurement) setNaN() {
+	m.Throughput, m.LossPct, m.P50US, m.P99US, m.P999US = nan, nan, nan, nan, nan
+	m.CPUSeconds, m.CPUPerDgramUS, m.MemPerFlowB, m.MemPerIdleFlowB = nan, nan, nan, nan
+}
+
+func (m *measurement) fromLoad(r *loadResult) {
+	m.Sent, m.Received, m.Lost, m.Late, m.Corrupt, m.SendErrors = r.Sent, r.Received, r.Lost, r.Late, r.Corrupt, r.SendErrors
+	m.Seconds = r.Window.Seconds()
+	m.Throughput = num(float64(r.Received) / m.Seconds)
+	if r.Sent > 0 {
+		m.LossPct = num(float64(r.Lost) / float64(r.Sent) * 100)
+	}
+	m.P50US = num(percentile(r.latencies, 50) / 1e3)
+	m.P99US = num(percentile(r.latencies, 99) / 1e3)
+	m.P999US = num(percentile(r.latencies, 99.9) / 1e3)
+}
+
+// oneLine is the measurement's progress line.
+func (m *measurement) oneLine() string {
+	if m.Err != "" && m.Sent == 0 {
+		return "ERROR: " + m.Err
+	}
+	s := fmt.Sprintf("%9.0f dgram/s  p50 %6.0fµs  p99 %7.0fµs  loss %5.2f%%", m.Throughput, m.P50US, m.P99US, m.LossPct)
+	if m.CPUPerDgramUS.known() {
+		s += fmt.Sprintf("  cpu %5.1fµs/dgram  rss %5.1fMiB", m.CPUPerDgramUS, float64(m.PeakRSSKB)/1024)
+	}
+	if d := fmtDrops(m.KernelDrops); d != "" {
+		s += "  drops " + d
+	}
+	if m.MemPerFlowB.known() {
+		s += fmt.Sprintf("  %6.0f B/flow", m.MemPerFlowB)
+	}
+	if m.MemPerIdleFlowB.known() {
+		s += fmt.Sprintf(" (idle %6.0f B/flow)", m.MemPerIdleFlowB)
+	}
+	if m.Err != "" {
+		s += "  ERROR: " + m.Err
+	}
+	return s
+}
