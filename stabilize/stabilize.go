@@ -1,7 +1,3 @@
-// Package stabilize is a UDP load balancer for Caddy: the caddy-l4 handler
-// `layer4.handlers.stabilize`. caddy-l4 hands it one client flow (a client
-// address and port) at a time; it spreads the flow's datagrams over its
-// upstreams, per packet or per flow, and relays the replies back.
 package stabilize
 
 import (

@@ -1,0 +1,53 @@
+// Package stabilize is a UDP load balancer for Caddy: the caddy-l4 handler
+// `layer4.handlers.stabilize`. caddy-l4 hands it one client flow (a client
+// address and port) at a time; it spreads the flow's datagrams over its
+// upstreams, per packet or per flow, and relays the replies back.
+//
+// # The data path
+//
+// A datagram enters by one of two doors and leaves by one function:
+//
+//   - caddy-l4's Handle (handle.go), called once per new client flow on
+//     `udp/` and `fastudp/` listeners. It opens the Flow and reads the flow
+//     until caddy-l4 ends it, never blocking on an upstream.
+//   - the fastudp socket (internal/fastudp). Once a flow is open, the socket
+//     delivers the flow's datagrams to it directly (Flow is its
+//     fastudp.Endpoint), bypassing caddy-l4's per-datagram dispatch; after
+//     two seconds Handle returns and the socket's reaper ends the flow when
+//     it goes idle.
+//
+// Both call Flow.forward (forward.go), the one place that checks
+// truncation, asks the handler's router for an upstream, prepends the PROXY
+// header and sends without blocking, counting every drop by reason. The
+// router is the granularity (router.go): per packet asks the policy for
+// every datagram, per flow once and again when the flow's upstream goes
+// down. Both take their candidates from Handler.candidates, which owns the
+// health rule: healthy upstreams only, and when every one is down, all of
+// them (fail open, counted) or none (drop_when_all_down). Policies are
+// modules that pick for a Request (selectionpolicies.go): a client address,
+// or a key such as a QUIC connection ID.
+//
+// Each flow owns one upstream-facing socket, so that replies find their
+// client. A reply reactor (reply_linux.go: epoll, recvmmsg) reads the replies
+// of many flows, accepts them only from the handler's upstreams, and sends
+// them out of the listener's own socket with sendmmsg, on `udp/` and
+// `fastudp/` alike, dropping (never waiting) when the socket is full.
+//
+// # Limits
+//
+// max_flows and max_flows_per_ip (limits.go) refuse new flows over a cap
+// before they cost a socket; established flows are never refused.
+//
+// # Reloads
+//
+// Every admin API change provisions new handlers before it cleans up the
+// old ones. What must outlive a reload lives in package-level pools: the
+// upstream Hosts (passive health and counters) by address, active-check
+// probers by address and check settings, flow affinity and the handler
+// lineage by the handler's identity (its granularity and policy; see
+// reload.go), and fastudp sockets by address. In Cleanup an old handler
+// moves each fastudp flow whose upstream is still configured to its
+// successor, keeping the flow's sockets, so no reply in flight is lost;
+// other flows end, and the client's next datagram finds its upstream in the
+// affinity table.
+package stabilize
