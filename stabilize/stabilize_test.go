@@ -236,6 +236,27 @@ func TestDatagramSizes(t *testing.T) {
 			}
 		}
 		cl.mustRoundTrip("still-serving")
+
+		// The same as the first datagram of a new flow.
+		got = a.got.Load()
+		truncated := h.Drops()["truncated"]
+		if _, err := newClient(t, lb.addr).conn.Write(make([]byte, ListenerBufferSize)); err != nil {
+			t.Fatal(err)
+		}
+		if network == FastNetwork {
+			eventually(t, 2*time.Second, "the upstream to receive a new flow's 9000-byte first datagram", func() bool {
+				a.mu.Lock()
+				defer a.mu.Unlock()
+				return len(a.last) == ListenerBufferSize && a.got.Load() == got+1
+			})
+		} else {
+			eventually(t, 2*time.Second, "a new flow's 9000-byte first datagram counted as truncated", func() bool {
+				return h.Drops()["truncated"] == truncated+1
+			})
+			if n := a.got.Load(); n != got {
+				t.Errorf("the upstream received a new flow's 9000-byte first datagram on %s", network)
+			}
+		}
 	})
 }
 
