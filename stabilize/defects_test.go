@@ -400,12 +400,7 @@ func TestReloadsUnderTraffic(t *testing.T) {
 func TestFlowLimit(t *testing.T) {
 	forPaths(t, granularities, func(t *testing.T, network, per string) {
 		const maxFlows, addrs, ports = 50, 49, 3 // 147 flood flows
-		tr := trackHandlers(t)
-		a := startUpstream(t, "a")
-		h := handlerConfig(per, "", a)
-		h["max_flows"] = maxFlows
-		lb := startBalancerOn(t, network, false, 30*time.Second, h)
-		hd := tr.latest()
+		a, lb, hd := startWithOne(t, network, per, map[string]any{"max_flows": maxFlows})
 		good := newClient(t, lb.addr)
 		good.mustRoundTrip("before-the-flood")
 		baseFD := openFDs(t)
@@ -458,12 +453,7 @@ func TestFlowLimit(t *testing.T) {
 func TestFlowLimitPerIP(t *testing.T) {
 	forPaths(t, granularities, func(t *testing.T, network, per string) {
 		const perIP, flows = 3, 10
-		tr := trackHandlers(t)
-		a := startUpstream(t, "a")
-		h := handlerConfig(per, "", a)
-		h["max_flows_per_ip"] = perIP
-		lb := startBalancerOn(t, network, false, 30*time.Second, h)
-		hd := tr.latest()
+		a, lb, hd := startWithOne(t, network, per, map[string]any{"max_flows_per_ip": perIP})
 		good := newClient(t, lb.addr)
 		good.mustRoundTrip("before")
 

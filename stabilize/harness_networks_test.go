@@ -2,6 +2,7 @@ package stabilize
 
 import (
 	"bytes"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 	"weak"
 )
 
@@ -37,6 +39,19 @@ func forPaths(t *testing.T, pers []string, body func(t *testing.T, network, per 
 			t.Run(network+"/"+per, func(t *testing.T) { body(t, network, per) })
 		}
 	}
+}
+
+// startWithOne starts upstream "a" and a balancer on network with
+// handlerConfig(per, "", a) and the extra handler fields, and returns them
+// with the handler provisioned.
+func startWithOne(t *testing.T, network, per string, extra map[string]any) (*testUpstream, *balancer, *Handler) {
+	t.Helper()
+	tr := trackHandlers(t)
+	a := startUpstream(t, "a")
+	h := handlerConfig(per, "", a)
+	maps.Copy(h, extra)
+	lb := startBalancerOn(t, network, false, 30*time.Second, h)
+	return a, lb, tr.latest()
 }
 
 // rawUpstream is a UDP server on 127.0.0.1 that echoes every datagram as is

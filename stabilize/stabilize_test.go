@@ -193,10 +193,7 @@ func TestConcurrentFlows(t *testing.T) {
 // longer than the reply buffer, so dropped and counted as reply_too_large.
 func TestDatagramSizes(t *testing.T) {
 	forPaths(t, granularities, func(t *testing.T, network, per string) {
-		tr := trackHandlers(t)
-		a := startUpstream(t, "a")
-		lb := startBalancerOn(t, network, false, 30*time.Second, handlerConfig(per, "", a))
-		h := tr.latest()
+		a, lb, h := startWithOne(t, network, per, nil)
 		cl := newClient(t, lb.addr)
 
 		big := bytes.Repeat([]byte("0123456789abcdef"), 500) // 8000 bytes
@@ -266,10 +263,7 @@ func TestDatagramSizes(t *testing.T) {
 // caddy_stabilize_fastudp_dropped_datagrams_total), as no handler has it yet.
 func TestTruncatedDatagramIsDropped(t *testing.T) {
 	forPaths(t, granularities, func(t *testing.T, network, per string) {
-		tr := trackHandlers(t)
-		a := startUpstream(t, "a")
-		lb := startBalancerOn(t, network, false, 30*time.Second, handlerConfig(per, "", a))
-		h := tr.latest()
+		a, lb, h := startWithOne(t, network, per, nil)
 
 		// The first datagram of a new flow.
 		cl := newClient(t, lb.addr)
@@ -409,10 +403,7 @@ func TestAdminAPIChangesUpstreams(t *testing.T) {
 
 func TestRepliesOnlyFromUpstreams(t *testing.T) {
 	forPaths(t, granularities, func(t *testing.T, network, per string) {
-		tr := trackHandlers(t)
-		a := startUpstream(t, "a")
-		lb := startBalancerOn(t, network, false, 30*time.Second, handlerConfig(per, "", a))
-		h := tr.latest()
+		a, lb, h := startWithOne(t, network, per, nil)
 		cl := newClient(t, lb.addr)
 		cl.mustRoundTrip("hello")
 
