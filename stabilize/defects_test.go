@@ -37,6 +37,36 @@ func TestEmptyReply(t *testing.T) {
 	})
 }
 
+// TestEmptyDatagramAfterPause sends an empty datagram some time after the
+// flow's previous one: it is forwarded like any other, and the flow goes on
+// on the same upstream-facing socket. caddy-l4 reports an empty datagram as
+// io.EOF, and on udp/ Handle takes an io.EOF that comes more than
+// emptyDatagramWindow after its read began for the end of the flow.
+func TestEmptyDatagramAfterPause(t *testing.T) {
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		up := startRawUpstream(t, false, true)
+		lb := startBalancerOn(t, network, false, 30*time.Second, rawHandler(per, up))
+		cl := newClient(t, lb.addr)
+		for i, p := range []string{"first", "", "third"} {
+			if i > 0 {
+				time.Sleep(3 * emptyDatagramWindow)
+			}
+			if _, err := cl.conn.Write([]byte(p)); err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, 2*time.Second, fmt.Sprintf("the upstream to receive datagram %d (%q)", i+1, p), func() bool {
+				return up.got.Load() == int64(i+1)
+			})
+			if got := up.recorded()[i]; string(got) != p {
+				t.Fatalf("datagram %d reached the upstream as %q, want %q", i+1, got, p)
+			}
+		}
+		if n := up.sourceCount(); n != 1 {
+			t.Errorf("the upstream saw the flow from %d sockets, want 1", n)
+		}
+	})
+}
+
 // rawRoundTrip sends payload and waits for a reply equal to it.
 func rawRoundTrip(cl *client, payload []byte, timeout time.Duration) error {
 	if _, err := cl.conn.Write(payload); err != nil {
