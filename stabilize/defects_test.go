@@ -10,9 +10,12 @@ import (
 	"net/http"
 	"net/netip"
 	"runtime"
+	"slices"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 // Tests of known defects, each on every listener network and granularity it
@@ -285,7 +288,10 @@ func TestAllDownEstablishedFlows(t *testing.T) {
 // TestReloadsUnderTraffic makes 200 config changes through the admin API,
 // alternately adding and removing an upstream that no flow is on, under
 // steady request/reply traffic from a few clients while other clients come,
-// make one round trip, and go. Then:
+// make one round trip, and go. The changes are to the upstreams of the
+// server under traffic (own_upstreams), or to a second server
+// (other_server), so that the config of the one under traffic stays the
+// same. Then:
 //   - lost_replies: on fastudp/, no round trip is lost; a flow whose
 //     upstream is still configured keeps its socket across the reloads. On
 //     udp/ the loss is logged (README, Reloads).
@@ -295,130 +301,154 @@ func TestAllDownEstablishedFlows(t *testing.T) {
 //     unreachable, and the heap does not grow with the reloads.
 func TestReloadsUnderTraffic(t *testing.T) {
 	forPaths(t, []string{PerFlow}, func(t *testing.T, network, per string) {
-		const reloads, steady = 200, 4
-		const idle = time.Second
-		tr := trackHandlers(t)
-		a, b, c := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "c")
-		lb := startBalancerOn(t, network, true, idle, handlerConfig(per, "", a, b))
-		upstreams := "http://" + lb.admin + "/config/apps/layer4/servers/srv0/routes/0/handle/0/upstreams"
-
-		var (
-			stop      = make(chan struct{})
-			wg        sync.WaitGroup
-			mu        sync.Mutex
-			trips     int
-			lost      int
-			moved     int
-			firstName = make([]string, steady)
-		)
-		defer func() { // also when the test fails early
-			select {
-			case <-stop:
-			default:
-				close(stop)
-			}
-			wg.Wait()
-		}()
-		for i := range steady {
-			cl := newClient(t, lb.addr)
-			firstName[i] = cl.mustRoundTrip(fmt.Sprintf("steady-%d", i))
-			wg.Go(func() {
-				for j := 0; ; j++ {
-					select {
-					case <-stop:
-						return
-					default:
-					}
-					name, _, err := cl.roundTrip([]byte(fmt.Sprintf("steady-%d-%d", i, j)), 250*time.Millisecond)
-					mu.Lock()
-					trips++
-					switch {
-					case isTimeout(err):
-						lost++
-					case err != nil:
-						t.Errorf("steady flow %d: %v", i, err)
-					case name != firstName[i]:
-						moved++
-					}
-					mu.Unlock()
-					time.Sleep(2 * time.Millisecond)
-				}
-			})
+		for _, changed := range []string{"own_upstreams", "other_server"} {
+			t.Run(changed, func(t *testing.T) { reloadsUnderTraffic(t, network, per, changed == "other_server") })
 		}
-		time.Sleep(200 * time.Millisecond)
-		collectGarbage()
-		heapBefore := heapAlloc()
-		sourcesBefore := sourcesOf(a) + sourcesOf(b)
+	})
+}
 
-		start := time.Now()
-		for i := range reloads {
-			list := []*testUpstream{a, b}
-			if i%2 == 0 {
-				list = append(list, c)
-			}
-			adminReplace(t, upstreams, handlerConfig("", "", list...)["upstreams"])
-			// A client that comes, makes one round trip and goes.
-			visitor := newClient(t, lb.addr)
-			_, _, _ = visitor.roundTrip([]byte(fmt.Sprintf("visitor-%d", i)), 300*time.Millisecond)
-			_ = visitor.conn.Close()
+// reloadsUnderTraffic is TestReloadsUnderTraffic on network. With
+// otherServer, the changes are to a second layer4 server, so the config of
+// the server under traffic stays the same.
+func reloadsUnderTraffic(t *testing.T, network, per string, otherServer bool) {
+	const reloads, steady = 200, 4
+	const idle = time.Second
+	tr := trackHandlers(t)
+	a, b, c := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "c")
+	fixed := []*testUpstream{a, b}    // the upstreams of the flows
+	changing, server := fixed, "srv0" // the list that changes, and its server
+	var lb *balancer
+	if otherServer {
+		changing, server = []*testUpstream{startUpstream(t, "d")}, "srv1"
+		lb = &balancer{addr: localAddr(freeUDPPort(t)), admin: localAddr(freeTCPPort(t))}
+		cfg := multiServerConfig(network, lb.admin, idle,
+			serverSpec{lb.addr, handlerConfig(per, "", fixed...)},
+			serverSpec{localAddr(freeUDPPort(t)), handlerConfig(per, "", changing...)})
+		if err := caddy.Load(cfg, true); err != nil {
+			t.Fatalf("loading config: %v", err)
 		}
-		took := time.Since(start)
-		close(stop)
+		t.Cleanup(func() { _ = caddy.Stop() })
+	} else {
+		lb = startBalancerOn(t, network, true, idle, handlerConfig(per, "", fixed...))
+	}
+	upstreams := "http://" + lb.admin + "/config/apps/layer4/servers/" + server + "/routes/0/handle/0/upstreams"
+
+	var (
+		stop      = make(chan struct{})
+		wg        sync.WaitGroup
+		mu        sync.Mutex
+		trips     int
+		lost      int
+		moved     int
+		firstName = make([]string, steady)
+	)
+	defer func() { // also when the test fails early
+		select {
+		case <-stop:
+		default:
+			close(stop)
+		}
 		wg.Wait()
-		sourcesAfter := sourcesOf(a) + sourcesOf(b)
-		t.Logf("%d config changes in %v; %d round trips, %d lost, %d moved; c got %d datagrams",
-			reloads, took.Round(time.Millisecond), trips, lost, moved, c.got.Load())
+	}()
+	for i := range steady {
+		cl := newClient(t, lb.addr)
+		firstName[i] = cl.mustRoundTrip(fmt.Sprintf("steady-%d", i))
+		wg.Go(func() {
+			for j := 0; ; j++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				name, _, err := cl.roundTrip([]byte(fmt.Sprintf("steady-%d-%d", i, j)), 250*time.Millisecond)
+				mu.Lock()
+				trips++
+				switch {
+				case isTimeout(err):
+					lost++
+				case err != nil:
+					t.Errorf("steady flow %d: %v", i, err)
+				case name != firstName[i]:
+					moved++
+				}
+				mu.Unlock()
+				time.Sleep(2 * time.Millisecond)
+			}
+		})
+	}
+	time.Sleep(200 * time.Millisecond)
+	collectGarbage()
+	heapBefore := heapAlloc()
+	sourcesBefore := sourcesOf(a) + sourcesOf(b)
 
-		t.Run("lost_replies", func(t *testing.T) {
-			if moved != 0 {
-				t.Errorf("%d round trips answered by another upstream than the flow's", moved)
-			}
-			if c.got.Load() != 0 {
-				t.Errorf("c, which no steady flow is on, got %d datagrams", c.got.Load())
-			}
-			// Each visitor opens one socket; each steady flow should keep its own.
-			newSockets := sourcesAfter - sourcesBefore
-			if network != FastNetwork {
-				t.Logf("udp/: %d of %d round trips lost across %d reloads; %d new upstream-facing sockets for %d visitors",
-					lost, trips, reloads, newSockets, reloads)
-				return
-			}
-			if lost != 0 {
-				t.Errorf("%d of %d round trips lost across %d reloads, want none on %s", lost, trips, reloads, network)
-			}
-			if newSockets > reloads+2 {
-				t.Errorf("the upstreams saw %d new sockets for %d visitors: the steady flows did not keep their sockets across the reloads",
-					newSockets, reloads)
-			}
-		})
+	start := time.Now()
+	for i := range reloads {
+		list := changing
+		if i%2 == 0 {
+			list = append(slices.Clone(changing), c)
+		}
+		adminReplace(t, upstreams, handlerConfig("", "", list...)["upstreams"])
+		// A client that comes, makes one round trip and goes.
+		visitor := newClient(t, lb.addr)
+		_, _, _ = visitor.roundTrip([]byte(fmt.Sprintf("visitor-%d", i)), 300*time.Millisecond)
+		_ = visitor.conn.Close()
+	}
+	took := time.Since(start)
+	close(stop)
+	wg.Wait()
+	sourcesAfter := sourcesOf(a) + sourcesOf(b)
+	t.Logf("%d config changes in %v; %d round trips, %d lost, %d moved; c got %d datagrams",
+		reloads, took.Round(time.Millisecond), trips, lost, moved, c.got.Load())
 
-		// Every flow of a visitor has ended by now.
-		time.Sleep(2*idle + 500*time.Millisecond)
-		t.Run("affinity_bounded", func(t *testing.T) {
-			if n := affinityEntries(); n > steady+5 {
-				t.Errorf("%d affinity entries after %d visitors went away and %d steady flows ended, want at most %d",
-					n, reloads, steady, steady+5)
-			}
-		})
-		t.Run("handlers_collected", func(t *testing.T) {
-			collectGarbage()
-			live, total := tr.live()
-			if total < reloads {
-				t.Fatalf("%d handlers provisioned, want at least %d", total, reloads)
-			}
-			if live > 5 {
-				t.Errorf("%d of %d handler instances are still reachable after the reloads", live, total)
-			}
-		})
-		t.Run("heap_bounded", func(t *testing.T) {
-			collectGarbage()
-			grew := int64(heapAlloc()) - int64(heapBefore)
-			if grew > 2<<20 {
-				t.Errorf("heap grew by %d KiB over %d reloads", grew>>10, reloads)
-			} else {
-				t.Logf("heap grew by %d KiB over %d reloads", grew>>10, reloads)
-			}
-		})
+	t.Run("lost_replies", func(t *testing.T) {
+		if moved != 0 {
+			t.Errorf("%d round trips answered by another upstream than the flow's", moved)
+		}
+		if c.got.Load() != 0 {
+			t.Errorf("c, which no steady flow is on, got %d datagrams", c.got.Load())
+		}
+		// Each visitor opens one socket; each steady flow should keep its own.
+		newSockets := sourcesAfter - sourcesBefore
+		if network != FastNetwork {
+			t.Logf("udp/: %d of %d round trips lost across %d reloads; %d new upstream-facing sockets for %d visitors",
+				lost, trips, reloads, newSockets, reloads)
+			return
+		}
+		if lost != 0 {
+			t.Errorf("%d of %d round trips lost across %d reloads, want none on %s", lost, trips, reloads, network)
+		}
+		if newSockets > reloads+2 {
+			t.Errorf("the upstreams saw %d new sockets for %d visitors: the steady flows did not keep their sockets across the reloads",
+				newSockets, reloads)
+		}
+	})
+
+	// Every flow of a visitor has ended by now.
+	time.Sleep(2*idle + 500*time.Millisecond)
+	t.Run("affinity_bounded", func(t *testing.T) {
+		if n := affinityEntries(); n > steady+5 {
+			t.Errorf("%d affinity entries after %d visitors went away and %d steady flows ended, want at most %d",
+				n, reloads, steady, steady+5)
+		}
+	})
+	t.Run("handlers_collected", func(t *testing.T) {
+		collectGarbage()
+		live, total := tr.live()
+		if total < reloads {
+			t.Fatalf("%d handlers provisioned, want at least %d", total, reloads)
+		}
+		if live > 5 {
+			t.Errorf("%d of %d handler instances are still reachable after the reloads", live, total)
+		}
+	})
+	t.Run("heap_bounded", func(t *testing.T) {
+		collectGarbage()
+		grew := int64(heapAlloc()) - int64(heapBefore)
+		if grew > 2<<20 {
+			t.Errorf("heap grew by %d KiB over %d reloads", grew>>10, reloads)
+		} else {
+			t.Logf("heap grew by %d KiB over %d reloads", grew>>10, reloads)
+		}
 	})
 }
 
