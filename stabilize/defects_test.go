@@ -108,7 +108,7 @@ func TestEverySize(t *testing.T) {
 		if !inChild(t) {
 			return
 		}
-		const top, clients = ListenerBufferSize + 1, 4
+		const top, clients = ListenerBufferSize + 1, 8
 		tr := trackHandlers(t)
 		u1, u2 := startRawUpstream(t, true, false), startRawUpstream(t, true, false)
 		lb := startBalancerOn(t, network, false, 30*time.Second, rawHandler(per, u1, u2))
