@@ -259,9 +259,9 @@ func TestAllDownEstablishedFlows(t *testing.T) {
 					return n
 				}
 				if drop {
-					eventually(t, 2*time.Second, fmt.Sprintf("%d datagrams counted as no_upstream", sent), func() bool {
-						return hd.Drops()["no_upstream"] == uint64(sent)
-					})
+					if !waitUntil(2*time.Second, func() bool { return hd.Drops()["no_upstream"] == uint64(sent) }) {
+						t.Errorf("%d datagrams counted as no_upstream, want %d", hd.Drops()["no_upstream"], sent)
+					}
 					time.Sleep(100 * time.Millisecond)
 					if n := reached(); n != 0 {
 						t.Errorf("%d of %d datagrams sent while every upstream was down reached one, with drop_when_all_down", n, sent)
@@ -539,6 +539,18 @@ func TestFlowLimitPerIP(t *testing.T) {
 		newClientFrom(t, net.IPv4(127, 0, 0, 3), lb.addr).mustRoundTrip("another-address")
 		good.mustRoundTrip("after")
 	})
+}
+
+// waitUntil polls cond like eventually, and reports whether it held in time.
+func waitUntil(timeout time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return true
 }
 
 // newClientFrom is newClient with the client's socket bound to ip.
