@@ -40,9 +40,10 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		start := time.Now()
 		_, err := cx.Read(nil)
 		waited := time.Since(start)
-		if err == io.EOF && waited < emptyDatagramWindow {
-			// caddy-l4 reports an empty datagram as an immediate io.EOF;
-			// the end of the flow comes only after its idle timeout.
+		if err == io.EOF && waited < fl.idleTimeout {
+			// caddy-l4 reports an empty datagram as an io.EOF when it
+			// arrives; the end of the flow is an io.EOF too, but only once
+			// the read has waited for the idle timeout.
 			fl.forward(nil, false)
 			continue
 		}
@@ -82,7 +83,3 @@ var datagramPool = sync.Pool{New: func() any { return new([maxProxyHeader + List
 // fastHandoff is how long Handle waits for datagrams of a flow on a fast
 // socket before it leaves the flow to the socket.
 const fastHandoff = 2 * time.Second
-
-// emptyDatagramWindow tells an empty datagram (io.EOF at once) from the end
-// of the flow (io.EOF after the idle timeout, which is far longer).
-const emptyDatagramWindow = 100 * time.Millisecond

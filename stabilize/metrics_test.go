@@ -318,70 +318,72 @@ func TestMetricsHealthCheckLatency(t *testing.T) {
 // move by exactly what was sent and received, the other's stay, and a
 // truncated datagram is counted as a drop.
 func TestMetricsCountTraffic(t *testing.T) {
-	a, b := startUpstream(t, "a"), startUpstream(t, "b")
-	lb := startBalancer(t, true, time.Second, handlerConfig("flow", "", a, b))
-	ups := map[string]*testUpstream{"a": a, "b": b}
+	forNetworks(t, func(t *testing.T, network string) {
+		a, b := startUpstream(t, "a"), startUpstream(t, "b")
+		lb := startBalancerOn(t, network, true, time.Second, handlerConfig("flow", "", a, b))
+		ups := map[string]*testUpstream{"a": a, "b": b}
 
-	before := scrape(t, lb.admin)
-	cl := newClient(t, lb.addr)
-	const n = 25
-	var name string
-	var sent, received int
-	for i := range n {
-		if i == n-1 {
-			// Cut to the listener's buffer size, so dropped; the next round
-			// trip passes the same Handle loop, so it has been counted.
-			if _, err := cl.conn.Write(make([]byte, 12000)); err != nil {
-				t.Fatal(err)
+		before := scrape(t, lb.admin)
+		cl := newClient(t, lb.addr)
+		const n = 25
+		var name string
+		var sent, received int
+		for i := range n {
+			if i == n-1 {
+				// Cut to the listener's buffer size, so dropped; the next round
+				// trip passes the same Handle loop, so it has been counted.
+				if _, err := cl.conn.Write(make([]byte, 12000)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			payload := fmt.Sprintf("datagram-%d", i)
+			name = cl.mustRoundTrip(payload)
+			sent += len(payload)
+			received += len(name) + 1 + len(payload)
+		}
+		used := ups[name].addr.String()
+		other := a.addr.String()
+		if name == "a" {
+			other = b.addr.String()
+		}
+		want := upstreamCounts{dgTo: n, dgFrom: n, bTo: float64(sent), bFrom: float64(received)}
+		after := settle(func() metricFamilies { return scrape(t, lb.admin) }, func(m metricFamilies) bool {
+			return m.upstream(t, used).minus(before.upstream(t, used)) == want
+		})
+		if got := after.upstream(t, used).minus(before.upstream(t, used)); got != want {
+			t.Errorf("upstream %s (%s) moved by %+v, want %+v", name, used, got, want)
+		}
+		if got := after.upstream(t, other).minus(before.upstream(t, other)); got != (upstreamCounts{}) {
+			t.Errorf("idle upstream %s moved by %+v", other, got)
+		}
+		if got := after.get(t, mActiveFlows, "upstream", used); got != 1 {
+			t.Errorf("active flows of %s = %v, want 1", used, got)
+		}
+		if got := after.get(t, mActiveFlows, "upstream", other); got != 0 {
+			t.Errorf("active flows of %s = %v, want 0", other, got)
+		}
+		for _, addr := range []string{used, other} {
+			if got := after.get(t, mHealthy, "upstream", addr); got != 1 {
+				t.Errorf("healthy{%s} = %v, want 1", addr, got)
 			}
 		}
-		payload := fmt.Sprintf("datagram-%d", i)
-		name = cl.mustRoundTrip(payload)
-		sent += len(payload)
-		received += len(name) + 1 + len(payload)
-	}
-	used := ups[name].addr.String()
-	other := a.addr.String()
-	if name == "a" {
-		other = b.addr.String()
-	}
-	want := upstreamCounts{dgTo: n, dgFrom: n, bTo: float64(sent), bFrom: float64(received)}
-	after := settle(func() metricFamilies { return scrape(t, lb.admin) }, func(m metricFamilies) bool {
-		return m.upstream(t, used).minus(before.upstream(t, used)) == want
-	})
-	if got := after.upstream(t, used).minus(before.upstream(t, used)); got != want {
-		t.Errorf("upstream %s (%s) moved by %+v, want %+v", name, used, got, want)
-	}
-	if got := after.upstream(t, other).minus(before.upstream(t, other)); got != (upstreamCounts{}) {
-		t.Errorf("idle upstream %s moved by %+v", other, got)
-	}
-	if got := after.get(t, mActiveFlows, "upstream", used); got != 1 {
-		t.Errorf("active flows of %s = %v, want 1", used, got)
-	}
-	if got := after.get(t, mActiveFlows, "upstream", other); got != 0 {
-		t.Errorf("active flows of %s = %v, want 0", other, got)
-	}
-	for _, addr := range []string{used, other} {
-		if got := after.get(t, mHealthy, "upstream", addr); got != 1 {
-			t.Errorf("healthy{%s} = %v, want 1", addr, got)
+		for _, r := range dropReasonNames {
+			want := 0.0
+			if r == "truncated" {
+				want = 1
+			}
+			if got := after.get(t, mDrops, "handler", "0", "reason", r) - before.get(t, mDrops, "handler", "0", "reason", r); got != want {
+				t.Errorf("drops{reason=%s} moved by %v, want %v", r, got, want)
+			}
 		}
-	}
-	for _, r := range dropReasonNames {
-		want := 0.0
-		if r == "truncated" {
-			want = 1
+		if got := after.get(t, mAllDown, "handler", "0"); got != 0 {
+			t.Errorf("all_down = %v, want 0", got)
 		}
-		if got := after.get(t, mDrops, "handler", "0", "reason", r) - before.get(t, mDrops, "handler", "0", "reason", r); got != want {
-			t.Errorf("drops{reason=%s} moved by %v, want %v", r, got, want)
-		}
-	}
-	if got := after.get(t, mAllDown, "handler", "0"); got != 0 {
-		t.Errorf("all_down = %v, want 0", got)
-	}
 
-	// The flow ends at the idle timeout, and so does its count.
-	eventually(t, 5*time.Second, "the active flow gauge back to 0", func() bool {
-		return scrape(t, lb.admin).get(t, mActiveFlows, "upstream", used) == 0
+		// The flow ends at the idle timeout, and so does its count.
+		eventually(t, 5*time.Second, "the active flow gauge back to 0", func() bool {
+			return scrape(t, lb.admin).get(t, mActiveFlows, "upstream", used) == 0
+		})
 	})
 }
 
@@ -391,16 +393,17 @@ type serverSpec struct {
 	handler map[string]any
 }
 
-// multiServerConfig is like testConfig with one layer4 server per spec.
-func multiServerConfig(adminAddr string, idle time.Duration, specs ...serverSpec) []byte {
+// multiServerConfig is like testConfigOn with one layer4 server per spec,
+// each listening on network.
+func multiServerConfig(network, adminAddr string, idle time.Duration, specs ...serverSpec) []byte {
 	var cfg map[string]any
-	if err := json.Unmarshal(testConfig(specs[0].listen, adminAddr, idle, specs[0].handler), &cfg); err != nil {
+	if err := json.Unmarshal(testConfigOn(network, specs[0].listen, adminAddr, idle, specs[0].handler), &cfg); err != nil {
 		panic(err)
 	}
 	servers := cfg["apps"].(map[string]any)["layer4"].(map[string]any)["servers"].(map[string]any)
 	for i, s := range specs[1:] {
 		servers[fmt.Sprintf("srv%d", i+1)] = map[string]any{
-			"listen":       []string{"udp/" + s.listen},
+			"listen":       []string{network + "/" + s.listen},
 			"idle_timeout": idle.String(),
 			"routes":       []any{map[string]any{"handle": []any{s.handler}}},
 		}
@@ -418,118 +421,120 @@ func multiServerConfig(adminAddr string, idle time.Duration, specs ...serverSpec
 // each upstream once and both handlers; upstream counters carry over the
 // reloads; a handler dropped from the config disappears from the metrics.
 func TestMetricsTwoHandlersAndReload(t *testing.T) {
-	a, shared, b := startUpstream(t, "a"), startUpstream(t, "shared"), startUpstream(t, "b")
-	ups := map[string]*testUpstream{"a": a, "shared": shared, "b": b}
-	listen0, listen1 := localAddr(freeUDPPort(t)), localAddr(freeUDPPort(t))
-	admin := localAddr(freeTCPPort(t))
-	both := multiServerConfig(admin, 30*time.Second,
-		serverSpec{listen0, handlerConfig("flow", "", a, shared)},
-		serverSpec{listen1, handlerConfig("packet", "", shared, b)})
-	if err := caddy.Load(both, true); err != nil {
-		t.Fatalf("loading config: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := caddy.Stop(); err != nil {
-			t.Errorf("stopping caddy: %v", err)
+	forNetworks(t, func(t *testing.T, network string) {
+		a, shared, b := startUpstream(t, "a"), startUpstream(t, "shared"), startUpstream(t, "b")
+		ups := map[string]*testUpstream{"a": a, "shared": shared, "b": b}
+		listen0, listen1 := localAddr(freeUDPPort(t)), localAddr(freeUDPPort(t))
+		admin := localAddr(freeTCPPort(t))
+		both := multiServerConfig(network, admin, 30*time.Second,
+			serverSpec{listen0, handlerConfig("flow", "", a, shared)},
+			serverSpec{listen1, handlerConfig("packet", "", shared, b)})
+		if err := caddy.Load(both, true); err != nil {
+			t.Fatalf("loading config: %v", err)
 		}
-	})
+		t.Cleanup(func() {
+			if err := caddy.Stop(); err != nil {
+				t.Errorf("stopping caddy: %v", err)
+			}
+		})
 
-	allAddrs := slices.Sorted(slices.Values([]string{a.addr.String(), shared.addr.String(), b.addr.String()}))
-	consistent := func(m metricFamilies, handlers []string, addrs []string) {
-		t.Helper()
-		if got := m.labelValues(mDrops, "handler"); !slices.Equal(got, handlers) {
-			t.Fatalf("handler labels %v, want %v", got, handlers)
-		}
-		if got := m.labelValues(mDatagrams, "upstream"); !slices.Equal(got, addrs) {
-			t.Fatalf("upstreams %v, want %v", got, addrs)
-		}
-		for _, addr := range addrs {
-			m.upstream(t, addr) // exactly one series each
-			m.get(t, mHealthy, "upstream", addr)
-			m.get(t, mActiveFlows, "upstream", addr)
-		}
-	}
-	// traffic sends k round trips on a new flow to each listener and returns
-	// the datagrams each upstream got.
-	traffic := func(k int, listens ...string) map[string]float64 {
-		t.Helper()
-		got := map[string]float64{}
-		for _, l := range listens {
-			cl := newClient(t, l)
-			for i := range k {
-				got[cl.mustRoundTrip(fmt.Sprintf("%s-%d", l, i))]++
+		allAddrs := slices.Sorted(slices.Values([]string{a.addr.String(), shared.addr.String(), b.addr.String()}))
+		consistent := func(m metricFamilies, handlers []string, addrs []string) {
+			t.Helper()
+			if got := m.labelValues(mDrops, "handler"); !slices.Equal(got, handlers) {
+				t.Fatalf("handler labels %v, want %v", got, handlers)
+			}
+			if got := m.labelValues(mDatagrams, "upstream"); !slices.Equal(got, addrs) {
+				t.Fatalf("upstreams %v, want %v", got, addrs)
+			}
+			for _, addr := range addrs {
+				m.upstream(t, addr) // exactly one series each
+				m.get(t, mHealthy, "upstream", addr)
+				m.get(t, mActiveFlows, "upstream", addr)
 			}
 		}
-		return got
-	}
-	// scrapeMoved scrapes until the upstreams in names have moved by sent
-	// since before, as settle does, and reports those that have not.
-	scrapeMoved := func(before metricFamilies, sent map[string]float64, names ...string) metricFamilies {
-		t.Helper()
-		moved := func(m metricFamilies, name string) (d upstreamCounts, ok bool) {
-			addr := ups[name].addr.String()
-			d = m.upstream(t, addr).minus(before.upstream(t, addr))
-			return d, d.dgTo == sent[name] && d.dgFrom == sent[name]
-		}
-		m := settle(func() metricFamilies { return scrape(t, admin) }, func(m metricFamilies) bool {
-			for _, name := range names {
-				if _, ok := moved(m, name); !ok {
-					return false
+		// traffic sends k round trips on a new flow to each listener and returns
+		// the datagrams each upstream got.
+		traffic := func(k int, listens ...string) map[string]float64 {
+			t.Helper()
+			got := map[string]float64{}
+			for _, l := range listens {
+				cl := newClient(t, l)
+				for i := range k {
+					got[cl.mustRoundTrip(fmt.Sprintf("%s-%d", l, i))]++
 				}
 			}
-			return true
+			return got
+		}
+		// scrapeMoved scrapes until the upstreams in names have moved by sent
+		// since before, as settle does, and reports those that have not.
+		scrapeMoved := func(before metricFamilies, sent map[string]float64, names ...string) metricFamilies {
+			t.Helper()
+			moved := func(m metricFamilies, name string) (d upstreamCounts, ok bool) {
+				addr := ups[name].addr.String()
+				d = m.upstream(t, addr).minus(before.upstream(t, addr))
+				return d, d.dgTo == sent[name] && d.dgFrom == sent[name]
+			}
+			m := settle(func() metricFamilies { return scrape(t, admin) }, func(m metricFamilies) bool {
+				for _, name := range names {
+					if _, ok := moved(m, name); !ok {
+						return false
+					}
+				}
+				return true
+			})
+			for _, name := range names {
+				if d, ok := moved(m, name); !ok {
+					t.Errorf("upstream %s moved by %v to, %v from; want %v", name, d.dgTo, d.dgFrom, sent[name])
+				}
+			}
+			return m
+		}
+
+		s1 := scrape(t, admin)
+		consistent(s1, []string{"0", "1"}, allAddrs)
+		sent := traffic(4, listen0, listen1)
+		if sent["shared"] == 0 || sent["b"] == 0 {
+			t.Fatalf("per packet round robin over shared and b gave %v", sent)
+		}
+		s2 := scrapeMoved(s1, sent, "a", "shared", "b")
+		consistent(s2, []string{"0", "1"}, allAddrs)
+
+		// Reload the same config: new handler instances, same hosts.
+		if err := caddy.Load(both, true); err != nil {
+			t.Fatalf("reloading: %v", err)
+		}
+		s3 := scrape(t, admin)
+		consistent(s3, []string{"0", "1"}, allAddrs)
+		scrapeMoved(s2, nil, "a", "shared", "b") // the counters carried over, unchanged
+		sent = traffic(6, listen0, listen1)
+		s4 := scrapeMoved(s3, sent, "a", "shared", "b")
+		consistent(s4, []string{"0", "1"}, allAddrs)
+
+		// Reload without the second server: its handler and b go away.
+		if err := caddy.Load(multiServerConfig(network, admin, 30*time.Second,
+			serverSpec{listen0, handlerConfig("flow", "", a, shared)}), true); err != nil {
+			t.Fatalf("reloading with one server: %v", err)
+		}
+		kept := slices.Sorted(slices.Values([]string{a.addr.String(), shared.addr.String()}))
+		var s5 metricFamilies
+		// The old admin server may answer a scrape or two while it shuts down.
+		eventually(t, 5*time.Second, "the metrics of the one-server config", func() bool {
+			s5 = scrape(t, admin)
+			return slices.Equal(s5.labelValues(mDrops, "handler"), []string{"0"}) &&
+				slices.Equal(s5.labelValues(mDatagrams, "upstream"), kept)
 		})
-		for _, name := range names {
-			if d, ok := moved(m, name); !ok {
-				t.Errorf("upstream %s moved by %v to, %v from; want %v", name, d.dgTo, d.dgFrom, sent[name])
+		consistent(s5, []string{"0"}, kept)
+		for _, name := range []string{"a", "shared"} {
+			addr := ups[name].addr.String()
+			if got, want := s5.upstream(t, addr), s4.upstream(t, addr); got != want {
+				t.Errorf("upstream %s after the reload: %+v, want %+v carried over", name, got, want)
 			}
 		}
-		return m
-	}
-
-	s1 := scrape(t, admin)
-	consistent(s1, []string{"0", "1"}, allAddrs)
-	sent := traffic(4, listen0, listen1)
-	if sent["shared"] == 0 || sent["b"] == 0 {
-		t.Fatalf("per packet round robin over shared and b gave %v", sent)
-	}
-	s2 := scrapeMoved(s1, sent, "a", "shared", "b")
-	consistent(s2, []string{"0", "1"}, allAddrs)
-
-	// Reload the same config: new handler instances, same hosts.
-	if err := caddy.Load(both, true); err != nil {
-		t.Fatalf("reloading: %v", err)
-	}
-	s3 := scrape(t, admin)
-	consistent(s3, []string{"0", "1"}, allAddrs)
-	scrapeMoved(s2, nil, "a", "shared", "b") // the counters carried over, unchanged
-	sent = traffic(6, listen0, listen1)
-	s4 := scrapeMoved(s3, sent, "a", "shared", "b")
-	consistent(s4, []string{"0", "1"}, allAddrs)
-
-	// Reload without the second server: its handler and b go away.
-	if err := caddy.Load(multiServerConfig(admin, 30*time.Second,
-		serverSpec{listen0, handlerConfig("flow", "", a, shared)}), true); err != nil {
-		t.Fatalf("reloading with one server: %v", err)
-	}
-	kept := slices.Sorted(slices.Values([]string{a.addr.String(), shared.addr.String()}))
-	var s5 metricFamilies
-	// The old admin server may answer a scrape or two while it shuts down.
-	eventually(t, 5*time.Second, "the metrics of the one-server config", func() bool {
-		s5 = scrape(t, admin)
-		return slices.Equal(s5.labelValues(mDrops, "handler"), []string{"0"}) &&
-			slices.Equal(s5.labelValues(mDatagrams, "upstream"), kept)
+		sent = traffic(3, listen0)
+		s6 := scrapeMoved(s5, sent, "a", "shared")
+		consistent(s6, []string{"0"}, kept)
 	})
-	consistent(s5, []string{"0"}, kept)
-	for _, name := range []string{"a", "shared"} {
-		addr := ups[name].addr.String()
-		if got, want := s5.upstream(t, addr), s4.upstream(t, addr); got != want {
-			t.Errorf("upstream %s after the reload: %+v, want %+v carried over", name, got, want)
-		}
-	}
-	sent = traffic(3, listen0)
-	s6 := scrapeMoved(s5, sent, "a", "shared")
-	consistent(s6, []string{"0"}, kept)
 }
 
 // TestMetricsActiveHealthChecks runs real active health checks: the live
@@ -537,53 +542,55 @@ func TestMetricsTwoHandlersAndReload(t *testing.T) {
 // and the upstream that stops answering goes down in both the metrics and
 // /stabilize/upstreams.
 func TestMetricsActiveHealthChecks(t *testing.T) {
-	a, b := startUpstream(t, "a"), startUpstream(t, "b")
-	h := handlerConfig("flow", "", a, b)
-	h["health_checks"] = map[string]any{"active": map[string]any{
-		"send": "ping", "expect": `^[ab]\|ping$`, "interval": "100ms", "timeout": "100ms",
-	}}
-	lb := startBalancer(t, true, 30*time.Second, h)
-	aAddr, bAddr := a.addr.String(), b.addr.String()
+	forNetworks(t, func(t *testing.T, network string) {
+		a, b := startUpstream(t, "a"), startUpstream(t, "b")
+		h := handlerConfig("flow", "", a, b)
+		h["health_checks"] = map[string]any{"active": map[string]any{
+			"send": "ping", "expect": `^[ab]\|ping$`, "interval": "100ms", "timeout": "100ms",
+		}}
+		lb := startBalancerOn(t, network, true, 30*time.Second, h)
+		aAddr, bAddr := a.addr.String(), b.addr.String()
 
-	var m metricFamilies
-	eventually(t, 5*time.Second, "3 passing checks of each upstream in the histogram", func() bool {
-		m = scrape(t, lb.admin)
-		for _, addr := range []string{aAddr, bAddr} {
-			ss := m.series(mCheckTime, "upstream", addr)
-			if len(ss) != 1 || ss[0].GetHistogram().GetSampleCount() < 3 {
-				return false
+		var m metricFamilies
+		eventually(t, 5*time.Second, "3 passing checks of each upstream in the histogram", func() bool {
+			m = scrape(t, lb.admin)
+			for _, addr := range []string{aAddr, bAddr} {
+				ss := m.series(mCheckTime, "upstream", addr)
+				if len(ss) != 1 || ss[0].GetHistogram().GetSampleCount() < 3 {
+					return false
+				}
+			}
+			return true
+		})
+		hist := m.series(mCheckTime, "upstream", aAddr)[0].GetHistogram()
+		if s := hist.GetSampleSum(); s <= 0 || s > float64(hist.GetSampleCount())*0.1 {
+			t.Errorf("latency sum %v s for %d checks, want within (0, 100ms each]", s, hist.GetSampleCount())
+		}
+		if bk := hist.GetBucket(); len(bk) == 0 || bk[len(bk)-1].GetCumulativeCount() > hist.GetSampleCount() {
+			t.Errorf("buckets %v exceed the count %d", bk, hist.GetSampleCount())
+		}
+		st, _ := getUpstreams(t, lb.admin)
+		for _, u := range []*testUpstream{a, b} {
+			s := statusOf(t, st, u.addr)
+			if !s.Healthy || s.LastCheck == nil || !s.LastCheck.Passed || s.LastCheck.Latency <= 0 {
+				t.Errorf("upstream %s: %+v, last check %+v; want healthy with a passed check", u.name, s, s.LastCheck)
 			}
 		}
-		return true
-	})
-	hist := m.series(mCheckTime, "upstream", aAddr)[0].GetHistogram()
-	if s := hist.GetSampleSum(); s <= 0 || s > float64(hist.GetSampleCount())*0.1 {
-		t.Errorf("latency sum %v s for %d checks, want within (0, 100ms each]", s, hist.GetSampleCount())
-	}
-	if bk := hist.GetBucket(); len(bk) == 0 || bk[len(bk)-1].GetCumulativeCount() > hist.GetSampleCount() {
-		t.Errorf("buckets %v exceed the count %d", bk, hist.GetSampleCount())
-	}
-	st, _ := getUpstreams(t, lb.admin)
-	for _, u := range []*testUpstream{a, b} {
-		s := statusOf(t, st, u.addr)
-		if !s.Healthy || s.LastCheck == nil || !s.LastCheck.Passed || s.LastCheck.Latency <= 0 {
-			t.Errorf("upstream %s: %+v, last check %+v; want healthy with a passed check", u.name, s, s.LastCheck)
-		}
-	}
 
-	b.silent.Store(true) // b receives the probes but no longer replies
-	eventually(t, 5*time.Second, "b reported down", func() bool {
-		st, _ = getUpstreams(t, lb.admin)
-		return !statusOf(t, st, b.addr).Healthy
+		b.silent.Store(true) // b receives the probes but no longer replies
+		eventually(t, 5*time.Second, "b reported down", func() bool {
+			st, _ = getUpstreams(t, lb.admin)
+			return !statusOf(t, st, b.addr).Healthy
+		})
+		if lc := statusOf(t, st, b.addr).LastCheck; lc == nil || lc.Passed || lc.Reason == "" {
+			t.Errorf("b's last check %+v, want a failed check with a reason", lc)
+		}
+		m = scrape(t, lb.admin)
+		if got := m.get(t, mHealthy, "upstream", bAddr); got != 0 {
+			t.Errorf("healthy{b} = %v, want 0", got)
+		}
+		if got := m.get(t, mHealthy, "upstream", aAddr); got != 1 {
+			t.Errorf("healthy{a} = %v, want 1", got)
+		}
 	})
-	if lc := statusOf(t, st, b.addr).LastCheck; lc == nil || lc.Passed || lc.Reason == "" {
-		t.Errorf("b's last check %+v, want a failed check with a reason", lc)
-	}
-	m = scrape(t, lb.admin)
-	if got := m.get(t, mHealthy, "upstream", bAddr); got != 0 {
-		t.Errorf("healthy{b} = %v, want 0", got)
-	}
-	if got := m.get(t, mHealthy, "upstream", aAddr); got != 1 {
-		t.Errorf("healthy{a} = %v, want 1", got)
-	}
 }

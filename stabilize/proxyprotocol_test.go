@@ -3,49 +3,83 @@ package stabilize
 import (
 	"bufio"
 	"bytes"
+	"fmt"
+	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/pires/go-proxyproto"
 )
 
+// TestProxyProtocolV2 checks every datagram the upstream receives with
+// go-proxyproto: each carries a v2 header with the client's address and the
+// listener's, then exactly the client's payload. That includes empty
+// datagrams, the longest datagram the listener forwards, and on fastudp/ the
+// datagrams that bypass caddy-l4 once the flow is established and those sent
+// after the hand-off (fastHandoff), when Handle has returned.
 func TestProxyProtocolV2(t *testing.T) {
-	up := startUpstream(t, "a")
-	h := handlerConfig("flow", "", up)
-	h["proxy_protocol"] = "v2"
-	lb := startBalancer(t, false, 30*time.Second, h)
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		up := startRawUpstream(t, false, true)
+		h := rawHandler(per, up)
+		h["proxy_protocol"] = "v2"
+		lb := startBalancerOn(t, network, false, 30*time.Second, h)
+		cl := newClient(t, lb.addr)
+		client := cl.conn.LocalAddr().(*net.UDPAddr).AddrPort()
 
-	cl := newClient(t, lb.addr)
-	if _, err := cl.conn.Write([]byte("hello")); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, 2*time.Second, "the upstream to receive the datagram", func() bool { return up.got.Load() == 1 })
-	up.mu.Lock()
-	datagram := append([]byte(nil), up.last...)
-	up.mu.Unlock()
+		sent := 0
+		send := func(payload string) {
+			t.Helper()
+			if _, err := cl.conn.Write([]byte(payload)); err != nil {
+				t.Fatal(err)
+			}
+			sent++
+			eventually(t, 2*time.Second, fmt.Sprintf("the upstream to receive datagram %d", sent), func() bool {
+				return up.got.Load() >= int64(sent)
+			})
+			datagram := up.recorded()[sent-1]
+			if err := checkProxyV2(datagram, client, lb.addr, payload); err != nil {
+				t.Errorf("datagram %d (%d bytes): %v", sent, len(payload), err)
+			}
+		}
+		for _, p := range []string{"hello", "", "second", ""} {
+			send(p)
+		}
+		time.Sleep(fastHandoff + 300*time.Millisecond)
+		// The longest datagram the listener forwards, with its header.
+		for _, p := range []string{"after-handoff", "", strings.Repeat("p", maxForwarded(network)), "last"} {
+			send(p)
+		}
+		if got := up.got.Load(); got != int64(sent) {
+			t.Errorf("the upstream received %d datagrams, sent %d", got, sent)
+		}
+	})
+}
 
+// checkProxyV2 parses datagram with go-proxyproto and checks its header
+// names src and dst over UDP, and that payload follows it.
+func checkProxyV2(datagram []byte, src netip.AddrPort, dst, payload string) error {
 	r := bufio.NewReader(bytes.NewReader(datagram))
 	hdr, err := proxyproto.Read(r)
 	if err != nil {
-		t.Fatalf("go-proxyproto cannot parse %q: %v", datagram, err)
+		return fmt.Errorf("go-proxyproto cannot parse %q: %w", datagram[:min(len(datagram), 64)], err)
 	}
 	if hdr.Version != 2 || hdr.TransportProtocol != proxyproto.UDPv4 {
-		t.Fatalf("header version %d, protocol %v; want 2 over UDPv4", hdr.Version, hdr.TransportProtocol)
+		return fmt.Errorf("header version %d, protocol %v; want 2 over UDPv4", hdr.Version, hdr.TransportProtocol)
 	}
-	want := cl.conn.LocalAddr().(*net.UDPAddr).AddrPort()
-	if got := hdr.SourceAddr.(*net.UDPAddr).AddrPort(); got != want {
-		t.Fatalf("PROXY source %v, want the client's %v", got, want)
+	if got := hdr.SourceAddr.(*net.UDPAddr).AddrPort(); got != src {
+		return fmt.Errorf("PROXY source %v, want the client's %v", got, src)
 	}
-	if dst := hdr.DestinationAddr.(*net.UDPAddr).AddrPort(); dst.String() != lb.addr {
-		t.Fatalf("PROXY destination %v, want the listener %v", dst, lb.addr)
+	if got := hdr.DestinationAddr.(*net.UDPAddr).AddrPort(); got.String() != dst {
+		return fmt.Errorf("PROXY destination %v, want the listener %v", got, dst)
 	}
-	rest := make([]byte, 64)
-	n, _ := r.Read(rest)
-	if string(rest[:n]) != "hello" {
-		t.Fatalf("payload after the header is %q", rest[:n])
+	rest, _ := io.ReadAll(r)
+	if string(rest) != payload {
+		return fmt.Errorf("the %d bytes after the header differ from the %d-byte payload", len(rest), len(payload))
 	}
+	return nil
 }
 
 func TestProxyV2IPv6AndMixed(t *testing.T) {

@@ -20,7 +20,7 @@ func adminDo(t *testing.T, method, url, body string) {
 		t.Fatal(err)
 	}
 	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := adminClient.Do(req)
 	if err != nil {
 		t.Fatalf("%s %s: %v", method, url, err)
 	}
@@ -61,95 +61,99 @@ func sockets(t *testing.T) int {
 }
 
 func TestReloadKeepsFlowsOnTheirUpstreams(t *testing.T) {
-	a, b, c, d := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "c"), startUpstream(t, "d")
-	lb := startBalancer(t, true, 30*time.Second, handlerConfig("flow", "", a, b, c))
-	upstreams := "http://" + lb.admin + "/config/apps/layer4/servers/srv0/routes/0/handle/0/upstreams"
+	forNetworks(t, func(t *testing.T, network string) {
+		a, b, c, d := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "c"), startUpstream(t, "d")
+		lb := startBalancerOn(t, network, true, 30*time.Second, handlerConfig("flow", "", a, b, c))
+		upstreams := "http://" + lb.admin + "/config/apps/layer4/servers/srv0/routes/0/handle/0/upstreams"
 
-	const flows = 20
-	var (
-		stop     atomic.Bool
-		wg       sync.WaitGroup
-		mu       sync.Mutex
-		seen     = make([]map[string]int, flows)
-		timeouts atomic.Int64
-	)
-	for i := range flows {
-		seen[i] = map[string]int{}
-		cl := newClient(t, lb.addr)
-		wg.Go(func() {
-			for j := 0; !stop.Load(); j++ {
-				name, _, err := cl.roundTrip([]byte(fmt.Sprintf("flow-%d-%d", i, j)), 300*time.Millisecond)
-				if err != nil {
-					if !isTimeout(err) {
-						t.Errorf("flow %d: %v", i, err)
-						return
+		const flows = 20
+		var (
+			stop     atomic.Bool
+			wg       sync.WaitGroup
+			mu       sync.Mutex
+			seen     = make([]map[string]int, flows)
+			timeouts atomic.Int64
+		)
+		for i := range flows {
+			seen[i] = map[string]int{}
+			cl := newClient(t, lb.addr)
+			wg.Go(func() {
+				for j := 0; !stop.Load(); j++ {
+					name, _, err := cl.roundTrip([]byte(fmt.Sprintf("flow-%d-%d", i, j)), 300*time.Millisecond)
+					if err != nil {
+						if !isTimeout(err) {
+							t.Errorf("flow %d: %v", i, err)
+							return
+						}
+						timeouts.Add(1) // a reply lost while the socket was re-bound
+						continue
 					}
-					timeouts.Add(1) // a reply lost while the socket was re-bound
-					continue
+					mu.Lock()
+					seen[i][name]++
+					mu.Unlock()
+					time.Sleep(10 * time.Millisecond)
 				}
-				mu.Lock()
-				seen[i][name]++
-				mu.Unlock()
-				time.Sleep(10 * time.Millisecond)
+			})
+		}
+		time.Sleep(300 * time.Millisecond)
+		baseG, baseS := ourGoroutines(), sockets(t)
+
+		for i := range 10 {
+			if i%2 == 0 {
+				adminDo(t, http.MethodPost, upstreams, fmt.Sprintf(`{"dial": %q}`, d.dial()))
+			} else {
+				adminDo(t, http.MethodDelete, upstreams+"/3", "")
 			}
-		})
-	}
-	time.Sleep(300 * time.Millisecond)
-	baseG, baseS := ourGoroutines(), sockets(t)
+			time.Sleep(200 * time.Millisecond)
+			if g := ourGoroutines(); g > baseG+10 {
+				t.Errorf("after reload %d: %d goroutines of ours, %d before the reloads", i+1, g, baseG)
+			}
+			if s := sockets(t); s > baseS+10 {
+				t.Errorf("after reload %d: %d sockets, %d before the reloads", i+1, s, baseS)
+			}
+		}
+		time.Sleep(300 * time.Millisecond)
+		stop.Store(true)
+		wg.Wait()
 
-	for i := range 10 {
-		if i%2 == 0 {
-			adminDo(t, http.MethodPost, upstreams, fmt.Sprintf(`{"dial": %q}`, d.dial()))
-		} else {
-			adminDo(t, http.MethodDelete, upstreams+"/3", "")
+		first := map[string]int{}
+		for i, m := range seen {
+			if len(m) != 1 {
+				t.Errorf("flow %d moved between upstreams across reloads: %v", i, m)
+			}
+			for name := range m {
+				first[name]++
+			}
 		}
-		time.Sleep(200 * time.Millisecond)
-		if g := ourGoroutines(); g > baseG+10 {
-			t.Errorf("after reload %d: %d goroutines of ours, %d before the reloads", i+1, g, baseG)
+		if first["d"] != 0 || len(first) != 3 {
+			t.Errorf("flows spread %v, want them on a, b and c only", first)
 		}
-		if s := sockets(t); s > baseS+10 {
-			t.Errorf("after reload %d: %d sockets, %d before the reloads", i+1, s, baseS)
-		}
-	}
-	time.Sleep(300 * time.Millisecond)
-	stop.Store(true)
-	wg.Wait()
-
-	first := map[string]int{}
-	for i, m := range seen {
-		if len(m) != 1 {
-			t.Errorf("flow %d moved between upstreams across reloads: %v", i, m)
-		}
-		for name := range m {
-			first[name]++
-		}
-	}
-	if first["d"] != 0 || len(first) != 3 {
-		t.Errorf("flows spread %v, want them on a, b and c only", first)
-	}
-	t.Logf("%d replies lost across 10 reloads", timeouts.Load())
+		t.Logf("%d replies lost across 10 reloads", timeouts.Load())
+	})
 }
 
 func TestReloadMovesFlowsOffRemovedUpstream(t *testing.T) {
-	a, b := startUpstream(t, "a"), startUpstream(t, "b")
-	lb := startBalancer(t, true, 30*time.Second, handlerConfig("flow", "", a, b))
-	upstreams := "http://" + lb.admin + "/config/apps/layer4/servers/srv0/routes/0/handle/0/upstreams"
+	forNetworks(t, func(t *testing.T, network string) {
+		a, b := startUpstream(t, "a"), startUpstream(t, "b")
+		lb := startBalancerOn(t, network, true, 30*time.Second, handlerConfig("flow", "", a, b))
+		upstreams := "http://" + lb.admin + "/config/apps/layer4/servers/srv0/routes/0/handle/0/upstreams"
 
-	c1, c2 := newClient(t, lb.addr), newClient(t, lb.addr)
-	if n1, n2 := c1.mustRoundTrip("1"), c2.mustRoundTrip("2"); n1 != "a" || n2 != "b" {
-		t.Fatalf("flows on %s and %s, want a and b", n1, n2)
-	}
-	adminDo(t, http.MethodDelete, upstreams+"/0", "")
-	var name string
-	eventually(t, 5*time.Second, "the flow on a removed upstream to continue", func() bool {
-		n, _, err := c1.roundTrip([]byte("after"), 300*time.Millisecond)
-		name = n
-		return err == nil
+		c1, c2 := newClient(t, lb.addr), newClient(t, lb.addr)
+		if n1, n2 := c1.mustRoundTrip("1"), c2.mustRoundTrip("2"); n1 != "a" || n2 != "b" {
+			t.Fatalf("flows on %s and %s, want a and b", n1, n2)
+		}
+		adminDo(t, http.MethodDelete, upstreams+"/0", "")
+		var name string
+		eventually(t, 5*time.Second, "the flow on a removed upstream to continue", func() bool {
+			n, _, err := c1.roundTrip([]byte("after"), 300*time.Millisecond)
+			name = n
+			return err == nil
+		})
+		if name != "b" {
+			t.Fatalf("flow of removed upstream a continued on %q, want b", name)
+		}
+		if n := c2.mustRoundTrip("still"); n != "b" {
+			t.Fatalf("flow on b moved to %s", n)
+		}
 	})
-	if name != "b" {
-		t.Fatalf("flow of removed upstream a continued on %q, want b", name)
-	}
-	if n := c2.mustRoundTrip("still"); n != "b" {
-		t.Fatalf("flow on b moved to %s", n)
-	}
 }
