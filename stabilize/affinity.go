@@ -19,6 +19,7 @@ type affinity struct {
 	mu      sync.Mutex
 	m       map[affinityKey]affinityEntry
 	orphans int
+	done    chan struct{} // closed by Destruct; ends the janitor
 }
 
 // affinityKey names a flow: the listener it arrived on and the client.
@@ -37,10 +38,39 @@ const maxOrphans = 1 << 16
 
 var affinities = caddy.NewUsagePool()
 
-func newAffinity() *affinity { return &affinity{m: make(map[affinityKey]affinityEntry)} }
+// sweepInterval is how often expired orphans are dropped.
+const sweepInterval = time.Second
 
-// Destruct implements caddy.Destructor.
-func (*affinity) Destruct() error { return nil }
+// newAffinity returns a table whose janitor drops expired orphans until
+// the last handler of its identity is cleaned up.
+func newAffinity() (caddy.Destructor, error) {
+	a := &affinity{m: make(map[affinityKey]affinityEntry), done: make(chan struct{})}
+	go a.janitor()
+	return a, nil
+}
+
+// Destruct stops the janitor.
+func (a *affinity) Destruct() error {
+	close(a.done)
+	return nil
+}
+
+func (a *affinity) janitor() {
+	t := time.NewTicker(sweepInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-a.done:
+			return
+		case now := <-t.C:
+			a.mu.Lock()
+			if a.orphans > 0 {
+				a.sweep(now.UnixNano())
+			}
+			a.mu.Unlock()
+		}
+	}
+}
 
 // lookup returns the upstream remembered for k.
 func (a *affinity) lookup(k affinityKey) (netip.AddrPort, bool) {

@@ -58,23 +58,21 @@ var flowIDs atomic.Uint64
 func (fl *Flow) Client() netip.AddrPort { return fl.client }
 
 // newFlow opens the flow of client, an unmapped address and port, or
-// returns nil when the flow is refused (counted and logged once).
-func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) *Flow {
+// refuses it (logged once per handler and reason) and says why.
+func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, dropReason) {
 	if !h.admit(client.Addr()) {
-		h.drop(dropFlowLimit)
 		h.warnOnce(dropFlowLimit, "refusing new flows over the limit",
 			zap.Stringer("client", client), zap.Int("max_flows", h.maxFlows), zap.Int("max_flows_per_ip", h.MaxFlowsPerIP))
-		return nil
+		return nil, dropFlowLimit
 	}
 	fl, err := h.openFlow(cx, client)
 	if err != nil {
 		h.unadmit(client.Addr())
-		h.drop(dropSocketUnavailable)
 		h.warnOnce(dropSocketUnavailable, "refusing new flows: opening an upstream socket failed",
 			zap.Stringer("client", client), zap.Error(err))
-		return nil
+		return nil, dropSocketUnavailable
 	}
-	return fl
+	return fl, 0
 }
 
 func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, error) {
@@ -102,11 +100,10 @@ func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow,
 		id:       flowIDs.Add(1),
 		req:      Request{Client: client, cx: cx},
 	}
-	network := "udp"
 	if front != nil {
-		fl.fast, network = front.Socket(), FastNetwork
+		fl.fast = front.Socket()
 	}
-	fl.idleTimeout = h.listenerIdleTimeout(network, cx.LocalAddr())
+	fl.idleTimeout = h.listenerIdleTimeout(listenerNetwork(front), cx.LocalAddr())
 	fl.header = h.proxyHeader(fl)
 	if err := fl.startReplies(); err != nil {
 		fl.stopReplies()

@@ -20,11 +20,9 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	if !client.IsValid() {
 		return fmt.Errorf("stabilize handles UDP only, not %s", cx.RemoteAddr().Network())
 	}
-	fl := h.newFlow(cx, client)
+	fl, refused := h.newFlow(cx, client)
 	if fl == nil {
-		// Refused and counted; keep draining so the listener never blocks
-		// on this flow.
-		_, _ = io.Copy(io.Discard, cx)
+		h.refuse(cx, refused)
 		return nil
 	}
 	fl.handling.Store(true)
@@ -40,10 +38,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		start := time.Now()
 		_, err := cx.Read(nil)
 		waited := time.Since(start)
-		if err == io.EOF && waited < fl.idleTimeout {
-			// caddy-l4 reports an empty datagram as an io.EOF when it
-			// arrives; the end of the flow is an io.EOF too, but only once
-			// the read has waited for the idle timeout.
+		if emptyDatagram(err, waited, fl.idleTimeout) {
 			fl.forward(nil, false)
 			continue
 		}
@@ -61,6 +56,30 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 			return fmt.Errorf("reading client flow: %w", err)
 		}
 		h.forwardNext(fl, cx)
+	}
+}
+
+// emptyDatagram tells an empty datagram from the end of a flow: caddy-l4
+// reports both as io.EOF, the first when it arrives, the second once a read
+// has waited for the idle timeout.
+func emptyDatagram(err error, waited, idleTimeout time.Duration) bool {
+	return err == io.EOF && waited < idleTimeout
+}
+
+// refuse reads a refused flow until caddy-l4 ends it, so the listener never
+// blocks on it, and drops each of its datagrams, counted as reason.
+func (h *Handler) refuse(cx *layer4.Connection, reason dropReason) {
+	front, _ := listenerOf(cx)
+	idle := h.listenerIdleTimeout(listenerNetwork(front), cx.LocalAddr())
+	buf := datagramPool.Get().(*[maxProxyHeader + ListenerBufferSize]byte)
+	defer datagramPool.Put(buf)
+	for {
+		start := time.Now()
+		_, err := cx.Read(buf[:ListenerBufferSize])
+		if err != nil && !emptyDatagram(err, time.Since(start), idle) {
+			return
+		}
+		h.drop(reason)
 	}
 }
 

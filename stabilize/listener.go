@@ -46,6 +46,14 @@ func listenerOf(cx *layer4.Connection) (*fastudp.Front, *net.UDPConn) {
 	return front, nil
 }
 
+// listenerNetwork is the network of a listener that listenerOf found.
+func listenerNetwork(front *fastudp.Front) string {
+	if front != nil {
+		return FastNetwork
+	}
+	return "udp"
+}
+
 // defaultIdleTimeout is caddy-l4's default idle timeout of UDP flows.
 const defaultIdleTimeout = 30 * time.Second
 

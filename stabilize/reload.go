@@ -11,7 +11,9 @@ import (
 // ones. Handlers with the same identity (granularity and selection policy)
 // are one handler across configs: the new one inherits the old one's flow
 // affinity, and its fastudp flows (see Cleanup). The identity leaves out the
-// upstreams, so that adding or removing one keeps the others' flows.
+// upstreams, so that adding or removing one keeps the others' flows; of
+// several handlers of one identity, an old one's successor is the new one
+// that shares the most upstreams with it.
 
 // lineage holds the live handlers of each identity, oldest first.
 var lineage = struct {
@@ -25,7 +27,7 @@ func (h *Handler) join() {
 	h.identity = "per=packet;selection=" + string(h.LoadBalancing.SelectionPolicyRaw)
 	if perFlow {
 		h.identity = "per=flow;selection=" + string(h.LoadBalancing.SelectionPolicyRaw)
-		a, _ := affinities.LoadOrStore(h.identity, newAffinity())
+		a, _, _ := affinities.LoadOrNew(h.identity, newAffinity)
 		h.affinity = a.(*affinity)
 	}
 	lineage.Lock()
@@ -33,8 +35,9 @@ func (h *Handler) join() {
 	lineage.Unlock()
 }
 
-// leave forgets h and returns the newest live handler of its identity, to
-// which its flows may move, or nil.
+// leave forgets h and returns its successor, to which its flows may move,
+// or nil: of the live handlers of its identity in other configs, the one
+// that shares the most upstreams with h, the newest of equals.
 func (h *Handler) leave() *Handler {
 	lineage.Lock()
 	defer lineage.Unlock()
@@ -44,5 +47,21 @@ func (h *Handler) leave() *Handler {
 		return nil
 	}
 	lineage.m[h.identity] = hs
-	return hs[len(hs)-1]
+	var next *Handler
+	best := 0
+	for _, g := range hs {
+		if g.ctx.Context == h.ctx.Context || g.ctx.Err() != nil {
+			continue // the same config, or one that is going away
+		}
+		shared := 0
+		for addr := range h.byAddr {
+			if g.byAddr[addr] != nil {
+				shared++
+			}
+		}
+		if shared >= best && shared > 0 {
+			next, best = g, shared
+		}
+	}
+	return next
 }
