@@ -23,7 +23,7 @@ func (fl *Flow) forward(b []byte, truncated bool) {
 			zap.Stringer("client", fl.client), zap.Int("size", len(b)))
 		return
 	}
-	u := h.router.route(fl)
+	u := h.router.route(fl, b)
 	if u == nil {
 		h.drop(dropNoUpstream)
 		return

@@ -4,15 +4,15 @@ package stabilize
 // flow goes to, asking the policy only among the candidates that
 // Handler.candidates allows. Provision chooses one per handler.
 type router interface {
-	// route returns the upstream for fl's next datagram, or nil to drop
+	// route returns the upstream for b, fl's next datagram, or nil to drop
 	// it. fl.mu is held.
-	route(fl *Flow) *Upstream
+	route(fl *Flow, b []byte) *Upstream
 }
 
 // perPacketRouter asks the policy for every datagram.
 type perPacketRouter struct{ h *Handler }
 
-func (r perPacketRouter) route(fl *Flow) *Upstream {
+func (r perPacketRouter) route(fl *Flow, _ []byte) *Upstream {
 	pool, _ := r.h.candidates()
 	if pool == nil {
 		return nil
@@ -25,7 +25,7 @@ func (r perPacketRouter) route(fl *Flow) *Upstream {
 // and the handler fails open, a flow stays where it is.
 type perFlowRouter struct{ h *Handler }
 
-func (r perFlowRouter) route(fl *Flow) *Upstream {
+func (r perFlowRouter) route(fl *Flow, _ []byte) *Upstream {
 	u := fl.upstream
 	if u != nil && u.healthy() {
 		return u

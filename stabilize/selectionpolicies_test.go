@@ -33,7 +33,7 @@ func maglevChoices(h *Handler) []uint16 {
 	out := make([]uint16, 10000)
 	for i := range out {
 		fl := &Flow{h: h, req: Request{Client: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), uint16(1024+i))}}
-		out[i] = h.router.route(fl).addr.Port()
+		out[i] = h.router.route(fl, nil).addr.Port()
 	}
 	return out
 }
@@ -97,7 +97,7 @@ func BenchmarkSelect(b *testing.B) {
 			fl := &Flow{h: h, req: Request{Client: netip.MustParseAddrPort("10.0.0.1:4000")}}
 			b.ReportAllocs()
 			for b.Loop() {
-				if h.router.route(fl) == nil {
+				if h.router.route(fl, nil) == nil {
 					b.Fatal("no upstream")
 				}
 			}
