@@ -1,0 +1,43 @@
+package quiclb
+
+import "testing"
+
+func benchmarkDecode(b *testing.B, v vector) {
+	d, err := NewDecoder(v.config(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	cid := unhex(b, v.cid)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := d.Decode(cid); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkDecodePlaintext(b *testing.B) { benchmarkDecode(b, vectors[0]) }
+
+func BenchmarkDecodeSinglePass(b *testing.B) { benchmarkDecode(b, vectors[4]) }
+
+// BenchmarkDecodeFeistel needs three passes: the server ID fits the left
+// half.
+func BenchmarkDecodeFeistel(b *testing.B) { benchmarkDecode(b, vectors[2]) }
+
+// BenchmarkDecodeFeistelFourPass needs four: the server ID is longer than
+// the nonce.
+func BenchmarkDecodeFeistelFourPass(b *testing.B) { benchmarkDecode(b, vectors[3]) }
+
+func BenchmarkGenerateConnectionID(b *testing.B) {
+	v := vectors[2]
+	g, err := NewGenerator(v.config(b), unhex(b, v.serverID))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := g.GenerateConnectionID(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
