@@ -23,10 +23,10 @@ type Codec struct {
 	nonceLen    int
 	plen        int // server ID + nonce octets
 
-	// Four-pass encryption splits the plaintext into halves of half octets;
+	// Four-pass encryption splits the plaintext into halves of halfLen octets;
 	// with an odd plen the halves share the middle octet, and the masks
 	// clear the nibble each does not own.
-	half                int
+	halfLen             int
 	leftMask, rightMask half
 
 	block cipher.Block // AES-128, created once; nil for plaintext
@@ -49,7 +49,7 @@ func NewCodec(cfg Config) (*Codec, error) {
 		nonceLen:    cfg.NonceLen,
 		plen:        cfg.ServerIDLen + cfg.NonceLen,
 	}
-	c.half = (c.plen + 1) / 2
+	c.halfLen = (c.plen + 1) / 2
 	c.leftMask, c.rightMask = halfMasks(c.plen)
 	if c.alg != plaintext {
 		block, err := aes.NewCipher(cfg.Key)

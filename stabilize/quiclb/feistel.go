@@ -65,18 +65,18 @@ func (c *Codec) feistelServerID(b []byte) ServerID {
 // split copies b into halves l and r. With an odd length, the middle
 // octet's high nibble goes to l and its low nibble to r.
 func (c *Codec) split(l, r *half, b []byte) {
-	copy(l[:c.half], b)
-	copy(r[:c.half], b[len(b)-c.half:])
-	l[c.half-1] &= c.leftMask[c.half-1]
+	copy(l[:c.halfLen], b)
+	copy(r[:c.halfLen], b[len(b)-c.halfLen:])
+	l[c.halfLen-1] &= c.leftMask[c.halfLen-1]
 	r[0] &= c.rightMask[0]
 }
 
 // join is the inverse of split.
 func (c *Codec) join(b []byte, l, r *half) {
-	copy(b[len(b)-c.half:], r[:c.half])
-	copy(b, l[:c.half])
+	copy(b[len(b)-c.halfLen:], r[:c.halfLen])
+	copy(b, l[:c.halfLen])
 	if c.plen%2 == 1 {
-		b[c.half-1] = l[c.half-1] | r[0]
+		b[c.halfLen-1] = l[c.halfLen-1] | r[0]
 	}
 }
 

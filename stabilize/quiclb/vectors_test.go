@@ -123,7 +123,7 @@ func TestFeistelExampleSteps(t *testing.T) {
 	c.split(&l, &r, unhex(t, v.serverID+v.nonce))
 	check := func(step string, h *half, want string) {
 		t.Helper()
-		if got := hex.EncodeToString(h[:c.half]); got != want {
+		if got := hex.EncodeToString(h[:c.halfLen]); got != want {
 			t.Errorf("%s: got %s, want %s", step, got, want)
 		}
 	}
