@@ -9,6 +9,7 @@ func benchmarkDecode(b *testing.B, v vector) {
 	}
 	cid := unhex(b, v.cid)
 	b.ReportAllocs()
+	defer threadCPU(b)()
 	for b.Loop() {
 		if _, err := d.Decode(cid); err != nil {
 			b.Fatal(err)
