@@ -1,8 +1,11 @@
 package quiclb
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
 	"strings"
+	"sync"
 	"testing"
 )
 
@@ -72,5 +75,49 @@ func TestNewDecoderErrors(t *testing.T) {
 	}
 	if _, err := d.Decode([]byte{0x07, 1, 2, 3, 4, 5, 6, 7}); !errors.Is(err, ErrUnroutable) {
 		t.Errorf("no configs: got %v, want ErrUnroutable", err)
+	}
+}
+
+// TestConcurrent generates and decodes CIDs from several goroutines at once;
+// run with -race.
+func TestConcurrent(t *testing.T) {
+	cfgs := []Config{
+		{ID: 0, ServerIDLen: 2, NonceLen: 4},
+		{ID: 1, ServerIDLen: 8, NonceLen: 8, Key: []byte(draftKeyBytes)},
+		{ID: 2, ServerIDLen: 3, NonceLen: 5, Key: []byte(draftKeyBytes)},
+	}
+	d, err := NewDecoder(cfgs...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 2*len(cfgs))
+	for _, cfg := range cfgs {
+		sid := bytes.Repeat([]byte{cfg.ID + 1}, cfg.ServerIDLen)
+		g, err := NewGenerator(cfg, sid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range 2 {
+			wg.Go(func() {
+				for range 500 {
+					cid, err := g.GenerateConnectionID()
+					if err != nil {
+						errs <- err
+						return
+					}
+					got, err := d.Decode(cid.Bytes())
+					if err != nil || !bytes.Equal(got.Bytes(), sid) {
+						errs <- fmt.Errorf("CID %v: got %v, %v; want %x", cid, got, err, sid)
+						return
+					}
+				}
+			})
+		}
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
 	}
 }
