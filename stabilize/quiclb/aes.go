@@ -6,7 +6,7 @@ package quiclb
 func (c *Codec) singlePassServerID(b []byte) ServerID {
 	buf := c.scratch()
 	c.block.Decrypt(buf[:], b)
-	sid := serverIDFrom(buf[:c.serverIDLen])
+	sid := serverIDFromBlock(buf, c.serverIDLen)
 	c.blocks.Put(buf)
 	return sid
 }

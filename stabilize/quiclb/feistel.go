@@ -5,13 +5,11 @@ import (
 	"encoding/binary"
 )
 
-// maxHalfLen is the longest Feistel half: half of 19 octets, rounded up.
-const maxHalfLen = (maxPlaintextLen + 1) / 2
-
-// half is one side of the four-pass Feistel network. Octets past the
-// codec's half length stay zero, so halves are handled as one uint64 and one
-// uint16.
-type half = [maxHalfLen]byte
+// half is one side of the four-pass Feistel network: at most 10 octets, as
+// half of 19 rounded up. The octets past the codec's half length stay zero,
+// so a half is handled as one uint64 and one uint16. It is block-sized to
+// hold a server ID.
+type half = [aes.BlockSize]byte
 
 // halfMasks returns the masks that keep a left and a right half within
 // n octets of plaintext: half of n rounded up, and, for odd n, without the
@@ -51,15 +49,29 @@ func (c *Codec) feistelServerID(b []byte) ServerID {
 	c.round(buf, 4, &r, &l, &c.leftMask)
 	c.round(buf, 3, &l, &r, &c.rightMask)
 	c.round(buf, 2, &r, &l, &c.leftMask)
+	hi, lo := words(&l)
 	if c.serverIDLen <= c.plen/2 {
 		c.blocks.Put(buf)
-		return serverIDFrom(l[:c.serverIDLen])
+		return serverIDFromWords(hi, lo, c.serverIDLen)
 	}
 	c.round(buf, 1, &l, &r, &c.rightMask)
 	c.blocks.Put(buf)
-	var pt [maxPlaintextLen]byte
-	c.join(pt[:c.plen], &l, &r)
-	return serverIDFrom(pt[:c.serverIDLen])
+	// The plaintext is l, then r from octet plen-halfLen on: with an odd
+	// length, their nibbles of the middle octet merge.
+	rhi, rlo := words(&r)
+	if s := uint(8 * (c.plen - c.halfLen)); s < 64 {
+		hi, lo = hi|rhi>>s, lo|rlo>>s|rhi<<(64-s)
+	} else {
+		lo |= rhi >> (s - 64)
+	}
+	return serverIDFromWords(hi, lo, c.serverIDLen)
+}
+
+// words returns h as a 128-bit big-endian number. It reads the octets as
+// round wrote them, so that the loads are forwarded from those stores.
+func words(h *half) (hi, lo uint64) {
+	be := binary.BigEndian
+	return be.Uint64(h[:8]), uint64(be.Uint16(h[8:])) << 48
 }
 
 // split copies b into halves l and r. With an odd length, the middle
@@ -93,7 +105,7 @@ func (c *Codec) round(buf *[aes.BlockSize]byte, pass byte, src, dst, mask *half)
 // expand writes into buf the draft's expand(length, pass, in): in, zero
 // padding, then length and pass as the last two octets.
 func expand(buf *[aes.BlockSize]byte, length, pass byte, in *half) {
-	*(*half)(buf[:]) = *in
-	binary.LittleEndian.PutUint32(buf[maxHalfLen:], 0)
-	buf[14], buf[15] = length, pass
+	le := binary.LittleEndian
+	le.PutUint64(buf[:], le.Uint64(in[:]))
+	le.PutUint64(buf[8:], uint64(le.Uint16(in[8:]))|uint64(length)<<48|uint64(pass)<<56)
 }
