@@ -22,7 +22,9 @@ var ErrNonceExhausted = errors.New("quiclb: nonces exhausted: a new configuratio
 // every nonce is fresh random octets, so that plaintext nonces are not
 // linkable. With a key, nonces count up from a random start, so none repeats
 // until the counter comes back to its start; then GenerateConnectionID
-// returns ErrNonceExhausted.
+// returns ErrNonceExhausted. Share one Generator between the transports of a
+// process that use the same server ID and configuration, so that they share
+// its counter. It is safe for concurrent use.
 type Generator struct {
 	codec    *Codec
 	serverID []byte
@@ -47,7 +49,7 @@ func NewGenerator(cfg Config, serverID []byte) (*Generator, error) {
 	}
 	g := &Generator{codec: c, serverID: bytes.Clone(serverID), keyed: len(cfg.Key) != 0}
 	if g.keyed {
-		rand.Read(g.start[:cfg.NonceLen])
+		rand.Read(g.start[:cfg.NonceLen]) // crypto/rand.Read never fails
 		g.next = g.start
 	}
 	return g, nil
@@ -74,7 +76,7 @@ func (g *Generator) ConnectionIDLen() int { return g.codec.CIDLen() }
 // nonce fills n with the next nonce.
 func (g *Generator) nonce(n []byte) error {
 	if !g.keyed {
-		rand.Read(n)
+		rand.Read(n) // crypto/rand.Read never fails
 		return nil
 	}
 	g.mu.Lock()
