@@ -1,0 +1,111 @@
+package quiclb
+
+import (
+	"crypto/aes"
+	"encoding/binary"
+)
+
+// half is one side of the four-pass Feistel network: at most 10 octets, as
+// half of 19 rounded up. The octets past the codec's half length stay zero,
+// so a half is handled as one uint64 and one uint16. It is block-sized to
+// hold a server ID.
+type half = [aes.BlockSize]byte
+
+// halfMasks returns the masks that keep a left and a right half within
+// n octets of plaintext: half of n rounded up, and, for odd n, without the
+// left half's last nibble and the right half's first nibble.
+func halfMasks(n int) (left, right half) {
+	h := (n + 1) / 2
+	for i := range h {
+		left[i], right[i] = 0xff, 0xff
+	}
+	if n%2 == 1 {
+		left[h-1], right[0] = 0xf0, 0x0f
+	}
+	return left, right
+}
+
+// encryptFeistel encrypts b, the server ID and nonce, in place with the
+// draft's four-pass algorithm.
+func (c *Codec) encryptFeistel(b []byte) {
+	var l, r half
+	c.split(&l, &r, b)
+	buf := c.scratch()
+	c.round(buf, 1, &l, &r, &c.rightMask)
+	c.round(buf, 2, &r, &l, &c.leftMask)
+	c.round(buf, 3, &l, &r, &c.rightMask)
+	c.round(buf, 4, &r, &l, &c.leftMask)
+	c.blocks.Put(buf)
+	c.join(b, &l, &r)
+}
+
+// feistelServerID decrypts b, a four-pass ciphertext, far enough to return
+// its server ID: three passes when the server ID lies in the left half,
+// four otherwise.
+func (c *Codec) feistelServerID(b []byte) ServerID {
+	var l, r half
+	c.split(&l, &r, b)
+	buf := c.scratch()
+	c.round(buf, 4, &r, &l, &c.leftMask)
+	c.round(buf, 3, &l, &r, &c.rightMask)
+	c.round(buf, 2, &r, &l, &c.leftMask)
+	hi, lo := words(&l)
+	if c.serverIDLen <= c.plen/2 {
+		c.blocks.Put(buf)
+		return serverIDFromWords(hi, lo, c.serverIDLen)
+	}
+	c.round(buf, 1, &l, &r, &c.rightMask)
+	c.blocks.Put(buf)
+	// The plaintext is l, then r from octet plen-halfLen on: with an odd
+	// length, their nibbles of the middle octet merge.
+	rhi, rlo := words(&r)
+	if s := uint(8 * (c.plen - c.halfLen)); s < 64 {
+		hi, lo = hi|rhi>>s, lo|rlo>>s|rhi<<(64-s)
+	} else {
+		lo |= rhi >> (s - 64)
+	}
+	return serverIDFromWords(hi, lo, c.serverIDLen)
+}
+
+// words returns h as a 128-bit big-endian number. It reads the octets as
+// round wrote them, so that the loads are forwarded from those stores.
+func words(h *half) (hi, lo uint64) {
+	be := binary.BigEndian
+	return be.Uint64(h[:8]), uint64(be.Uint16(h[8:])) << 48
+}
+
+// split copies b into halves l and r. With an odd length, the middle
+// octet's high nibble goes to l and its low nibble to r.
+func (c *Codec) split(l, r *half, b []byte) {
+	copy(l[:c.halfLen], b)
+	copy(r[:c.halfLen], b[len(b)-c.halfLen:])
+	l[c.halfLen-1] &= c.leftMask[c.halfLen-1]
+	r[0] &= c.rightMask[0]
+}
+
+// join is the inverse of split.
+func (c *Codec) join(b []byte, l, r *half) {
+	copy(b[len(b)-c.halfLen:], r[:c.halfLen])
+	copy(b, l[:c.halfLen])
+	if c.plen%2 == 1 {
+		b[c.halfLen-1] = l[c.halfLen-1] | r[0]
+	}
+}
+
+// round is one pass of the network: dst ^= AES-ECB(expand(plen, pass, src)),
+// truncated to the half by mask.
+func (c *Codec) round(buf *[aes.BlockSize]byte, pass byte, src, dst, mask *half) {
+	expand(buf, byte(c.plen), pass, src)
+	c.block.Encrypt(buf[:], buf[:])
+	le := binary.LittleEndian
+	le.PutUint64(dst[:], (le.Uint64(dst[:])^le.Uint64(buf[:]))&le.Uint64(mask[:]))
+	le.PutUint16(dst[8:], (le.Uint16(dst[8:])^le.Uint16(buf[8:]))&le.Uint16(mask[8:]))
+}
+
+// expand writes into buf the draft's expand(length, pass, in): in, zero
+// padding, then length and pass as the last two octets.
+func expand(buf *[aes.BlockSize]byte, length, pass byte, in *half) {
+	le := binary.LittleEndian
+	le.PutUint64(buf[:], le.Uint64(in[:]))
+	le.PutUint64(buf[8:], uint64(le.Uint16(in[8:]))|uint64(length)<<48|uint64(pass)<<56)
+}
