@@ -1,0 +1,59 @@
+package stabilize
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// A reply reactor that fails to start (EMFILE) leaks no descriptor, and the
+// next flow starts one: the failure is not kept for the life of the process.
+func TestReactorStartIsRetried(t *testing.T) {
+	reactors.Lock()
+	started := reactors.list
+	reactors.list = nil // as if none had started yet
+	reactors.Unlock()
+	t.Cleanup(func() {
+		reactors.Lock()
+		reactors.list = append(started, reactors.list...)
+		reactors.Unlock()
+	})
+
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	before := openFDs(t)
+	// A new descriptor takes the lowest free number, which must stay under
+	// the limit: with the limit at that number, there is none to spare.
+	free, err := unix.Dup(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = unix.Close(free)
+	low := lim
+	low.Cur = uint64(free)
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &low); err != nil {
+		t.Skipf("lowering the open-file limit: %v", err)
+	}
+	_, err = reactorFor()
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	if !errors.Is(err, unix.EMFILE) {
+		t.Fatalf("starting a reactor with no descriptor to spare: %v, want EMFILE", err)
+	}
+	if n := openFDs(t); n != before {
+		t.Errorf("%d descriptors open after the failed start, %d before", n, before)
+	}
+
+	for _, network := range []string{"udp", FastNetwork} {
+		t.Run(network, func(t *testing.T) {
+			a := startUpstream(t, "a")
+			lb := startBalancerOn(t, network, false, 30*time.Second, handlerConfig("flow", "", a))
+			newClient(t, lb.addr).mustRoundTrip("after-emfile")
+		})
+	}
+}
