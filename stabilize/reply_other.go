@@ -7,6 +7,8 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
 )
 
 // replyState is the flow's reply goroutine, where there is no reactor.
@@ -31,7 +33,7 @@ func (fl *Flow) startReplies() error {
 			if err != nil {
 				fl.h.socketError(fl, err)
 			} else {
-				fl.relay(netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), buf[:min(n, ListenerBufferSize)], n > ListenerBufferSize)
+				fl.relay(udpio.Unmap(from), buf[:min(n, ListenerBufferSize)], n > ListenerBufferSize)
 			}
 			fl.replyMu.Unlock()
 		}

@@ -29,7 +29,7 @@ func (b *Batch) Read() (int, error) {
 		return 0, err
 	}
 	b.n, b.trunc = min(n, len(b.buf)-1), n == len(b.buf)
-	b.src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+	b.src = Unmap(src)
 	return 1, nil
 }
 

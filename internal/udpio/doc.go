@@ -5,8 +5,17 @@
 // one datagram per call through package net.
 package udpio
 
-import "errors"
+import (
+	"errors"
+	"net/netip"
+)
 
 // ErrWouldBlock reports a send that the socket's buffer could not take now.
 // The datagram is dropped, never waited for.
 var ErrWouldBlock = errors.New("udpio: socket send buffer full")
+
+// Unmap returns ap with an IPv4-mapped IPv6 address as plain IPv4, the one
+// form stabilize keys clients and upstreams by.
+func Unmap(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}

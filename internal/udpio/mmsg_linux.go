@@ -129,7 +129,7 @@ func addrPort(sa *unix.RawSockaddrInet6) netip.AddrPort {
 		return netip.AddrPortFrom(netip.AddrFrom4(sa4.Addr), port)
 	case unix.AF_INET6:
 		port := binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:])
-		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), port)
+		return Unmap(netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), port))
 	}
 	return netip.AddrPort{}
 }
