@@ -57,3 +57,25 @@ func TestReactorStartIsRetried(t *testing.T) {
 		})
 	}
 }
+
+// Replies leave through the listener's own socket, found behind caddy-l4's
+// flow, on both networks: never through caddy-l4's blocking cx.Write.
+func TestRepliesLeaveThroughListenerSocket(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		tr := trackHandlers(t)
+		a := startUpstream(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, handlerConfig("flow", "", a))
+		newClient(t, lb.addr).mustRoundTrip("hello")
+		h := tr.latest()
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if len(h.flows) != 1 {
+			t.Fatalf("%d flows, want 1", len(h.flows))
+		}
+		for fl := range h.flows {
+			if fl.out == nil || fl.out.LocalAddr().String() != lb.addr {
+				t.Fatalf("the flow's replies leave through %v, want the listener socket %s", fl.out, lb.addr)
+			}
+		}
+	})
+}
