@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
 )
 
 // A socket set up by prepareSocket reports an ICMP port-unreachable from an
@@ -57,16 +59,16 @@ func TestErrQueueNamesTheUpstream(t *testing.T) {
 			if _, _, _, _, err := conn.ReadMsgUDPAddrPort(buf, nil); !errors.Is(err, syscall.ECONNREFUSED) {
 				t.Fatalf("read after sending to a closed port: %v, want ECONNREFUSED", err)
 			}
-			var errs [4]icmpError
-			n, err := readErrQueue(conn, errs[:])
+			var errs [4]udpio.ICMPError
+			n, err := udpio.ReadErrQueue(conn, errs[:])
 			if err != nil || n != 1 {
 				t.Fatalf("error queue: %d entries, %v; want 1", n, err)
 			}
-			want := icmpError{dest: dead, offender: dead.Addr(), reason: reasonPortUnreachable}
-			if errs[0] != want {
-				t.Errorf("error queue entry %+v, want %+v", errs[0], want)
+			e := errs[0]
+			if e.Dest != dead || e.Offender != dead.Addr() || icmpReason(e.Origin, e.Type, e.Code) != reasonPortUnreachable {
+				t.Errorf("error queue entry %+v, want a port unreachable from %v", e, dead)
 			}
-			if n, err := readErrQueue(conn, errs[:]); n != 0 || err != nil {
+			if n, err := udpio.ReadErrQueue(conn, errs[:]); n != 0 || err != nil {
 				t.Errorf("drained queue: %d entries, %v", n, err)
 			}
 			_ = conn.SetReadDeadline(time.Now().Add(100 * time.Millisecond))

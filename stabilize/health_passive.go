@@ -4,12 +4,13 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"net/netip"
 	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
 )
 
 // PassiveHealthChecks judges upstreams by live traffic: an ICMP destination
@@ -237,19 +238,11 @@ func (h *Handler) prepareSocket(conn *net.UDPConn) error {
 		}
 	}
 	if hc := h.HealthChecks; hc != nil && hc.Passive != nil {
-		if err := enableICMPErrors(conn); err != nil {
+		if err := udpio.EnableICMPErrors(conn); err != nil {
 			return fmt.Errorf("enabling ICMP error reports for passive health checks: %w", err)
 		}
 	}
 	return nil
-}
-
-// icmpError is an ICMP error the kernel reported for a datagram sent from an
-// upstream-facing socket.
-type icmpError struct {
-	dest     netip.AddrPort // where the datagram that drew it was sent
-	offender netip.Addr     // who sent the ICMP error, if known
-	reason   string         // for the log, "" if it is no upstream failure
 }
 
 // maxErrQueue bounds the entries read from the error queue per socket error,
@@ -265,18 +258,18 @@ const maxErrQueue = 16
 func (h *Handler) socketError(fl *Flow, err error) {
 	fh := &fl.health
 	if hc := h.HealthChecks; hc != nil && hc.Passive != nil {
-		var errs [maxErrQueue]icmpError
-		n, qerr := readErrQueue(fl.conn, errs[:])
+		var errs [maxErrQueue]udpio.ICMPError
+		n, qerr := udpio.ReadErrQueue(fl.conn, errs[:])
 		for _, e := range errs[:n] {
-			u := h.byAddr[e.dest]
-			if u == nil || e.reason == "" {
+			u, reason := h.byAddr[e.Dest], icmpReason(e.Origin, e.Type, e.Code)
+			if u == nil || reason == "" {
 				if ce := h.logger.Check(zap.DebugLevel, "ICMP error not counted"); ce != nil {
-					ce.Write(zap.Stringer("client", fl.client), zap.Stringer("destination", e.dest),
-						zap.Stringer("offender", e.offender))
+					ce.Write(zap.Stringer("client", fl.client), zap.Stringer("destination", e.Dest),
+						zap.Stringer("offender", e.Offender))
 				}
 				continue
 			}
-			h.passiveFailure(u, e.reason)
+			h.passiveFailure(u, reason)
 		}
 		if n > 0 {
 			return
@@ -290,4 +283,48 @@ func (h *Handler) socketError(fl *Flow, err error) {
 		fh.errLogged = true
 		h.logger.Debug("reading upstream replies", zap.Stringer("client", fl.client), zap.Error(err))
 	}
+}
+
+// icmpReason names an ICMP error that counts as an upstream failure: a
+// destination unreachable, except "fragmentation needed" (ICMPv4) and
+// "packet too big" (ICMPv6), which are about the path MTU. It returns ""
+// for errors that do not count, such as local ones.
+func icmpReason(origin, typ, code uint8) string {
+	switch origin {
+	case udpio.OriginICMP:
+		if typ != 3 { // destination unreachable
+			return ""
+		}
+		switch code {
+		case 0, 6, 11:
+			return reasonNetUnreachable
+		case 1, 7, 12:
+			return reasonHostUnreachable
+		case 2:
+			return reasonProtoUnreach
+		case 3:
+			return reasonPortUnreachable
+		case 4:
+			return "" // fragmentation needed
+		case 9, 10, 13:
+			return reasonProhibited
+		}
+		return reasonUnreachable
+	case udpio.OriginICMP6:
+		if typ != 1 { // destination unreachable
+			return ""
+		}
+		switch code {
+		case 0:
+			return reasonNetUnreachable
+		case 1, 5, 6:
+			return reasonProhibited
+		case 3:
+			return reasonHostUnreachable
+		case 4:
+			return reasonPortUnreachable
+		}
+		return reasonUnreachable
+	}
+	return ""
 }

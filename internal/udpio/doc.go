@@ -1,6 +1,7 @@
 // Package udpio is the platform code of stabilize's UDP sockets, split by
 // mechanism as quic-go splits its sys_conn files: batched receive and send
-// (recvmmsg, sendmmsg), non-blocking sends, and socket options. On Linux
+// (recvmmsg, sendmmsg), non-blocking sends, the error queue that reports ICMP
+// errors, and socket options. On Linux
 // every call is non-blocking and allocation-free; elsewhere it falls back to
 // one datagram per call through package net.
 package udpio

@@ -1,4 +1,4 @@
-package stabilize
+package udpio
 
 import (
 	"encoding/binary"
@@ -9,10 +9,26 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// enableICMPErrors makes the kernel report ICMP errors on conn, which is
+// ICMPError is an ICMP error the kernel reported for a datagram sent from a
+// socket, read from its error queue.
+type ICMPError struct {
+	Dest     netip.AddrPort // where the datagram that drew it was sent
+	Offender netip.Addr     // who sent the ICMP error, if known
+	Origin   uint8          // OriginICMP or OriginICMP6; others are local
+	Type     uint8          // the ICMP type
+	Code     uint8          // the ICMP code
+}
+
+// Origins of an ICMPError.
+const (
+	OriginICMP  = unix.SO_EE_ORIGIN_ICMP
+	OriginICMP6 = unix.SO_EE_ORIGIN_ICMP6
+)
+
+// EnableICMPErrors makes the kernel report ICMP errors on conn, which is
 // not connected: the read after one fails with its errno (ECONNREFUSED for a
 // port unreachable), and the error queue tells which destination drew it.
-func enableICMPErrors(conn *net.UDPConn) error {
+func EnableICMPErrors(conn *net.UDPConn) error {
 	rc, err := conn.SyscallConn()
 	if err != nil {
 		return err
@@ -42,9 +58,9 @@ func setRecvErr(fd int) error {
 	return nil
 }
 
-// readErrQueue reads up to len(out) entries from conn's error queue without
+// ReadErrQueue reads up to len(out) entries from conn's error queue without
 // blocking, and returns how many it stored in out.
-func readErrQueue(conn *net.UDPConn, out []icmpError) (int, error) {
+func ReadErrQueue(conn *net.UDPConn, out []ICMPError) (int, error) {
 	rc, err := conn.SyscallConn()
 	if err != nil {
 		return 0, err
@@ -86,13 +102,13 @@ const sizeofSockExtendedErr = 16
 // parseErrQueueMsg decodes one error queue message: its name is the
 // destination of the datagram that drew the error, and its control message
 // a struct sock_extended_err followed by the offender's address.
-func parseErrQueueMsg(oob []byte, from unix.Sockaddr) (icmpError, bool) {
-	var e icmpError
+func parseErrQueueMsg(oob []byte, from unix.Sockaddr) (ICMPError, bool) {
+	var e ICMPError
 	switch sa := from.(type) {
 	case *unix.SockaddrInet4:
-		e.dest = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+		e.Dest = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
 	case *unix.SockaddrInet6:
-		e.dest = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(sa.Port))
+		e.Dest = Unmap(netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port)))
 	default:
 		return e, false
 	}
@@ -111,59 +127,14 @@ func parseErrQueueMsg(oob []byte, from unix.Sockaddr) (icmpError, bool) {
 		}
 		// struct sock_extended_err { u32 errno; u8 origin, type, code, pad;
 		// u32 info, data; }, then SO_EE_OFFENDER: a sockaddr.
-		origin, typ, code := d[4], d[5], d[6]
-		e.reason = icmpReason(origin, typ, code)
+		e.Origin, e.Type, e.Code = d[4], d[5], d[6]
 		off := d[sizeofSockExtendedErr:]
 		if len(off) >= 8 && binary.NativeEndian.Uint16(off) == unix.AF_INET {
-			e.offender = netip.AddrFrom4([4]byte(off[4:8]))
+			e.Offender = netip.AddrFrom4([4]byte(off[4:8]))
 		} else if len(off) >= 24 && binary.NativeEndian.Uint16(off) == unix.AF_INET6 {
-			e.offender = netip.AddrFrom16([16]byte(off[8:24])).Unmap()
+			e.Offender = netip.AddrFrom16([16]byte(off[8:24])).Unmap()
 		}
 		return e, true
 	}
 	return e, false
-}
-
-// icmpReason names an ICMP error that counts as an upstream failure: a
-// destination unreachable, except "fragmentation needed" (ICMPv4) and
-// "packet too big" (ICMPv6), which are about the path MTU. It returns ""
-// for errors that do not count, such as local ones.
-func icmpReason(origin, typ, code uint8) string {
-	switch origin {
-	case unix.SO_EE_ORIGIN_ICMP:
-		if typ != 3 { // destination unreachable
-			return ""
-		}
-		switch code {
-		case 0, 6, 11:
-			return reasonNetUnreachable
-		case 1, 7, 12:
-			return reasonHostUnreachable
-		case 2:
-			return reasonProtoUnreach
-		case 3:
-			return reasonPortUnreachable
-		case 4:
-			return "" // fragmentation needed
-		case 9, 10, 13:
-			return reasonProhibited
-		}
-		return reasonUnreachable
-	case unix.SO_EE_ORIGIN_ICMP6:
-		if typ != 1 { // destination unreachable
-			return ""
-		}
-		switch code {
-		case 0:
-			return reasonNetUnreachable
-		case 1, 5, 6:
-			return reasonProhibited
-		case 3:
-			return reasonHostUnreachable
-		case 4:
-			return reasonPortUnreachable
-		}
-		return reasonUnreachable
-	}
-	return ""
 }
