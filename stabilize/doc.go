@@ -36,7 +36,8 @@
 // # Limits
 //
 // max_flows and max_flows_per_ip (limits.go) refuse new flows over a cap
-// before they cost a socket; established flows are never refused.
+// before they cost a socket. Established flows are never refused: flows that
+// a reload moves to a new handler count against its limits, even over them.
 //
 // # Reloads
 //
@@ -46,8 +47,8 @@
 // probers by address and check settings, flow affinity and the handler
 // lineage by the handler's identity (its granularity and policy; see
 // reload.go), and fastudp sockets by address. In Cleanup an old handler
-// moves each fastudp flow whose upstream is still configured to its
-// successor, keeping the flow's sockets, so no reply in flight is lost;
-// other flows end, and the client's next datagram finds its upstream in the
-// affinity table.
+// moves each fastudp flow whose upstream its successor still has, and whose
+// socket a config still listens on, to the successor, keeping the flow's
+// upstream-facing socket, so no reply in flight is lost; other flows end,
+// and the client's next datagram finds its upstream in the affinity table.
 package stabilize

@@ -89,6 +89,10 @@ func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow,
 		return nil, err
 	}
 	front, out := listenerOf(cx)
+	if out == nil && !h.warnedListener.Swap(true) {
+		h.logger.Warn("replies go through caddy-l4's blocking cx.Write: the listener's socket is out of reach",
+			zap.Stringer("listener", cx.LocalAddr()))
+	}
 	fl := &Flow{
 		h:        h,
 		cx:       cx,
@@ -110,10 +114,9 @@ func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow,
 		return nil, err
 	}
 	if h.affinity != nil {
-		if addr, ok := h.affinity.lookup(fl.affinityKey()); ok {
-			if u := h.byAddr[addr]; u != nil && u.healthy() {
-				fl.assign(u)
-			}
+		// The router applies the health rule on the first datagram.
+		if addr, ok := h.affinity.lookup(fl.affinityKey()); ok && h.byAddr[addr] != nil {
+			fl.assign(h.byAddr[addr])
 		}
 	}
 	h.mu.Lock()
@@ -226,17 +229,24 @@ func (fl *Flow) closeSocket() {
 
 // close ends the flow and releases its socket and upstream; it is safe to
 // call more than once.
-func (fl *Flow) close() {
-	if !fl.closed.CompareAndSwap(false, true) {
+func (fl *Flow) close() { fl.closeFor(nil) }
+
+// closeFor closes the flow if owner is its handler, or whoever its handler
+// is when owner is nil. The check and the closing are one step under fl.mu,
+// so a flow that a reload moves on is never closed by its old handler.
+func (fl *Flow) closeFor(owner *Handler) {
+	fl.mu.Lock()
+	if owner != nil && fl.h != owner || !fl.closed.CompareAndSwap(false, true) {
+		fl.mu.Unlock()
 		return
 	}
+	h, u := fl.h, fl.upstream
+	fl.upstream = nil
+	fl.mu.Unlock()
 	if fl.fast != nil {
 		fl.fast.Unregister(fl.client, fl)
 	}
 	fl.closeSocket()
-	fl.mu.Lock()
-	h, u := fl.h, fl.upstream
-	fl.mu.Unlock()
 	if u != nil {
 		u.host.flows.Add(-1)
 		if h.affinity != nil {
@@ -260,7 +270,7 @@ func (fl *Flow) moveTo(to *Handler) bool {
 	defer fl.mu.Unlock()
 	fl.replyMu.Lock()
 	defer fl.replyMu.Unlock()
-	if fl.closed.Load() || to.network != fl.h.network {
+	if fl.closed.Load() || to.network != fl.h.network || !fl.fast.Open() {
 		return false
 	}
 	var u *Upstream
@@ -274,6 +284,8 @@ func (fl *Flow) moveTo(to *Handler) bool {
 	}
 	fl.h, fl.upstream = to, u // the same address shares one Host
 	fl.header = to.proxyHeader(fl)
+	fl.health.since.Store(0) // to has a reply_timeout clock of its own
+	fl.health.upstream.Store(nil)
 	fl.detached.Store(true) // Handle returns; the reaper ends the flow
 	return true
 }

@@ -16,6 +16,9 @@ import (
 func (fl *Flow) forward(b []byte, truncated bool) {
 	fl.mu.Lock()
 	defer fl.mu.Unlock()
+	if fl.closed.Load() {
+		return // delivered as it closed; the client's next datagram opens a flow
+	}
 	h := fl.h
 	if truncated {
 		h.drop(dropTruncated)

@@ -49,7 +49,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 			if fl.fast != nil && !h.closing.Load() && fl.detach() {
 				return nil // the flow goes on, bypassing caddy-l4
 			}
-			fl.close()
+			fl.closeFor(h) // unless a reload has just moved it on
 			if errors.Is(err, io.EOF) || h.closing.Load() {
 				return nil
 			}

@@ -2,7 +2,9 @@ package stabilize
 
 import (
 	"net"
+	"net/netip"
 	"reflect"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -58,25 +60,45 @@ func listenerNetwork(front *fastudp.Front) string {
 const defaultIdleTimeout = 30 * time.Second
 
 // listenerIdleTimeout is the idle timeout of the layer4 server whose
-// listener on network has local's port: caddy-l4 ends a flow idle for that
-// long.
+// listener on network (udp, udp4 and udp6 are one) has local's address:
+// caddy-l4 ends a flow idle for that long. Handle tells an empty datagram
+// from the end of a flow by it, so when no listener matches it returns the
+// shortest idle timeout of all, which may end a flow early but never reads
+// past its end.
 func (h *Handler) listenerIdleTimeout(network string, local net.Addr) time.Duration {
-	ua, ok := local.(*net.UDPAddr)
-	if !ok {
+	ap := addrPort(local)
+	app, err := h.ctx.AppIfConfigured("layer4")
+	if err != nil {
 		return defaultIdleTimeout
 	}
-	if app, err := h.ctx.AppIfConfigured("layer4"); err == nil {
-		for _, srv := range app.(*layer4.App).Servers {
-			for _, l := range srv.Listen {
-				na, err := caddy.ParseNetworkAddress(l)
-				if err == nil && na.Network == network && uint(ua.Port) >= na.StartPort && uint(ua.Port) <= na.EndPort {
-					if srv.IdleTimeout > 0 {
-						return time.Duration(srv.IdleTimeout)
-					}
-					return defaultIdleTimeout
-				}
+	shortest, found := time.Duration(0), time.Duration(0)
+	for _, srv := range app.(*layer4.App).Servers {
+		idle := time.Duration(srv.IdleTimeout)
+		if idle <= 0 {
+			idle = defaultIdleTimeout
+		}
+		if shortest == 0 || idle < shortest {
+			shortest = idle
+		}
+		for _, l := range srv.Listen {
+			na, err := caddy.ParseNetworkAddress(l)
+			if err != nil || strings.TrimRight(na.Network, "46") != network ||
+				uint(ap.Port()) < na.StartPort || uint(ap.Port()) > na.EndPort {
+				continue
+			}
+			if ip, err := netip.ParseAddr(na.Host); err == nil && !ip.IsUnspecified() && ip.Unmap() != ap.Addr() {
+				continue
+			}
+			if found == 0 || idle < found {
+				found = idle
 			}
 		}
+	}
+	switch {
+	case found > 0:
+		return found
+	case shortest > 0:
+		return shortest
 	}
 	return defaultIdleTimeout
 }

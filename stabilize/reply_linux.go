@@ -174,8 +174,9 @@ func (fl *Flow) startReplies() error {
 }
 
 // stopReplies takes fl's socket off its reactor, so the reactor never reads
-// a reused descriptor, waits until the reactor is done with the flow, and
-// closes the socket: after it, nothing writes to the client for the flow.
+// a reused descriptor, waits until the reactor is done reading the flow, and
+// closes the socket. Replies already read may still leave in the reactor's
+// current batch.
 func (fl *Flow) stopReplies() {
 	if r := fl.reactor; r != nil {
 		_ = unix.EpollCtl(r.epfd, unix.EPOLL_CTL_DEL, fl.fd, nil)

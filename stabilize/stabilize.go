@@ -78,9 +78,10 @@ type Handler struct {
 	poolMu sync.Mutex
 	pool   atomic.Pointer[healthyPool]
 
-	drops       [numDropReasons]atomic.Uint64
-	allDownSent atomic.Uint64 // datagrams sent while every upstream was down
-	warned      [numDropReasons]atomic.Bool
+	drops          [numDropReasons]atomic.Uint64
+	allDownSent    atomic.Uint64 // datagrams sent while every upstream was down
+	warned         [numDropReasons]atomic.Bool
+	warnedListener atomic.Bool // replies through cx.Write
 
 	identity string    // handlers with one identity hand flows on; see reload.go
 	affinity *affinity // per flow only

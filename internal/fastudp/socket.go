@@ -125,7 +125,8 @@ func open(addr string) (*Socket, error) {
 	return s, nil
 }
 
-// release drops one reference; the last closes the socket.
+// release drops one reference; the last closes the socket and its
+// endpoints, which have no way to their clients any more.
 func (s *Socket) release() {
 	registryMu.Lock()
 	s.refs--
@@ -134,9 +135,29 @@ func (s *Socket) release() {
 		delete(registry, s.key)
 	}
 	registryMu.Unlock()
-	if last {
-		_ = s.conn.Close()
-		<-s.done
+	if !last {
+		return
+	}
+	_ = s.conn.Close()
+	<-s.done
+	s.epMu.RLock()
+	eps := make([]Endpoint, 0, len(s.eps))
+	for _, ep := range s.eps {
+		eps = append(eps, ep)
+	}
+	s.epMu.RUnlock()
+	for _, ep := range eps {
+		ep.Close()
+	}
+}
+
+// Open reports whether a config still listens on the socket.
+func (s *Socket) Open() bool {
+	select {
+	case <-s.done:
+		return false
+	default:
+		return true
 	}
 }
 

@@ -135,9 +135,13 @@ func addrPort(sa *unix.RawSockaddrInet6) netip.AddrPort {
 }
 
 // putSockaddr stores ap in sa for a socket of the given family, and returns
-// the address length.
+// the address length, 0 when an IPv4 socket cannot reach ap: the send then
+// fails (EDESTADDRREQ) instead of reaching a wrong address.
 func putSockaddr(sa *unix.RawSockaddrInet6, family int, ap netip.AddrPort) uint32 {
 	if family == unix.AF_INET {
+		if !ap.Addr().Is4() {
+			return 0
+		}
 		sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
 		sa4.Family = unix.AF_INET
 		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa4.Port))[:], ap.Port())

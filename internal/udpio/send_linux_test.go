@@ -140,3 +140,20 @@ func TestBatchEverySize(t *testing.T) {
 		}
 	}
 }
+
+// An IPv4 socket asked to send to an IPv6 address fails the send; it never
+// panics or reaches a wrong address.
+func TestSenderIPv6FromIPv4Socket(t *testing.T) {
+	conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	s, err := NewSender(conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SendTo([]byte("x"), netip.MustParseAddrPort("[2001:db8::1]:9")); err == nil {
+		t.Fatal("an IPv4 socket sent to an IPv6 address")
+	}
+}

@@ -1,0 +1,54 @@
+package stabilize
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+// On a listener written as udp4/ (or udp6/), the server's idle timeout still
+// tells an empty datagram from the end of a flow: once caddy-l4 ends the
+// flow, Handle reads no further, so nothing more reaches the upstream.
+func TestIdleFlowEndsOnUDP4Listener(t *testing.T) {
+	for _, per := range granularities {
+		t.Run(per, func(t *testing.T) {
+			up := startRawUpstream(t, true, false)
+			lb := startBalancerOn(t, "udp4", false, 300*time.Millisecond, rawHandler(per, up))
+			cl := newClient(t, lb.addr)
+			if _, err := cl.conn.Write([]byte("once")); err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, 2*time.Second, "the datagram upstream", func() bool { return up.got.Load() == 1 })
+			time.Sleep(time.Second) // past the idle timeout
+			if n := up.got.Load(); n != 1 {
+				t.Fatalf("the upstream got %d datagrams after the flow went idle, want the 1 sent", n)
+			}
+		})
+	}
+}
+
+// A fastudp flow is not handed to a successor that listens elsewhere: the
+// old socket closes with its config, and the flow ends with it instead of
+// living on, unreachable, in the new handler.
+func TestFastFlowsEndWithTheirSocket(t *testing.T) {
+	tr := trackHandlers(t)
+	a := startUpstream(t, "a")
+	oldAddr, newAddr := localAddr(freeUDPPort(t)), localAddr(freeUDPPort(t))
+	if err := caddy.Load(multiServerConfig(FastNetwork, "", time.Minute, serverSpec{oldAddr, handlerConfig("flow", "", a)}), true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = caddy.Stop() })
+	newClient(t, oldAddr).mustRoundTrip("on-the-old-socket")
+	if err := caddy.Load(multiServerConfig(FastNetwork, "", time.Minute, serverSpec{newAddr, handlerConfig("flow", "", a)}), true); err != nil {
+		t.Fatal(err)
+	}
+	h := tr.latest()
+	eventually(t, 2*time.Second, "the old socket's flow to end", func() bool {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		return len(h.flows) == 0 && h.Upstreams[0].host.Flows() == 0
+	})
+	newClient(t, newAddr).mustRoundTrip(fmt.Sprint("on-the-new-socket"))
+}
