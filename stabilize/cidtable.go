@@ -35,9 +35,20 @@ type cidKey struct {
 }
 
 type cidEntry struct {
-	upstream netip.AddrPort
+	upstream addrKey
 	ttl      int64        // nanoseconds
 	used     atomic.Int64 // unix nanos of the last use, as of the janitor's clock
+}
+
+// addrKey is an upstream address as a map key that hashes faster than a
+// netip.AddrPort, whose zone handle makes its hash field by field.
+type addrKey struct {
+	ip   [16]byte
+	port uint16
+}
+
+func keyOf(a netip.AddrPort) addrKey {
+	return addrKey{ip: a.Addr().As16(), port: a.Port()}
 }
 
 // maxConnectionIDs caps the entries of one table.
@@ -96,16 +107,16 @@ func cidKeyOf(cid []byte) (k cidKey, ok bool) {
 }
 
 // lookup returns the upstream learned for cid, marking it used.
-func (t *cidTable) lookup(cid []byte) (netip.AddrPort, bool) {
+func (t *cidTable) lookup(cid []byte) (addrKey, bool) {
 	k, ok := cidKeyOf(cid)
 	if !ok {
-		return netip.AddrPort{}, false
+		return addrKey{}, false
 	}
 	t.mu.RLock()
 	e := t.m[k]
 	t.mu.RUnlock()
 	if e == nil {
-		return netip.AddrPort{}, false
+		return addrKey{}, false
 	}
 	if now := t.now.Load(); e.used.Load() != now {
 		e.used.Store(now)
@@ -115,7 +126,7 @@ func (t *cidTable) lookup(cid []byte) (netip.AddrPort, bool) {
 
 // learn remembers that cid belongs to upstream for ttl after its last use.
 // server says the server chose cid, so short headers may carry it.
-func (t *cidTable) learn(cid []byte, upstream netip.AddrPort, ttl time.Duration, server bool) {
+func (t *cidTable) learn(cid []byte, upstream addrKey, ttl time.Duration, server bool) {
 	k, ok := cidKeyOf(cid)
 	if !ok {
 		return
@@ -146,7 +157,7 @@ func (t *cidTable) learn(cid []byte, upstream netip.AddrPort, ttl time.Duration,
 
 // shortLookup returns the upstream of a short-header packet b by the
 // server-chosen CID lengths learned so far, shortest first.
-func (t *cidTable) shortLookup(b []byte) (netip.AddrPort, bool) {
+func (t *cidTable) shortLookup(b []byte) (addrKey, bool) {
 	for lengths := t.lengths.Load(); lengths != 0; lengths &= lengths - 1 {
 		n := bits.TrailingZeros32(lengths)
 		if len(b) < 1+n {
@@ -156,7 +167,7 @@ func (t *cidTable) shortLookup(b []byte) (netip.AddrPort, bool) {
 			return addr, true
 		}
 	}
-	return netip.AddrPort{}, false
+	return addrKey{}, false
 }
 
 // serverLen reports whether a server chose a CID of n octets.

@@ -1,8 +1,10 @@
 package stabilize
 
 import (
+	"cmp"
 	"encoding/hex"
 	"fmt"
+	"strconv"
 
 	"github.com/stabilize-lb/caddy-stabilize/stabilize/quiclb"
 )
@@ -48,22 +50,24 @@ func (c *QUICLBConfig) config() (quiclb.Config, error) {
 		return quiclb.Config{}, fmt.Errorf("key %q: not hexadecimal: %w", c.Key, err)
 	}
 	if len(key) != 0 && len(key) != quiclb.KeyLen {
-		return quiclb.Config{}, fmt.Errorf("key %q: %d octets, must be %d (%d hexadecimal digits)",
+		return quiclb.Config{}, fmt.Errorf("key %q: length %d, must be %d octets (%d hexadecimal digits)",
 			c.Key, len(key), quiclb.KeyLen, 2*quiclb.KeyLen)
 	}
 	return quiclb.Config{ID: uint8(c.ConfigID), ServerIDLen: c.ServerIDLength, NonceLen: c.NonceLength, Key: key}, nil
 }
 
 // provisionQUICLB checks quic_lb and the upstreams' server_id, and sets up
-// r's decoder and server ID index. Only `per connection` uses them.
+// r's decoder and indexes of the upstreams. Only `per connection` uses
+// them; r is nil for the other granularities.
 func (h *Handler) provisionQUICLB(r *perConnectionRouter) error {
 	if r == nil {
+		per := cmp.Or(h.Per, PerFlow)
 		if len(h.QUICLB) > 0 {
-			return fmt.Errorf("quic_lb: needs per %q, not %q", PerConnection, h.Per)
+			return fmt.Errorf("quic_lb: needs per %q, not %q", PerConnection, per)
 		}
 		for i, u := range h.Upstreams {
 			if u.ServerID != "" {
-				return fmt.Errorf("upstreams[%d]: server_id %q: needs per %q, not %q", i, u.ServerID, PerConnection, h.Per)
+				return fmt.Errorf("upstreams[%d]: server_id %q: needs per %q, not %q", i, u.ServerID, PerConnection, per)
 			}
 		}
 		return nil
@@ -81,6 +85,10 @@ func (h *Handler) provisionQUICLB(r *perConnectionRouter) error {
 		}
 		configs[i] = cfg
 	}
+	r.byKey = make(map[addrKey]*Upstream, len(h.Upstreams))
+	for _, u := range h.Upstreams {
+		r.byKey[keyOf(u.addr)] = u
+	}
 	r.bySID = make(map[quiclb.ServerID]*Upstream)
 	for i, u := range h.Upstreams {
 		if u.ServerID == "" {
@@ -95,7 +103,7 @@ func (h *Handler) provisionQUICLB(r *perConnectionRouter) error {
 		}
 		for j, cfg := range configs {
 			if len(b) != cfg.ServerIDLen {
-				return fmt.Errorf("upstreams[%d]: server_id %q: %d octets, but quic_lb[%d].server_id_length is %d",
+				return fmt.Errorf("upstreams[%d]: server_id %q: length %d, but quic_lb[%d].server_id_length is %d",
 					i, u.ServerID, len(b), j, cfg.ServerIDLen)
 			}
 		}
@@ -116,4 +124,32 @@ func (h *Handler) provisionQUICLB(r *perConnectionRouter) error {
 		r.lb = d
 	}
 	return nil
+}
+
+// quicLB parses `quic_lb { config_id <0-6>; server_id_length <n>;
+// nonce_length <n>; key <hex> }`.
+func (p *caddyfileParser) quicLB([]string) error {
+	c := new(QUICLBConfig)
+	err := p.subOptions("quic_lb", map[string]func(string) error{
+		"config_id":        atoi(&c.ConfigID),
+		"server_id_length": atoi(&c.ServerIDLength),
+		"nonce_length":     atoi(&c.NonceLength),
+		"key": func(v string) error {
+			c.Key = v
+			return nil
+		},
+	})
+	if err != nil {
+		return err
+	}
+	p.h.QUICLB = append(p.h.QUICLB, c)
+	return nil
+}
+
+// atoi returns a function that parses an integer into n.
+func atoi(n *int) func(string) error {
+	return func(v string) (err error) {
+		*n, err = strconv.Atoi(v)
+		return err
+	}
 }

@@ -30,7 +30,8 @@ type perConnectionRouter struct {
 	h     *Handler
 	lb    *quiclb.Decoder // nil without quic_lb
 	bySID map[quiclb.ServerID]*Upstream
-	cids  *cidTable // set by join
+	byKey map[addrKey]*Upstream // the upstreams, by the table's address keys
+	cids  *cidTable             // set by join
 
 	misses   atomic.Uint64 // routed by neither QUIC-LB nor the table
 	downSent atomic.Uint64 // routed by connection ID to a down upstream
@@ -92,7 +93,7 @@ func (r *perConnectionRouter) initial(fl *Flow, b, dcid []byte) *Upstream {
 	if u == nil {
 		return nil
 	}
-	r.cids.learn(dcid, u.addr, fl.idleTimeout, false)
+	r.cids.learn(dcid, keyOf(u.addr), fl.idleTimeout, false)
 	return r.stick(fl, u)
 }
 
@@ -103,8 +104,8 @@ func (r *perConnectionRouter) byDCID(fl *Flow, b, dcid []byte) *Upstream {
 	if dcid == nil {
 		u = r.shortDecode(b)
 		if u == nil {
-			if addr, ok := r.cids.shortLookup(b); ok {
-				u = r.h.byAddr[addr]
+			if k, ok := r.cids.shortLookup(b); ok {
+				u = r.byKey[k]
 			}
 		}
 	} else if u = r.decode(dcid, false); u == nil {
@@ -136,7 +137,7 @@ func (r *perConnectionRouter) miss(fl *Flow, b, dcid []byte) *Upstream {
 		}
 	}
 	if dcid != nil {
-		r.cids.learn(dcid, u.addr, fl.idleTimeout, false)
+		r.cids.learn(dcid, keyOf(u.addr), fl.idleTimeout, false)
 	}
 	return u
 }
@@ -172,8 +173,8 @@ func (r *perConnectionRouter) decode(cid []byte, exact bool) *Upstream {
 
 // learned returns the upstream the table has for cid, or nil.
 func (r *perConnectionRouter) learned(cid []byte) *Upstream {
-	if addr, ok := r.cids.lookup(cid); ok {
-		return r.h.byAddr[addr]
+	if k, ok := r.cids.lookup(cid); ok {
+		return r.byKey[k]
 	}
 	return nil
 }
@@ -200,7 +201,7 @@ func (r *perConnectionRouter) observeReply(fl *Flow, u *Upstream, b []byte) {
 	switch typ, err := hdr.Type(); {
 	case err != nil:
 	case typ == quicwire.PacketTypeInitial, typ == quicwire.PacketTypeHandshake, typ == quicwire.PacketTypeRetry:
-		r.cids.learn(hdr.SCID, u.addr, fl.idleTimeout, true)
+		r.cids.learn(hdr.SCID, keyOf(u.addr), fl.idleTimeout, true)
 	}
 }
 
