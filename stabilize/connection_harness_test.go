@@ -227,9 +227,14 @@ func dialH3From(t *testing.T, pc net.PacketConn, addr string) *h3Client {
 
 // get requests / and returns the name of the server that answered.
 func (c *h3Client) get(timeout time.Duration) (string, error) {
+	return c.getPath("/", timeout)
+}
+
+// getPath requests path and returns the body of the reply.
+func (c *h3Client) getPath(path string, timeout time.Duration) (string, error) {
 	ctx, cancel := context.WithTimeout(c.t.Context(), timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://127.0.0.1/", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://127.0.0.1"+path, nil)
 	if err != nil {
 		return "", err
 	}
