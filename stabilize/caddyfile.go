@@ -64,16 +64,19 @@ var caddyfileOptions = []caddyfileOption{
 	{group: "upstreams: at least one, in any of the three forms", name: "to", args: "<upstreams...>", variadic: true, many: true,
 		doc:   "UDP upstreams: udp/host:port, udp4/..., udp6/... or a plain host:port",
 		parse: (*caddyfileParser).to},
-	{name: "upstream", args: "<address>", block: []string{"weight <n>"}, many: true,
-		doc:   "one upstream, with an optional weight for weighted policies (1-10000, default 1)",
+	{name: "upstream", args: "<address>", block: []string{"weight <n>", "server_id <hex>"}, many: true,
+		doc:   "one upstream, with an optional weight for weighted policies (1-10000, default 1) and QUIC-LB server ID",
 		parse: (*caddyfileParser).upstream},
 
-	{group: "load balancing", name: "per", args: "packet|flow",
-		doc:   "when the policy picks an upstream: for a flow's first datagram (default) or for every datagram",
+	{group: "load balancing", name: "per", args: "packet|flow|connection",
+		doc:   "when the policy picks an upstream: for a flow's first datagram (default), for every datagram, or for each QUIC connection",
 		parse: setText(func(h *Handler) *string { return &h.Per })},
 	{name: "lb_policy", args: "<policy> [<arguments...>]", variadic: true,
 		doc:   "the selection policy and its arguments (default round_robin)",
 		parse: (*caddyfileParser).policy},
+	{name: "quic_lb", block: []string{"config_id <0-6>", "server_id_length <n>", "nonce_length <n>", "key <hex>"}, many: true,
+		doc:   "per connection: a QUIC-LB configuration the servers share; repeat for key rotation",
+		parse: (*caddyfileParser).quicLB},
 
 	{group: "limits", name: "max_flows", args: "<n>",
 		doc:   "the most client flows at once; -1 for no limit (default: derived from the open-file limit)",
@@ -234,41 +237,72 @@ func (p *caddyfileParser) to(addrs []string) error {
 	return nil
 }
 
-// upstream parses `upstream <address> [{ weight <n> }]`; the dispenser is
-// on the address.
+// upstream parses `upstream <address> [{ weight <n>; server_id <hex> }]`;
+// the dispenser is on the address.
 func (p *caddyfileParser) upstream(args []string) error {
-	d := p.d
 	addr := args[0]
-	weight := 0
-	hasWeight := false
+	u := &Upstream{Dial: udpDial(addr)}
+	err := p.subOptions(fmt.Sprintf("upstream %q", addr), map[string]func(string) error{
+		"weight": atoi(&u.Weight),
+		"server_id": func(v string) error {
+			u.ServerID = v
+			return nil
+		},
+	})
+	if err != nil {
+		return err
+	}
+	if u.Weight == 1 {
+		u.Weight = 0
+	}
+	p.h.Upstreams = append(p.h.Upstreams, u)
+	return nil
+}
+
+// subOptions parses the block of the option being parsed, named what in
+// errors: each line is a sub-option of set, given at most once, with one
+// argument that set's function parses; a function's error means an
+// invalid integer.
+func (p *caddyfileParser) subOptions(what string, set map[string]func(string) error) error {
+	d := p.d
+	seen := make(map[string]bool)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
-		if sub != "weight" {
-			return d.Errf("stabilize: upstream %q: unknown option %q", addr, sub)
+		parse := set[sub]
+		if parse == nil {
+			return d.Errf("stabilize: %s: unknown option %q", what, sub)
 		}
-		if hasWeight {
-			return d.Errf("stabilize: upstream %q: duplicate option \"weight\"", addr)
+		if seen[sub] {
+			return d.Errf("stabilize: %s: duplicate option %q", what, sub)
 		}
-		hasWeight = true
+		seen[sub] = true
 		vals := d.RemainingArgs()
 		switch len(vals) {
 		case 0:
-			return d.Errf("stabilize: upstream %q: weight: missing argument <n>", addr)
+			return d.Errf("stabilize: %s: %s: missing argument %s", what, sub, p.blockArg(sub))
 		case 1:
 		default:
-			return d.Errf("stabilize: upstream %q: weight: too many arguments: unexpected %q after %q", addr, vals[1], vals[0])
+			return d.Errf("stabilize: %s: %s: too many arguments: unexpected %q after %q", what, sub, vals[1], vals[0])
 		}
-		n, err := strconv.Atoi(vals[0])
-		if err != nil {
-			return d.Errf("stabilize: upstream %q: weight: invalid integer %q", addr, vals[0])
+		if err := parse(vals[0]); err != nil {
+			return d.Errf("stabilize: %s: %s: invalid integer %q", what, sub, vals[0])
 		}
-		weight = n
 		if d.NextBlock(nesting + 1) {
-			return d.Errf("stabilize: upstream %q: weight: unexpected block starting with %q", addr, d.Val())
+			return d.Errf("stabilize: %s: %s: unexpected block starting with %q", what, sub, d.Val())
 		}
 	}
-	p.addUpstream(addr, weight)
 	return nil
+}
+
+// blockArg is the argument syntax of sub-option sub of the option being
+// parsed, from its block syntax.
+func (p *caddyfileParser) blockArg(sub string) string {
+	for _, line := range p.opt.block {
+		if name, arg, _ := strings.Cut(line, " "); name == sub {
+			return arg
+		}
+	}
+	return ""
 }
 
 // addUpstream appends an upstream. A plain host:port is written as

@@ -20,7 +20,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "stabilize",
-		Usage: `--listen <addr> --to <addr> [--to <addr>...] [--per packet|flow] [--lb-policy <policy>] [--max-flows <n>] [--idle-timeout <duration>] [--admin <addr>|off] [--debug]`,
+		Usage: `--listen <addr> --to <addr> [--to <addr>...] [--per packet|flow|connection] [--lb-policy <policy>] [--max-flows <n>] [--idle-timeout <duration>] [--admin <addr>|off] [--debug]`,
 		Short: "A quick UDP load balancer",
 		Long: `
 A quick UDP load balancer: receives datagrams on the --listen address and
@@ -40,7 +40,8 @@ needed.
   --per says when the policy picks an upstream: "flow" (default) picks on
     a client's first datagram and keeps that client address:port on the same
     upstream until it has been idle for --idle-timeout; "packet" picks for
-    every datagram.
+    every datagram; "connection" picks for each QUIC connection and routes
+    its packets by connection ID, through client address changes.
   --lb-policy is the selection policy, by name: round_robin (default) or
     another of those listed with the flag below.
   --max-flows is the most client flows held at once; a new flow over it is
@@ -80,7 +81,7 @@ global option. Its Caddyfile syntax:
 		CobraFunc: func(cmd *cobra.Command) {
 			cmd.Flags().StringP("listen", "l", "", "UDP address to receive datagrams on (required)")
 			cmd.Flags().StringSliceP("to", "t", []string{}, "Upstream UDP address(es); repeatable, comma-separated (required)")
-			cmd.Flags().String("per", PerFlow, "When to pick an upstream: \"flow\" or \"packet\"")
+			cmd.Flags().String("per", PerFlow, "When to pick an upstream: \"flow\", \"packet\" or \"connection\"")
 			cmd.Flags().String("lb-policy", "round_robin", "Load balancing selection policy: "+strings.Join(selectionPolicyNames(), ", "))
 			cmd.Flags().Int("max-flows", 0, "The most client flows at once (0: from the open-file limit, -1: no limit)")
 			cmd.Flags().String("idle-timeout", "30s", "How long a client flow may be idle before it ends")

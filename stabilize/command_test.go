@@ -277,7 +277,7 @@ func TestCommandOptionErrors(t *testing.T) {
 		{"upstream no host", func(o *commandOptions) { o.To = []string{":6001"} }, true, `upstreams[0]: upstream "udp/:6001": a host is required`},
 		{"upstream bad port", func(o *commandOptions) { o.To = []string{"127.0.0.1:x"} }, true, `upstreams[0]: upstream "udp/127.0.0.1:x": invalid start port`},
 		{"upstream twice", func(o *commandOptions) { o.To = []string{"127.0.0.1:6001", "udp/127.0.0.1:6001"} }, true, `upstreams[1]: upstream "udp/127.0.0.1:6001" is listed twice`},
-		{"per", func(o *commandOptions) { o.Per = "bytes" }, true, `per "bytes": must be "flow" or "packet"`},
+		{"per", func(o *commandOptions) { o.Per = "bytes" }, true, `per "bytes": must be "flow", "packet" or "connection"`},
 		{"policy", func(o *commandOptions) { o.LBPolicy = "fastest" }, true, `load_balancing.selection: `},
 		{"max flows", func(o *commandOptions) { o.MaxFlows = -2 }, true, `max_flows -2: must be -1`},
 	} {

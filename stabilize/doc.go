@@ -21,7 +21,10 @@
 // header and sends without blocking, counting every drop by reason. The
 // router is the granularity (router.go): per packet asks the policy for
 // every datagram, per flow once and again when the flow's upstream goes
-// down. Both take their candidates from Handler.candidates, which owns the
+// down, per connection (router_connection.go) routes QUIC packets by
+// connection ID: a QUIC-LB decode, the IDs learned from the servers'
+// replies (a replyObserver that Flow.reply calls), then as per flow. All
+// take their candidates from Handler.candidates, which owns the
 // health rule: healthy upstreams only, and when every one is down, all of
 // them (fail open, counted) or none (drop_when_all_down). Policies are
 // modules that pick for a Request (selectionpolicies.go): a client address,

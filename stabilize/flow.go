@@ -162,9 +162,9 @@ func (fl *Flow) affinityKey() affinityKey {
 	return affinityKey{listener: fl.listener, client: fl.client}
 }
 
-// reply checks a datagram read from the flow's socket and returns the
+// reply checks a datagram b read from the flow's socket and returns the
 // upstream that sent it, or nil when it is dropped. replyMu is held.
-func (fl *Flow) reply(from netip.AddrPort, n int, truncated bool) *Upstream {
+func (fl *Flow) reply(from netip.AddrPort, b []byte, truncated bool) *Upstream {
 	h := fl.h
 	if truncated {
 		h.drop(dropReplyTooLarge)
@@ -179,8 +179,11 @@ func (fl *Flow) reply(from netip.AddrPort, n int, truncated bool) *Upstream {
 		return nil
 	}
 	u.host.datagramsReceived.Add(1)
-	u.host.bytesReceived.Add(uint64(n))
+	u.host.bytesReceived.Add(uint64(len(b)))
 	fl.replyFrom(u)
+	if h.observer != nil {
+		h.observer.observeReply(fl, u, b)
+	}
 	return u
 }
 

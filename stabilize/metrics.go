@@ -31,6 +31,9 @@ import (
 //	caddy_stabilize_upstream_health_check_duration_seconds{upstream}  histogram
 //	caddy_stabilize_dropped_datagrams_total{handler,reason}           counter
 //	caddy_stabilize_all_down_datagrams_total{handler}                 counter
+//	caddy_stabilize_connection_ids{handler}                           gauge
+//	caddy_stabilize_connection_id_misses_total{handler}               counter
+//	caddy_stabilize_connection_down_datagrams_total{handler}          counter
 //
 // The `upstream` label is the resolved address of the upstream, host:port
 // (the key of the shared host state, as in /stabilize/upstreams); an upstream
@@ -168,6 +171,9 @@ func (c *metricsCollector) Describe(ch chan<- *prometheus.Desc) {
 		droppedDatagramsDesc,
 		allDownDatagramsDesc,
 		fastDroppedDatagramsDesc,
+		connectionIDsDesc,
+		connectionIDMissesDesc,
+		connectionDownDatagramsDesc,
 	} {
 		ch <- d
 	}
@@ -198,6 +204,9 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(allDownDatagramsDesc, prometheus.CounterValue,
 			float64(h.allDownSent.Load()), label)
+		if r, ok := h.router.(*perConnectionRouter); ok {
+			r.collect(ch, label)
+		}
 
 		for _, u := range h.Upstreams {
 			if u.host == nil {

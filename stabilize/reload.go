@@ -23,12 +23,18 @@ var lineage = struct {
 
 // join sets h's identity, attaches its affinity table and records it.
 func (h *Handler) join() {
-	_, perFlow := h.router.(perFlowRouter)
-	h.identity = "per=packet;selection=" + string(h.LoadBalancing.SelectionPolicyRaw)
-	if perFlow {
-		h.identity = "per=flow;selection=" + string(h.LoadBalancing.SelectionPolicyRaw)
+	per := h.Per
+	if per == "" {
+		per = PerFlow
+	}
+	h.identity = "per=" + per + ";selection=" + string(h.LoadBalancing.SelectionPolicyRaw)
+	if per != PerPacket {
 		a, _, _ := affinities.LoadOrNew(h.identity, newAffinity)
 		h.affinity = a.(*affinity)
+	}
+	if r, ok := h.router.(*perConnectionRouter); ok {
+		t, _, _ := cidTables.LoadOrNew(h.identity, newCIDTable)
+		r.cids = t.(*cidTable)
 	}
 	lineage.Lock()
 	lineage.m[h.identity] = append(lineage.m[h.identity], h)

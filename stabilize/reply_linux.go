@@ -239,7 +239,7 @@ func (r *replyReactor) read(fl *Flow) {
 		}
 		for i := r.used; i < r.used+r.n; i++ {
 			from, data, truncated := r.in.Message(i)
-			if fl.reply(from, len(data), truncated) == nil {
+			if fl.reply(from, data, truncated) == nil {
 				continue
 			}
 			if fl.out == nil {

@@ -43,7 +43,7 @@ func (fl *Flow) startReplies() error {
 
 // relay sends one reply to the client. fl.replyMu is held.
 func (fl *Flow) relay(from netip.AddrPort, b []byte, truncated bool) {
-	if fl.reply(from, len(b), truncated) == nil {
+	if fl.reply(from, b, truncated) == nil {
 		return
 	}
 	if fl.out == nil {

@@ -26,6 +26,10 @@ const ListenerBufferSize = 9000
 const (
 	PerFlow   = "flow"   // on a flow's first datagram; the flow then stays
 	PerPacket = "packet" // for every datagram
+
+	// PerConnection routes QUIC packets by connection ID; see
+	// perConnectionRouter.
+	PerConnection = "connection"
 )
 
 // Handler balances UDP flows over upstream servers.
@@ -35,8 +39,17 @@ type Handler struct {
 
 	// When the load balancing policy picks an upstream: `flow` (default)
 	// picks on a client flow's first datagram and keeps the flow there until
-	// it ends at caddy-l4's idle timeout; `packet` picks for every datagram.
+	// it ends at caddy-l4's idle timeout; `packet` picks for every datagram;
+	// `connection` picks for each QUIC connection and routes its packets by
+	// connection ID, through client address changes.
 	Per string `json:"per,omitempty"`
+
+	// QUIC-LB configurations (`per connection` only): the servers encode
+	// their `server_id` in the connection IDs they issue, so that any
+	// balancer with the same configuration routes every packet of a
+	// connection to its server. Several, with distinct config IDs, during a
+	// key rotation.
+	QUICLB []*QUICLBConfig `json:"quic_lb,omitempty"`
 
 	// How upstreams are picked. Default: round robin.
 	LoadBalancing *LoadBalancing `json:"load_balancing,omitempty"`
@@ -70,6 +83,7 @@ type Handler struct {
 	logger   *zap.Logger
 	selector Selector
 	router   router
+	observer replyObserver                // the router, if it looks at replies
 	byAddr   map[netip.AddrPort]*Upstream // for replies
 	network  string                       // of the upstream-facing sockets
 	all      *UpstreamPool                // every upstream, healthy or not
@@ -125,9 +139,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.router = perFlowRouter{h}
 	case PerPacket:
 		h.router = perPacketRouter{h}
+	case PerConnection:
+		h.router = &perConnectionRouter{h: h}
 	default:
-		return fmt.Errorf("per %q: must be %q or %q", h.Per, PerFlow, PerPacket)
+		return fmt.Errorf("per %q: must be %q, %q or %q", h.Per, PerFlow, PerPacket, PerConnection)
 	}
+	h.observer, _ = h.router.(replyObserver)
 
 	if len(h.Upstreams) == 0 {
 		return errors.New("upstreams: at least one upstream is required")
@@ -155,6 +172,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.network = "udp6"
 	default:
 		h.network = "udp"
+	}
+	perConn, _ := h.router.(*perConnectionRouter)
+	if err := h.provisionQUICLB(perConn); err != nil {
+		return err
 	}
 	if h.ReadBuffer < 0 {
 		return fmt.Errorf("read_buffer %d: must not be negative", h.ReadBuffer)
@@ -226,6 +247,9 @@ func (h *Handler) Cleanup() error {
 	}
 	if h.affinity != nil {
 		_, _ = affinities.Delete(h.identity)
+	}
+	if r, ok := h.router.(*perConnectionRouter); ok && r.cids != nil {
+		_, _ = cidTables.Delete(h.identity)
 	}
 	return nil
 }

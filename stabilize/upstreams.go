@@ -25,6 +25,10 @@ type Upstream struct {
 	// Default: 1.
 	Weight int `json:"weight,omitempty"`
 
+	// The upstream's QUIC-LB server ID in hexadecimal, as long as the
+	// handler's quic_lb server_id_length (`per connection` only).
+	ServerID string `json:"server_id,omitempty"`
+
 	addr netip.AddrPort
 	host *Host
 

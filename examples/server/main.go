@@ -6,6 +6,14 @@
 // serves on ports 6001, 6002 and 6003. Each reply is the server's address, a
 // '|' and the request (see package udpecho). On SIGINT or SIGTERM it prints
 // how many datagrams each server received and exits.
+//
+// With -quic they are HTTP/3 servers (quic-go) instead, whose reply to
+// every request is their address, for a balancer with `per connection`:
+//
+//	server -listen 127.0.0.1:6001 -n 3 -quic -quic-lb config_id=0,server_id_length=1,nonce_length=6
+//
+// With -quic-lb, server i (from 0) issues QUIC-LB connection IDs with
+// server ID i+1, which it logs, for the upstream's server_id.
 package main
 
 import (
@@ -25,6 +33,8 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:6001", "`host:port` of the first server")
 	n := flag.Int("n", 1, "number of servers, on consecutive ports from -listen's")
 	quiet := flag.Bool("quiet", false, "receive and count datagrams but never reply (a hung upstream)")
+	quicMode := flag.Bool("quic", false, "run HTTP/3 servers that reply to every request with their address")
+	quicLB := flag.String("quic-lb", "", "with -quic: a QUIC-LB `config`, config_id=<0-6>,server_id_length=<n>,nonce_length=<n>[,key=<hex>]")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "Usage: %s [flags]\n\n"+
 			"Runs UDP echo servers. Each replies to a datagram with \"<listen address>|<datagram>\".\n\n",
@@ -37,6 +47,12 @@ func main() {
 	addrs, err := consecutive(*listen, *n)
 	if err != nil {
 		log.Fatal(err)
+	}
+	if *quicMode || *quicLB != "" {
+		if err := serveQUIC(addrs, *quicLB); err != nil {
+			log.Fatal(err)
+		}
+		return
 	}
 	servers := make([]*udpecho.Server, 0, len(addrs))
 	for _, addr := range addrs {

@@ -1,0 +1,236 @@
+package stabilize
+
+import (
+	"sync/atomic"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/quicwire"
+	"github.com/stabilize-lb/caddy-stabilize/stabilize/quiclb"
+)
+
+// perConnectionRouter routes QUIC packets by connection ID, so that a
+// connection stays on its server when the client's address changes (NAT
+// rebinding, migration). It parses the QUIC invariants only (RFC 8999):
+//
+//   - an Initial or 0-RTT packet goes where its DCID was routed before
+//     (a retransmission, or the Initial after a Retry), or to the server
+//     whose QUIC-LB server ID it carries, or else where the policy picks
+//     with the DCID as the key; the DCID is remembered;
+//   - any other QUIC packet is routed by its DCID: a QUIC-LB decode, then
+//     the connection IDs learned from the servers' long-header replies,
+//     then the client's 4-tuple as `per flow` does, then the policy;
+//   - Version Negotiation, unknown versions and datagrams that are not
+//     QUIC are routed as `per flow` routes them.
+//
+// A connection's server that is down keeps its connection-ID-routed
+// datagrams, which no other server could decrypt; they are counted. New
+// Initials go to healthy servers.
+type perConnectionRouter struct {
+	h     *Handler
+	lb    *quiclb.Decoder // nil without quic_lb
+	bySID map[quiclb.ServerID]*Upstream
+	byKey map[addrKey]*Upstream // the upstreams, by the table's address keys
+	cids  *cidTable             // set by join
+
+	misses   atomic.Uint64 // routed by neither QUIC-LB nor the table
+	downSent atomic.Uint64 // routed by connection ID to a down upstream
+}
+
+// replyObserver is a router that looks at the upstreams' replies.
+type replyObserver interface {
+	// observeReply sees b, a reply of u to fl. fl.replyMu is held.
+	observeReply(fl *Flow, u *Upstream, b []byte)
+}
+
+func (r *perConnectionRouter) route(fl *Flow, b []byte) *Upstream {
+	if !quicwire.IsLongHeader(b) {
+		if len(b) < 2 {
+			return r.byFlow(fl, b)
+		}
+		return r.byDCID(fl, b, nil)
+	}
+	hdr, err := quicwire.ParseLong(b)
+	if err != nil {
+		return r.byFlow(fl, b)
+	}
+	switch typ, err := hdr.Type(); {
+	case err != nil, typ == quicwire.PacketTypeVersionNegotiation:
+		return r.byFlow(fl, b)
+	case typ == quicwire.PacketTypeInitial, typ == quicwire.PacketType0RTT:
+		return r.initial(fl, b, hdr.DCID)
+	}
+	return r.byDCID(fl, b, hdr.DCID)
+}
+
+// byFlow routes as `per flow` does.
+func (r *perConnectionRouter) byFlow(fl *Flow, b []byte) *Upstream {
+	return perFlowRouter{r.h}.route(fl, b)
+}
+
+// initial routes a client's Initial or 0-RTT packet b and remembers its
+// DCID. A DCID of a length the servers choose, on a flow routed before, is
+// a server's connection ID the balancer has not seen: a client may switch
+// to one from a NEW_CONNECTION_ID frame while it still acknowledges
+// Initials.
+func (r *perConnectionRouter) initial(fl *Flow, b, dcid []byte) *Upstream {
+	if u := r.learned(dcid); u != nil && u.healthy() {
+		return r.stick(fl, u)
+	}
+	if u := r.decode(dcid, true); u != nil && u.healthy() {
+		return r.stick(fl, u)
+	}
+	if fl.upstream != nil && r.cids.serverLen(len(dcid)) {
+		return r.miss(fl, b, dcid)
+	}
+	pool, _ := r.h.candidates()
+	if pool == nil {
+		return nil
+	}
+	fl.req.Key, fl.req.hashed = dcid, false
+	u := r.h.selector.Select(pool, &fl.req)
+	fl.req.Key, fl.req.hashed = nil, false
+	if u == nil {
+		return nil
+	}
+	r.cids.learn(dcid, keyOf(u.addr), fl.idleTimeout, false)
+	return r.stick(fl, u)
+}
+
+// byDCID routes a packet by its DCID: dcid of a long header, or nil for the
+// short header b, whose DCID length QUIC-LB or the table knows.
+func (r *perConnectionRouter) byDCID(fl *Flow, b, dcid []byte) *Upstream {
+	var u *Upstream
+	if dcid == nil {
+		u = r.shortDecode(b)
+		if u == nil {
+			if k, ok := r.cids.shortLookup(b); ok {
+				u = r.byKey[k]
+			}
+		}
+	} else if u = r.decode(dcid, false); u == nil {
+		u = r.learned(dcid)
+	}
+	if u == nil {
+		return r.miss(fl, b, dcid)
+	}
+	if !u.healthy() {
+		r.downSent.Add(1)
+	}
+	return r.stick(fl, u)
+}
+
+// miss routes a packet whose DCID neither QUIC-LB nor the table knows by
+// the client's 4-tuple, and learns its DCID: one the client switched to,
+// which a server announced in an encrypted frame. After a NAT rebinding the
+// client keeps using it. dcid is the long header's, or nil for the short
+// header b, whose DCID is taken of the shortest length the servers use.
+func (r *perConnectionRouter) miss(fl *Flow, b, dcid []byte) *Upstream {
+	r.misses.Add(1)
+	u := r.byFlow(fl, b)
+	if u == nil {
+		return nil
+	}
+	if dcid == nil && b[0]&fixedBit != 0 {
+		if n := r.cids.shortestServerLen(); n > 0 && len(b) > n {
+			dcid = b[1 : 1+n]
+		}
+	}
+	if dcid != nil {
+		r.cids.learn(dcid, keyOf(u.addr), fl.idleTimeout, false)
+	}
+	return u
+}
+
+// fixedBit is set in the first octet of QUIC v1 and v2 short headers.
+const fixedBit = 0x40
+
+// shortDecode decodes the DCID of the short header b with QUIC-LB.
+func (r *perConnectionRouter) shortDecode(b []byte) *Upstream {
+	if r.lb == nil {
+		return nil
+	}
+	n := r.lb.CIDLen(b[1])
+	if n == 0 || len(b) < 1+n {
+		return nil
+	}
+	return r.decode(b[1:1+n], false)
+}
+
+// decode returns the upstream whose server ID cid carries, or nil. exact
+// asks for a CID of exactly its configuration's length, as a client's
+// random Initial DCID rarely is.
+func (r *perConnectionRouter) decode(cid []byte, exact bool) *Upstream {
+	if r.lb == nil || len(cid) == 0 || exact && len(cid) != r.lb.CIDLen(cid[0]) {
+		return nil
+	}
+	sid, err := r.lb.Decode(cid)
+	if err != nil {
+		return nil
+	}
+	return r.bySID[sid]
+}
+
+// learned returns the upstream the table has for cid, or nil.
+func (r *perConnectionRouter) learned(cid []byte) *Upstream {
+	if k, ok := r.cids.lookup(cid); ok {
+		return r.byKey[k]
+	}
+	return nil
+}
+
+// stick makes u the flow's upstream, for the 4-tuple fallback, and
+// returns it.
+func (r *perConnectionRouter) stick(fl *Flow, u *Upstream) *Upstream {
+	if fl.upstream != u {
+		fl.assign(u)
+	}
+	return u
+}
+
+// observeReply learns the connection ID a server chose from the SCID of
+// its Initial, Handshake or Retry packet.
+func (r *perConnectionRouter) observeReply(fl *Flow, u *Upstream, b []byte) {
+	if !quicwire.IsLongHeader(b) {
+		return
+	}
+	hdr, err := quicwire.ParseLong(b)
+	if err != nil {
+		return
+	}
+	switch typ, err := hdr.Type(); {
+	case err != nil:
+	case typ == quicwire.PacketTypeInitial, typ == quicwire.PacketTypeHandshake, typ == quicwire.PacketTypeRetry:
+		r.cids.learn(hdr.SCID, keyOf(u.addr), fl.idleTimeout, true)
+	}
+}
+
+// The `per connection` metrics; see metrics.go.
+var (
+	connectionIDsDesc = newMetricDesc("connection_ids",
+		"Connection IDs a per connection handler has learned (client Initial DCIDs and server-chosen SCIDs), shared by the handlers of its identity across reloads.",
+		"handler")
+	connectionIDMissesDesc = newMetricDesc("connection_id_misses_total",
+		"QUIC packets other than Initial and 0-RTT that a per connection handler routed by neither QUIC-LB nor a learned connection ID, but by the client's address. Starts from zero at each config reload.",
+		"handler")
+	connectionDownDatagramsDesc = newMetricDesc("connection_down_datagrams_total",
+		"Datagrams a per connection handler routed by connection ID to a down upstream, as only that upstream can serve the connection. Starts from zero at each config reload.",
+		"handler")
+)
+
+// collect sends the router's metrics for handler label.
+func (r *perConnectionRouter) collect(ch chan<- prometheus.Metric, label string) {
+	entries := 0
+	if r.cids != nil {
+		entries = r.cids.len()
+	}
+	ch <- prometheus.MustNewConstMetric(connectionIDsDesc, prometheus.GaugeValue, float64(entries), label)
+	ch <- prometheus.MustNewConstMetric(connectionIDMissesDesc, prometheus.CounterValue, float64(r.misses.Load()), label)
+	ch <- prometheus.MustNewConstMetric(connectionDownDatagramsDesc, prometheus.CounterValue, float64(r.downSent.Load()), label)
+}
+
+// Interface guards
+var (
+	_ router        = (*perConnectionRouter)(nil)
+	_ replyObserver = (*perConnectionRouter)(nil)
+)

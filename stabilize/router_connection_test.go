@@ -1,0 +1,329 @@
+package stabilize
+
+import (
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/stabilize-lb/caddy-stabilize/stabilize/quiclb"
+)
+
+// newConnectionRouter provisions a `per connection` handler with quic_lb
+// and upstreams 127.0.0.1:7001-7003 (server IDs 0001-0003), outside
+// Caddy, and returns its router and a flow of it.
+func newConnectionRouter(tb testing.TB, quicLB bool) (*perConnectionRouter, *Flow) {
+	tb.Helper()
+	h := &Handler{Per: PerConnection}
+	for i := range 3 {
+		u := &Upstream{Dial: fmt.Sprintf("udp/127.0.0.1:%d", 7001+i)}
+		if quicLB {
+			u.ServerID = hex.EncodeToString([]byte{0, byte(i + 1)})
+		}
+		h.Upstreams = append(h.Upstreams, u)
+	}
+	if quicLB {
+		h.QUICLB = []*QUICLBConfig{{ConfigID: int(testQUICLB.ID), ServerIDLength: testQUICLB.ServerIDLen,
+			NonceLength: testQUICLB.NonceLen, Key: hex.EncodeToString(testQUICLB.Key)}}
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: tb.Context()})
+	tb.Cleanup(cancel)
+	if err := h.Provision(ctx); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { _ = h.Cleanup() })
+	fl := &Flow{h: h, client: netip.MustParseAddrPort("127.0.0.1:40000"), idleTimeout: time.Minute}
+	fl.req = Request{Client: fl.client}
+	return h.router.(*perConnectionRouter), fl
+}
+
+// quicLBCID returns a connection ID of testQUICLB for server ID sid.
+func quicLBCID(tb testing.TB, sid byte) []byte {
+	tb.Helper()
+	g, err := quiclb.NewGenerator(testQUICLB, []byte{0, sid})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cid, err := g.GenerateConnectionID()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return cid.Bytes()
+}
+
+// longHeader returns a QUIC v1 long header packet of type typ (0 Initial,
+// 1 0-RTT, 2 Handshake, 3 Retry) with a payload.
+func longHeader(typ byte, dcid, scid []byte) []byte {
+	b := []byte{0xc0 | typ<<4, 0, 0, 0, 1, byte(len(dcid))}
+	b = append(b, dcid...)
+	b = append(b, byte(len(scid)))
+	b = append(b, scid...)
+	return append(b, make([]byte, 32)...)
+}
+
+// shortHeader returns a 1-RTT packet for dcid.
+func shortHeader(dcid []byte) []byte {
+	return append(append([]byte{0x40}, dcid...), make([]byte, 32)...)
+}
+
+// TestConnectionRouteOrder checks the routing order of the issue: Initials
+// by policy with their DCID remembered; a server's SCID learned from its
+// reply; short headers by QUIC-LB, then the table, then the 4-tuple.
+func TestConnectionRouteOrder(t *testing.T) {
+	r, fl := newConnectionRouter(t, true)
+	ups := r.h.Upstreams
+
+	// A client Initial: the policy (round robin) picks; its retransmission
+	// goes to the same upstream although round robin moves on.
+	odcid := []byte{1, 2, 3, 4, 5, 6, 7, 8}
+	first := r.route(fl, longHeader(0, odcid, []byte{9}))
+	if again := r.route(fl, longHeader(0, odcid, []byte{9})); again != first {
+		t.Fatalf("a retransmitted Initial went to %s, then %s", first.Dial, again.Dial)
+	}
+
+	// A QUIC-LB connection ID routes to its server from any flow.
+	other := &Flow{h: r.h, client: netip.MustParseAddrPort("127.0.0.1:40001"), idleTimeout: time.Minute}
+	for i, u := range ups {
+		if got := r.route(other, shortHeader(quicLBCID(t, byte(i+1)))); got != u {
+			t.Errorf("QUIC-LB server ID %d routed to %s, want %s", i+1, got.Dial, u.Dial)
+		}
+	}
+
+	// A server's SCID, learned from its Handshake reply, routes short
+	// headers of a new flow (a rebinding) to it.
+	scid := []byte{0xaa, 0xbb, 0xcc, 0xdd}
+	r.observeReply(fl, ups[2], longHeader(2, []byte{9}, scid))
+	rebound := &Flow{h: r.h, client: netip.MustParseAddrPort("127.0.0.1:40002"), idleTimeout: time.Minute}
+	if got := r.route(rebound, shortHeader(scid)); got != ups[2] {
+		t.Errorf("learned SCID routed to %v, want %s", got, ups[2].Dial)
+	}
+	// The Initial after a Retry carries the server's chosen CID.
+	retry := []byte{0x11, 0x22, 0x33, 0x44}
+	r.observeReply(fl, ups[1], longHeader(3, []byte{9}, retry))
+	if got := r.route(rebound, longHeader(0, retry, []byte{9})); got != ups[1] {
+		t.Errorf("Initial after Retry routed to %v, want %s", got, ups[1].Dial)
+	}
+
+	// An unknown short header on a routed flow stays on the flow's
+	// upstream, and is counted as a miss.
+	misses := r.misses.Load()
+	if got := r.route(rebound, shortHeader([]byte{0xde, 0xad, 0xbe, 0xef})); got != ups[1] {
+		t.Errorf("unknown DCID routed to %v, want the flow's %s", got, ups[1].Dial)
+	}
+	if r.misses.Load() != misses+1 {
+		t.Errorf("misses %d, want %d", r.misses.Load(), misses+1)
+	}
+
+	// Not QUIC, and Version Negotiation, go by the flow.
+	for _, b := range [][]byte{{}, []byte("x"), {0x80, 0, 0, 0, 0, 0, 0}, {0xc0, 0xff, 0, 0, 9, 0, 0}} {
+		if got := r.route(rebound, b); got != ups[1] {
+			t.Errorf("datagram %x routed to %v, want the flow's %s", b, got, ups[1].Dial)
+		}
+	}
+}
+
+// TestConnectionRouteDownUpstream checks health: a connection on a down
+// upstream stays there (only it has the keys) and is counted; new Initials
+// go to healthy upstreams.
+func TestConnectionRouteDownUpstream(t *testing.T) {
+	r, fl := newConnectionRouter(t, true)
+	ups := r.h.Upstreams
+	down := ups[0]
+	down.passiveChecks = true
+	down.host.health.down.Store(true)
+	healthEpoch.Add(1)
+	t.Cleanup(func() {
+		down.host.health.down.Store(false)
+		healthEpoch.Add(1)
+	})
+	if down.healthy() {
+		t.Fatal("upstream still healthy")
+	}
+	if got := r.route(fl, shortHeader(quicLBCID(t, 1))); got != down {
+		t.Errorf("a connection of the down upstream moved to %v", got)
+	}
+	if r.downSent.Load() != 1 {
+		t.Errorf("down datagrams %d, want 1", r.downSent.Load())
+	}
+	for i := range 6 {
+		f := &Flow{h: r.h, client: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.2"), uint16(1000+i)), idleTimeout: time.Minute}
+		if got := r.route(f, longHeader(0, []byte{byte(i), 1, 2, 3, 4, 5, 6, 7}, nil)); got == down {
+			t.Errorf("Initial %d went to the down upstream", i)
+		}
+	}
+}
+
+// TestConnectionRouteAllocs checks that routing a short-header packet
+// allocates nothing, by QUIC-LB and by the learned table.
+func TestConnectionRouteAllocs(t *testing.T) {
+	for _, path := range connectionPaths {
+		t.Run(path.name, func(t *testing.T) {
+			r, fl := newConnectionRouter(t, path.quicLB)
+			pkt := shortHeader(quicLBCID(t, 2))
+			if !path.quicLB {
+				r.observeReply(fl, r.h.Upstreams[1], longHeader(2, nil, pkt[1:1+testQUICLB.CIDLen()]))
+			}
+			if got := r.route(fl, pkt); got != r.h.Upstreams[1] {
+				t.Fatalf("routed to %v, want %s", got, r.h.Upstreams[1].Dial)
+			}
+			if n := testing.AllocsPerRun(1000, func() { r.route(fl, pkt) }); n != 0 {
+				t.Errorf("%v allocations per short-header packet, want 0", n)
+			}
+		})
+	}
+}
+
+// BenchmarkConnectionRoute is the routing of one short-header packet: by
+// QUIC-LB, by the learned table, and by `per flow` for comparison.
+func BenchmarkConnectionRoute(b *testing.B) {
+	for _, path := range connectionPaths {
+		b.Run(path.name, func(b *testing.B) {
+			r, fl := newConnectionRouter(b, path.quicLB)
+			pkt := shortHeader(quicLBCID(b, 2))
+			if !path.quicLB {
+				r.observeReply(fl, r.h.Upstreams[1], longHeader(2, nil, pkt[1:1+testQUICLB.CIDLen()]))
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				r.route(fl, pkt)
+			}
+		})
+	}
+	b.Run("per_flow", func(b *testing.B) {
+		r, fl := newConnectionRouter(b, false)
+		pf := perFlowRouter{r.h}
+		pkt := shortHeader(quicLBCID(b, 2))
+		b.ReportAllocs()
+		for b.Loop() {
+			pf.route(fl, pkt)
+		}
+	})
+}
+
+// FuzzConnectionRoute routes arbitrary datagrams, and looks at them as
+// replies: nothing panics, and every datagram goes to one of the handler's
+// upstreams.
+func FuzzConnectionRoute(f *testing.F) {
+	f.Add([]byte{})
+	f.Add([]byte("not quic"))
+	f.Add(longHeader(0, []byte{1, 2, 3, 4, 5, 6, 7, 8}, []byte{9, 9, 9, 9}))
+	f.Add(longHeader(2, []byte{9}, []byte{0xaa, 0xbb, 0xcc, 0xdd}))
+	f.Add(longHeader(3, nil, []byte{0x11, 0x22, 0x33, 0x44}))
+	f.Add(shortHeader([]byte{0xaa, 0xbb, 0xcc, 0xdd}))
+	f.Add([]byte{0x80, 0, 0, 0, 0, 4, 1, 2, 3, 4, 0, 0, 0, 0, 1})
+	f.Add([]byte{0xc0, 0, 0, 0, 1, 21})
+	f.Add([]byte{0x40, 0x3f, 1, 2})
+	r, fl := newConnectionRouter(f, true)
+	f.Add(shortHeader(quicLBCID(f, 3)))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r.observeReply(fl, r.h.Upstreams[2], b)
+		u := r.route(fl, b)
+		if u == nil || r.h.byAddr[u.addr] != u {
+			t.Fatalf("routed to %v", u)
+		}
+	})
+}
+
+// TestConnectionCIDTable checks the learned table's expiry and cap.
+func TestConnectionCIDTable(t *testing.T) {
+	d, _ := newCIDTable()
+	tb := d.(*cidTable)
+	defer tb.Destruct()
+	addr := keyOf(netip.MustParseAddrPort("127.0.0.1:7001"))
+	tb.learn([]byte{1, 2, 3, 4}, addr, time.Second, true)
+	if got, ok := tb.shortLookup([]byte{0x40, 1, 2, 3, 4, 5}); !ok || got != addr {
+		t.Fatalf("short lookup: %v, %v", got, ok)
+	}
+	tb.sweep(tb.now.Load() + int64(2*time.Second))
+	if _, ok := tb.lookup([]byte{1, 2, 3, 4}); ok {
+		t.Error("an entry idle past its TTL was kept")
+	}
+	for i := range maxConnectionIDs + 10 {
+		tb.learn([]byte{byte(i >> 16), byte(i >> 8), byte(i), 0xff, 0xee}, addr, time.Minute, false)
+	}
+	if n := tb.len(); n != maxConnectionIDs {
+		t.Errorf("%d entries, want the cap %d", n, maxConnectionIDs)
+	}
+}
+
+// BenchmarkConnectionRoundTrip is BenchmarkRoundTrip with 1-RTT QUIC
+// packets (64 octets, a QUIC-LB connection ID) on fastudp/: `per flow`,
+// and `per connection` by QUIC-LB and by the learned table.
+func BenchmarkConnectionRoundTrip(b *testing.B) {
+	for _, mode := range []string{"per_flow", "learned", "quic_lb"} {
+		b.Run(mode, func(b *testing.B) {
+			a, c := startRawUpstream(b, true, false), startRawUpstream(b, true, false)
+			h := rawHandler(PerFlow, a, c)
+			if mode != "per_flow" {
+				h["per"] = PerConnection
+			}
+			if mode == "quic_lb" {
+				h["quic_lb"] = quicLBJSON()
+				h["upstreams"] = []any{
+					map[string]any{"dial": a.dial(), "server_id": "0001"},
+					map[string]any{"dial": c.dial(), "server_id": "0002"},
+				}
+			}
+			lb := startBalancerOn(b, FastNetwork, false, 30*time.Second, h)
+			cl := newClient(b, lb.addr)
+			cid := quicLBCID(b, 2)
+			if mode == "learned" {
+				// The echo of a Handshake packet is a "reply" whose SCID
+				// the balancer learns.
+				if _, err := cl.conn.Write(longHeader(2, []byte{9}, cid)); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := cl.conn.Read(cl.buf); err != nil {
+					b.Fatal(err)
+				}
+			}
+			payload := append(shortHeader(cid), make([]byte, 64-1-len(cid)-32)...)
+			for range 100 { // establish the flow
+				if _, err := cl.conn.Write(payload); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := cl.conn.Read(cl.buf); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := cl.conn.Write(payload); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := cl.conn.Read(cl.buf); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// TestBuildCommandConfigPerConnection checks that `caddy stabilize --per
+// connection` writes the granularity into a config that validates.
+func TestBuildCommandConfigPerConnection(t *testing.T) {
+	opts := parseCommandArgs(t, "--listen", ":5000", "--to", "127.0.0.1:6001", "--per", "connection")
+	if h := buildAndDecode(t, opts).Apps.Layer4.Servers["srv0"].Routes[0].Handle[0]; h.Per != PerConnection {
+		t.Errorf("per = %q, want %q", h.Per, PerConnection)
+	}
+	raw, err := buildCommandConfig(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Validate(mustConfig(t, raw)); err != nil {
+		t.Errorf("the config does not validate: %v", err)
+	}
+}
+
+func mustConfig(t *testing.T, raw []byte) *caddy.Config {
+	t.Helper()
+	cfg := new(caddy.Config)
+	if err := json.Unmarshal(raw, cfg); err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
