@@ -157,16 +157,25 @@ func TestConnectionRouteDownUpstream(t *testing.T) {
 	}
 }
 
+// shortHeaderRoute returns a router, a flow and a short-header packet for
+// upstream 1, which the router knows by QUIC-LB, or else has learned from
+// the upstream's Handshake reply.
+func shortHeaderRoute(tb testing.TB, quicLB bool) (*perConnectionRouter, *Flow, []byte) {
+	tb.Helper()
+	r, fl := newConnectionRouter(tb, quicLB)
+	pkt := shortHeader(quicLBCID(tb, 2))
+	if !quicLB {
+		r.observeReply(fl, r.h.Upstreams[1], longHeader(2, nil, pkt[1:1+testQUICLB.CIDLen()]))
+	}
+	return r, fl, pkt
+}
+
 // TestConnectionRouteAllocs checks that routing a short-header packet
 // allocates nothing, by QUIC-LB and by the learned table.
 func TestConnectionRouteAllocs(t *testing.T) {
 	for _, path := range connectionPaths {
 		t.Run(path.name, func(t *testing.T) {
-			r, fl := newConnectionRouter(t, path.quicLB)
-			pkt := shortHeader(quicLBCID(t, 2))
-			if !path.quicLB {
-				r.observeReply(fl, r.h.Upstreams[1], longHeader(2, nil, pkt[1:1+testQUICLB.CIDLen()]))
-			}
+			r, fl, pkt := shortHeaderRoute(t, path.quicLB)
 			if got := r.route(fl, pkt); got != r.h.Upstreams[1] {
 				t.Fatalf("routed to %v, want %s", got, r.h.Upstreams[1].Dial)
 			}
@@ -182,11 +191,7 @@ func TestConnectionRouteAllocs(t *testing.T) {
 func BenchmarkConnectionRoute(b *testing.B) {
 	for _, path := range connectionPaths {
 		b.Run(path.name, func(b *testing.B) {
-			r, fl := newConnectionRouter(b, path.quicLB)
-			pkt := shortHeader(quicLBCID(b, 2))
-			if !path.quicLB {
-				r.observeReply(fl, r.h.Upstreams[1], longHeader(2, nil, pkt[1:1+testQUICLB.CIDLen()]))
-			}
+			r, fl, pkt := shortHeaderRoute(b, path.quicLB)
 			b.ReportAllocs()
 			for b.Loop() {
 				r.route(fl, pkt)
