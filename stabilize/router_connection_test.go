@@ -335,3 +335,30 @@ func mustConfig(t *testing.T, raw []byte) *caddy.Config {
 	}
 	return cfg
 }
+
+// TestConnectionRouteKeyRotation routes connection IDs of two QUIC-LB
+// configurations at once, as during a key rotation: the config rotation
+// bits choose the configuration.
+func TestConnectionRouteKeyRotation(t *testing.T) {
+	r, fl := newConnectionRouter(t, true)
+	next := quiclb.Config{ID: 2, ServerIDLen: 2, NonceLen: 10, Key: []byte("next rotation k!")}
+	r.h.QUICLB = append(r.h.QUICLB, &QUICLBConfig{ConfigID: 2, ServerIDLength: 2, NonceLength: 10, Key: hex.EncodeToString(next.Key)})
+	if err := r.h.provisionQUICLB(r); err != nil {
+		t.Fatal(err)
+	}
+	for i, u := range r.h.Upstreams {
+		g, err := quiclb.NewGenerator(next, []byte{0, byte(i + 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cid, err := g.GenerateConnectionID()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range [][]byte{quicLBCID(t, byte(i+1)), cid.Bytes()} {
+			if got := r.route(fl, shortHeader(c)); got != u {
+				t.Errorf("CID %x (config %d) routed to %v, want %s", c, quiclb.ConfigID(c[0]), got, u.Dial)
+			}
+		}
+	}
+}
