@@ -97,7 +97,7 @@ type Handler struct {
 	warned      [numDropReasons]atomic.Bool
 
 	identity string    // handlers with one identity hand flows on; see reload.go
-	affinity *affinity // per flow only
+	affinity *affinity // per flow and per connection
 	closing  atomic.Bool
 
 	mu     sync.Mutex
