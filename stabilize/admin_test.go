@@ -190,7 +190,7 @@ func TestAdminUpstreamsShowsDown(t *testing.T) {
 
 		cl := newClient(t, lb.addr)
 		for i := range 4 {
-			if per == PerFlow {
+			if per != PerPacket {
 				cl = newClient(t, lb.addr) // each new flow avoids b
 			}
 			if name := cl.mustRoundTrip(fmt.Sprintf("req-%d", i)); name != "a" {
@@ -253,7 +253,7 @@ func TestAdminUpstreamsPassiveDown(t *testing.T) {
 		i := 0
 		eventually(t, 4*time.Second, "the closed upstream reported down", func() bool {
 			i++
-			if per == PerFlow {
+			if per != PerPacket {
 				cl = newClient(t, lb.addr) // round robin over new flows reaches dead
 			}
 			_, _, _ = cl.roundTrip([]byte(fmt.Sprintf("probe-%d", i)), 100*time.Millisecond)
@@ -276,7 +276,7 @@ func TestAdminUpstreamsPassiveDown(t *testing.T) {
 		}
 		// While it is down, every datagram goes to a.
 		for j := range 4 {
-			if per == PerFlow {
+			if per != PerPacket {
 				cl = newClient(t, lb.addr)
 			}
 			if name := cl.mustRoundTrip(fmt.Sprintf("after-%d", j)); name != "a" {

@@ -174,6 +174,14 @@ func h3Handler(per, policy string, quicLB bool, servers ...*h3Server) map[string
 // testServerTLS returns a TLS config with a fresh self-signed certificate.
 func testServerTLS(t *testing.T) *tls.Config {
 	t.Helper()
+	key, der := selfSignedCert(t)
+	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}
+}
+
+// selfSignedCert returns a fresh key and self-signed certificate (DER) for
+// 127.0.0.1.
+func selfSignedCert(t *testing.T) (*ecdsa.PrivateKey, []byte) {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -188,7 +196,7 @@ func testServerTLS(t *testing.T) *tls.Config {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}
+	return key, der
 }
 
 // h3Client is one QUIC connection with an HTTP/3 client on it.

@@ -273,7 +273,7 @@ func TestChildBalancer(t *testing.T) {
 
 // TestConnectionReload changes the upstreams through the admin API while a
 // connection is open: the new handler inherits the learned table, and the
-// connection stays on its server.
+// connection stays on its server. The table's size is a metric.
 func TestConnectionReload(t *testing.T) {
 	forNetworks(t, func(t *testing.T, network string) {
 		tr := trackHandlers(t)
@@ -283,10 +283,17 @@ func TestConnectionReload(t *testing.T) {
 		old := tr.latest().router.(*perConnectionRouter).cids
 		c := dialH3(t, lb.addr)
 		first := c.mustGet()
-		learned := old.len()
-		if learned == 0 {
+		if old.len() == 0 {
 			t.Fatal("nothing learned")
 		}
+		m := scrape(t, lb.admin)
+		if n := m.get(t, "caddy_stabilize_connection_ids", "handler", "0"); n < 1 {
+			t.Errorf("connection_ids %v, want the table's entries", n)
+		}
+		if n := m.get(t, "caddy_stabilize_connection_down_datagrams_total", "handler", "0"); n != 0 {
+			t.Errorf("connection_down_datagrams_total %v, want 0", n)
+		}
+		m.get(t, "caddy_stabilize_connection_id_misses_total", "handler", "0")
 		// Reverse the upstreams and add the third: round robin would now
 		// pick differently.
 		ups := []any{map[string]any{"dial": servers[2].dial()}, map[string]any{"dial": servers[1].dial()}, map[string]any{"dial": servers[0].dial()}}

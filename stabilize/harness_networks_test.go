@@ -20,7 +20,8 @@ import (
 var networks = []string{"udp", FastNetwork}
 
 // granularities are the values of `per` every granularity test runs on.
-var granularities = []string{PerPacket, PerFlow}
+// Their datagrams are not QUIC, which `per connection` routes as `per flow`.
+var granularities = []string{PerPacket, PerFlow, PerConnection}
 
 // forNetworks runs body as one subtest per listener network, named after it.
 func forNetworks(t *testing.T, body func(t *testing.T, network string)) {

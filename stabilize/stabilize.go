@@ -98,7 +98,7 @@ type Handler struct {
 	warnedListener atomic.Bool // replies through cx.Write
 
 	identity string    // handlers with one identity hand flows on; see reload.go
-	affinity *affinity // per flow only
+	affinity *affinity // per flow and per connection
 	closing  atomic.Bool
 
 	mu     sync.Mutex

@@ -376,7 +376,7 @@ func TestAdminAPIChangesUpstreams(t *testing.T) {
 			cl := newClient(t, lb.addr)
 			var names []string
 			for i := range n {
-				if per == PerFlow {
+				if per != PerPacket {
 					cl = newClient(t, lb.addr)
 				}
 				names = append(names, cl.mustRoundTrip(fmt.Sprintf("req-%d", i)))
