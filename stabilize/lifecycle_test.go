@@ -95,3 +95,28 @@ func TestNoSocketForANewFlow(t *testing.T) {
 		newClient(t, lb.addr).mustRoundTrip("a new flow once descriptors are free")
 	})
 }
+
+// A handler's identity names its policy, so handlers of different policies
+// share no affinity table and never inherit each other's flows.
+func TestIdentityNamesThePolicy(t *testing.T) {
+	tr := trackHandlers(t)
+	a, b := startUpstream(t, "a"), startUpstream(t, "b")
+	if err := caddy.Load(multiServerConfig("udp", "", time.Minute,
+		serverSpec{localAddr(freeUDPPort(t)), handlerConfig("flow", "round_robin", a, b)},
+		serverSpec{localAddr(freeUDPPort(t)), handlerConfig("flow", "maglev", a, b)}), true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = caddy.Stop() })
+	tr.mu.Lock()
+	var hs []*Handler
+	for _, w := range tr.hs {
+		hs = append(hs, w.Value())
+	}
+	tr.mu.Unlock()
+	if len(hs) != 2 || hs[0] == nil || hs[1] == nil {
+		t.Fatalf("%d handlers provisioned, want 2 live ones", len(hs))
+	}
+	if hs[0].identity == hs[1].identity || hs[0].affinity == hs[1].affinity {
+		t.Fatalf("round_robin and maglev handlers share identity %q", hs[0].identity)
+	}
+}

@@ -21,13 +21,14 @@ var lineage = struct {
 	m map[string][]*Handler
 }{m: make(map[string][]*Handler)}
 
-// join sets h's identity, attaches its affinity table and records it.
+// join completes h's identity (Provision began it with the policy), attaches
+// its affinity table and records it.
 func (h *Handler) join() {
 	per := h.Per
 	if per == "" {
 		per = PerFlow
 	}
-	h.identity = "per=" + per + ";selection=" + string(h.LoadBalancing.SelectionPolicyRaw)
+	h.identity = "per=" + per + ";" + h.identity
 	if per != PerPacket {
 		a, _, _ := affinities.LoadOrNew(h.identity, newAffinity)
 		h.affinity = a.(*affinity)

@@ -125,6 +125,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.LoadBalancing == nil {
 		h.LoadBalancing = new(LoadBalancing)
 	}
+	// Loading the policy clears its raw JSON, which names it in the
+	// handler's identity.
+	h.identity = "selection=" + string(h.LoadBalancing.SelectionPolicyRaw)
 	if h.LoadBalancing.SelectionPolicyRaw != nil {
 		mod, err := ctx.LoadModule(h.LoadBalancing, "SelectionPolicyRaw")
 		if err != nil {
