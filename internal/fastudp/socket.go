@@ -31,6 +31,22 @@ type Endpoint interface {
 	Close()
 }
 
+// Datagram is one datagram of a batch: its bytes and whether it was cut
+// short.
+type Datagram struct {
+	B         []byte
+	Truncated bool
+}
+
+// BatchEndpoint is an Endpoint that takes all its datagrams of one read
+// batch at once, so that it can send them on with one system call.
+type BatchEndpoint interface {
+	Endpoint
+	// DeliverBatch handles datagrams from the client, in their order; ds
+	// and their bytes are valid only during the call.
+	DeliverBatch(ds []Datagram, now int64)
+}
+
 // Sizes.
 const (
 	// BufferSize is the longest datagram delivered whole.
@@ -178,10 +194,14 @@ func (s *Socket) Endpoints() int {
 
 // serve reads datagrams in batches until the socket closes. It looks up a
 // batch's endpoints under one read lock and delivers outside it, so that a
-// slow endpoint never holds up registration.
+// slow endpoint never holds up registration. A BatchEndpoint gets all its
+// datagrams of a batch in one call, in their order.
 func (s *Socket) serve(b *udpio.Batch) {
 	defer close(s.done)
-	var eps [batchSize]Endpoint
+	var (
+		eps [batchSize]Endpoint
+		ds  [batchSize]Datagram
+	)
 	for {
 		n, err := b.Read()
 		if err != nil {
@@ -199,10 +219,12 @@ func (s *Socket) serve(b *udpio.Batch) {
 		s.epMu.RUnlock()
 		for i := range n {
 			src, data, truncated := b.Message(i)
-			switch ep := eps[i]; {
+			ep := eps[i]
+			eps[i] = nil
+			switch {
+			case ep == delivered:
 			case ep != nil:
-				ep.Deliver(data, truncated, now)
-				eps[i] = nil
+				deliver(b, ep, eps[i+1:n], i+1, ds[:0], now)
 			case truncated:
 				s.truncated.Add(1)
 			default:
@@ -211,6 +233,43 @@ func (s *Socket) serve(b *udpio.Batch) {
 		}
 	}
 }
+
+// deliver hands datagram i-1 of a batch to its endpoint, ep, with the
+// batch's later datagrams for it if ep takes batches; later, from datagram
+// i on, are the later datagrams' endpoints, where it marks those it
+// delivers.
+func deliver(b *udpio.Batch, ep Endpoint, later []Endpoint, i int, ds []Datagram, now int64) {
+	_, data, truncated := b.Message(i - 1)
+	be, ok := ep.(BatchEndpoint)
+	if !ok {
+		ep.Deliver(data, truncated, now)
+		return
+	}
+	ds = append(ds, Datagram{data, truncated})
+	for j, other := range later {
+		if other == ep {
+			_, data, truncated := b.Message(i + j)
+			ds = append(ds, Datagram{data, truncated})
+			later[j] = delivered
+		}
+	}
+	if len(ds) == 1 {
+		ep.Deliver(data, truncated, now)
+		return
+	}
+	be.DeliverBatch(ds, now)
+	clear(ds)
+}
+
+// delivered marks the datagrams of a batch already delivered with an
+// earlier one.
+var delivered Endpoint = deliveredMark{}
+
+type deliveredMark struct{}
+
+func (deliveredMark) Deliver([]byte, bool, int64) {}
+func (deliveredMark) Expired(int64) bool          { return false }
+func (deliveredMark) Close()                      {}
 
 // toCaddy queues a datagram of an unregistered client for the newest
 // config's listener.

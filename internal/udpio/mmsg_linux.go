@@ -118,6 +118,9 @@ func (q *SendQueue) Send(fd uintptr, from, to int) (int, syscall.Errno) {
 	return int(n), 0
 }
 
+// Size is the length of queued datagram i.
+func (q *SendQueue) Size(i int) int { return int(q.iovs[i].Len) }
+
 // Reset empties the queue.
 func (q *SendQueue) Reset() { q.n = 0 }
 

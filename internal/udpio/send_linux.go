@@ -21,6 +21,11 @@ type Sender struct {
 	salen uint32
 	errno syscall.Errno
 	sendf func(fd uintptr) bool // s.send, bound once
+
+	q      *SendQueue
+	from   int
+	sent   int
+	sendqf func(fd uintptr) bool // s.sendQueued, bound once
 }
 
 // NewSender returns a Sender for conn.
@@ -31,7 +36,42 @@ func NewSender(conn *net.UDPConn) (*Sender, error) {
 	}
 	s := &Sender{rc: rc, family: Family(rc)}
 	s.sendf = s.send
+	s.sendqf = s.sendQueued
 	return s, nil
+}
+
+// Family is the socket's address family, for SendQueue.Add.
+func (s *Sender) Family() int { return s.family }
+
+func (s *Sender) sendQueued(fd uintptr) bool {
+	s.sent, s.errno = s.q.Send(fd, s.from, s.q.Len())
+	return true // never wait for the socket
+}
+
+// SendQueued sends q's datagrams from from on with one sendmmsg, and returns
+// how many the socket took; none if it could take none now (ErrWouldBlock).
+func (s *Sender) SendQueued(q *SendQueue, from int) (int, error) {
+	s.q, s.from = q, from
+	err := s.rc.Write(s.sendqf)
+	s.q = nil
+	if err == nil {
+		err = s.err()
+	}
+	if err != nil {
+		return 0, err
+	}
+	return s.sent, nil
+}
+
+// err is the error of the last system call.
+func (s *Sender) err() error {
+	switch {
+	case s.errno == unix.EAGAIN:
+		return ErrWouldBlock
+	case s.errno != 0:
+		return s.errno
+	}
+	return nil
 }
 
 func (s *Sender) send(fd uintptr) bool {
@@ -46,13 +86,8 @@ func (s *Sender) SendTo(b []byte, to netip.AddrPort) error {
 	s.salen = putSockaddr(&s.sa, s.family, to)
 	err := s.rc.Write(s.sendf)
 	s.b = nil
-	switch {
-	case err != nil:
+	if err != nil {
 		return err
-	case s.errno == unix.EAGAIN:
-		return ErrWouldBlock
-	case s.errno != 0:
-		return s.errno
 	}
-	return nil
+	return s.err()
 }
