@@ -118,6 +118,24 @@ func (q *SendQueue) Send(fd uintptr, from, to int) (int, syscall.Errno) {
 	return int(n), 0
 }
 
+// SendGSO sends the queued datagrams from from on as one UDP GSO
+// datagram (UDP_SEGMENT) to the first one's destination: every one of them
+// but the last must be size bytes long, the last at most size.
+func (q *SendQueue) SendGSO(fd uintptr, from, size int) syscall.Errno {
+	var cmsg [unix.SizeofCmsghdr + 8]byte // CMSG_SPACE(sizeof(uint16))
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&cmsg[0]))
+	h.Level, h.Type = unix.SOL_UDP, unix.UDP_SEGMENT
+	h.SetLen(unix.CmsgLen(2))
+	*(*uint16)(unsafe.Pointer(&cmsg[unix.CmsgLen(0)])) = uint16(size)
+	msg := q.hdrs[from].hdr // its name
+	msg.Iov = &q.iovs[from]
+	msg.SetIovlen(q.n - from)
+	msg.Control = &cmsg[0]
+	msg.SetControllen(len(cmsg))
+	_, _, errno := unix.Syscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&msg)), unix.MSG_DONTWAIT)
+	return errno
+}
+
 // Size is the length of queued datagram i.
 func (q *SendQueue) Size(i int) int { return int(q.iovs[i].Len) }
 

@@ -25,6 +25,7 @@ type Sender struct {
 	q      *SendQueue
 	from   int
 	sent   int
+	gso    int                   // segment size of a GSO send; 0: sendmmsg
 	sendqf func(fd uintptr) bool // s.sendQueued, bound once
 }
 
@@ -44,14 +45,29 @@ func NewSender(conn *net.UDPConn) (*Sender, error) {
 func (s *Sender) Family() int { return s.family }
 
 func (s *Sender) sendQueued(fd uintptr) bool {
-	s.sent, s.errno = s.q.Send(fd, s.from, s.q.Len())
+	if s.gso > 0 {
+		s.sent, s.errno = s.q.Len()-s.from, s.q.SendGSO(fd, s.from, s.gso)
+	} else {
+		s.sent, s.errno = s.q.Send(fd, s.from, s.q.Len())
+	}
 	return true // never wait for the socket
 }
 
 // SendQueued sends q's datagrams from from on with one sendmmsg, and returns
 // how many the socket took; none if it could take none now (ErrWouldBlock).
 func (s *Sender) SendQueued(q *SendQueue, from int) (int, error) {
-	s.q, s.from = q, from
+	return s.sendQueuedGSO(q, from, 0)
+}
+
+// SendQueuedGSO sends q's datagrams from from on as one UDP GSO datagram
+// (UDP_SEGMENT) of segments of size bytes (see SendQueue.SendGSO), and
+// returns how many datagrams the socket took: all of them or none.
+func (s *Sender) SendQueuedGSO(q *SendQueue, from, size int) (int, error) {
+	return s.sendQueuedGSO(q, from, size)
+}
+
+func (s *Sender) sendQueuedGSO(q *SendQueue, from, size int) (int, error) {
+	s.q, s.from, s.gso = q, from, size
 	err := s.rc.Write(s.sendqf)
 	s.q = nil
 	if err == nil {

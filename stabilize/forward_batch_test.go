@@ -1,0 +1,121 @@
+package stabilize
+
+import (
+	"bytes"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/fastudp"
+)
+
+// A read batch's datagrams of one flow reach the upstreams whole and in
+// order, whether they leave as one UDP GSO datagram (one upstream, equal
+// sizes but the last), with one sendmmsg (sizes differ, or several
+// upstreams) or one by one (a PROXY header).
+func TestForwardBatch(t *testing.T) {
+	equal := func(n int) [][]byte {
+		var ds [][]byte
+		for i := range n {
+			ds = append(ds, fmt.Appendf(nil, "equal-%03d", i))
+		}
+		return append(ds, []byte("end")) // shorter
+	}
+	mixed := [][]byte{[]byte("a"), []byte("bb"), []byte("ccc"), {}, []byte("dddd"), []byte("e")}
+	for _, tc := range []struct {
+		name  string
+		per   string
+		extra map[string]any
+		ds    [][]byte
+	}{
+		{"gso", PerFlow, nil, equal(40)},
+		{"gso_full_batch", PerFlow, nil, equal(sendBatchSize + 10)},
+		{"sendmmsg", PerFlow, nil, mixed},
+		{"upstreams", PerPacket, nil, equal(9)},
+		{"proxy_protocol", PerFlow, map[string]any{"proxy_protocol": "v2"}, equal(5)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b := startRawUpstream(t, false, true), startRawUpstream(t, false, true)
+			handler := rawHandler(tc.per, a, b)
+			for k, v := range tc.extra {
+				handler[k] = v
+			}
+			tr := trackHandlers(t)
+			lb := startBalancerOn(t, FastNetwork, false, 30*time.Second, handler)
+			cl := newClient(t, lb.addr)
+			if _, err := cl.conn.Write([]byte("open")); err != nil {
+				t.Fatal(err)
+			}
+			h := tr.latest()
+			var fl *Flow
+			eventually(t, 2*time.Second, "the flow", func() bool {
+				h.mu.Lock()
+				defer h.mu.Unlock()
+				for f := range h.flows {
+					fl = f
+				}
+				return fl != nil
+			})
+			eventually(t, 2*time.Second, "the first datagram", func() bool { return a.got.Load()+b.got.Load() == 1 })
+			ds := make([]fastudp.Datagram, len(tc.ds))
+			for i, d := range tc.ds {
+				ds[i] = fastudp.Datagram{B: d}
+			}
+			fl.forwardBatch(ds)
+			want := 1 + len(ds)
+			eventually(t, 2*time.Second, "every datagram", func() bool { return int(a.got.Load()+b.got.Load()) >= want })
+			time.Sleep(20 * time.Millisecond) // nothing more
+			var got [][]byte
+			for _, u := range []*rawUpstream{a, b} {
+				for _, d := range u.recorded() {
+					if h.ProxyProtocol != "" {
+						d = d[len(fl.header):]
+					}
+					if !bytes.Equal(d, []byte("open")) {
+						got = append(got, d)
+					}
+				}
+			}
+			if tc.per == PerPacket {
+				// Round robin: the upstreams share them, each in order.
+				if a.got.Load() == 0 || b.got.Load() == 0 {
+					t.Errorf("per packet: %d and %d datagrams, want both upstreams used", a.got.Load(), b.got.Load())
+				}
+				got = interleave(a, b)
+			}
+			if len(got) != len(tc.ds) {
+				t.Fatalf("got %d datagrams, want %d: %q", len(got), len(tc.ds), got)
+			}
+			for i := range got {
+				if !bytes.Equal(got[i], tc.ds[i]) {
+					t.Fatalf("datagram %d: %q, want %q", i, got[i], tc.ds[i])
+				}
+			}
+			if d := h.Drops(); d["send_buffer_full"]+d["write_error"] != 0 {
+				t.Errorf("drops: %v", d)
+			}
+		})
+	}
+}
+
+// interleave merges what two upstreams recorded by round robin, leaving out
+// the flow's first datagram.
+func interleave(a, b *rawUpstream) [][]byte {
+	lists := [][][]byte{a.recorded(), b.recorded()}
+	turn := 0
+	if bytes.Equal(lists[0][0], []byte("open")) {
+		lists[0] = lists[0][1:]
+		turn = 1
+	} else {
+		lists[1] = lists[1][1:]
+	}
+	var out [][]byte
+	for len(lists[0])+len(lists[1]) > 0 {
+		if len(lists[turn]) > 0 {
+			out = append(out, lists[turn][0])
+			lists[turn] = lists[turn][1:]
+		}
+		turn = 1 - turn
+	}
+	return out
+}
