@@ -119,3 +119,47 @@ func interleave(a, b *rawUpstream) [][]byte {
 	}
 	return out
 }
+
+// A burst of requests of one size from one client, answered at once, comes
+// back whole: the reply reactor sends replies to one client of one size as
+// one UDP GSO datagram, which the kernel splits.
+func TestReplyBurst(t *testing.T) {
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		a, b := startRawUpstream(t, true, false), startRawUpstream(t, true, false)
+		lb := startBalancerOn(t, network, false, 30*time.Second, rawHandler(per, a, b))
+		cl := newClient(t, lb.addr)
+		if _, err := cl.conn.Write([]byte("open-000")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := cl.conn.Read(cl.buf); err != nil {
+			t.Fatal(err)
+		}
+		const n = 200
+		want := make(map[string]bool, n)
+		for i := range n {
+			p := fmt.Sprintf("req-%04d", i)
+			want[p] = true
+			if _, err := cl.conn.Write([]byte(p)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		_ = cl.conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+		for len(want) > 0 {
+			m, err := cl.conn.Read(cl.buf)
+			if err != nil {
+				t.Fatalf("%d replies missing (%v), such as %v", len(want), err, firstKey(want))
+			}
+			if !want[string(cl.buf[:m])] {
+				t.Fatalf("unexpected reply %q", cl.buf[:m])
+			}
+			delete(want, string(cl.buf[:m]))
+		}
+	})
+}
+
+func firstKey(m map[string]bool) string {
+	for k := range m {
+		return k
+	}
+	return ""
+}

@@ -40,22 +40,13 @@ func (fl *Flow) queue(sb *sendBatch, b []byte, u *Upstream) {
 func (fl *Flow) flush(sb *sendBatch) {
 	n := sb.q.Len()
 	for from := 0; from < n; {
-		var (
-			sent int
-			err  error
-		)
-		if size := sb.gsoSize(from); size > 0 {
-			sent, err = fl.send.SendQueuedGSO(sb.q, from, size)
-			if err != nil && !errors.Is(err, udpio.ErrWouldBlock) {
-				// Segments too large for the route, say: sendmmsg this
-				// time, and from now on if the system has no GSO.
-				if errors.Is(err, syscall.EIO) || errors.Is(err, syscall.EOPNOTSUPP) || errors.Is(err, syscall.ENOPROTOOPT) {
-					gsoOff.Store(true)
-				}
-				sent, err = fl.send.SendQueued(sb.q, from)
-			}
-		} else {
-			sent, err = fl.send.SendQueued(sb.q, from)
+		end, segment := sb.q.NextRun(from, n, !gsoOff.Load())
+		sent, err := fl.send.SendQueued(sb.q, from, end, segment)
+		if segment > 0 && err != nil && !errors.Is(err, udpio.ErrWouldBlock) {
+			// Segments too large for the route, say: sendmmsg this time,
+			// and from now on if the system has no GSO.
+			gsoFailed(err)
+			sent, err = fl.send.SendQueued(sb.q, from, end, 0)
 		}
 		switch {
 		case err == nil:
@@ -81,30 +72,12 @@ func (fl *Flow) flush(sb *sendBatch) {
 // gsoOff turns UDP GSO off, after a send with it failed for want of it.
 var gsoOff atomic.Bool
 
-// gsoSize is the segment size for sending sb's datagrams from from on as
-// one UDP GSO datagram: they go to one upstream, and all but the last have
-// one size, the last at most that. It is 0 when they cannot.
-func (sb *sendBatch) gsoSize(from int) int {
-	n := sb.q.Len()
-	if n-from < 2 || gsoOff.Load() {
-		return 0
+// gsoFailed turns UDP GSO off if err says the system has none.
+func gsoFailed(err error) {
+	if errors.Is(err, syscall.EIO) || errors.Is(err, syscall.EOPNOTSUPP) || errors.Is(err, syscall.ENOPROTOOPT) {
+		gsoOff.Store(true)
 	}
-	size, total := sb.q.Size(from), 0
-	for i := from; i < n; i++ {
-		s := sb.q.Size(i)
-		total += s
-		if sb.ups[i] != sb.ups[from] || s > size || (s < size && i < n-1) || s == 0 {
-			return 0
-		}
-	}
-	if total > maxGSO {
-		return 0
-	}
-	return size
 }
-
-// maxGSO is the most bytes one UDP GSO send may carry.
-const maxGSO = 65507
 
 // release returns sb to the pool.
 func (sb *sendBatch) release() { sendBatches.Put(sb) }

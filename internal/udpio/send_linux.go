@@ -22,11 +22,11 @@ type Sender struct {
 	errno syscall.Errno
 	sendf func(fd uintptr) bool // s.send, bound once
 
-	q      *SendQueue
-	from   int
-	sent   int
-	gso    int                   // segment size of a GSO send; 0: sendmmsg
-	sendqf func(fd uintptr) bool // s.sendQueued, bound once
+	q        *SendQueue
+	from, to int
+	sent     int
+	segment  int                   // of a GSO send; 0: sendmmsg
+	sendqf   func(fd uintptr) bool // s.sendQueued, bound once
 }
 
 // NewSender returns a Sender for conn.
@@ -45,29 +45,20 @@ func NewSender(conn *net.UDPConn) (*Sender, error) {
 func (s *Sender) Family() int { return s.family }
 
 func (s *Sender) sendQueued(fd uintptr) bool {
-	if s.gso > 0 {
-		s.sent, s.errno = s.q.Len()-s.from, s.q.SendGSO(fd, s.from, s.gso)
+	if s.segment > 0 {
+		s.sent, s.errno = s.to-s.from, s.q.SendGSO(fd, s.from, s.to, s.segment)
 	} else {
-		s.sent, s.errno = s.q.Send(fd, s.from, s.q.Len())
+		s.sent, s.errno = s.q.Send(fd, s.from, s.to)
 	}
 	return true // never wait for the socket
 }
 
-// SendQueued sends q's datagrams from from on with one sendmmsg, and returns
-// how many the socket took; none if it could take none now (ErrWouldBlock).
-func (s *Sender) SendQueued(q *SendQueue, from int) (int, error) {
-	return s.sendQueuedGSO(q, from, 0)
-}
-
-// SendQueuedGSO sends q's datagrams from from on as one UDP GSO datagram
-// (UDP_SEGMENT) of segments of size bytes (see SendQueue.SendGSO), and
-// returns how many datagrams the socket took: all of them or none.
-func (s *Sender) SendQueuedGSO(q *SendQueue, from, size int) (int, error) {
-	return s.sendQueuedGSO(q, from, size)
-}
-
-func (s *Sender) sendQueuedGSO(q *SendQueue, from, size int) (int, error) {
-	s.q, s.from, s.gso = q, from, size
+// SendQueued sends q's datagrams from from up to to, as SendQueue.NextRun
+// returned them: with one sendmmsg when segment is 0, else as one UDP GSO
+// datagram of segment-byte segments. It returns how many the socket took
+// (GSO: all or none); none if it could take none now (ErrWouldBlock).
+func (s *Sender) SendQueued(q *SendQueue, from, to, segment int) (int, error) {
+	s.q, s.from, s.to, s.segment = q, from, to, segment
 	err := s.rc.Write(s.sendqf)
 	s.q = nil
 	if err == nil {
