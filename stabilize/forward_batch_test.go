@@ -163,3 +163,32 @@ func firstKey(m map[string]bool) string {
 	}
 	return ""
 }
+
+// With two fastudp readers (SO_REUSEPORT sockets), every flow stays on its
+// upstream and gets its replies.
+func TestFastReaders(t *testing.T) {
+	t.Setenv(fastudp.ReadersEnv, "2")
+	a, b, c := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "c")
+	lb := startBalancerOn(t, FastNetwork, false, 30*time.Second, handlerConfig(PerFlow, "round_robin", a, b, c))
+	if n := len(fastSocketAt(t, lb.addr).Readers()); n != 2 {
+		t.Fatalf("%d readers, want 2", n)
+	}
+	clients := make([]*client, 30)
+	first := make([]string, len(clients))
+	for round := range 5 {
+		for i := range clients {
+			if round == 0 {
+				clients[i] = newClient(t, lb.addr)
+			}
+			name := clients[i].mustRoundTrip(fmt.Sprintf("c%d-r%d", i, round))
+			if round == 0 {
+				first[i] = name
+			} else if name != first[i] {
+				t.Fatalf("client %d moved from %s to %s in round %d", i, first[i], name, round)
+			}
+		}
+	}
+	if got := counts(first); got != "map[a:10 b:10 c:10]" {
+		t.Errorf("flows per upstream: %s", got)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -108,5 +109,64 @@ func waitFor(t *testing.T, cond func() bool) {
 		if time.Now().After(deadline) {
 			t.Fatal("timed out")
 		}
+	}
+}
+
+// With several readers, each client's datagrams reach its endpoint, in
+// order, whichever socket the kernel picks for it.
+func TestReaders(t *testing.T) {
+	t.Setenv(ReadersEnv, "2")
+	f, err := Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	s := f.Socket()
+	if len(s.conns) != 2 {
+		t.Fatalf("%d sockets, want 2", len(s.conns))
+	}
+	to := s.Conn().LocalAddr().(*net.UDPAddr)
+	const clients, n = 40, 20
+	eps := make([]*recorder, clients)
+	conns := make([]*net.UDPConn, clients)
+	for i := range clients {
+		c, err := net.DialUDP("udp", nil, to)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns[i] = c
+		eps[i] = &recorder{}
+		s.Register(c.LocalAddr().(*net.UDPAddr).AddrPort(), eps[i])
+	}
+	for j := range n {
+		for i, c := range conns {
+			if _, err := c.Write(fmt.Appendf(nil, "%d-%d", i, j)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for i, ep := range eps {
+		waitFor(t, func() bool { got, _ := ep.snapshot(); return len(got) >= n })
+		got, _ := ep.snapshot()
+		for j := range n {
+			if want := fmt.Sprintf("%d-%d", i, j); got[j] != want {
+				t.Fatalf("client %d: datagram %d is %q, want %q (all: %q)", i, j, got[j], want, got)
+			}
+		}
+	}
+	// Another process may bind the port too (SO_REUSEPORT), but a
+	// plain socket may not.
+	if c, err := net.ListenUDP("udp", to); err == nil {
+		c.Close()
+		t.Error("a socket without SO_REUSEPORT could bind the readers' port")
+	}
+}
+
+// An invalid reader count is refused, naming the variable and the value.
+func TestReadersInvalid(t *testing.T) {
+	t.Setenv(ReadersEnv, "0")
+	if _, err := Listen("127.0.0.1:0"); err == nil || !strings.Contains(err.Error(), `STABILIZE_FASTUDP_READERS "0"`) {
+		t.Fatalf("got %v, want an error naming %s and its value", err, ReadersEnv)
 	}
 }

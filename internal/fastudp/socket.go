@@ -9,8 +9,11 @@ package fastudp
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -66,10 +69,11 @@ const (
 
 // Socket is one UDP socket of the fast network.
 type Socket struct {
-	key  string
-	conn *net.UDPConn
-	done chan struct{}
-	refs int // under registryMu
+	key   string
+	conn  *net.UDPConn   // the first reader's; replies leave through it
+	conns []*net.UDPConn // one per reader
+	done  chan struct{}  // closed once every reader has returned
+	refs  int            // under registryMu
 
 	mu     sync.Mutex
 	fronts []*Front // open ones, newest last
@@ -119,26 +123,87 @@ func Sockets() []*Socket {
 }
 
 func open(addr string) (*Socket, error) {
-	pc, err := new(net.ListenConfig).ListenPacket(context.Background(), "udp", addr)
+	n, err := Readers()
 	if err != nil {
 		return nil, err
 	}
-	conn := pc.(*net.UDPConn)
-	udpio.GrowBuffers(conn, socketBuffer)
+	conns, err := listen(addr, n)
+	if err != nil {
+		return nil, err
+	}
 	s := &Socket{
-		key:  addr,
-		conn: conn,
-		done: make(chan struct{}),
-		eps:  make(map[netip.AddrPort]Endpoint),
+		key:   addr,
+		conn:  conns[0],
+		conns: conns,
+		done:  make(chan struct{}),
+		eps:   make(map[netip.AddrPort]Endpoint),
 	}
-	b, err := udpio.NewBatch(conn, batchSize, BufferSize)
-	if err != nil {
-		_ = conn.Close()
-		return nil, err
+	batches := make([]*udpio.Batch, len(conns))
+	for i, c := range conns {
+		udpio.GrowBuffers(c, socketBuffer)
+		if batches[i], err = udpio.NewBatch(c, batchSize, BufferSize); err != nil {
+			s.closeConns()
+			return nil, err
+		}
 	}
-	go s.serve(b)
+	var serving sync.WaitGroup
+	for _, b := range batches {
+		serving.Go(func() { s.serve(b) })
+	}
+	go func() {
+		serving.Wait()
+		close(s.done)
+	}()
 	go s.reap()
 	return s, nil
+}
+
+// listen opens n sockets at addr: one, or n with SO_REUSEPORT, among which
+// the kernel spreads the clients by a hash of their address and port, so
+// that each client stays on one.
+func listen(addr string, n int) ([]*net.UDPConn, error) {
+	var lc net.ListenConfig
+	if n > 1 {
+		lc.Control = udpio.ReusePort
+	}
+	var conns []*net.UDPConn
+	for range n {
+		pc, err := lc.ListenPacket(context.Background(), "udp", addr)
+		if err != nil {
+			for _, c := range conns {
+				_ = c.Close()
+			}
+			return nil, err
+		}
+		conns = append(conns, pc.(*net.UDPConn))
+		addr = pc.LocalAddr().String() // the port the first got, for port 0
+	}
+	return conns, nil
+}
+
+// ReadersEnv is the environment variable that sets how many sockets, each
+// with its own reader, a fastudp address opens; see Readers.
+const ReadersEnv = "STABILIZE_FASTUDP_READERS"
+
+// Readers is how many SO_REUSEPORT sockets and readers each fastudp
+// address has: $STABILIZE_FASTUDP_READERS, 1 to 64, or 1 (Linux only;
+// elsewhere 1).
+func Readers() (int, error) {
+	v := os.Getenv(ReadersEnv)
+	if v == "" || !udpio.HasReusePort {
+		return 1, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 || n > 64 {
+		return 0, fmt.Errorf("%s %q: want a number of readers from 1 to 64", ReadersEnv, v)
+	}
+	return n, nil
+}
+
+func (s *Socket) closeConns() {
+	for _, c := range s.conns {
+		_ = c.Close()
+	}
 }
 
 // release drops one reference; the last closes the socket.
@@ -151,13 +216,16 @@ func (s *Socket) release() {
 	}
 	registryMu.Unlock()
 	if last {
-		_ = s.conn.Close()
+		s.closeConns()
 		<-s.done
 	}
 }
 
 // Key is the address the socket was asked for.
 func (s *Socket) Key() string { return s.key }
+
+// Readers are the sockets, one per reader; the first is Conn.
+func (s *Socket) Readers() []*net.UDPConn { return s.conns }
 
 // Conn is the socket. Writes to it go to clients.
 func (s *Socket) Conn() *net.UDPConn { return s.conn }
@@ -197,7 +265,6 @@ func (s *Socket) Endpoints() int {
 // slow endpoint never holds up registration. A BatchEndpoint gets all its
 // datagrams of a batch in one call, in their order.
 func (s *Socket) serve(b *udpio.Batch) {
-	defer close(s.done)
 	var (
 		eps [batchSize]Endpoint
 		ds  [batchSize]Datagram
