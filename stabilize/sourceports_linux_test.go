@@ -6,7 +6,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"strings"
 	"testing"
 	"time"
 )
@@ -40,25 +39,16 @@ func inNetns(t *testing.T, lo, hi int) bool {
 	cmd := exec.Command(unshare, "-n", "sh", "-c", script, "sh", os.Args[0],
 		"-test.run=^"+t.Name()+"$", "-test.count=1", "-test.v", "-test.timeout=2m")
 	cmd.Env = append(os.Environ(), netnsEnv+"="+t.Name())
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		const tail = 6000
-		if len(out) > tail {
-			out = out[len(out)-tail:]
-		}
-		t.Fatalf("the test, run in a network namespace, failed (%v):\n%s", err, out)
-	}
-	if !strings.Contains(string(out), "--- PASS: "+t.Name()) {
-		t.Fatalf("the child process did not run the test:\n%s", out)
-	}
+	runChild(t, cmd)
 	return false
 }
 
 // TestNoPortWall opens 2.5 times more flows than there are ephemeral ports
-// (100, in a network namespace): per flow, spread over three upstreams from
-// one source address, where flows share source ports, or over three source
-// addresses to one upstream; per packet, over three source addresses.
-// Every flow gets its own replies.
+// (100, in a network namespace): per flow, spread over four upstreams from
+// one source address, where flows share source ports, then moved off one
+// that goes down to upstreams where their ports are taken; or over three
+// source addresses to one upstream; per packet, over three source
+// addresses. Every flow gets its own replies.
 func TestNoPortWall(t *testing.T) {
 	const lo, hi, flows = 40000, 40099, 250
 	if !inNetns(t, lo, hi) {
