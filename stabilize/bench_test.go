@@ -102,6 +102,7 @@ func slabBytes() int64 {
 
 func goMemory() int64 {
 	runtime.GC()
+	runtime.GC() // and what sync.Pools kept through the first
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
 	return int64(m.HeapInuse + m.StackInuse)
