@@ -125,9 +125,8 @@ func newReplyReactor() (*replyReactor, error) {
 		outHandlers: make([]*Handler, reactorBatch),
 	}
 	r.waitf = func(fd uintptr) bool {
-		n, err := unix.EpollWait(int(fd), r.events, 0)
-		r.ready = max(n, 0)
-		return err == nil && n > 0 // else wait until readable
+		r.ready = udpio.EpollReady(fd, r.events)
+		return r.ready > 0 // else wait until readable
 	}
 	r.recvf = func(fd uintptr) bool {
 		r.n, r.errno = r.in.Recv(fd, r.used)

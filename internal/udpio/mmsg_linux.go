@@ -55,7 +55,7 @@ func (m *Msgs) Recv(fd uintptr, from int) (int, syscall.Errno) {
 		m.hdrs[i].hdr.Namelen = unix.SizeofSockaddrInet6
 		m.hdrs[i].hdr.Flags = 0
 	}
-	n, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&m.hdrs[from])),
+	n, _, errno := unix.RawSyscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&m.hdrs[from])),
 		uintptr(len(m.hdrs)-from), unix.MSG_DONTWAIT, 0, 0)
 	if errno != 0 {
 		return 0, errno
@@ -110,7 +110,7 @@ func (q *SendQueue) Add(b []byte, to netip.AddrPort, family int) {
 // Send sends queued datagrams from up to to with one sendmmsg, without
 // blocking, and returns how many the socket took.
 func (q *SendQueue) Send(fd uintptr, from, to int) (int, syscall.Errno) {
-	n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&q.hdrs[from])),
+	n, _, errno := unix.RawSyscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&q.hdrs[from])),
 		uintptr(to-from), unix.MSG_DONTWAIT, 0, 0)
 	if errno != 0 {
 		return 0, errno
@@ -132,7 +132,7 @@ func (q *SendQueue) SendGSO(fd uintptr, from, to, size int) syscall.Errno {
 	msg.SetIovlen(to - from)
 	msg.Control = &cmsg[0]
 	msg.SetControllen(len(cmsg))
-	_, _, errno := unix.Syscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&msg)), unix.MSG_DONTWAIT)
+	_, _, errno := unix.RawSyscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&msg)), unix.MSG_DONTWAIT)
 	return errno
 }
 

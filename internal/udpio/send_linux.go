@@ -82,7 +82,7 @@ func (s *Sender) err() error {
 }
 
 func (s *Sender) send(fd uintptr) bool {
-	_, _, s.errno = unix.Syscall6(unix.SYS_SENDTO, fd, uintptr(unsafe.Pointer(unsafe.SliceData(s.b))),
+	_, _, s.errno = unix.RawSyscall6(unix.SYS_SENDTO, fd, uintptr(unsafe.Pointer(unsafe.SliceData(s.b))),
 		uintptr(len(s.b)), unix.MSG_DONTWAIT, uintptr(unsafe.Pointer(&s.sa)), uintptr(s.salen))
 	return true // never wait for the socket
 }
