@@ -31,10 +31,16 @@
 // or a key such as a QUIC connection ID.
 //
 // Each flow owns one upstream-facing socket, so that replies find their
-// client. A reply reactor (reply_linux.go: epoll, recvmmsg) reads the replies
-// of many flows, accepts them only from the handler's upstreams, and sends
-// them out of the listener's own socket with sendmmsg, on `udp/` and
-// `fastudp/` alike, dropping (never waiting) when the socket is full.
+// client; per flow (Linux) it is connected to the flow's upstream from a
+// source port shared with flows to other upstreams (sourceports.go), so
+// ephemeral ports do not limit the flows. A fastudp read batch's datagrams
+// of one flow are forwarded in one call (forwardBatch) and leave as one UDP
+// GSO send or sendmmsg (sendbatch_linux.go). A reply reactor
+// (reply_linux.go: epoll, recvmmsg) reads the replies of many flows, accepts
+// them only from the handler's upstreams, and sends them out of the
+// listener's own socket with sendmmsg, replies to one client of one size as
+// one GSO send, on `udp/` and `fastudp/` alike, dropping (never waiting)
+// when the socket is full.
 //
 // # Limits
 //

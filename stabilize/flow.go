@@ -35,10 +35,11 @@ type Flow struct {
 	id          uint64          // names the flow in the affinity table
 	idleTimeout time.Duration   // caddy-l4's, of the flow's listener
 
-	mu       sync.Mutex // serialises forward
-	upstream *Upstream  // per flow: the flow's upstream
-	req      Request    // what the policy picks for
-	header   []byte     // PROXY protocol header, sent before every datagram
+	mu         sync.Mutex // serialises forward
+	upstream   *Upstream  // per flow: the flow's upstream
+	req        Request    // what the policy picks for
+	header     []byte     // PROXY protocol header, sent before every datagram
+	connection            // the socket's source and upstream; see sourceports.go
 
 	lastActive atomic.Int64 // unix nanos of the latest datagram through the fast socket
 	detached   atomic.Bool  // the socket's reaper, not Handle, ends the flow
@@ -76,7 +77,7 @@ func (h *Handler) newFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, 
 }
 
 func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow, error) {
-	conn, err := net.ListenUDP(h.network, nil)
+	conn, connects, err := h.upstreamSocket() // sourceports.go
 	if err != nil {
 		return nil, err
 	}
@@ -104,6 +105,7 @@ func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow,
 		id:       flowIDs.Add(1),
 		req:      Request{Client: client, cx: cx},
 	}
+	fl.connection.connects = connects
 	if front != nil {
 		fl.fast = front.Socket()
 	}
@@ -193,6 +195,13 @@ func (fl *Flow) Deliver(b []byte, truncated bool, now int64) {
 	fl.forward(b, truncated)
 }
 
+// DeliverBatch forwards datagrams that bypassed caddy-l4, several of one
+// read batch at once (fastudp.BatchEndpoint).
+func (fl *Flow) DeliverBatch(ds []fastudp.Datagram, now int64) {
+	fl.lastActive.Store(now)
+	fl.forwardBatch(ds)
+}
+
 // Expired reports whether the flow, left to its fast socket, has been idle
 // for its listener's idle timeout (fastudp.Endpoint).
 func (fl *Flow) Expired(now int64) bool {
@@ -250,6 +259,9 @@ func (fl *Flow) closeFor(owner *Handler) {
 		fl.fast.Unregister(fl.client, fl)
 	}
 	fl.closeSocket()
+	fl.mu.Lock()
+	fl.releaseSource() // once the socket has let go of the port
+	fl.mu.Unlock()
 	if u != nil {
 		u.host.flows.Add(-1)
 		if h.affinity != nil {
@@ -303,4 +315,4 @@ func addrPort(a net.Addr) netip.AddrPort {
 }
 
 // Interface guards
-var _ fastudp.Endpoint = (*Flow)(nil)
+var _ fastudp.BatchEndpoint = (*Flow)(nil)

@@ -164,6 +164,14 @@ func inChild(t *testing.T) bool {
 	cmd := exec.Command(os.Args[0], "-test.run="+strings.Join(pattern, "/"), "-test.count=1",
 		"-test.v", "-test.timeout=2m")
 	cmd.Env = append(os.Environ(), childEnv+"="+t.Name())
+	runChild(t, cmd)
+	return false
+}
+
+// runChild runs cmd, the test in a child process, and fails the test if
+// it fails there or did not run.
+func runChild(t *testing.T, cmd *exec.Cmd) {
+	t.Helper()
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		const tail = 6000
@@ -171,12 +179,11 @@ func inChild(t *testing.T) bool {
 			out = out[len(out)-tail:]
 		}
 		t.Errorf("the test, run in a child process, failed (%v):\n%s", err, out)
-		return false
+		return
 	}
 	if !bytes.Contains(out, []byte("--- PASS: "+t.Name())) {
 		t.Errorf("the child process did not run the test:\n%s", out)
 	}
-	return false
 }
 
 // affinityEntries is how many flows the package-level affinity tables

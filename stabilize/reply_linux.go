@@ -41,6 +41,7 @@ type replyReactor struct {
 	sendf       func(fd uintptr) bool
 	sendFrom    int
 	sendTo      int
+	segment     int // of a UDP GSO send; 0: sendmmsg
 	sent        int
 	sendErr     syscall.Errno
 }
@@ -124,16 +125,19 @@ func newReplyReactor() (*replyReactor, error) {
 		outHandlers: make([]*Handler, reactorBatch),
 	}
 	r.waitf = func(fd uintptr) bool {
-		n, err := unix.EpollWait(int(fd), r.events, 0)
-		r.ready = max(n, 0)
-		return err == nil && n > 0 // else wait until readable
+		r.ready = udpio.EpollReady(fd, r.events)
+		return r.ready > 0 // else wait until readable
 	}
 	r.recvf = func(fd uintptr) bool {
 		r.n, r.errno = r.in.Recv(fd, r.used)
 		return true
 	}
 	r.sendf = func(fd uintptr) bool {
-		r.sent, r.sendErr = r.out.Send(fd, r.sendFrom, r.sendTo)
+		if r.segment > 0 {
+			r.sent, r.sendErr = r.sendTo-r.sendFrom, r.out.SendGSO(fd, r.sendFrom, r.sendTo, r.segment)
+		} else {
+			r.sent, r.sendErr = r.out.Send(fd, r.sendFrom, r.sendTo)
+		}
 		return true
 	}
 	return r, nil
@@ -266,9 +270,17 @@ func (r *replyReactor) flush() {
 		for end < queued && r.outFlows[end].out == first.out {
 			end++
 		}
-		r.sendFrom, r.sendTo = start, end
+		r.sendFrom = start
 		for r.sendFrom < end {
+			// Replies to one client of one size leave as one UDP GSO
+			// datagram.
+			r.sendTo, r.segment = r.out.NextRun(r.sendFrom, end, !gsoOff.Load())
 			err := first.outRC.Write(r.sendf)
+			if r.segment > 0 && err == nil && r.sendErr != 0 && r.sendErr != unix.EAGAIN {
+				gsoFailed(r.sendErr)
+				r.segment = 0
+				err = first.outRC.Write(r.sendf)
+			}
 			switch {
 			case err != nil:
 				r.dropQueued(end, dropWriteError)

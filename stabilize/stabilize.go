@@ -79,6 +79,14 @@ type Handler struct {
 	// The most flows from one client IP address. Default: 0, no limit.
 	MaxFlowsPerIP int `json:"max_flows_per_ip,omitempty"`
 
+	// The source IP addresses of the upstream-facing sockets, as nginx's
+	// proxy_bind and HAProxy's source: flows are spread over them in turn,
+	// each upstream's over those of its address family. Each source address
+	// has its own ephemeral ports, so in `per packet` mode, where every flow
+	// holds a port of its own, they multiply how many flows fit. Default:
+	// the address the routing picks for each upstream.
+	LocalAddresses []string `json:"local_addresses,omitempty"`
+
 	ctx      caddy.Context
 	logger   *zap.Logger
 	selector Selector
@@ -88,6 +96,9 @@ type Handler struct {
 	network  string                       // of the upstream-facing sockets
 	all      *UpstreamPool                // every upstream, healthy or not
 	maxFlows int                          // MaxFlows resolved; 0: no limit
+
+	locals, locals4, locals6 []netip.Addr // LocalAddresses: all, IPv4, IPv6
+	nextLocal                atomic.Uint32
 
 	poolMu sync.Mutex
 	pool   atomic.Pointer[healthyPool]
@@ -191,6 +202,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.WriteBuffer > math.MaxInt32 {
 		return fmt.Errorf("write_buffer %d: must be at most %d", h.WriteBuffer, math.MaxInt32)
+	}
+	if err := h.provisionLocalAddresses(v4 > 0, v6 > 0); err != nil {
+		return err
 	}
 	if err := h.provisionLimits(); err != nil {
 		return err

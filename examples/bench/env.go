@@ -32,6 +32,8 @@ type benchEnv struct {
 	targets   []string
 	upstreams []*udpecho.Server
 	upBuf     sockBufInfo // the upstreams' socket buffers
+	// why RLIMIT_NOFILE could not be raised for the largest load, or ""
+	fileLimitErr string
 }
 
 // prepare builds Caddy, looks for nginx and starts the upstreams.
@@ -102,18 +104,56 @@ func (e *benchEnv) upstreamAddrs() []string {
 	return out
 }
 
-// raiseFileLimit lifts RLIMIT_NOFILE to its hard limit: the sweep opens one
-// socket per flow here and the balancer (which inherits the limit) opens
-// one or more per flow too.
-func raiseFileLimit() {
+// raiseFileLimit lifts RLIMIT_NOFILE to what want flows need (see
+// fileLimitFor), or at least to its hard limit: the sweep opens one socket
+// per flow here and the balancer (which inherits the limit) opens one or
+// more per flow too. It returns why the limit could not be raised further,
+// or "".
+func raiseFileLimit(want int) string {
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		return
+		return err.Error()
 	}
-	if lim.Cur < lim.Max {
-		lim.Cur = lim.Max
+	need := uint64(fileLimitFor(want))
+	why := ""
+	if lim.Max < need {
+		// Raising the hard limit needs CAP_SYS_RESOURCE.
+		up := syscall.Rlimit{Cur: need, Max: need}
+		err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &up)
+		if err == nil {
+			return ""
+		}
+		why = fmt.Sprintf("raising the hard limit to %d: %v", need, err)
+	}
+	if lim.Cur < min(need, lim.Max) {
+		lim.Cur = min(need, lim.Max)
 		_ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
 	}
+	return why
+}
+
+// fileLimitFor is the RLIMIT_NOFILE that a load of flows needs, in the
+// load generator (a socket per flow) and in the balancer (a socket per
+// flow, within stabilize's default max_flows, three quarters of the limit).
+func fileLimitFor(flows int) int { return flows*4/3 + 1024 }
+
+// fileLimitShortfall says why flows cannot run under the current
+// RLIMIT_NOFILE, or "" when they can.
+func (e *benchEnv) fileLimitShortfall(flows int) string {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return ""
+	}
+	need := fileLimitFor(flows)
+	if uint64(need) <= lim.Cur {
+		return ""
+	}
+	why := fmt.Sprintf("not run: %d flows need RLIMIT_NOFILE ≥ %d (a socket per flow in the load generator; in the balancer a socket per flow, within stabilize's default max_flows of three quarters of the limit), but it is %d (hard %d)",
+		flows, need, lim.Cur, lim.Max)
+	if e.fileLimitErr != "" {
+		why += "; " + e.fileLimitErr
+	}
+	return why
 }
 
 // moduleRoot finds the caddy-stabilize module root: -root, or the module of

@@ -24,6 +24,7 @@ type options struct {
 	sweepFlows   []int
 	sweepWindow  int
 	sweepPayload int
+	sweepRate    int
 	out          string
 	render       string
 	root         string
@@ -32,6 +33,9 @@ type options struct {
 	nginxWorkers string
 	quick        bool
 }
+
+// maxFlows is the most flows a load may have: the sweep goes to 100,000.
+const maxFlows = 100_000
 
 const (
 	defaultCompareTargets = "direct,packet,flow,fastpacket,fastflow,proxy,nginx,ceiling,fastflow1,proxy1"
@@ -54,6 +58,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&sweepFlows, "sweep-flows", "1,10,100,1000,10000", "sweep: comma-separated flow counts")
 	fs.IntVar(&o.sweepWindow, "sweep-window", 1, "sweep: datagrams outstanding per flow")
 	fs.IntVar(&o.sweepPayload, "sweep-payload", 64, "sweep: datagram size in bytes")
+	fs.IntVar(&o.sweepRate, "sweep-rate", 0, "sweep: offer this many datagrams/s in total, spread evenly over the flows (each paced, one outstanding), instead of a closed loop; 0: closed loop")
 	fs.StringVar(&o.out, "out", "bench-out", "output folder for the Markdown, SVG and JSON")
 	fs.StringVar(&o.render, "render", "", "measure nothing: redraw the Markdown and SVG in this `folder` from its results.json and sweep.json")
 	fs.StringVar(&o.root, "root", "", "module root of caddy-stabilize (default: from `go env GOMOD`)")
@@ -102,7 +107,7 @@ func parseFlags(args []string) (*options, error) {
 	if o.payloads, err = parseInts(payloads, 8, 60000); err != nil {
 		return nil, fmt.Errorf("-payloads: %w", err)
 	}
-	if o.sweepFlows, err = parseInts(sweepFlows, 1, 15000); err != nil {
+	if o.sweepFlows, err = parseInts(sweepFlows, 1, maxFlows); err != nil {
 		return nil, fmt.Errorf("-sweep-flows: %w", err)
 	}
 	switch {
@@ -114,8 +119,10 @@ func parseFlags(args []string) (*options, error) {
 		return nil, fmt.Errorf("-warmup %v, -timeout %v: want warmup ≥ 0 and timeout > 0", o.warmup, o.timeout)
 	case o.rounds < 1 || o.rounds > 100:
 		return nil, fmt.Errorf("-rounds %d: want 1…100", o.rounds)
-	case o.flows < 1 || o.flows > 15000:
-		return nil, fmt.Errorf("-flows %d: want 1…15000", o.flows)
+	case o.flows < 1 || o.flows > maxFlows:
+		return nil, fmt.Errorf("-flows %d: want 1…%d", o.flows, maxFlows)
+	case o.sweepRate < 0 || o.sweepRate > 10_000_000:
+		return nil, fmt.Errorf("-sweep-rate %d: want 0…10000000", o.sweepRate)
 	case o.window < 1 || o.window > 1024:
 		return nil, fmt.Errorf("-window %d: want 1…1024", o.window)
 	case o.sweepWindow < 1 || o.sweepWindow > 1024:

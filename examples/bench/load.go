@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
 	"slices"
 	"sync"
@@ -26,6 +27,21 @@ type loadConfig struct {
 	warmup, duration, timeout time.Duration
 	// ramp spreads the flows' first datagrams over this long.
 	ramp time.Duration
+	// interval, if set, paces each flow (fixed-rate mode): a datagram is
+	// sent at most every interval, so the load offers flows/interval
+	// datagrams per second while the balancer keeps up.
+	interval time.Duration
+}
+
+// flowsPerSource is how many flows share one client source address: fewer
+// than Linux's ephemeral ports per address (28,232 by default), so that
+// 100,000 flows do not run the load generator itself out of ports. Flow i
+// sends from 127.0.0.(1 + i/flowsPerSource).
+const flowsPerSource = 20_000
+
+// sourceOf is the client address of flow i.
+func sourceOf(i int) *net.UDPAddr {
+	return &net.UDPAddr{IP: net.IPv4(127, 0, byte((1+i/flowsPerSource)>>8), byte(1+i/flowsPerSource))}
 }
 
 // loadResult counts the datagrams sent during the measured window.
@@ -76,8 +92,8 @@ func runLoad(ctx context.Context, addr string, lc loadConfig, hooks loadHooks) (
 		}
 	}()
 	for i := range conns {
-		if conns[i], err = net.DialUDP("udp4", nil, raddr); err != nil {
-			return nil, err
+		if conns[i], err = net.DialUDP("udp4", sourceOf(i), raddr); err != nil {
+			return nil, fmt.Errorf("opening the socket of flow %d (of %d): %w", i+1, lc.flows, err)
 		}
 		// Large buffers, so that a burst of replies is not dropped here.
 		rc, err := conns[i].SyscallConn()
@@ -269,7 +285,15 @@ func (f *flow) run(ctx context.Context, startAt time.Time) {
 			}
 		}
 		f.release(i)
+		f.pace(s.sent)
 		f.send(i)
+	}
+}
+
+// pace waits, in fixed-rate mode, until interval after sent.
+func (f *flow) pace(sent time.Time) {
+	if f.lc.interval > 0 {
+		time.Sleep(time.Until(sent.Add(f.lc.interval)))
 	}
 }
 

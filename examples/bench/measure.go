@@ -57,6 +57,10 @@ type measurement struct {
 func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep bool) *measurement {
 	m := &measurement{Target: t, Payload: lc.payload, Flows: lc.flows, Window: lc.window}
 	m.setNaN()
+	if why := e.fileLimitShortfall(lc.flows); why != "" {
+		m.Err = why
+		return m
+	}
 	var bal *balancer
 	addr := e.upstreams[0].Addr().String()
 	if t != "direct" {

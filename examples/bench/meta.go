@@ -60,7 +60,7 @@ func collectMeta(e *benchEnv, o *options) *meta {
 		}
 	case "sweep":
 		m.Parameters = []string{
-			fmt.Sprintf("flows %s, each with %d datagram(s) outstanding (closed loop)", joinInts(o.sweepFlows, ", "), o.sweepWindow),
+			sweepLoad(o),
 			fmt.Sprintf("payload %d bytes", o.sweepPayload),
 			fmt.Sprintf("%v measured after a warm-up of max(%v, ramp + 500ms) (flows start spread over min(N × 100µs, 1s)); %d interleaved round(s), medians reported", o.duration, o.warmup, o.rounds),
 			fmt.Sprintf("loss timeout %v", o.timeout),
@@ -126,4 +126,14 @@ func joinInts(xs []int, sep string) string {
 		s[i] = fmt.Sprint(x)
 	}
 	return strings.Join(s, sep)
+}
+
+// sweepLoad describes the sweep's load.
+func sweepLoad(o *options) string {
+	if o.sweepRate > 0 {
+		return fmt.Sprintf("flows %s; fixed rate: %d datagrams/s in total, spread evenly over the flows, each flow paced with one datagram outstanding; client source addresses 127.0.0.1… (%d flows each)",
+			joinInts(o.sweepFlows, ", "), o.sweepRate, flowsPerSource)
+	}
+	return fmt.Sprintf("flows %s, each with %d datagram(s) outstanding (closed loop); client source addresses 127.0.0.1… (%d flows each)",
+		joinInts(o.sweepFlows, ", "), o.sweepWindow, flowsPerSource)
 }

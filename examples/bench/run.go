@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"time"
 )
@@ -13,7 +14,11 @@ import (
 // run does the whole benchmark: set-up, measurements, reports.
 func run(ctx context.Context, o *options) error {
 	began := time.Now()
-	raiseFileLimit()
+	most := o.flows
+	if o.mode == "sweep" {
+		most = slices.Max(o.sweepFlows)
+	}
+	limitErr := raiseFileLimit(most)
 
 	tmp, err := os.MkdirTemp("", "stabilize-bench-")
 	if err != nil {
@@ -21,7 +26,7 @@ func run(ctx context.Context, o *options) error {
 	}
 	defer os.RemoveAll(tmp)
 
-	env := &benchEnv{tmp: tmp, opts: o}
+	env := &benchEnv{tmp: tmp, opts: o, fileLimitErr: limitErr}
 	if err := env.prepare(ctx); err != nil {
 		return err
 	}
@@ -95,8 +100,14 @@ func loadFor(o *options, key int) loadConfig {
 		}
 	}
 	ramp := min(time.Duration(key)*100*time.Microsecond, time.Second)
-	return loadConfig{
+	lc := loadConfig{
 		flows: key, window: o.sweepWindow, payload: o.sweepPayload,
 		warmup: max(o.warmup, ramp+500*time.Millisecond), duration: o.duration, timeout: o.timeout, ramp: ramp,
 	}
+	if o.sweepRate > 0 {
+		// Each flow sends one datagram every interval, one outstanding.
+		lc.window = 1
+		lc.interval = time.Duration(int64(time.Second) * int64(key) / int64(o.sweepRate))
+	}
+	return lc
 }

@@ -9,8 +9,11 @@ package fastudp
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -29,6 +32,22 @@ type Endpoint interface {
 	Expired(now int64) bool
 	// Close ends the endpoint; it unregisters itself.
 	Close()
+}
+
+// Datagram is one datagram of a batch: its bytes and whether it was cut
+// short.
+type Datagram struct {
+	B         []byte
+	Truncated bool
+}
+
+// BatchEndpoint is an Endpoint that takes all its datagrams of one read
+// batch at once, so that it can send them on with one system call.
+type BatchEndpoint interface {
+	Endpoint
+	// DeliverBatch handles datagrams from the client, in their order; ds
+	// and their bytes are valid only during the call.
+	DeliverBatch(ds []Datagram, now int64)
 }
 
 // Sizes.
@@ -50,10 +69,11 @@ const (
 
 // Socket is one UDP socket of the fast network.
 type Socket struct {
-	key  string
-	conn *net.UDPConn
-	done chan struct{}
-	refs int // under registryMu
+	key   string
+	conn  *net.UDPConn   // the first reader's; replies leave through it
+	conns []*net.UDPConn // one per reader
+	done  chan struct{}  // closed once every reader has returned
+	refs  int            // under registryMu
 
 	mu     sync.Mutex
 	fronts []*Front // open ones, newest last
@@ -103,26 +123,87 @@ func Sockets() []*Socket {
 }
 
 func open(addr string) (*Socket, error) {
-	pc, err := new(net.ListenConfig).ListenPacket(context.Background(), "udp", addr)
+	n, err := Readers()
 	if err != nil {
 		return nil, err
 	}
-	conn := pc.(*net.UDPConn)
-	udpio.GrowBuffers(conn, socketBuffer)
+	conns, err := listen(addr, n)
+	if err != nil {
+		return nil, err
+	}
 	s := &Socket{
-		key:  addr,
-		conn: conn,
-		done: make(chan struct{}),
-		eps:  make(map[netip.AddrPort]Endpoint),
+		key:   addr,
+		conn:  conns[0],
+		conns: conns,
+		done:  make(chan struct{}),
+		eps:   make(map[netip.AddrPort]Endpoint),
 	}
-	b, err := udpio.NewBatch(conn, batchSize, BufferSize)
-	if err != nil {
-		_ = conn.Close()
-		return nil, err
+	batches := make([]*udpio.Batch, len(conns))
+	for i, c := range conns {
+		udpio.GrowBuffers(c, socketBuffer)
+		if batches[i], err = udpio.NewBatch(c, batchSize, BufferSize); err != nil {
+			s.closeConns()
+			return nil, err
+		}
 	}
-	go s.serve(b)
+	var serving sync.WaitGroup
+	for _, b := range batches {
+		serving.Go(func() { s.serve(b) })
+	}
+	go func() {
+		serving.Wait()
+		close(s.done)
+	}()
 	go s.reap()
 	return s, nil
+}
+
+// listen opens n sockets at addr: one, or n with SO_REUSEPORT, among which
+// the kernel spreads the clients by a hash of their address and port, so
+// that each client stays on one.
+func listen(addr string, n int) ([]*net.UDPConn, error) {
+	var lc net.ListenConfig
+	if n > 1 {
+		lc.Control = udpio.ReusePort
+	}
+	var conns []*net.UDPConn
+	for range n {
+		pc, err := lc.ListenPacket(context.Background(), "udp", addr)
+		if err != nil {
+			for _, c := range conns {
+				_ = c.Close()
+			}
+			return nil, err
+		}
+		conns = append(conns, pc.(*net.UDPConn))
+		addr = pc.LocalAddr().String() // the port the first got, for port 0
+	}
+	return conns, nil
+}
+
+// ReadersEnv is the environment variable that sets how many sockets, each
+// with its own reader, a fastudp address opens; see Readers.
+const ReadersEnv = "STABILIZE_FASTUDP_READERS"
+
+// Readers is how many SO_REUSEPORT sockets and readers each fastudp
+// address has: $STABILIZE_FASTUDP_READERS, 1 to 64, or 1 (Linux only;
+// elsewhere 1).
+func Readers() (int, error) {
+	v := os.Getenv(ReadersEnv)
+	if v == "" || !udpio.HasReusePort {
+		return 1, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 || n > 64 {
+		return 0, fmt.Errorf("%s %q: want a number of readers from 1 to 64", ReadersEnv, v)
+	}
+	return n, nil
+}
+
+func (s *Socket) closeConns() {
+	for _, c := range s.conns {
+		_ = c.Close()
+	}
 }
 
 // release drops one reference; the last closes the socket and its
@@ -138,7 +219,7 @@ func (s *Socket) release() {
 	if !last {
 		return
 	}
-	_ = s.conn.Close()
+	s.closeConns()
 	<-s.done
 	s.epMu.RLock()
 	eps := make([]Endpoint, 0, len(s.eps))
@@ -163,6 +244,9 @@ func (s *Socket) Open() bool {
 
 // Key is the address the socket was asked for.
 func (s *Socket) Key() string { return s.key }
+
+// Readers are the sockets, one per reader; the first is Conn.
+func (s *Socket) Readers() []*net.UDPConn { return s.conns }
 
 // Conn is the socket. Writes to it go to clients.
 func (s *Socket) Conn() *net.UDPConn { return s.conn }
@@ -199,10 +283,13 @@ func (s *Socket) Endpoints() int {
 
 // serve reads datagrams in batches until the socket closes. It looks up a
 // batch's endpoints under one read lock and delivers outside it, so that a
-// slow endpoint never holds up registration.
+// slow endpoint never holds up registration. A BatchEndpoint gets all its
+// datagrams of a batch in one call, in their order.
 func (s *Socket) serve(b *udpio.Batch) {
-	defer close(s.done)
-	var eps [batchSize]Endpoint
+	var (
+		eps [batchSize]Endpoint
+		ds  [batchSize]Datagram
+	)
 	for {
 		n, err := b.Read()
 		if err != nil {
@@ -220,10 +307,12 @@ func (s *Socket) serve(b *udpio.Batch) {
 		s.epMu.RUnlock()
 		for i := range n {
 			src, data, truncated := b.Message(i)
-			switch ep := eps[i]; {
+			ep := eps[i]
+			eps[i] = nil
+			switch {
+			case ep == delivered:
 			case ep != nil:
-				ep.Deliver(data, truncated, now)
-				eps[i] = nil
+				deliver(b, ep, eps[i+1:n], i+1, ds[:0], now)
 			case truncated:
 				s.truncated.Add(1)
 			default:
@@ -232,6 +321,43 @@ func (s *Socket) serve(b *udpio.Batch) {
 		}
 	}
 }
+
+// deliver hands datagram i-1 of a batch to its endpoint, ep, with the
+// batch's later datagrams for it if ep takes batches; later, from datagram
+// i on, are the later datagrams' endpoints, where it marks those it
+// delivers.
+func deliver(b *udpio.Batch, ep Endpoint, later []Endpoint, i int, ds []Datagram, now int64) {
+	_, data, truncated := b.Message(i - 1)
+	be, ok := ep.(BatchEndpoint)
+	if !ok {
+		ep.Deliver(data, truncated, now)
+		return
+	}
+	ds = append(ds, Datagram{data, truncated})
+	for j, other := range later {
+		if other == ep {
+			_, data, truncated := b.Message(i + j)
+			ds = append(ds, Datagram{data, truncated})
+			later[j] = delivered
+		}
+	}
+	if len(ds) == 1 {
+		ep.Deliver(data, truncated, now)
+		return
+	}
+	be.DeliverBatch(ds, now)
+	clear(ds)
+}
+
+// delivered marks the datagrams of a batch already delivered with an
+// earlier one.
+var delivered Endpoint = deliveredMark{}
+
+type deliveredMark struct{}
+
+func (deliveredMark) Deliver([]byte, bool, int64) {}
+func (deliveredMark) Expired(int64) bool          { return false }
+func (deliveredMark) Close()                      {}
 
 // toCaddy queues a datagram of an unregistered client for the newest
 // config's listener.

@@ -55,7 +55,7 @@ func (m *Msgs) Recv(fd uintptr, from int) (int, syscall.Errno) {
 		m.hdrs[i].hdr.Namelen = unix.SizeofSockaddrInet6
 		m.hdrs[i].hdr.Flags = 0
 	}
-	n, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&m.hdrs[from])),
+	n, _, errno := unix.RawSyscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&m.hdrs[from])),
 		uintptr(len(m.hdrs)-from), unix.MSG_DONTWAIT, 0, 0)
 	if errno != 0 {
 		return 0, errno
@@ -110,13 +110,81 @@ func (q *SendQueue) Add(b []byte, to netip.AddrPort, family int) {
 // Send sends queued datagrams from up to to with one sendmmsg, without
 // blocking, and returns how many the socket took.
 func (q *SendQueue) Send(fd uintptr, from, to int) (int, syscall.Errno) {
-	n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&q.hdrs[from])),
+	n, _, errno := unix.RawSyscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&q.hdrs[from])),
 		uintptr(to-from), unix.MSG_DONTWAIT, 0, 0)
 	if errno != 0 {
 		return 0, errno
 	}
 	return int(n), 0
 }
+
+// SendGSO sends the queued datagrams from from up to to as one UDP GSO
+// datagram (UDP_SEGMENT) to the first one's destination: every one of them
+// but the last must be size bytes long, the last at most size.
+func (q *SendQueue) SendGSO(fd uintptr, from, to, size int) syscall.Errno {
+	var cmsg [unix.SizeofCmsghdr + 8]byte // CMSG_SPACE(sizeof(uint16))
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&cmsg[0]))
+	h.Level, h.Type = unix.SOL_UDP, unix.UDP_SEGMENT
+	h.SetLen(unix.CmsgLen(2))
+	*(*uint16)(unsafe.Pointer(&cmsg[unix.CmsgLen(0)])) = uint16(size)
+	msg := q.hdrs[from].hdr // its name
+	msg.Iov = &q.iovs[from]
+	msg.SetIovlen(to - from)
+	msg.Control = &cmsg[0]
+	msg.SetControllen(len(cmsg))
+	_, _, errno := unix.RawSyscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&msg)), unix.MSG_DONTWAIT)
+	return errno
+}
+
+// GSORun is how many queued datagrams from from on, up to to, can leave
+// as one UDP GSO datagram of segments of their first one's size: those with
+// the same destination, of that size but the last, which may be shorter,
+// at most 64 and 65507 bytes in all. It is 1 or more.
+func (q *SendQueue) GSORun(from, to int) int {
+	size, total := q.Size(from), q.Size(from)
+	if size == 0 {
+		return 1
+	}
+	n := 1
+	for i := from + 1; i < to && n < maxSegments; i++ {
+		s := q.Size(i)
+		if s > size || s == 0 || total+s > maxGSOBytes || q.hdrs[i].hdr.Namelen != q.hdrs[from].hdr.Namelen || q.names[i] != q.names[from] {
+			break
+		}
+		n++
+		total += s
+		if s < size {
+			break // the last
+		}
+	}
+	return n
+}
+
+// NextRun returns what to send next of the queued datagrams from from up
+// to to: those up to end, as one UDP GSO datagram of segment-byte segments,
+// or, when segment is 0, with one sendmmsg (up to the next run that GSO
+// can send, if gso allows it).
+func (q *SendQueue) NextRun(from, to int, gso bool) (end, segment int) {
+	if gso {
+		if k := q.GSORun(from, to); k > 1 {
+			return from + k, q.Size(from)
+		}
+	}
+	end = from + 1
+	for end < to && !(gso && q.GSORun(end, to) > 1) {
+		end++
+	}
+	return end, 0
+}
+
+// Limits of one UDP GSO send.
+const (
+	maxSegments = 64 // UDP_MAX_SEGMENTS of older kernels
+	maxGSOBytes = 65507
+)
+
+// Size is the length of queued datagram i.
+func (q *SendQueue) Size(i int) int { return int(q.iovs[i].Len) }
 
 // Reset empties the queue.
 func (q *SendQueue) Reset() { q.n = 0 }

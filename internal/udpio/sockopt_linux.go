@@ -2,6 +2,7 @@ package udpio
 
 import (
 	"net"
+	"os"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -33,4 +34,23 @@ func GrowBuffers(conn *net.UDPConn, size int) {
 			}
 		}
 	})
+}
+
+// HasReusePort reports whether ReusePort works here.
+const HasReusePort = true
+
+// ReusePort sets SO_REUSEPORT on a socket before it is bound, as a
+// net.ListenConfig's Control: several sockets may then share one address,
+// the kernel spreading the datagrams among them by a hash of their source.
+func ReusePort(_, _ string, rc syscall.RawConn) error {
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return os.NewSyscallError("setsockopt SO_REUSEPORT", serr)
+	}
+	return nil
 }

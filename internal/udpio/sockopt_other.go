@@ -3,6 +3,7 @@
 package udpio
 
 import (
+	"errors"
 	"net"
 	"syscall"
 )
@@ -15,3 +16,9 @@ func GrowBuffers(conn *net.UDPConn, size int) {
 	_ = conn.SetReadBuffer(size)
 	_ = conn.SetWriteBuffer(size)
 }
+
+// HasReusePort reports whether ReusePort works here: Linux only.
+const HasReusePort = false
+
+// ReusePort is Linux-only.
+func ReusePort(_, _ string, _ syscall.RawConn) error { return errors.ErrUnsupported }

@@ -1,0 +1,172 @@
+package fastudp
+
+import (
+	"fmt"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// recorder is a BatchEndpoint that records what it gets, and how.
+type recorder struct {
+	mu      sync.Mutex
+	got     []string
+	calls   []int // datagrams per call
+	hold    chan struct{}
+	holding bool
+}
+
+func (r *recorder) Deliver(b []byte, _ bool, _ int64) {
+	r.DeliverBatch([]Datagram{{B: b}}, 0)
+}
+
+func (r *recorder) DeliverBatch(ds []Datagram, _ int64) {
+	r.mu.Lock()
+	for _, d := range ds {
+		r.got = append(r.got, string(d.B))
+	}
+	r.calls = append(r.calls, len(ds))
+	hold := r.holding
+	r.holding = false
+	r.mu.Unlock()
+	if hold {
+		<-r.hold
+	}
+}
+
+func (r *recorder) Expired(int64) bool { return false }
+func (r *recorder) Close()             {}
+
+func (r *recorder) snapshot() ([]string, []int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.got), slices.Clone(r.calls)
+}
+
+// A read batch's datagrams of one endpoint reach it in one DeliverBatch, in
+// their order, while datagrams of other endpoints interleave with them.
+func TestDeliverBatch(t *testing.T) {
+	f, err := Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	s := f.Socket()
+	to := s.Conn().LocalAddr().(*net.UDPAddr)
+	var clients [2]*net.UDPConn
+	var eps [2]*recorder
+	for i := range clients {
+		c, err := net.DialUDP("udp", nil, to)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		clients[i] = c
+		// The first datagram holds the socket's reader while the others
+		// queue up, so that they are read in one batch.
+		eps[i] = &recorder{hold: make(chan struct{}), holding: i == 0}
+		s.Register(c.LocalAddr().(*net.UDPAddr).AddrPort(), eps[i])
+	}
+	if _, err := clients[0].Write([]byte("first")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { got, _ := eps[0].snapshot(); return len(got) == 1 })
+	const n = 10
+	for i := range n {
+		for c, conn := range clients {
+			if _, err := conn.Write(fmt.Appendf(nil, "%d-%d", c, i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	time.Sleep(50 * time.Millisecond) // let them all arrive
+	close(eps[0].hold)
+	for c, ep := range eps {
+		waitFor(t, func() bool { got, _ := ep.snapshot(); return len(got) >= n })
+		got, calls := ep.snapshot()
+		var want []string
+		if c == 0 {
+			want = append(want, "first")
+		}
+		for i := range n {
+			want = append(want, fmt.Sprintf("%d-%d", c, i))
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("endpoint %d got %q, want %q", c, got, want)
+		}
+		if last := calls[len(calls)-1]; last != n {
+			t.Errorf("endpoint %d got its batch in calls of %v datagrams, want the last of %d", c, calls, n)
+		}
+	}
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(2 * time.Second); !cond(); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("timed out")
+		}
+	}
+}
+
+// With several readers, each client's datagrams reach its endpoint, in
+// order, whichever socket the kernel picks for it.
+func TestReaders(t *testing.T) {
+	t.Setenv(ReadersEnv, "2")
+	f, err := Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	s := f.Socket()
+	if len(s.conns) != 2 {
+		t.Fatalf("%d sockets, want 2", len(s.conns))
+	}
+	to := s.Conn().LocalAddr().(*net.UDPAddr)
+	const clients, n = 40, 20
+	eps := make([]*recorder, clients)
+	conns := make([]*net.UDPConn, clients)
+	for i := range clients {
+		c, err := net.DialUDP("udp", nil, to)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns[i] = c
+		eps[i] = &recorder{}
+		s.Register(c.LocalAddr().(*net.UDPAddr).AddrPort(), eps[i])
+	}
+	for j := range n {
+		for i, c := range conns {
+			if _, err := c.Write(fmt.Appendf(nil, "%d-%d", i, j)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for i, ep := range eps {
+		waitFor(t, func() bool { got, _ := ep.snapshot(); return len(got) >= n })
+		got, _ := ep.snapshot()
+		for j := range n {
+			if want := fmt.Sprintf("%d-%d", i, j); got[j] != want {
+				t.Fatalf("client %d: datagram %d is %q, want %q (all: %q)", i, j, got[j], want, got)
+			}
+		}
+	}
+	// Another process may bind the port too (SO_REUSEPORT), but a
+	// plain socket may not.
+	if c, err := net.ListenUDP("udp", to); err == nil {
+		c.Close()
+		t.Error("a socket without SO_REUSEPORT could bind the readers' port")
+	}
+}
+
+// An invalid reader count is refused, naming the variable and the value.
+func TestReadersInvalid(t *testing.T) {
+	t.Setenv(ReadersEnv, "0")
+	if _, err := Listen("127.0.0.1:0"); err == nil || !strings.Contains(err.Error(), `STABILIZE_FASTUDP_READERS "0"`) {
+		t.Fatalf("got %v, want an error naming %s and its value", err, ReadersEnv)
+	}
+}

@@ -1,0 +1,148 @@
+package stabilize
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"testing"
+	"time"
+)
+
+// netnsEnv marks a test process run in a network namespace of its own.
+const netnsEnv = "STABILIZE_TEST_NETNS"
+
+// inNetns runs the test again in a child process, in a new network
+// namespace with only ports lo-hi ephemeral, and reports whether this is
+// that child. It skips the test where namespaces cannot be made.
+func inNetns(t *testing.T, lo, hi int) bool {
+	t.Helper()
+	if os.Getenv(netnsEnv) == t.Name() {
+		return true
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("making a network namespace needs root")
+	}
+	unshare, err := exec.LookPath("unshare")
+	if err != nil {
+		t.Skip("no unshare command")
+	}
+	ip, err := exec.LookPath("ip")
+	if err != nil {
+		t.Skip("no ip command")
+	}
+	script := fmt.Sprintf(`%s link set lo up && echo "%d %d" > /proc/sys/net/ipv4/ip_local_port_range && exec "$@"`, ip, lo, hi)
+	if out, err := exec.Command(unshare, "-n", "true").CombinedOutput(); err != nil {
+		t.Skipf("no network namespace: %v: %s", err, out)
+	}
+	cmd := exec.Command(unshare, "-n", "sh", "-c", script, "sh", os.Args[0],
+		"-test.run=^"+t.Name()+"$", "-test.count=1", "-test.v", "-test.timeout=2m")
+	cmd.Env = append(os.Environ(), netnsEnv+"="+t.Name())
+	runChild(t, cmd)
+	return false
+}
+
+// TestNoPortWall opens 2.5 times more flows than there are ephemeral ports
+// (100, in a network namespace): per flow, spread over four upstreams from
+// one source address, where flows share source ports, then moved off one
+// that goes down to upstreams where their ports are taken; or over three
+// source addresses to one upstream; per packet, over three source
+// addresses. Every flow gets its own replies.
+func TestNoPortWall(t *testing.T) {
+	const lo, hi, flows = 40000, 40099, 250
+	if !inNetns(t, lo, hi) {
+		return
+	}
+	clientPort := 20000
+	for _, tc := range []struct {
+		name      string
+		per       string
+		upstreams int
+		locals    []string
+	}{
+		{"upstreams", PerFlow, 4, nil},
+		{"local_addresses", PerFlow, 1, []string{"127.0.0.2", "127.0.0.3", "127.0.0.4"}},
+		{"local_addresses_per_packet", PerPacket, 1, []string{"127.0.0.2", "127.0.0.3", "127.0.0.4"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			forNetworks(t, func(t *testing.T, network string) {
+				var ups []*testUpstream
+				for i := range tc.upstreams {
+					ups = append(ups, startUpstream(t, fmt.Sprint("u", i)))
+				}
+				handler := handlerConfig(tc.per, "round_robin", ups...)
+				if tc.locals != nil {
+					handler["local_addresses"] = tc.locals
+				}
+				moves := tc.upstreams > 1
+				if moves {
+					handler["health_checks"] = map[string]any{"active": map[string]any{
+						"send": "PING", "expect_prefix": "u", "interval": "100ms", "fails": 1}}
+				}
+				tr := trackHandlers(t)
+				lb := startBalancerOn(t, network, false, 30*time.Second, handler)
+				raddr := net.UDPAddrFromAddrPort(netip.MustParseAddrPort(lb.addr))
+				clients := make([]*client, flows)
+				for i := range clients {
+					clientPort++ // outside the ephemeral ports, which the flows need
+					conn, err := net.DialUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: clientPort}, raddr)
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Cleanup(func() { _ = conn.Close() })
+					clients[i] = &client{t: t, conn: conn, buf: make([]byte, 2048)}
+				}
+				roundTrips := func(round int) {
+					t.Helper()
+					for i, cl := range clients {
+						name, _, err := cl.roundTrip(fmt.Appendf(nil, "flow-%d-%d", i, round), 2*time.Second)
+						if err != nil {
+							t.Fatalf("round %d, flow %d: %v (drops %v)", round, i, err, tr.latest().Drops())
+						}
+						if round >= 2 && name == "u0" {
+							t.Fatalf("round %d, flow %d: served by u0, which is down", round, i)
+						}
+					}
+				}
+				// Twice, so that every flow is open at once the second time.
+				roundTrips(0)
+				roundTrips(1)
+				if moves {
+					// u0's flows move to the other upstreams, where their
+					// source ports are taken: they get new sockets.
+					ups[0].silent.Store(true)
+					u0 := tr.latest().byAddr[ups[0].addr]
+					eventually(t, 2*time.Second, "u0 to be marked down", func() bool { return !u0.healthy() })
+					roundTrips(2)
+					roundTrips(3)
+				}
+				sources := 0 // flows seen by the upstreams
+				ports := make(map[uint16]bool)
+				for _, u := range ups {
+					u.mu.Lock()
+					for src, n := range u.sources {
+						if n > 1 {
+							sources++ // not only the health checks
+						}
+						ports[src.Port()] = true
+						if p := src.Port(); p < lo || p > hi {
+							t.Errorf("source port %d outside the ephemeral range", p)
+						}
+					}
+					u.mu.Unlock()
+				}
+				if want := flows + flows/tc.upstreams*btoi(moves); sources < want || len(ports) > hi-lo+1 {
+					t.Fatalf("%d sources on %d ports, want %d sources on at most %d ports", sources, len(ports), want, hi-lo+1)
+				}
+			})
+		})
+	}
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
