@@ -37,6 +37,7 @@ var DefaultALPN = []string{"h3"}
 const (
 	defaultQUICReplyTimeout = 5 * time.Second
 	defaultQUICDialTimeout  = 5 * time.Second
+	quicKeepAlive           = 15 * time.Second // or half the idle timeout
 )
 
 // QUIC configures QUIC termination. Its certificate comes from Caddy's tls
@@ -185,6 +186,9 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 		}
 	}
 	q.config = &quic.Config{
+		// The client's leg lives as long as the backend's: the relay
+		// closes it when the backend's leg idles out.
+		KeepAlivePeriod: quicKeepAlive,
 		MaxIdleTimeout:  time.Duration(q.MaxIdleTimeout),
 		Allow0RTT:       q.Allow0RTT,
 		EnableDatagrams: true,

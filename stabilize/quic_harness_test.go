@@ -17,6 +17,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -132,6 +133,8 @@ type quicBackend struct {
 
 	mu     sync.Mutex
 	resets []quic.StreamErrorCode // RESET_STREAM codes received
+	stops  []quic.StreamErrorCode // STOP_SENDING codes received
+	acks   []string               // replies to streams the backend opened
 	closes []string               // close errors of ended connections
 }
 
@@ -194,6 +197,10 @@ func (b *quicBackend) serveConn(c *quic.Conn) {
 					b.noteReset(err)
 					return
 				}
+				if string(data) == "open bidi" {
+					b.openBidi(c)
+					return
+				}
 				out, err := c.OpenUniStreamSync(ctx)
 				if err != nil {
 					return
@@ -227,10 +234,56 @@ func (b *quicBackend) serveConn(c *quic.Conn) {
 				s.CancelWrite(7)
 				return
 			}
+			switch string(data) {
+			case "flood":
+				b.flood(s)
+				return
+			case "die":
+				_ = c.CloseWithError(0x99, "backend says bye")
+				return
+			}
 			_, _ = s.Write(b.reply(data))
 			_ = s.Close()
 		}()
 	}
+}
+
+// openBidi opens a bidirectional stream to the client, sends the
+// backend's name and records the client's reply.
+func (b *quicBackend) openBidi(c *quic.Conn) {
+	s, err := c.OpenStreamSync(c.Context())
+	if err != nil {
+		return
+	}
+	_, _ = s.Write(b.reply([]byte("server bidi")))
+	_ = s.Close()
+	ack, _ := io.ReadAll(s)
+	b.mu.Lock()
+	b.acks = append(b.acks, string(ack))
+	b.mu.Unlock()
+}
+
+// flood writes to s until the client stops it, and records the code.
+func (b *quicBackend) flood(s *quic.Stream) {
+	chunk := make([]byte, 1024)
+	for {
+		if _, err := s.Write(chunk); err != nil {
+			var se *quic.StreamError
+			if errors.As(err, &se) {
+				b.mu.Lock()
+				b.stops = append(b.stops, se.ErrorCode)
+				b.mu.Unlock()
+			}
+			return
+		}
+	}
+}
+
+// snapshot returns copies of the recorded events.
+func (b *quicBackend) snapshot() (resets, stops []quic.StreamErrorCode, acks, closes []string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Clone(b.resets), slices.Clone(b.stops), slices.Clone(b.acks), slices.Clone(b.closes)
 }
 
 func (b *quicBackend) reply(data []byte) []byte {

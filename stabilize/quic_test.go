@@ -1,11 +1,19 @@
 package stabilize
 
 import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"slices"
+	"strings"
+	"sync"
+
 	"crypto/rand"
 	"fmt"
+	"github.com/quic-go/quic-go"
 	"testing"
 	"time"
-
 )
 
 // TestQUICRoundRobin: 30 client connections over 3 quic/ backends are
@@ -66,6 +74,209 @@ func TestQUICRelaySizes(t *testing.T) {
 			if name := mustExchange(t, c, data); name != "a" {
 				t.Fatalf("reply from %q", name)
 			}
+		}
+	})
+}
+
+// TestQUICRelayUniStreams relays unidirectional streams opened by the
+// client and by the backend, and a bidirectional stream the backend opens.
+func TestQUICRelayUniStreams(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		for _, n := range []int{1, 5000, 300 << 10} {
+			data := bytes.Repeat([]byte{'u'}, n)
+			s, err := c.OpenUniStreamSync(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, _ = s.Write(data)
+			_ = s.Close()
+			r, err := c.AcceptUniStream(ctx)
+			if err != nil {
+				t.Fatalf("accepting the backend's uni stream: %v", err)
+			}
+			got, err := io.ReadAll(r)
+			if err != nil || !bytes.Equal(got, append([]byte("a|"), data...)) {
+				t.Fatalf("uni stream of %d bytes: got %d bytes, %v", n, len(got), err)
+			}
+		}
+		s, _ := c.OpenUniStreamSync(ctx)
+		_, _ = s.Write([]byte("open bidi"))
+		_ = s.Close()
+		bs, err := c.AcceptStream(ctx)
+		if err != nil {
+			t.Fatalf("accepting the backend's bidi stream: %v", err)
+		}
+		got, err := io.ReadAll(bs)
+		if err != nil || string(got) != "a|server bidi" {
+			t.Fatalf("backend's bidi stream: %q, %v", got, err)
+		}
+		_, _ = bs.Write([]byte("ack"))
+		_ = bs.Close()
+		eventually(t, 5*time.Second, "the backend to see the ack", func() bool {
+			_, _, acks, _ := b.snapshot()
+			return slices.Equal(acks, []string{"ack"})
+		})
+	})
+}
+
+// TestQUICRelayDatagrams relays DATAGRAM frames both ways, to quic/ and to
+// udp/ upstreams.
+func TestQUICRelayDatagrams(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		for _, kind := range []string{"quic", "udp"} {
+			t.Run(kind, func(t *testing.T) {
+				var dial string
+				if kind == "quic" {
+					dial = startQUICBackend(t, "a").dial()
+				} else {
+					dial = startUpstream(t, "a").dial()
+				}
+				lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, dial))
+				c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+				if !c.ConnectionState().SupportsDatagrams.Remote {
+					t.Fatal("the balancer does not offer datagrams")
+				}
+				for i := range 5 {
+					msg := fmt.Sprint("datagram ", i)
+					got := ""
+					for try := 0; try < 5 && got == ""; try++ {
+						if err := c.SendDatagram([]byte(msg)); err != nil {
+							t.Fatal(err)
+						}
+						ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+						d, err := c.ReceiveDatagram(ctx)
+						cancel()
+						if err == nil {
+							got = string(d)
+						}
+					}
+					if got != "a|"+msg {
+						t.Fatalf("datagram %q: reply %q", msg, got)
+					}
+				}
+			})
+		}
+	})
+}
+
+// TestQUICRelayStreamEnds passes RESET_STREAM and STOP_SENDING with their
+// codes both ways, and the connection close code both ways.
+func TestQUICRelayStreamEnds(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+
+		// The client resets: the backend sees code 42 and resets its side
+		// with 7, which the client sees.
+		s, _ := c.OpenStreamSync(ctx)
+		_, _ = s.Write([]byte("partial"))
+		s.CancelWrite(42)
+		_ = s.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err := io.ReadAll(s)
+		var se *quic.StreamError
+		if !errors.As(err, &se) || se.ErrorCode != 7 || !se.Remote {
+			t.Fatalf("reading a reset stream: %v, want the backend's reset 7", err)
+		}
+		eventually(t, 5*time.Second, "the backend to see reset 42", func() bool {
+			resets, _, _, _ := b.snapshot()
+			return slices.Contains(resets, 42)
+		})
+
+		// The client stops reading: the backend's writes fail with 43.
+		s, _ = c.OpenStreamSync(ctx)
+		_, _ = s.Write([]byte("flood"))
+		_ = s.Close()
+		_, _ = io.ReadFull(s, make([]byte, 4096))
+		s.CancelRead(43)
+		eventually(t, 5*time.Second, "the backend to see STOP_SENDING 43", func() bool {
+			_, stops, _, _ := b.snapshot()
+			return slices.Contains(stops, 43)
+		})
+
+		// The client's close code reaches the backend.
+		_ = c.CloseWithError(0x77, "client says bye")
+		eventually(t, 5*time.Second, "the backend to see the client's close", func() bool {
+			_, _, _, closes := b.snapshot()
+			return slices.ContainsFunc(closes, func(s string) bool { return strings.Contains(s, "client says bye") })
+		})
+
+		// The backend's close code reaches the client.
+		c = dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		_, err = quicExchange(c, []byte("die"))
+		<-c.Context().Done()
+		var ae *quic.ApplicationError
+		if !errors.As(context.Cause(c.Context()), &ae) || ae.ErrorCode != 0x99 || ae.ErrorMessage != "backend says bye" {
+			t.Fatalf("connection closed with %v, want the backend's 0x99", context.Cause(c.Context()))
+		}
+	})
+}
+
+// TestQUICRelayConcurrentStreams runs 100 streams at once on one
+// connection.
+func TestQUICRelayConcurrentStreams(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		var wg sync.WaitGroup
+		errs := make(chan error, 100)
+		for i := range 100 {
+			wg.Go(func() {
+				data := bytes.Repeat([]byte{byte(i)}, 10000+i)
+				reply, err := quicExchange(c, data)
+				if err == nil && !bytes.Equal(reply, append([]byte("a|"), data...)) {
+					err = fmt.Errorf("stream %d: wrong reply of %d bytes", i, len(reply))
+				}
+				if err != nil {
+					errs <- err
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatal(err)
+		}
+	})
+}
+
+// TestQUICBackendDies: a backend that disappears without a close gets its
+// clients a CONNECTION_CLOSE with QUICErrUpstreamGone, and a backend that
+// is down gets new clients QUICErrNoUpstream, both counted.
+func TestQUICBackendDies(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		tr := trackHandlers(t)
+		b := startQUICBackend(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second,
+			quicHandler(t, "", "", map[string]any{"max_idle_timeout": "1s"}, b.dial()))
+		h := tr.latest()
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		mustExchange(t, c, []byte("hi"))
+		b.stop()
+		select {
+		case <-c.Context().Done():
+		case <-time.After(10 * time.Second):
+			t.Fatal("the client's connection hangs after its backend died")
+		}
+		var ae *quic.ApplicationError
+		if !errors.As(context.Cause(c.Context()), &ae) || ae.ErrorCode != QUICErrUpstreamGone {
+			t.Fatalf("closed with %v, want code %#x", context.Cause(c.Context()), QUICErrUpstreamGone)
+		}
+		c = dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		<-c.Context().Done()
+		if !errors.As(context.Cause(c.Context()), &ae) || ae.ErrorCode != QUICErrNoUpstream {
+			t.Fatalf("closed with %v, want code %#x", context.Cause(c.Context()), QUICErrNoUpstream)
+		}
+		if n := h.QUIC.stats.failed[quicFailDial].Load(); n != 1 {
+			t.Fatalf("backend dial failures counted: %d, want 1", n)
 		}
 	})
 }

@@ -1,0 +1,193 @@
+package stabilize
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+	"github.com/quic-go/quic-go/qlog"
+	"github.com/quic-go/quic-go/qlogwriter"
+)
+
+// startH3Backend starts an HTTP/3 server on 127.0.0.1 that answers GET
+// with its name and POST with the body's length and SHA-256.
+func startH3Backend(t *testing.T, name string) string {
+	t.Helper()
+	p := newTestPKI(t)
+	conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /hello", func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.WriteString(w, name+"|hello "+r.Proto)
+	})
+	mux.HandleFunc("POST /upload", func(w http.ResponseWriter, r *http.Request) {
+		h := sha256.New()
+		n, _ := io.Copy(h, r.Body)
+		_, _ = io.WriteString(w, name+"|"+hex.EncodeToString(h.Sum(nil))+"|"+itoa(n))
+	})
+	srv := &http3.Server{Handler: mux, TLSConfig: http3.ConfigureTLSConfig(&tls.Config{Certificates: []tls.Certificate{p.cert}})}
+	go func() { _ = srv.Serve(conn) }()
+	t.Cleanup(func() {
+		_ = srv.Close()
+		_ = conn.Close()
+	})
+	return "quic/" + conn.LocalAddr().String()
+}
+
+func itoa(n int64) string { return strconv.FormatInt(n, 10) }
+
+// TestQUICHTTP3 sends a GET and a 1 MiB POST from an HTTP/3 client through
+// stabilize to an HTTP/3 server.
+func TestQUICHTTP3(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		backend := startH3Backend(t, "a")
+		h := quicHandler(t, "", "", nil, backend)
+		delete(h["quic"].(map[string]any), "alpn") // the default: h3
+		lb := startBalancerOn(t, network, false, 30*time.Second, h)
+		tr := &http3.Transport{TLSClientConfig: &tls.Config{RootCAs: newTestPKI(t).pool, ServerName: "localhost"}}
+		defer tr.Close()
+		client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+		resp, err := client.Get("https://" + lb.addr + "/hello")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(body) != "a|hello HTTP/3.0" {
+			t.Fatalf("GET: %q", body)
+		}
+		data := make([]byte, 1<<20)
+		_, _ = rand.Read(data)
+		sum := sha256.Sum256(data)
+		resp, err = client.Post("https://"+lb.addr+"/upload", "application/octet-stream", bytes.NewReader(data))
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if want := "a|" + hex.EncodeToString(sum[:]) + "|1048576"; string(body) != want {
+			t.Fatalf("POST: %q, want %q", body, want)
+		}
+	})
+}
+
+// retryCounter is a client qlog trace that counts Retry packets received.
+type retryCounter struct{ n atomic.Int64 }
+
+func (r *retryCounter) AddProducer() qlogwriter.Recorder { return retryRecorder{r} }
+func (r *retryCounter) SupportsSchemas(string) bool      { return true }
+
+type retryRecorder struct{ r *retryCounter }
+
+func (rr retryRecorder) RecordEvent(ev qlogwriter.Event) {
+	if p, ok := ev.(qlog.PacketReceived); ok && p.Header.PacketType == qlog.PacketTypeRetry {
+		rr.r.n.Add(1)
+	}
+}
+func (retryRecorder) Close() error { return nil }
+
+// TestQUICStatelessRetry: with stateless_retry the client's tracer records
+// a Retry packet and the connection works; without it, none.
+func TestQUICStatelessRetry(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		for _, retry := range []bool{true, false} {
+			t.Run(map[bool]string{true: "on", false: "off"}[retry], func(t *testing.T) {
+				tr := trackHandlers(t)
+				b := startQUICBackend(t, "a")
+				extra := map[string]any{}
+				if retry {
+					extra["stateless_retry"] = true
+				}
+				lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", extra, b.dial()))
+				rc := new(retryCounter)
+				conf := &quic.Config{Tracer: func(context.Context, bool, quic.ConnectionID) qlogwriter.Trace { return rc }}
+				c := dialQUIC(t, lb.addr, conf, quicClientTLS(t))
+				mustExchange(t, c, []byte("hi"))
+				want := int64(0)
+				if retry {
+					want = 1
+				}
+				if got := rc.n.Load(); got != want {
+					t.Fatalf("Retry packets seen by the client: %d, want %d", got, want)
+				}
+				// A ClientHello in two Initial packets draws two Retries.
+				if got := tr.latest().QUIC.stats.retries.Load(); (got > 0) != retry {
+					t.Fatalf("Retries counted: %d, with the option %t", got, retry)
+				}
+			})
+		}
+	})
+}
+
+// lineWriter collects what is written to it.
+type lineWriter struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (w *lineWriter) Write(b []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.Write(b)
+}
+
+func (w *lineWriter) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.String()
+}
+
+// TestQUICKeyLog: the key log file's lines equal the lines the client's
+// own KeyLogWriter recorded; without the option there is no file.
+func TestQUICKeyLog(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		for _, on := range []bool{true, false} {
+			t.Run(map[bool]string{true: "on", false: "off"}[on], func(t *testing.T) {
+				b := startQUICBackend(t, "a")
+				file := filepath.Join(t.TempDir(), "keys.log")
+				extra := map[string]any{}
+				if on {
+					extra["keylog"] = file
+				}
+				lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", extra, b.dial()))
+				var client lineWriter
+				tlsConf := quicClientTLS(t)
+				tlsConf.KeyLogWriter = &client
+				c := dialQUIC(t, lb.addr, nil, tlsConf)
+				mustExchange(t, c, []byte("hi"))
+				got, err := os.ReadFile(file)
+				if !on {
+					if !os.IsNotExist(err) {
+						t.Fatalf("a key log without the option: %v", err)
+					}
+					return
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := client.String()
+				if strings.Count(want, "\n") < 4 || string(got) != want {
+					t.Fatalf("key log:\n%s\nthe client's:\n%s", got, want)
+				}
+			})
+		}
+	})
+}
