@@ -31,7 +31,8 @@ type quicConn struct {
 	deadline   time.Time
 	wake       chan struct{} // a new deadline was set
 
-	queueFull atomic.Uint64 // datagrams dropped: quic-go lagged behind
+	queueFull   atomic.Uint64 // datagrams dropped: quic-go lagged behind
+	writeErrors atomic.Uint64 // datagrams to clients lost: the send failed
 }
 
 // quicPacket is one client datagram waiting for the transport.
@@ -116,14 +117,21 @@ func stopTimer(t *time.Timer) {
 	}
 }
 
-// WriteTo sends b to addr out of the listener's socket.
+// WriteTo sends b to addr out of the listener's socket. A failed send is
+// a lost datagram, counted: an error would close every connection of the
+// transport, and on a udp/ listener the socket is replaced on reloads
+// (the next flow brings the new one).
 func (c *quicConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	ua, ok := addr.(*net.UDPAddr)
 	if !ok {
-		return 0, &net.OpError{Op: "write", Net: "udp", Addr: addr, Err: net.UnknownNetworkError(addr.Network())}
+		c.writeErrors.Add(1)
+		return len(b), nil
 	}
 	ap := ua.AddrPort()
-	return c.out.Load().WriteToUDPAddrPort(b, netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
+	if _, err := c.out.Load().WriteToUDPAddrPort(b, netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())); err != nil {
+		c.writeErrors.Add(1)
+	}
+	return len(b), nil
 }
 
 // Close ends reads; the listener's socket stays open.

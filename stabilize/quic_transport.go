@@ -55,6 +55,9 @@ func (h *Handler) transportFor(cx *layer4.Connection, network string, out *net.U
 	defer h.quicHeld.mu.Unlock()
 	if t := h.quicHeld.m[key]; t != nil {
 		t.cur.Store(h)
+		if out != nil {
+			t.conn.out.Store(out) // a udp/ listener's socket changes on reloads
+		}
 		return t, nil
 	}
 	v, _, err := quicTransports.LoadOrNew(key, func() (caddy.Destructor, error) {
@@ -65,6 +68,9 @@ func (h *Handler) transportFor(cx *layer4.Connection, network string, out *net.U
 	}
 	t := v.(*quicTransport)
 	t.cur.Store(h)
+	if out != nil {
+		t.conn.out.Store(out)
+	}
 	h.quicHeld.m[key] = t
 	return t, nil
 }
