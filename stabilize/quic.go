@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -109,24 +108,27 @@ type QUIC struct {
 // provisionQUIC checks the quic block against the upstreams and sets up
 // TLS. Upstreams are provisioned.
 func (h *Handler) provisionQUIC(ctx caddy.Context) error {
-	nquic := 0
-	for _, u := range h.Upstreams {
-		if u.quic {
-			nquic++
+	var first *Upstream // the first quic/ or udp/ upstream
+	for i, u := range h.Upstreams {
+		switch {
+		case u.quic && h.QUIC == nil:
+			return fmt.Errorf("upstreams[%d]: quic/ upstream %q requires the quic block (QUIC termination)", i, u.Dial)
+		case first == nil:
+			first = u
+		case u.quic != first.quic:
+			return fmt.Errorf("upstreams[%d]: %q and upstreams[0] %q: one handler's upstreams are all quic/ or all udp/", i, u.Dial, first.Dial)
 		}
 	}
 	q := h.QUIC
 	if q == nil {
-		if nquic > 0 {
-			return errors.New("upstreams: quic/ upstreams need QUIC termination (the quic block)")
-		}
 		return nil
-	}
-	if nquic > 0 && nquic < len(h.Upstreams) {
-		return errors.New("upstreams: quic/ and udp/ upstreams cannot be mixed in one handler")
 	}
 	if h.ProxyProtocol != "" {
 		return fmt.Errorf("proxy_protocol %q: not available with the quic block", h.ProxyProtocol)
+	}
+	nquic := 0
+	if first.quic {
+		nquic = len(h.Upstreams)
 	}
 	q.udp = nquic == 0
 	if len(q.ALPN) == 0 {
@@ -146,11 +148,15 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 	if q.ReplyTimeout == 0 {
 		q.ReplyTimeout = caddy.Duration(defaultQUICReplyTimeout)
 	}
-	if q.udp && (q.TLSInsecureSkipVerify || q.TLSServerName != "" || q.TLSTrustPoolRaw != nil) {
-		return errors.New("quic: tls_insecure_skip_verify, tls_server_name and tls_trust_pool apply to quic/ upstreams only")
-	}
-	if !q.udp && q.TLSInsecureSkipVerify && q.TLSTrustPoolRaw != nil {
-		return errors.New("quic: tls_insecure_skip_verify and tls_trust_pool exclude each other")
+	switch {
+	case q.udp && q.TLSInsecureSkipVerify:
+		return fmt.Errorf("quic.tls_insecure_skip_verify: applies to quic/ upstreams only, not to %q", first.Dial)
+	case q.udp && q.TLSServerName != "":
+		return fmt.Errorf("quic.tls_server_name %q: applies to quic/ upstreams only, not to %q", q.TLSServerName, first.Dial)
+	case q.udp && q.TLSTrustPoolRaw != nil:
+		return fmt.Errorf("quic.tls_trust_pool: applies to quic/ upstreams only, not to %q", first.Dial)
+	case q.TLSInsecureSkipVerify && q.TLSTrustPoolRaw != nil:
+		return fmt.Errorf("quic.tls_insecure_skip_verify: excludes tls_trust_pool %s", q.TLSTrustPoolRaw)
 	}
 	if err := q.provisionServerTLS(ctx); err != nil {
 		return err
@@ -202,11 +208,11 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 // pair, or from the connection policies and the tls app.
 func (q *QUIC) provisionServerTLS(ctx caddy.Context) error {
 	if (q.Certificate == "") != (q.Key == "") {
-		return fmt.Errorf("quic: certificate %q and key %q go together", q.Certificate, q.Key)
+		return fmt.Errorf("quic.certificate %q, key %q: both or neither are required", q.Certificate, q.Key)
 	}
 	if q.Certificate != "" {
 		if len(q.ConnectionPolicies) > 0 {
-			return errors.New("quic: certificate and connection_policies exclude each other")
+			return fmt.Errorf("quic.certificate %q: excludes connection_policies", q.Certificate)
 		}
 		cert, err := tls.LoadX509KeyPair(q.Certificate, q.Key)
 		if err != nil {
