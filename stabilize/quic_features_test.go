@@ -19,6 +19,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 	"github.com/quic-go/quic-go/qlog"
@@ -190,4 +192,65 @@ func TestQUICKeyLog(t *testing.T) {
 			})
 		}
 	})
+}
+
+// TestCommandQUIC runs the original's command line: `caddy stabilize
+// --listen --cert --key --to quic/... --keylog --stateless-retry`, and
+// checks the help text shows the original's flags.
+func TestCommandQUIC(t *testing.T) {
+	c := caddycmd.Commands()["stabilize"]
+	for _, want := range []string{"-c, --cert <cert>", "--stateless-retry", "--keylog <file>", "--internal-certs", "--insecure"} {
+		if !strings.Contains(c.Long, want) {
+			t.Errorf("help text lacks %q", want)
+		}
+	}
+	p := newTestPKI(t)
+	a, b := startQUICBackend(t, "a"), startQUICBackend(t, "b")
+	listen := freeUDPAddr(t)
+	keylog := filepath.Join(t.TempDir(), "keys.log")
+	opts := parseCommandArgs(t,
+		"--listen", listen,
+		"--cert", p.certFile, "-k", p.keyFile,
+		"--to", a.dial(), "--to", b.dial(),
+		"--alpn", testALPN,
+		"--keylog", keylog,
+		"--stateless-retry",
+		"--insecure",
+		"--admin", "off")
+	if err := startCommand(opts); err != nil {
+		t.Fatalf("starting: %v", err)
+	}
+	t.Cleanup(func() { _ = caddy.Stop() })
+	got := map[string]int{}
+	rc := new(retryCounter)
+	conf := &quic.Config{Tracer: func(context.Context, bool, quic.ConnectionID) qlogwriter.Trace { return rc }}
+	for range 4 {
+		c := dialQUIC(t, listen, conf, quicClientTLS(t))
+		got[mustExchange(t, c, []byte("Hello, world!"))]++
+	}
+	if got["a"] != 2 || got["b"] != 2 {
+		t.Errorf("connections per backend: %v, want 2 each", got)
+	}
+	if rc.n.Load() != 4 {
+		t.Errorf("Retries seen: %d, want one per connection", rc.n.Load())
+	}
+	if st, err := os.Stat(keylog); err != nil || st.Size() == 0 {
+		t.Errorf("key log: %v", err)
+	}
+
+	for _, bad := range [][]string{
+		{"--listen", ":4433", "--to", "quic/127.0.0.1:1"},
+		{"--listen", ":4433", "--to", "quic/127.0.0.1:1", "--cert", "a.pem", "--key", "a.key", "--domain", "example.com"},
+	} {
+		if _, err := buildCommandConfig(parseCommandArgs(t, bad...)); err == nil {
+			t.Errorf("%q: no error", bad)
+		}
+	}
+	raw, err := buildCommandConfig(parseCommandArgs(t, "--listen", ":4433", "--to", "quic/127.0.0.1:1", "--domain", "localhost"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(raw), `"automate":["localhost"]`) || !strings.Contains(string(raw), `"module":"internal"`) {
+		t.Errorf("--domain localhost: %s, want the internal issuer to manage it", raw)
+	}
 }
