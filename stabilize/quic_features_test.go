@@ -254,3 +254,49 @@ func TestCommandQUIC(t *testing.T) {
 		t.Errorf("--domain localhost: %s, want the internal issuer to manage it", raw)
 	}
 }
+
+// TestQUICMetricsAndAdmin: /stabilize/upstreams shows each upstream's live
+// QUIC connections, and /metrics counts connections, failures, streams and
+// bytes.
+func TestQUICMetricsAndAdmin(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		a, b := startQUICBackend(t, "a"), startQUICBackend(t, "b")
+		lb := startBalancerOn(t, network, true, 30*time.Second, quicHandler(t, "", "least_sessions", nil, a.dial(), b.dial()))
+		var conns []*quic.Conn
+		for range 4 {
+			c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+			mustExchange(t, c, []byte("12345"))
+			conns = append(conns, c)
+		}
+		st, _ := getUpstreams(t, lb.admin)
+		for _, be := range []*quicBackend{a, b} {
+			if s := statusOf(t, st, be.addr); s.QUICConnections != 2 || s.QUICStreams != 1*2 {
+				t.Errorf("%s: quic_connections %d, quic_streams %d, want 2 and 2 (least_sessions)", be.name, s.QUICConnections, s.QUICStreams)
+			}
+		}
+		_, _ = dialQUICErr(lb.addr, nil, quicClientTLS(t, "wrong"))
+		m := scrape(t, lb.admin)
+		if got := m.get(t, "caddy_stabilize_quic_connections_accepted_total", "handler", "0"); got != 4 {
+			t.Errorf("accepted: %v, want 4", got)
+		}
+		if got := m.get(t, "caddy_stabilize_quic_connections_active", "handler", "0"); got != 4 {
+			t.Errorf("active: %v, want 4", got)
+		}
+		if got := m.get(t, "caddy_stabilize_quic_connections_failed_total", "handler", "0", "reason", "alpn"); got != 1 {
+			t.Errorf("failed by alpn: %v, want 1", got)
+		}
+		if got := m.get(t, "caddy_stabilize_upstream_quic_stream_bytes_total", "upstream", a.addr.String(), "direction", "to_upstream"); got != 10 {
+			t.Errorf("bytes to a: %v, want 10", got)
+		}
+		if got := m.get(t, "caddy_stabilize_upstream_quic_stream_bytes_total", "upstream", a.addr.String(), "direction", "from_upstream"); got != 14 {
+			t.Errorf("bytes from a: %v, want 14", got)
+		}
+		for _, c := range conns {
+			_ = c.CloseWithError(0, "")
+		}
+		eventually(t, 5*time.Second, "no live QUIC connections", func() bool {
+			st, _ := getUpstreams(t, lb.admin)
+			return statusOf(t, st, a.addr).QUICConnections == 0 && statusOf(t, st, b.addr).QUICConnections == 0
+		})
+	})
+}
