@@ -2,6 +2,7 @@ package stabilize
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
@@ -219,6 +220,13 @@ func (q *QUIC) provisionServerTLS(ctx caddy.Context) error {
 			return fmt.Errorf("quic.certificate %q, key %q: %w", q.Certificate, q.Key, err)
 		}
 		q.tls = &tls.Config{Certificates: []tls.Certificate{cert}}
+		// Every handshake clones this config: one ticket key for all of
+		// them, so that clients can resume (and use 0-RTT).
+		var key [32]byte
+		if _, err := rand.Read(key[:]); err != nil {
+			return fmt.Errorf("quic: session ticket key: %w", err)
+		}
+		q.tls.SetSessionTicketKeys([][32]byte{key})
 		return nil
 	}
 	if len(q.ConnectionPolicies) == 0 {

@@ -300,3 +300,66 @@ func TestQUICMetricsAndAdmin(t *testing.T) {
 		})
 	})
 }
+
+// TestQUIC0RTT: a resuming client's 0-RTT data is accepted with allow_0rtt,
+// counted, and relayed; without it the client falls back to 1-RTT.
+func TestQUIC0RTT(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		for _, allow := range []bool{true, false} {
+			t.Run(map[bool]string{true: "on", false: "off"}[allow], func(t *testing.T) {
+				tr := trackHandlers(t)
+				b := startQUICBackend(t, "a")
+				extra := map[string]any{}
+				if allow {
+					extra["allow_0rtt"] = true
+				}
+				lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", extra, b.dial()))
+				tlsConf := quicClientTLS(t)
+				tlsConf.ClientSessionCache = tls.NewLRUClientSessionCache(4)
+				c := dialQUIC(t, lb.addr, nil, tlsConf)
+				mustExchange(t, c, []byte("first"))
+				time.Sleep(100 * time.Millisecond) // the session ticket
+				_ = c.CloseWithError(0, "")
+
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				c, err := quic.DialAddrEarly(ctx, lb.addr, tlsConf, &quic.Config{EnableDatagrams: true})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.CloseWithError(0, "")
+				if name := mustExchange(t, c, []byte("early")); name != "a" {
+					t.Fatalf("reply from %q", name)
+				}
+				if used := c.ConnectionState().Used0RTT; used != allow {
+					t.Fatalf("0-RTT used: %t, want %t", used, allow)
+				}
+				if !c.ConnectionState().TLS.DidResume {
+					t.Fatal("the client did not resume")
+				}
+				want := uint64(0)
+				if allow {
+					want = 1
+				}
+				if n := tr.latest().QUIC.stats.zeroRTT.Load(); n != want {
+					t.Fatalf("0-RTT counted: %d, want %d", n, want)
+				}
+			})
+		}
+	})
+}
+
+// TestQUICQlogDir writes a qlog file per connection, both legs.
+func TestQUICQlogDir(t *testing.T) {
+	b := startQUICBackend(t, "a")
+	dir := t.TempDir()
+	lb := startBalancerOn(t, FastNetwork, false, 30*time.Second, quicHandler(t, "", "", map[string]any{"qlog_dir": dir}, b.dial()))
+	c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+	mustExchange(t, c, []byte("traced"))
+	_ = c.CloseWithError(0, "")
+	eventually(t, 5*time.Second, "a server and a client qlog", func() bool {
+		server, _ := filepath.Glob(filepath.Join(dir, "*_server.sqlog"))
+		client, _ := filepath.Glob(filepath.Join(dir, "*_client.sqlog"))
+		return len(server) == 1 && len(client) == 1
+	})
+}

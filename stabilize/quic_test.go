@@ -3,17 +3,17 @@ package stabilize
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"errors"
+	"fmt"
 	"io"
 	"slices"
 	"strings"
 	"sync"
-
-	"crypto/rand"
-	"fmt"
-	"github.com/quic-go/quic-go"
 	"testing"
 	"time"
+
+	"github.com/quic-go/quic-go"
 )
 
 // TestQUICRoundRobin: 30 client connections over 3 quic/ backends are
@@ -278,5 +278,39 @@ func TestQUICBackendDies(t *testing.T) {
 		if n := h.QUIC.stats.failed[quicFailDial].Load(); n != 1 {
 			t.Fatalf("backend dial failures counted: %d, want 1", n)
 		}
+	})
+}
+
+// TestQUICUDPRequestFaults: a udp/ request without a reply within
+// reply_timeout, and one longer than a datagram, reset the stream with
+// their documented codes; the connection goes on.
+func TestQUICUDPRequestFaults(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		u := startUpstream(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second,
+			quicHandler(t, "", "", map[string]any{"reply_timeout": "200ms"}, u.dial()))
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		mustExchange(t, c, []byte("fine"))
+
+		u.silent.Store(true)
+		start := time.Now()
+		_, err := quicExchange(c, []byte("unanswered"))
+		var se *quic.StreamError
+		if !errors.As(err, &se) || se.ErrorCode != QUICErrReplyTimeout {
+			t.Fatalf("an unanswered request: %v, want reset %#x", err, QUICErrReplyTimeout)
+		}
+		if d := time.Since(start); d < 200*time.Millisecond || d > 3*time.Second {
+			t.Fatalf("reset after %v, want about the 200ms reply_timeout", d)
+		}
+		u.silent.Store(false)
+
+		_, err = quicExchange(c, make([]byte, maxUDPPayload+1))
+		if !errors.As(err, &se) || se.ErrorCode != QUICErrRequestTooLarge {
+			t.Fatalf("an oversized request: %v, want reset %#x", err, QUICErrRequestTooLarge)
+		}
+		if n := u.gotPayload(string(make([]byte, maxUDPPayload+1))); n != 0 {
+			t.Fatal("the oversized request reached the upstream")
+		}
+		mustExchange(t, c, make([]byte, maxUDPPayload-100))
 	})
 }
