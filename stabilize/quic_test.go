@@ -314,3 +314,28 @@ func TestQUICUDPRequestFaults(t *testing.T) {
 		mustExchange(t, c, make([]byte, maxUDPPayload-100))
 	})
 }
+
+// TestQUICActiveHealth: an active check of a quic/ upstream is a QUIC
+// handshake with the configured ALPN: a backend without that ALPN, and a
+// stopped one, are marked down and get no new connections.
+func TestQUICActiveHealth(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		a, wrong, gone := startQUICBackend(t, "a"), startQUICBackend(t, "wrong", "other"), startQUICBackend(t, "gone")
+		h := quicHandler(t, "", "round_robin", nil, a.dial(), wrong.dial(), gone.dial())
+		h["health_checks"] = map[string]any{"active": map[string]any{"interval": "500ms", "timeout": "400ms"}}
+		gone.stop()
+		lb := startBalancerOn(t, network, false, 30*time.Second, h)
+		eventually(t, 5*time.Second, "the two bad backends marked down", func() bool {
+			return !hostOf(t, wrong.addr).Healthy() && !hostOf(t, gone.addr).Healthy() && hostOf(t, a.addr).Healthy()
+		})
+		for range 4 {
+			c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+			if name := mustExchange(t, c, []byte("hi")); name != "a" {
+				t.Fatalf("a connection went to %s", name)
+			}
+		}
+		if n := wrong.conns.Load(); n != 0 {
+			t.Fatalf("the backend without the ALPN completed %d handshakes", n)
+		}
+	})
+}
