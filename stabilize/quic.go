@@ -333,4 +333,5 @@ type quicStats struct {
 	accepted, retries, zeroRTT atomic.Uint64
 	active                     atomic.Int64
 	failed                     [numQUICFailures]atomic.Uint64
+	dialWarned                 atomic.Bool // a failed backend dial was logged at Warn
 }

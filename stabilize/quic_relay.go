@@ -85,7 +85,11 @@ func (h *Handler) serveQUIC(c *quic.Conn) {
 		if h.HealthChecks != nil && h.HealthChecks.Passive != nil {
 			h.passiveFailure(u, "QUIC dial: "+err.Error())
 		}
-		if ce := h.logger.Check(zap.DebugLevel, "backend QUIC dial failed"); ce != nil {
+		level := zap.DebugLevel
+		if !q.stats.dialWarned.Swap(true) {
+			level = zap.WarnLevel // the first; the metrics count the others
+		}
+		if ce := h.logger.Check(level, "backend QUIC connection failed"); ce != nil {
 			ce.Write(zap.Stringer("upstream", u.addr), zap.Error(err))
 		}
 		_ = c.CloseWithError(QUICErrNoUpstream, "upstream unavailable")

@@ -6,9 +6,17 @@
 // serves on ports 6001, 6002 and 6003. Each reply is the server's address, a
 // '|' and the request (see package udpecho). On SIGINT or SIGTERM it prints
 // how many datagrams each server received and exits.
+//
+//	server -quic -listen 127.0.0.1:7001 -n 3 [-cert cert.pem -key key.pem]
+//
+// runs QUIC servers instead (package quicecho, ALPN stabilize-echo): each
+// stream gets the server's address, a '|' and the stream's data. Without
+// -cert and -key they share a self-signed certificate for localhost and
+// 127.0.0.1, whose file they print.
 package main
 
 import (
+	"crypto/tls"
 	"flag"
 	"fmt"
 	"log"
@@ -18,6 +26,7 @@ import (
 	"strconv"
 	"syscall"
 
+	"github.com/stabilize-lb/caddy-stabilize/examples/internal/quicecho"
 	"github.com/stabilize-lb/caddy-stabilize/examples/internal/udpecho"
 )
 
@@ -25,6 +34,9 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:6001", "`host:port` of the first server")
 	n := flag.Int("n", 1, "number of servers, on consecutive ports from -listen's")
 	quiet := flag.Bool("quiet", false, "receive and count datagrams but never reply (a hung upstream)")
+	useQUIC := flag.Bool("quic", false, "run QUIC echo servers (ALPN "+quicecho.ALPN+") instead of UDP ones")
+	certFile := flag.String("cert", "", "-quic: PEM certificate `file` (default: a self-signed one)")
+	keyFile := flag.String("key", "", "-quic: PEM key `file` of -cert")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "Usage: %s [flags]\n\n"+
 			"Runs UDP echo servers. Each replies to a datagram with \"<listen address>|<datagram>\".\n\n",
@@ -37,6 +49,10 @@ func main() {
 	addrs, err := consecutive(*listen, *n)
 	if err != nil {
 		log.Fatal(err)
+	}
+	if *useQUIC {
+		serveQUIC(addrs, *certFile, *keyFile)
+		return
 	}
 	servers := make([]*udpecho.Server, 0, len(addrs))
 	for _, addr := range addrs {
@@ -55,6 +71,37 @@ func main() {
 	for _, s := range servers {
 		s.Close()
 		log.Printf("%s received %d, replied %d", s.Name(), s.Received(), s.Replied())
+	}
+}
+
+// serveQUIC runs QUIC echo servers on addrs until SIGINT or SIGTERM.
+func serveQUIC(addrs []string, certFile, keyFile string) {
+	var cert tls.Certificate
+	var err error
+	if certFile == "" {
+		certFile, _, cert, err = quicecho.SelfSigned()
+		log.Printf("self-signed certificate: %s", certFile)
+	} else {
+		cert, err = tls.LoadX509KeyPair(certFile, keyFile)
+	}
+	if err != nil {
+		log.Fatal(err)
+	}
+	servers := make([]*quicecho.Server, 0, len(addrs))
+	for _, addr := range addrs {
+		s, err := quicecho.Start(addr, &tls.Config{Certificates: []tls.Certificate{cert}})
+		if err != nil {
+			log.Fatal(err)
+		}
+		servers = append(servers, s)
+		log.Printf("serving QUIC on %s", s.Name())
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	log.Printf("stopping on %s", <-sig)
+	for _, s := range servers {
+		s.Close()
+		log.Printf("%s accepted %d connections", s.Name(), s.Connections())
 	}
 }
 
