@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -336,6 +337,34 @@ func TestQUICActiveHealth(t *testing.T) {
 		}
 		if n := wrong.conns.Load(); n != 0 {
 			t.Fatalf("the backend without the ALPN completed %d handshakes", n)
+		}
+	})
+}
+
+// TestQUICNoLeak: once many relayed connections have closed and their
+// flows have idled out, the goroutines are back at their baseline.
+func TestQUICNoLeak(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		lb := startBalancerOn(t, network, false, time.Second, quicHandler(t, "", "", nil, b.dial()))
+		warm := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		mustExchange(t, warm, []byte("warm"))
+		_ = warm.CloseWithError(0, "")
+		time.Sleep(3 * time.Second) // the warm flow idles out
+		base := runtime.NumGoroutine()
+		for i := range 300 {
+			c, err := dialQUICErr(lb.addr, nil, quicClientTLS(t))
+			if err != nil {
+				t.Fatalf("connection %d: %v", i, err)
+			}
+			mustExchange(t, c, []byte("x"))
+			_ = c.CloseWithError(0, "")
+		}
+		eventually(t, 10*time.Second, "the goroutines back at the baseline", func() bool {
+			return runtime.NumGoroutine() <= base+5
+		})
+		if n := b.live.Load(); n != 0 {
+			t.Fatalf("%d backend connections still open", n)
 		}
 	})
 }
