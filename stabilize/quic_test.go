@@ -368,3 +368,24 @@ func TestQUICNoLeak(t *testing.T) {
 		}
 	})
 }
+
+// TestQUICPassiveDialFailure: a backend dial that fails counts as a passive
+// failure, which marks the upstream down: new connections go elsewhere.
+func TestQUICPassiveDialFailure(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		down, up := startQUICBackend(t, "down"), startQUICBackend(t, "up")
+		down.stop()
+		h := quicHandler(t, "", "round_robin", nil, down.dial(), up.dial())
+		h["health_checks"] = map[string]any{"passive": map[string]any{"max_fails": 1, "fail_duration": "1m"}}
+		lb := startBalancerOn(t, network, false, 30*time.Second, h)
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		<-c.Context().Done() // the first pick: the down backend
+		eventually(t, 5*time.Second, "the down backend marked down", func() bool { return !hostOf(t, down.addr).Healthy() })
+		for range 3 {
+			c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+			if name := mustExchange(t, c, []byte("hi")); name != "up" {
+				t.Fatalf("a connection went to %s", name)
+			}
+		}
+	})
+}

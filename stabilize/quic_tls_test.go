@@ -43,6 +43,13 @@ func startQUICWithTLSApp(t *testing.T, network string, handler map[string]any, t
 	return b
 }
 
+// loadFilesApp is a tls app config that loads the test certificate.
+func loadFilesApp(p *testPKI) map[string]any {
+	return map[string]any{"certificates": map[string]any{"load_files": []any{
+		map[string]any{"certificate": p.certFile, "key": p.keyFile},
+	}}}
+}
+
 func listenAddr(t *testing.T) string {
 	return net.JoinHostPort("127.0.0.1", itoa(int64(freeUDPPort(t))))
 }
@@ -92,9 +99,7 @@ func TestQUICCertificates(t *testing.T) {
 			b := startQUICBackend(t, "a")
 			p := newTestPKI(t)
 			lb := startQUICWithTLSApp(t, network, quicHandler(t, "", "", nil, b.dial()),
-				map[string]any{"certificates": map[string]any{"load_files": []any{
-					map[string]any{"certificate": p.certFile, "key": p.keyFile},
-				}}}, nil, t.TempDir())
+				loadFilesApp(p), nil, t.TempDir())
 			c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
 			mustExchange(t, c, []byte("loaded"))
 		})
@@ -110,9 +115,7 @@ func TestQUICHandshakeFailures(t *testing.T) {
 		b := startQUICBackend(t, "a")
 		p := newTestPKI(t)
 		lb := startQUICWithTLSApp(t, network, quicHandler(t, "", "", nil, b.dial()),
-			map[string]any{"certificates": map[string]any{"load_files": []any{
-				map[string]any{"certificate": p.certFile, "key": p.keyFile},
-			}}}, nil, t.TempDir())
+			loadFilesApp(p), nil, t.TempDir())
 		h := tr.latest()
 
 		_, err := dialQUICErr(lb.addr, nil, quicClientTLS(t, "not-offered"))

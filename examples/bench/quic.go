@@ -16,7 +16,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -310,22 +309,10 @@ func (e *benchEnv) startQUICBalancer(ctx context.Context, t, network, upstream, 
 	}
 	cmd := exec.Command(e.caddy, "run", "--config", cfgPath)
 	cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
-	b := &balancer{cmd: cmd, addr: listen, port: port, logPath: filepath.Join(dir, "output.log"), done: make(chan struct{})}
-	logf, err := os.Create(b.logPath)
+	b, err := launch(cmd, listen, port, dir)
 	if err != nil {
 		return nil, err
 	}
-	defer logf.Close()
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := startChild(cmd); err != nil {
-		return nil, err
-	}
-	go func() {
-		_ = cmd.Wait()
-		forgetChild(cmd)
-		close(b.done)
-	}()
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		dctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
