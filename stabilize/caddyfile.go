@@ -62,7 +62,7 @@ type caddyfileOption struct {
 // documents every option.
 var caddyfileOptions = []caddyfileOption{
 	{group: "upstreams: at least one, in any of the three forms", name: "to", args: "<upstreams...>", variadic: true, many: true,
-		doc:   "UDP upstreams: udp/host:port, udp4/..., udp6/... or a plain host:port",
+		doc:   "UDP upstreams: udp/host:port, udp4/..., udp6/... or a plain host:port; quic/host:port with the quic block",
 		parse: (*caddyfileParser).to},
 	{name: "upstream", args: "<address>", block: []string{"weight <n>"}, many: true,
 		doc:   "one upstream, with an optional weight for weighted policies (1-10000, default 1)",

@@ -132,6 +132,9 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 		nquic = len(h.Upstreams)
 	}
 	q.udp = nquic == 0
+	if !q.udp && h.Per == PerPacket {
+		return fmt.Errorf("per %q: quic/ upstreams are picked once per client connection", h.Per)
+	}
 	if len(q.ALPN) == 0 {
 		q.ALPN = DefaultALPN
 	}
