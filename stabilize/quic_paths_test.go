@@ -210,3 +210,21 @@ func TestQUICReload(t *testing.T) {
 		}
 	})
 }
+
+// TestQUICDualStackListener: on a listener of every interface (an IPv6
+// socket that also takes IPv4), an IPv4 client's address keeps one form,
+// so Retry tokens validate and replies reach it.
+func TestQUICDualStackListener(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		port := freeUDPPort(t)
+		cfg := testConfigOn(network, ":"+itoa(int64(port)), "", 30*time.Second,
+			quicHandler(t, "", "", map[string]any{"stateless_retry": true}, b.dial()))
+		if err := caddy.Load(cfg, true); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = caddy.Stop() })
+		c := dialQUIC(t, "127.0.0.1:"+itoa(int64(port)), nil, quicClientTLS(t))
+		mustExchange(t, c, []byte("v4 on a dual-stack socket"))
+	})
+}
