@@ -261,7 +261,18 @@ func TestQUICBackendDies(t *testing.T) {
 		h := tr.latest()
 		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
 		mustExchange(t, c, []byte("hi"))
+		// A stream in flight when the backend dies ends, never hangs.
+		s, err := c.OpenStreamSync(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = s.Write([]byte("mid-stream"))
+		eventually(t, 5*time.Second, "the stream at the backend", func() bool { return b.live.Load() == 1 })
 		b.stop()
+		_ = s.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.ReadAll(s); err == nil || isTimeout(err) {
+			t.Fatalf("a stream in flight when the backend died: %v, want the connection's close", err)
+		}
 		select {
 		case <-c.Context().Done():
 		case <-time.After(10 * time.Second):
