@@ -105,17 +105,23 @@ func runQUIC(cfg udpclient.Config, ca, alpn, serverName string, quiet bool) int 
 			}
 		})
 	fmt.Printf("\nconnections %d, answered %d, failed %d in %v\n", res.Sent, res.Received, len(res.Errors), time.Since(start).Round(time.Millisecond))
-	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(w, "server\tconnections\tshare\t")
-	for _, server := range slices.Sorted(maps.Keys(res.PerServer)) {
-		n := res.PerServer[server]
-		fmt.Fprintf(w, "%s\t%d\t%.1f%%\t\n", server, n, 100*float64(n)/float64(res.Received))
-	}
-	w.Flush()
+	printShares("connections", res.PerServer, res.Received)
 	if len(res.Errors) > 0 {
 		return 1
 	}
 	return 0
+}
+
+// printShares prints a table of the count per server and its share of
+// total; what names the counts.
+func printShares(what string, perServer map[string]int, total int) {
+	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(w, "server\t%s\tshare\t\n", what)
+	for _, server := range slices.Sorted(maps.Keys(perServer)) {
+		n := perServer[server]
+		fmt.Fprintf(w, "%s\t%d\t%.1f%%\t\n", server, n, 100*float64(n)/float64(total))
+	}
+	w.Flush()
 }
 
 // report prints the totals, the replies per server, and, for several flows,
@@ -131,13 +137,7 @@ func report(res udpclient.Result) {
 	}
 
 	fmt.Println()
-	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(w, "server\treplies\tshare\t")
-	for _, server := range slices.Sorted(maps.Keys(res.PerServer)) {
-		n := res.PerServer[server]
-		fmt.Fprintf(w, "%s\t%d\t%.1f%%\t\n", server, n, 100*float64(n)/float64(res.Received))
-	}
-	w.Flush()
+	printShares("replies", res.PerServer, res.Received)
 
 	if len(res.Flows) < 2 {
 		return
