@@ -53,6 +53,9 @@ func (h *Handler) transportFor(cx *layer4.Connection, network string, out *net.U
 	key := network + "/" + cx.LocalAddr().String()
 	h.quicHeld.mu.Lock()
 	defer h.quicHeld.mu.Unlock()
+	if h.quicHeld.m == nil {
+		return nil, errQUICHandlerGone
+	}
 	if t := h.quicHeld.m[key]; t != nil {
 		t.cur.Store(h)
 		if out != nil {
@@ -74,6 +77,9 @@ func (h *Handler) transportFor(cx *layer4.Connection, network string, out *net.U
 	h.quicHeld.m[key] = t
 	return t, nil
 }
+
+// errQUICHandlerGone: a flow reached a handler already cleaned up.
+var errQUICHandlerGone = errors.New("the handler has been cleaned up")
 
 // newQUICTransport opens a transport on a quicConn that writes out of out
 // and starts accepting connections.
@@ -146,6 +152,9 @@ func (h *Handler) handleQUIC(cx *layer4.Connection) error {
 	front, out := listenerOf(cx)
 	network := listenerNetwork(front)
 	t, err := h.transportFor(cx, network, out)
+	if errors.Is(err, errQUICHandlerGone) {
+		return nil // the next config's handler takes the client's next datagram
+	}
 	if err != nil {
 		h.warnOnce(dropSocketUnavailable, "cannot terminate QUIC", zap.Error(err))
 		h.refuse(cx, dropSocketUnavailable)
