@@ -228,3 +228,51 @@ func TestQUICDualStackListener(t *testing.T) {
 		mustExchange(t, c, []byte("v4 on a dual-stack socket"))
 	})
 }
+
+// TestQUICReloadsUnderTraffic: 20 config changes while one connection
+// keeps exchanging; it never breaks and stays on its backend. On fastudp/
+// only: on udp/ every config has a listener socket of its own, and a reply
+// sent after a reload closed the old socket and before the client's next
+// datagram shows the new one is lost, which a client that only waits for
+// that reply does not repair (see README, QUIC termination, limits).
+func TestQUICReloadsUnderTraffic(t *testing.T) {
+	for _, network := range []string{FastNetwork} {
+		a, b := startQUICBackend(t, "a"), startQUICBackend(t, "b")
+		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, a.dial()))
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		mustExchange(t, c, []byte("before"))
+		done := make(chan error, 1)
+		go func() {
+			for i := range 20 {
+				ups := []string{a.dial()}
+				if i%2 == 0 {
+					ups = append(ups, b.dial())
+				}
+				if err := caddy.Load(testConfigOn(network, lb.addr, "", 30*time.Second, quicHandler(t, "", "", nil, ups...)), true); err != nil {
+					done <- err
+					return
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			done <- nil
+		}()
+		n := 0
+		for {
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := mustExchange(t, c, []byte("after")); got != "a" || n == 0 {
+					t.Fatalf("after the reloads: reply from %s, %d exchanges during them", got, n)
+				}
+				return
+			default:
+			}
+			if got := mustExchange(t, c, []byte("during")); got != "a" {
+				t.Fatalf("the connection moved to %s", got)
+			}
+			n++
+		}
+	}
+}

@@ -41,10 +41,12 @@ var quicLive = struct {
 	hs []*Handler
 }{}
 
-// quicHolds is the transports a handler holds a reference to, by key.
+// quicHolds is the transports a handler holds a reference to, by key, and
+// the caddy-l4 flows its Handle is reading.
 type quicHolds struct {
-	mu sync.Mutex
-	m  map[string]*quicTransport
+	mu    sync.Mutex
+	m     map[string]*quicTransport
+	flows map[*layer4.Connection]struct{}
 }
 
 // transportFor returns the transport of cx's listener, opening it on the
@@ -56,6 +58,7 @@ func (h *Handler) transportFor(cx *layer4.Connection, network string, out *net.U
 	if h.quicHeld.m == nil {
 		return nil, errQUICHandlerGone
 	}
+	h.quicHeld.flows[cx] = struct{}{}
 	if t := h.quicHeld.m[key]; t != nil {
 		t.cur.Store(h)
 		if out != nil {
@@ -160,6 +163,7 @@ func (h *Handler) handleQUIC(cx *layer4.Connection) error {
 		h.refuse(cx, dropSocketUnavailable)
 		return nil
 	}
+	defer h.forgetQUICFlow(cx)
 	if front != nil {
 		ep := &quicEndpoint{
 			conn:   t.conn,
@@ -185,13 +189,27 @@ func (h *Handler) handleQUIC(cx *layer4.Connection) error {
 			continue
 		}
 		p.n, p.from = n, client
+		if out != nil && t.conn.out.Load() != out {
+			// On udp/ every config has its own listener socket: write out
+			// of the one that the latest datagram came through, which is
+			// open, not of one a reload has closed.
+			t.conn.out.Store(out)
+		}
 		t.conn.push(p)
 	}
+}
+
+// forgetQUICFlow drops a flow whose Handle returns.
+func (h *Handler) forgetQUICFlow(cx *layer4.Connection) {
+	h.quicHeld.mu.Lock()
+	delete(h.quicHeld.flows, cx)
+	h.quicHeld.mu.Unlock()
 }
 
 // quicJoin records h as a live QUIC handler.
 func (h *Handler) quicJoin() {
 	h.quicHeld.m = make(map[string]*quicTransport)
+	h.quicHeld.flows = make(map[*layer4.Connection]struct{})
 	quicLive.Lock()
 	quicLive.hs = append(quicLive.hs, h)
 	quicLive.Unlock()
@@ -214,6 +232,12 @@ func (h *Handler) quicLeave() {
 	h.quicHeld.mu.Lock()
 	held := h.quicHeld.m
 	h.quicHeld.m = nil
+	for cx := range h.quicHeld.flows {
+		// End Handle's wait, as for balanced flows: caddy-l4 waits for
+		// it before the reload goes on. The client's next datagram
+		// reaches the next config, and the same transport.
+		_ = cx.SetReadDeadline(time.Unix(1, 0))
+	}
 	h.quicHeld.mu.Unlock()
 	for key, t := range held {
 		if next != nil && next.adoptTransport(key, t) {
