@@ -1,6 +1,7 @@
 package stabilize
 
 import (
+	"errors"
 	"net"
 	"net/netip"
 	"os"
@@ -22,7 +23,11 @@ import (
 type quicConn struct {
 	local net.Addr
 	in    chan *quicPacket
-	out   atomic.Pointer[net.UDPConn] // the listener's socket
+	out   atomic.Pointer[net.UDPConn] // where writes go; see setOut
+
+	outMu  sync.Mutex
+	latest atomic.Pointer[net.UDPConn] // the listener socket of the latest datagram
+	hold   *socketHold                 // udp/: a duplicate of latest's socket, or nil
 
 	closed    chan struct{}
 	closeOnce sync.Once
@@ -57,6 +62,56 @@ func newQUICConn(local net.Addr, out *net.UDPConn) *quicConn {
 	}
 	c.out.Store(out)
 	return c
+}
+
+// setOut makes writes go out of out, the listener socket that a client
+// datagram came through. On udp/ (hold) every config has a listener socket
+// of its own, which the config closes when a reload replaces it: then
+// writes go on through a duplicate of that socket kept here, which also
+// reads what reaches it in place of the closed listener (takeOver), until a
+// datagram through the next config's socket moves them there.
+func (c *quicConn) setOut(out *net.UDPConn, hold bool) {
+	if c.latest.Load() == out {
+		return
+	}
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if c.latest.Load() == out || c.isClosed() {
+		return
+	}
+	var held *socketHold
+	if hold {
+		var err error
+		if held, err = holdSocket(out); err != nil {
+			return // closed meanwhile by its config: keep writing as before
+		}
+	}
+	old := c.hold
+	c.hold = held
+	c.latest.Store(out)
+	c.out.Store(out)
+	if old != nil {
+		old.release()
+	}
+}
+
+// takeOver is called when a write out of failed found it closed: writes
+// then go through the duplicate of its socket, which starts reading in
+// place of the listener. It returns the socket to write to, or nil.
+func (c *quicConn) takeOver(failed *net.UDPConn) *net.UDPConn {
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if c.latest.Load() != failed || c.hold == nil {
+		if out := c.out.Load(); out != failed {
+			return out
+		}
+		return nil
+	}
+	if c.out.Load() == failed {
+		c.out.Store(c.hold.conn)
+		go c.hold.read(c)
+	}
+	return c.hold.conn
 }
 
 // deliver queues a copy of b, a datagram from the client from, unmapped.
@@ -128,7 +183,15 @@ func (c *quicConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 		return len(b), nil
 	}
 	ap := ua.AddrPort()
-	if _, err := c.out.Load().WriteToUDPAddrPort(b, netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())); err != nil {
+	to := netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	out := c.out.Load()
+	_, err := out.WriteToUDPAddrPort(b, to)
+	if errors.Is(err, net.ErrClosed) {
+		if out = c.takeOver(out); out != nil {
+			_, err = out.WriteToUDPAddrPort(b, to)
+		}
+	}
+	if err != nil {
 		c.writeErrors.Add(1)
 	}
 	return len(b), nil
@@ -136,7 +199,15 @@ func (c *quicConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 
 // Close ends reads; the listener's socket stays open.
 func (c *quicConn) Close() error {
-	c.closeOnce.Do(func() { close(c.closed) })
+	c.closeOnce.Do(func() {
+		c.outMu.Lock()
+		close(c.closed)
+		if c.hold != nil {
+			c.hold.release()
+			c.hold = nil
+		}
+		c.outMu.Unlock()
+	})
 	return nil
 }
 
@@ -175,6 +246,31 @@ func (c *quicConn) SetReadBuffer(int) error { return nil }
 
 // SetWriteBuffer is a no-op; see SetReadBuffer.
 func (c *quicConn) SetWriteBuffer(int) error { return nil }
+
+// socketHold is a duplicate of a udp/ listener's socket, which keeps the
+// socket open once its config has closed it.
+type socketHold struct {
+	conn *net.UDPConn
+}
+
+// read delivers the datagrams that reach the held socket, which its
+// listener no longer reads, until release.
+func (s *socketHold) read(c *quicConn) {
+	buf := make([]byte, fastudp.BufferSize)
+	for {
+		n, from, err := s.conn.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			continue
+		}
+		c.deliver(buf[:n], netip.AddrPortFrom(from.Addr().Unmap(), from.Port()))
+	}
+}
+
+// release closes the duplicate, and so the socket if its listener has.
+func (s *socketHold) release() { _ = s.conn.Close() }
 
 // quicEndpoint feeds a fastudp client's datagrams straight to a
 // terminating transport, bypassing caddy-l4 (fastudp.Endpoint).

@@ -62,7 +62,7 @@ func (h *Handler) transportFor(cx *layer4.Connection, network string, out *net.U
 	if t := h.quicHeld.m[key]; t != nil {
 		t.cur.Store(h)
 		if out != nil {
-			t.conn.out.Store(out) // a udp/ listener's socket changes on reloads
+			t.conn.setOut(out, network == "udp") // a udp/ listener's socket changes on reloads
 		}
 		return t, nil
 	}
@@ -75,7 +75,7 @@ func (h *Handler) transportFor(cx *layer4.Connection, network string, out *net.U
 	t := v.(*quicTransport)
 	t.cur.Store(h)
 	if out != nil {
-		t.conn.out.Store(out)
+		t.conn.setOut(out, network == "udp")
 	}
 	h.quicHeld.m[key] = t
 	return t, nil
@@ -189,11 +189,8 @@ func (h *Handler) handleQUIC(cx *layer4.Connection) error {
 			continue
 		}
 		p.n, p.from = n, client
-		if out != nil && t.conn.out.Load() != out {
-			// On udp/ every config has its own listener socket: write out
-			// of the one that the latest datagram came through, which is
-			// open, not of one a reload has closed.
-			t.conn.out.Store(out)
+		if out != nil {
+			t.conn.setOut(out, front == nil)
 		}
 		t.conn.push(p)
 	}
