@@ -95,6 +95,21 @@ func (c *quicConn) setOut(out *net.UDPConn, hold bool) {
 	}
 }
 
+// listenerGone is called when a config that fed the transport stops: if
+// the listener socket that writes go out of is closed, its duplicate takes
+// over now, so that clients the kernel sends to it are read even if no
+// write has failed yet.
+func (c *quicConn) listenerGone() {
+	latest := c.latest.Load()
+	if latest == nil {
+		return
+	}
+	if rc, err := latest.SyscallConn(); err == nil && rc.Control(func(uintptr) {}) == nil {
+		return // still open
+	}
+	c.takeOver(latest)
+}
+
 // takeOver is called when a write out of failed found it closed: writes
 // then go through the duplicate of its socket, which starts reading in
 // place of the listener. It returns the socket to write to, or nil.

@@ -279,3 +279,26 @@ func TestQUICReloadsUnderTraffic(t *testing.T) {
 		}
 	})
 }
+
+// TestQUICReloadNewClient: after reloads with no traffic, new clients are
+// served, and the connection opened before them still works.
+func TestQUICReloadNewClient(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		a := startQUICBackend(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, a.dial()))
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		mustExchange(t, c, []byte("before"))
+		for range 3 {
+			if err := caddy.Load(testConfigOn(network, lb.addr, "", 30*time.Second, quicHandler(t, "", "round_robin", nil, a.dial())), true); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for i := range 10 {
+			c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+			if got := mustExchange(t, c, []byte("new")); got != "a" {
+				t.Fatalf("client %d: reply from %s", i, got)
+			}
+		}
+		mustExchange(t, c, []byte("old connection"))
+	})
+}

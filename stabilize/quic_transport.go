@@ -237,6 +237,7 @@ func (h *Handler) quicLeave() {
 	}
 	h.quicHeld.mu.Unlock()
 	for key, t := range held {
+		t.conn.listenerGone() // caddy-l4 has closed this config's listeners
 		if next != nil && next.adoptTransport(key, t) {
 			continue
 		}
