@@ -68,6 +68,11 @@ type upstreamStatus struct {
 	DatagramsFromUpstream uint64 `json:"datagrams_from_upstream"`
 	BytesFromUpstream     uint64 `json:"bytes_from_upstream"`
 
+	// QUIC termination: client connections relayed to the upstream now,
+	// and streams relayed so far.
+	QUICConnections int64  `json:"quic_connections,omitempty"`
+	QUICStreams     uint64 `json:"quic_streams,omitempty"`
+
 	// The latest active health check by any handler, or null.
 	LastCheck *CheckResult `json:"last_check"`
 
@@ -120,6 +125,8 @@ func (adminUpstreams) handleUpstreams(w http.ResponseWriter, r *http.Request) er
 			BytesToUpstream:       h.bytesSent.Load(),
 			DatagramsFromUpstream: h.datagramsReceived.Load(),
 			BytesFromUpstream:     h.bytesReceived.Load(),
+			QUICConnections:       h.quic.conns.Load(),
+			QUICStreams:           h.quic.streams.Load(),
 			LastCheck:             h.LastCheck(),
 			ActiveChecks:          h.ActiveChecks(),
 		})

@@ -62,7 +62,7 @@ type caddyfileOption struct {
 // documents every option.
 var caddyfileOptions = []caddyfileOption{
 	{group: "upstreams: at least one, in any of the three forms", name: "to", args: "<upstreams...>", variadic: true, many: true,
-		doc:   "UDP upstreams: udp/host:port, udp4/..., udp6/... or a plain host:port",
+		doc:   "UDP upstreams: udp/host:port, udp4/..., udp6/... or a plain host:port; quic/host:port with the quic block",
 		parse: (*caddyfileParser).to},
 	{name: "upstream", args: "<address>", block: []string{"weight <n>", "server_id <hex>"}, many: true,
 		doc:   "one upstream, with an optional weight for weighted policies (1-10000, default 1) and QUIC-LB server ID",
@@ -145,6 +145,10 @@ var caddyfileOptions = []caddyfileOption{
 	{name: "write_buffer", args: "<size>",
 		doc:   "the send buffer size of each upstream-facing socket, such as 4MiB (default: the system's)",
 		parse: setSize(func(h *Handler) *int { return &h.WriteBuffer })},
+
+	{group: "QUIC termination: end the clients' QUIC connections, relay to quic/ or udp/ upstreams", name: "quic",
+		block: quicCaddyfileBlock(),
+		doc:   "terminate QUIC; its block's options are in the README's QUIC section"}, // parse: see quic_caddyfile.go
 }
 
 // caddyfileOptionByName indexes caddyfileOptions.
@@ -193,6 +197,11 @@ type caddyfileParser struct {
 	seen map[string]int    // option -> line first given
 	opt  *caddyfileOption  // the option being parsed
 	toks []caddyfile.Token // its arguments
+
+	// The options of a block inside the stabilize block, such as quic's,
+	// and that block's name; nil for the stabilize block's own.
+	sub     map[string]*caddyfileOption
+	subName string
 }
 
 // option parses one option of the stabilize block, at nesting; the
@@ -201,8 +210,16 @@ func (p *caddyfileParser) option(nesting int) error {
 	d := p.d
 	name := d.Val()
 	o, known := caddyfileOptionByName[name]
+	if p.sub != nil {
+		o, known = p.sub[name]
+		if known {
+			c := *o
+			c.name = p.subName + " " + name // in errors
+			o, name = &c, c.name
+		}
+	}
 	if !known {
-		return d.Errf("stabilize: unknown option %q", name)
+		return d.Errf("stabilize: unknown option %q", strings.TrimSpace(p.subName+" "+name))
 	}
 	if line, dup := p.seen[name]; dup && !o.many {
 		return d.Errf("stabilize: duplicate option %q (first set on line %d)", name, line)

@@ -20,7 +20,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "stabilize",
-		Usage: `--listen <addr> --to <addr> [--to <addr>...] [--per packet|flow|connection] [--lb-policy <policy>] [--max-flows <n>] [--idle-timeout <duration>] [--admin <addr>|off] [--debug]`,
+		Usage: `--listen <addr> --to <addr> [--to <addr>...] [--per packet|flow|connection] [--lb-policy <policy>] [--max-flows <n>] [--idle-timeout <duration>] [--cert <file> --key <file> | --domain <name> [--internal-certs]] [--alpn <protocol>...] [--keylog <file>] [--stateless-retry] [--insecure] [--admin <addr>|off] [--debug]`,
 		Short: "A quick UDP load balancer",
 		Long: `
 A quick UDP load balancer: receives datagrams on the --listen address and
@@ -74,6 +74,38 @@ elsewhere, or --admin off to turn it off. The config is not saved.
 
 --debug turns on debug logging.
 
+QUIC termination, the original Stabilize's own job: with --cert and --key,
+or --domain, the balancer ends the clients' QUIC connections itself and
+relays each one to a quic/ upstream (one backend connection per client
+connection, every stream and datagram relayed), or each stream as one
+request datagram to udp/ upstreams:
+
+  caddy stabilize --listen :4433 --cert signed.pem --key signed.key \
+    --to quic/10.0.0.1:4433 --to quic/10.0.0.2:4433 [--alpn h3] \
+    [--keylog keys.log] [--stateless-retry]
+
+  --cert, --key load a PEM certificate pair.
+  --domain <name> has Caddy manage the certificate instead: ACME for public
+    names, the internal issuer for localhost and IP addresses, as
+    "caddy reverse-proxy" does; --internal-certs forces the internal issuer.
+  --alpn is an application protocol offered to clients (repeatable;
+    default h3); the backend is offered the one the client negotiated.
+  --keylog appends the TLS secrets to a file, for debugging.
+  --stateless-retry makes every new client prove its address first.
+  --insecure skips verification of the quic/ upstreams' certificates, as in
+    "caddy reverse-proxy --insecure".
+
+The original's flags, side by side:
+
+  stabilize (Rust)          caddy stabilize
+  -c, --cert <cert>         -c, --cert <file>
+  -k, --key <key>           -k, --key <file>
+      --listen <listen>     -l, --listen <addr>   (required; a port alone works)
+      --keylog              --keylog <file>       (a file name, not a switch)
+      --stateless-retry     --stateless-retry     (off unless given)
+  (servers built in)        -t, --to <addr>...    quic/host:port or udp/host:port
+  (none)                    --alpn, --domain, --internal-certs, --insecure
+
 In a config file, the stabilize handler goes in a route of caddy-l4's layer4
 global option. Its Caddyfile syntax:
 
@@ -85,6 +117,14 @@ global option. Its Caddyfile syntax:
 			cmd.Flags().String("lb-policy", "round_robin", "Load balancing selection policy: "+strings.Join(selectionPolicyNames(), ", "))
 			cmd.Flags().Int("max-flows", 0, "The most client flows at once (0: from the open-file limit, -1: no limit)")
 			cmd.Flags().String("idle-timeout", "30s", "How long a client flow may be idle before it ends")
+			cmd.Flags().StringP("cert", "c", "", "QUIC: TLS certificate file in PEM format")
+			cmd.Flags().StringP("key", "k", "", "QUIC: TLS private key file in PEM format")
+			cmd.Flags().String("domain", "", "QUIC: a name Caddy manages the certificate of, instead of --cert/--key")
+			cmd.Flags().Bool("internal-certs", false, "QUIC: use Caddy's internal issuer for --domain")
+			cmd.Flags().StringSlice("alpn", nil, "QUIC: application protocol(s) offered to clients; repeatable (default h3)")
+			cmd.Flags().String("keylog", "", "QUIC: file to append TLS secrets to, for debugging")
+			cmd.Flags().Bool("stateless-retry", false, "QUIC: send a Retry to every new client")
+			cmd.Flags().Bool("insecure", false, "QUIC: skip verification of the quic/ upstreams' certificates")
 			cmd.Flags().String("admin", "", "Admin API address, or \"off\" (default localhost:2019 or $CADDY_ADMIN)")
 			cmd.Flags().BoolP("debug", "v", false, "Enable verbose debug logs")
 			cmd.RunE = caddycmd.WrapCommandFuncForCobra(cmdStabilize)
@@ -115,6 +155,15 @@ type commandOptions struct {
 	IdleTimeout string
 	Admin       string // "" for the default address, "off" to disable
 	Debug       bool
+
+	// QUIC termination; see commandQUIC.
+	Cert, Key      string
+	Domain         string
+	InternalCerts  bool
+	ALPN           []string
+	KeyLog         string
+	StatelessRetry bool
+	Insecure       bool
 }
 
 // commandServerName names the layer4 server the command configures.
@@ -174,6 +223,10 @@ func commandOptionsFromFlags(fs caddycmd.Flags) (commandOptions, error) {
 	if err != nil {
 		return commandOptions{}, fmt.Errorf("invalid --max-flows flag: %v", err)
 	}
+	alpn, err := fs.GetStringSlice("alpn")
+	if err != nil {
+		return commandOptions{}, fmt.Errorf("invalid --alpn flag: %v", err)
+	}
 	return commandOptions{
 		Listen:      fs.String("listen"),
 		To:          to,
@@ -183,6 +236,15 @@ func commandOptionsFromFlags(fs caddycmd.Flags) (commandOptions, error) {
 		IdleTimeout: fs.String("idle-timeout"),
 		Admin:       fs.String("admin"),
 		Debug:       fs.Bool("debug"),
+
+		Cert:           fs.String("cert"),
+		Key:            fs.String("key"),
+		Domain:         fs.String("domain"),
+		InternalCerts:  fs.Bool("internal-certs"),
+		ALPN:           alpn,
+		KeyLog:         fs.String("keylog"),
+		StatelessRetry: fs.Bool("stateless-retry"),
+		Insecure:       fs.Bool("insecure"),
 	}, nil
 }
 
@@ -220,6 +282,10 @@ func buildCommandConfig(opts commandOptions) ([]byte, error) {
 			SelectionPolicyRaw: caddyconfig.JSONModuleObject(struct{}{}, "policy", opts.LBPolicy, nil),
 		}
 	}
+	tlsApp, err := commandQUIC(opts, handler) // quic_command.go
+	if err != nil {
+		return nil, err
+	}
 	server := &layer4.Server{
 		Listen: []string{listen},
 		Routes: layer4.RouteList{{
@@ -234,6 +300,9 @@ func buildCommandConfig(opts commandOptions) ([]byte, error) {
 	cfg := &caddy.Config{
 		Admin:   adminConfig(opts.Admin),
 		AppsRaw: caddy.ModuleMap{"layer4": caddyconfig.JSON(app, nil)},
+	}
+	if tlsApp != nil {
+		cfg.AppsRaw["tls"] = tlsApp
 	}
 	if opts.Debug {
 		cfg.Logging = &caddy.Logging{

@@ -42,6 +42,19 @@
 // one GSO send, on `udp/` and `fastudp/` alike, dropping (never waiting)
 // when the socket is full.
 //
+// # QUIC termination
+//
+// With a quic block, Handle feeds the flow to its listener's one
+// quic.Transport instead of forwarding it (quic_transport.go): the
+// transport's PacketConn (quic_conn.go) merges the datagrams of every flow
+// and of fastudp endpoints, and writes straight out of the listener's
+// socket to any address, so a migrated or rebound client, a new flow, keeps
+// its connection. The transport lives in a UsagePool keyed by the listener;
+// the newest handler serves its new connections. Each accepted connection
+// is relayed (quic_relay.go) to one backend connection on a quic/ upstream
+// picked by the policy from Handler.candidates, or stream by stream to udp/
+// upstreams.
+//
 // # Limits
 //
 // max_flows and max_flows_per_ip (limits.go) refuse new flows over a cap

@@ -20,6 +20,9 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	if !client.IsValid() {
 		return fmt.Errorf("stabilize handles UDP only, not %s", cx.RemoteAddr().Network())
 	}
+	if h.QUIC != nil {
+		return h.handleQUIC(cx) // quic_transport.go
+	}
 	fl, refused := h.newFlow(cx, client)
 	if fl == nil {
 		h.refuse(cx, refused)

@@ -193,6 +193,9 @@ func (h *Handler) provisionHealthChecks() error {
 		if err != nil {
 			return fmt.Errorf("health_checks.active.%w", err)
 		}
+		if h.QUIC != nil && !h.QUIC.udp {
+			c.quic = h.QUIC.probeTLS() // quic_health.go
+		}
 		hc.active = c
 	}
 	if p := hc.Passive; p != nil {

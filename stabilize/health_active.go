@@ -3,6 +3,7 @@ package stabilize
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -71,6 +72,7 @@ type activeCheck struct {
 	expect  *regexp.Regexp // compiled Expect
 	judged  bool           // a reply is expected
 	noReply string         // "no reply within <timeout>"
+	quic    *tls.Config    // quic/ upstreams: a QUIC handshake is the probe; see quic_health.go
 }
 
 // compileActive validates a, sets its defaults and compiles it. Its errors
@@ -142,7 +144,7 @@ func (c *activeCheck) String() string {
 // key identifies the prober of upstream addr under these checks: handlers
 // whose checks give the same key share one prober and its verdict.
 func (c *activeCheck) key(addr netip.AddrPort) string {
-	return addr.String() + " " + c.String()
+	return addr.String() + " " + c.String() + c.quicKey()
 }
 
 // probers holds the running probers, keyed by activeCheck.key. A prober
@@ -157,6 +159,7 @@ type prober struct {
 	check  *activeCheck
 	host   *Host
 	target netip.AddrPort             // where probes go
+	name   string                     // quic/: the server name of the upstream
 	logger atomic.Pointer[zap.Logger] // of the latest handler to join
 
 	down      atomic.Bool // the verdict; flips bump healthEpoch
@@ -186,7 +189,7 @@ func acquireProber(key string, c *activeCheck, u *Upstream, logger *zap.Logger) 
 
 // newProber starts probing u with check c.
 func newProber(c *activeCheck, u *Upstream, logger *zap.Logger) *prober {
-	p := &prober{check: c, host: u.host, target: u.addr, done: make(chan struct{})}
+	p := &prober{check: c, host: u.host, target: u.addr, name: u.serverName, done: make(chan struct{})}
 	p.logger.Store(logger)
 	if c.Port != 0 {
 		p.target = netip.AddrPortFrom(u.addr.Addr(), uint16(c.Port))
@@ -226,7 +229,13 @@ func (p *prober) run(ctx context.Context) {
 	ticker := time.NewTicker(time.Duration(p.check.Interval))
 	defer ticker.Stop()
 	for {
-		res, replied := p.check.probeOnce(ctx, p.target, buf)
+		var res CheckResult
+		var replied bool
+		if p.check.quic != nil {
+			res, replied = p.check.probeQUIC(ctx, p.target, p.name)
+		} else {
+			res, replied = p.check.probeOnce(ctx, p.target, buf)
+		}
 		if ctx.Err() != nil {
 			return
 		}

@@ -177,6 +177,9 @@ func (c *metricsCollector) Describe(ch chan<- *prometheus.Desc) {
 	} {
 		ch <- d
 	}
+	for _, d := range quicDescs { // quic_metrics.go
+		ch <- d
+	}
 }
 
 // metricsHost is one upstream address to report, with whether any handler
@@ -185,6 +188,7 @@ type metricsHost struct {
 	addr   netip.AddrPort
 	host   *Host
 	active bool
+	quic   bool // a handler with a quic block dials it
 }
 
 // Collect reads the counters of the handlers and of their upstreams. It
@@ -207,6 +211,9 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 		if r, ok := h.router.(*perConnectionRouter); ok {
 			r.collect(ch, label)
 		}
+		if h.QUIC != nil {
+			collectQUIC(ch, h, label) // quic_metrics.go
+		}
 
 		for _, u := range h.Upstreams {
 			if u.host == nil {
@@ -219,6 +226,7 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 				order = append(order, host)
 			}
 			host.active = host.active || mh.active
+			host.quic = host.quic || h.QUIC != nil
 		}
 	}
 
@@ -250,6 +258,9 @@ func collectHost(ch chan<- prometheus.Metric, mh *metricsHost) {
 	}
 	ch <- prometheus.MustNewConstMetric(upstreamHealthyDesc, prometheus.GaugeValue, healthy, addr)
 
+	if mh.quic {
+		collectQUICHost(ch, addr, host)
+	}
 	count, sum, buckets := host.health.latency.snapshot()
 	if mh.active || count > 0 {
 		ch <- prometheus.MustNewConstHistogram(upstreamHealthCheckDurationDesc, count, sum, buckets, addr)

@@ -87,6 +87,11 @@ type Handler struct {
 	// the address the routing picks for each upstream.
 	LocalAddresses []string `json:"local_addresses,omitempty"`
 
+	// Terminates the clients' QUIC connections and relays their streams
+	// and datagrams to `quic/` upstreams, or request by request to `udp/`
+	// upstreams. Default: off, datagrams are balanced as they are.
+	QUIC *QUIC `json:"quic,omitempty"`
+
 	ctx      caddy.Context
 	logger   *zap.Logger
 	selector Selector
@@ -116,6 +121,8 @@ type Handler struct {
 	flows  map[*Flow]struct{}
 	nflows int                // flows counted against the limits; see limits.go
 	perIP  map[netip.Addr]int // flows by client address, with MaxFlowsPerIP
+
+	quicHeld quicHolds // terminating transports; see quic_transport.go
 }
 
 // CaddyModule returns the Caddy module information.
@@ -214,6 +221,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	default:
 		return fmt.Errorf("proxy_protocol %q: must be \"v2\" (v1 is TCP-only)", h.ProxyProtocol)
 	}
+	if err := h.provisionQUIC(ctx); err != nil {
+		return err
+	}
 	h.all = &UpstreamPool{Upstreams: h.Upstreams}
 	h.pool.Store(&healthyPool{epoch: ^uint64(0)})
 	h.registerMetrics(ctx) // metrics.go
@@ -221,6 +231,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.join() // reload.go
+	if h.QUIC != nil {
+		h.quicJoin() // quic_transport.go
+	}
 	if handlerProvisioned != nil {
 		handlerProvisioned(h)
 	}
@@ -240,6 +253,9 @@ func (h *Handler) Cleanup() error {
 	h.closing.Store(true)
 	h.stopHealthChecks()
 	next := h.leave() // reload.go
+	if h.QUIC != nil {
+		h.quicLeave() // quic_transport.go
+	}
 	h.mu.Lock()
 	flows := make([]*Flow, 0, len(h.flows))
 	for fl := range h.flows {

@@ -17,8 +17,9 @@ const MaxWeight = 10000
 // Upstream is one UDP server that datagrams are balanced to.
 type Upstream struct {
 	// The network address of the upstream: `udp/host:port`, `udp4/...`,
-	// `udp6/...` or plain `host:port` (UDP). A host name is resolved once,
-	// when the config is loaded.
+	// `udp6/...` or plain `host:port` (UDP); with the quic block, also
+	// `quic/host:port`, a QUIC server that each client connection is relayed
+	// to. A host name is resolved once, when the config is loaded.
 	Dial string `json:"dial"`
 
 	// The weight of this upstream for weighted policies, from 1 to 10000.
@@ -29,8 +30,10 @@ type Upstream struct {
 	// handler's quic_lb server_id_length (`per connection` only).
 	ServerID string `json:"server_id,omitempty"`
 
-	addr netip.AddrPort
-	host *Host
+	addr       netip.AddrPort
+	host       *Host
+	quic       bool   // a quic/ upstream
+	serverName string // quic/: the host of Dial, for TLS
 
 	// Health, set up by provisionHealthChecks; see Upstream.healthy.
 	prober        *prober // the active checks' verdict, nil without them
@@ -39,9 +42,15 @@ type Upstream struct {
 
 // provision resolves the dial address and attaches the shared host state.
 func (u *Upstream) provision() error {
-	addr, err := parseUpstreamAddr(u.Dial)
+	dial := u.Dial
+	if rest, ok := strings.CutPrefix(dial, "quic/"); ok {
+		u.quic, dial = true, "udp/"+rest
+		host, _, _ := net.SplitHostPort(rest)
+		u.serverName = host
+	}
+	addr, err := parseUpstreamAddr(dial)
 	if err != nil {
-		return err
+		return fmt.Errorf("upstream %q: %w", u.Dial, errors.Unwrap(err))
 	}
 	if u.Weight < 0 || u.Weight > MaxWeight {
 		return fmt.Errorf("upstream %q: weight %d: must be from 1 to %d", u.Dial, u.Weight, MaxWeight)
@@ -120,6 +129,8 @@ type Host struct {
 	datagramsReceived, bytesReceived atomic.Uint64 // from the upstream
 
 	health hostHealth // see health.go
+
+	quic quicHostStats // see quic_relay.go
 }
 
 // Flows is the number of live flows currently assigned to the host.

@@ -64,6 +64,21 @@ func (e *benchEnv) start(ctx context.Context, t string) (*balancer, error) {
 			cmd.Env = append(cmd.Env, "GOMAXPROCS=1")
 		}
 	}
+	b, err := launch(cmd, listen, port, dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := b.waitReady(ctx, 15*time.Second); err != nil {
+		b.stop()
+		return nil, err
+	}
+	b.pids = processTree(cmd.Process.Pid)
+	return b, nil
+}
+
+// launch starts cmd as the balancer listening on listen, with its output in
+// dir.
+func launch(cmd *exec.Cmd, listen string, port int, dir string) (*balancer, error) {
 	b := &balancer{cmd: cmd, addr: listen, port: port, logPath: filepath.Join(dir, "output.log"), done: make(chan struct{})}
 	logf, err := os.Create(b.logPath)
 	if err != nil {
@@ -82,11 +97,6 @@ func (e *benchEnv) start(ctx context.Context, t string) (*balancer, error) {
 		forgetChild(cmd)
 		close(b.done)
 	}()
-	if err := b.waitReady(ctx, 15*time.Second); err != nil {
-		b.stop()
-		return nil, err
-	}
-	b.pids = processTree(cmd.Process.Pid)
 	return b, nil
 }
 

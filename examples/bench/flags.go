@@ -46,7 +46,7 @@ func parseFlags(args []string) (*options, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	o := &options{}
 	var targets, payloads, sweepFlows string
-	fs.StringVar(&o.mode, "mode", "compare", "`compare` targets at fixed load, or `sweep` the number of concurrent flows")
+	fs.StringVar(&o.mode, "mode", "compare", "`compare` targets at fixed load, `sweep` the number of concurrent flows, or `quic` termination against direct QUIC")
 	fs.StringVar(&targets, "targets", "", "comma-separated targets: direct,packet,flow,fastpacket,fastflow,proxy,nginx,ceiling,fastflow1,proxy1 (default: "+defaultCompareTargets+"; sweep: "+defaultSweepTargets+")")
 	fs.DurationVar(&o.duration, "duration", 3*time.Second, "measured time per target per round")
 	fs.DurationVar(&o.warmup, "warmup", 500*time.Millisecond, "unmeasured load before each measurement (sweep: at least the flow ramp-up + 500ms)")
@@ -111,8 +111,8 @@ func parseFlags(args []string) (*options, error) {
 		return nil, fmt.Errorf("-sweep-flows: %w", err)
 	}
 	switch {
-	case o.mode != "compare" && o.mode != "sweep":
-		return nil, fmt.Errorf("-mode %q: want compare or sweep", o.mode)
+	case o.mode != "compare" && o.mode != "sweep" && o.mode != "quic":
+		return nil, fmt.Errorf("-mode %q: want compare, sweep or quic", o.mode)
 	case o.duration <= 0 || o.duration > 10*time.Minute:
 		return nil, fmt.Errorf("-duration %v: want (0, 10m]", o.duration)
 	case o.warmup < 0 || o.timeout <= 0:

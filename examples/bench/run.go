@@ -32,6 +32,9 @@ func run(ctx context.Context, o *options) error {
 	}
 	defer env.closeUpstreams()
 
+	if o.mode == "quic" {
+		return runQUICBench(ctx, env, o) // quic.go
+	}
 	meta := collectMeta(env, o)
 	if err := os.MkdirAll(o.out, 0o755); err != nil {
 		return fmt.Errorf("-out %q: %w", o.out, err)

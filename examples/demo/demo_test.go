@@ -110,3 +110,25 @@ func freePorts(t *testing.T, network string, n int) []int {
 	}
 	return ports
 }
+
+// TestDemoQUIC runs the QUIC demo on free ports.
+func TestDemoQUIC(t *testing.T) {
+	udp := freePorts(t, "udp", 4)
+	o := options{out: new(strings.Builder), quic: true, quicListen: "127.0.0.1:" + strconv.Itoa(udp[0])}
+	for _, p := range udp[1:] {
+		o.quicUpstreams = append(o.quicUpstreams, "127.0.0.1:"+strconv.Itoa(p))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	err := run(ctx, o)
+	out := o.out.(*strings.Builder).String()
+	t.Logf("output:\n%s", out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, addr := range o.quicUpstreams {
+		if !strings.Contains(out, addr+"=3") {
+			t.Errorf("output lacks %s=3", addr)
+		}
+	}
+}

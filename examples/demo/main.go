@@ -4,6 +4,7 @@
 //	go run ./examples/demo          # check, print a report, exit (1 on failure)
 //	go run ./examples/demo -serve   # then keep serving until Ctrl-C
 //	go run ./examples/demo -config path/to/Caddyfile   # default examples/Caddyfile
+//	go run ./examples/demo -quic    # QUIC termination instead; see quic.go
 //
 // It starts the example's UDP echo servers (each names itself in its replies)
 // on 127.0.0.1:6001-6003, loads examples/Caddyfile into an in-process Caddy
@@ -46,6 +47,10 @@ type options struct {
 	config string // path of the Caddyfile
 	serve  bool   // after the checks, serve until ctx is done
 	out    io.Writer
+
+	quic          bool     // run the QUIC demo instead
+	quicListen    string   // its balancer's address
+	quicUpstreams []string // its QUIC echo servers' addresses
 }
 
 // example is what the demo reads from the adapted Caddyfile.
@@ -70,7 +75,9 @@ func main() {
 	o := options{out: os.Stdout}
 	flag.StringVar(&o.config, "config", "examples/Caddyfile", "the Caddyfile to load, relative to the working directory")
 	flag.BoolVar(&o.serve, "serve", false, "keep serving after the checks until Ctrl-C")
+	flag.BoolVar(&o.quic, "quic", false, "show QUIC termination: connections relayed to QUIC servers in turn")
 	flag.Parse()
+	o.quicListen, o.quicUpstreams = "127.0.0.1:4433", []string{"127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	if err := run(ctx, o); err != nil {
@@ -83,6 +90,9 @@ func main() {
 }
 
 func run(ctx context.Context, o options) error {
+	if o.quic {
+		return runQUIC(ctx, o)
+	}
 	caddyfile, err := os.ReadFile(o.config)
 	if errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("%s not found: run the demo from the repository root, or give -config", o.config)

@@ -7,16 +7,23 @@
 // '|' and the request (see package udpecho). On SIGINT or SIGTERM it prints
 // how many datagrams each server received and exits.
 //
-// With -quic they are HTTP/3 servers (quic-go) instead, whose reply to
-// every request is their address, for a balancer with `per connection`:
+//	server -quic -listen 127.0.0.1:7001 -n 3 [-cert cert.pem -key key.pem]
+//
+// runs QUIC servers instead (package quicecho, ALPN stabilize-echo): each
+// stream gets the server's address, a '|' and the stream's data. Without
+// -cert and -key they share a self-signed certificate for localhost and
+// 127.0.0.1, whose file they print. With -h3 they are HTTP/3 servers
+// (package h3echo) whose reply to every request is their address.
+//
+// With -quic-lb, QUIC or HTTP/3 server i (from 0) issues QUIC-LB connection
+// IDs with server ID i+1, which it logs, for the upstream's server_id of a
+// balancer with `per connection`:
 //
 //	server -listen 127.0.0.1:6001 -n 3 -quic -quic-lb config_id=0,server_id_length=1,nonce_length=6
-//
-// With -quic-lb, server i (from 0) issues QUIC-LB connection IDs with
-// server ID i+1, which it logs, for the upstream's server_id.
 package main
 
 import (
+	"crypto/tls"
 	"flag"
 	"fmt"
 	"log"
@@ -26,15 +33,23 @@ import (
 	"strconv"
 	"syscall"
 
+	"github.com/quic-go/quic-go"
+
+	"github.com/stabilize-lb/caddy-stabilize/examples/internal/h3echo"
+	"github.com/stabilize-lb/caddy-stabilize/examples/internal/quicecho"
 	"github.com/stabilize-lb/caddy-stabilize/examples/internal/udpecho"
+	"github.com/stabilize-lb/caddy-stabilize/stabilize/quiclb"
 )
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:6001", "`host:port` of the first server")
 	n := flag.Int("n", 1, "number of servers, on consecutive ports from -listen's")
 	quiet := flag.Bool("quiet", false, "receive and count datagrams but never reply (a hung upstream)")
-	quicMode := flag.Bool("quic", false, "run HTTP/3 servers that reply to every request with their address")
-	quicLB := flag.String("quic-lb", "", "with -quic: a QUIC-LB `config`, config_id=<0-6>,server_id_length=<n>,nonce_length=<n>[,key=<hex>]")
+	useQUIC := flag.Bool("quic", false, "run QUIC echo servers (ALPN "+quicecho.ALPN+") instead of UDP ones")
+	useH3 := flag.Bool("h3", false, "run HTTP/3 servers that reply to every request with their address")
+	quicLB := flag.String("quic-lb", "", "-quic or -h3: a QUIC-LB `config`, config_id=<0-6>,server_id_length=<n>,nonce_length=<n>[,key=<hex>]")
+	certFile := flag.String("cert", "", "-quic: PEM certificate `file` (default: a self-signed one)")
+	keyFile := flag.String("key", "", "-quic: PEM key `file` of -cert")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "Usage: %s [flags]\n\n"+
 			"Runs UDP echo servers. Each replies to a datagram with \"<listen address>|<datagram>\".\n\n",
@@ -48,8 +63,14 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	if *quicMode || *quicLB != "" {
-		if err := serveQUIC(addrs, *quicLB); err != nil {
+	switch {
+	case *useH3:
+		if err := serveH3(addrs, *quicLB); err != nil {
+			log.Fatal(err)
+		}
+		return
+	case *useQUIC:
+		if err := serveQUIC(addrs, *certFile, *keyFile, *quicLB); err != nil {
 			log.Fatal(err)
 		}
 		return
@@ -72,6 +93,54 @@ func main() {
 		s.Close()
 		log.Printf("%s received %d, replied %d", s.Name(), s.Received(), s.Replied())
 	}
+}
+
+// serveQUIC runs QUIC echo servers on addrs, with QUIC-LB connection IDs if
+// quicLB is a configuration, until SIGINT or SIGTERM.
+func serveQUIC(addrs []string, certFile, keyFile, quicLB string) error {
+	cfg, err := parseQUICLB(quicLB)
+	if err != nil {
+		return err
+	}
+	var cert tls.Certificate
+	if certFile == "" {
+		certFile, _, cert, err = quicecho.SelfSigned()
+		log.Printf("self-signed certificate: %s", certFile)
+	} else {
+		cert, err = tls.LoadX509KeyPair(certFile, keyFile)
+	}
+	if err != nil {
+		return err
+	}
+	servers := make([]*quicecho.Server, 0, len(addrs))
+	for i, addr := range addrs {
+		var gen quic.ConnectionIDGenerator
+		var id []byte
+		if cfg != nil {
+			id = h3echo.ServerIDFor(i, cfg.ServerIDLen)
+			if gen, err = quiclb.NewGenerator(*cfg, id); err != nil {
+				return err
+			}
+		}
+		s, err := quicecho.StartWith(addr, &tls.Config{Certificates: []tls.Certificate{cert}}, gen)
+		if err != nil {
+			return err
+		}
+		servers = append(servers, s)
+		if cfg != nil {
+			log.Printf("serving QUIC on %s, QUIC-LB server_id %x", s.Name(), id)
+		} else {
+			log.Printf("serving QUIC on %s", s.Name())
+		}
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	log.Printf("stopping on %s", <-sig)
+	for _, s := range servers {
+		s.Close()
+		log.Printf("%s accepted %d connections", s.Name(), s.Connections())
+	}
+	return nil
 }
 
 // consecutive returns n addresses on the host of addr, from addr's port up.

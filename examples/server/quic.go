@@ -10,16 +10,24 @@ import (
 	"github.com/stabilize-lb/caddy-stabilize/stabilize/quiclb"
 )
 
-// serveQUIC runs HTTP/3 servers on addrs, with QUIC-LB connection IDs if
+// parseQUICLB parses a -quic-lb configuration, or returns nil for none.
+func parseQUICLB(quicLB string) (*quiclb.Config, error) {
+	if quicLB == "" {
+		return nil, nil
+	}
+	c, err := h3echo.ParseQUICLB(quicLB)
+	if err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// serveH3 runs HTTP/3 servers on addrs, with QUIC-LB connection IDs if
 // quicLB is a configuration, until SIGINT or SIGTERM.
-func serveQUIC(addrs []string, quicLB string) error {
-	var cfg *quiclb.Config
-	if quicLB != "" {
-		c, err := h3echo.ParseQUICLB(quicLB)
-		if err != nil {
-			return err
-		}
-		cfg = &c
+func serveH3(addrs []string, quicLB string) error {
+	cfg, err := parseQUICLB(quicLB)
+	if err != nil {
+		return err
 	}
 	servers := make([]*h3echo.Server, 0, len(addrs))
 	for i, addr := range addrs {

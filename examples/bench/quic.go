@@ -1,0 +1,335 @@
+//go:build linux
+
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/stabilize-lb/caddy-stabilize/examples/internal/quicecho"
+)
+
+// QUIC termination (-mode quic): relaying to a quic/ upstream against a
+// direct quic-go connection to the same server, in the same run. Targets:
+// quic-direct (no balancer), quic-relay (udp/ listener) and quic-relay-fast
+// (fastudp/ listener). For each: handshakes per second (concurrent
+// connections, each with one stream exchange), bulk stream throughput (one
+// stream uploaded to the server), the balancer's CPU per handshake and per
+// MB, and its memory per idle connection and after they have closed.
+
+// quicBenchALPN is the ALPN of the bench's QUIC server.
+const quicBenchALPN = "stabilize-bench"
+
+// quicResult is one target's figures; zero where they do not apply.
+type quicResult struct {
+	Target            string  `json:"target"`
+	HandshakesPerSec  float64 `json:"handshakes_per_sec"`
+	ThroughputMBps    float64 `json:"throughput_mb_per_sec"`
+	CPUPerHandshakeMs float64 `json:"cpu_ms_per_handshake,omitempty"`
+	CPUPerMBms        float64 `json:"cpu_ms_per_mb,omitempty"`
+	KBPerIdleConn     float64 `json:"kb_per_idle_connection,omitempty"`
+	RSSBaseKB         int64   `json:"rss_base_kb,omitempty"`
+	RSSAfterCloseKB   int64   `json:"rss_after_close_kb,omitempty"`
+}
+
+// runQUICBench measures the QUIC targets and writes quic.md and quic.json.
+func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
+	certFile, keyFile, cert, err := quicecho.SelfSigned()
+	if err != nil {
+		return err
+	}
+	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{quicBenchALPN}},
+		&quic.Config{MaxIncomingStreams: 1000})
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	go serveQUICSink(ln)
+	clientTLS, err := quicecho.TrustFile(certFile)
+	if err != nil {
+		return err
+	}
+	clientTLS.NextProtos, clientTLS.ServerName = []string{quicBenchALPN}, "localhost"
+
+	bulk := int64(256 << 20)
+	idle := 1000
+	if o.quick {
+		bulk, idle = 32<<20, 200
+	}
+	var results []quicResult
+	for _, t := range []string{"quic-direct", "quic-relay", "quic-relay-fast"} {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		target, b := ln.Addr().String(), (*balancer)(nil)
+		if t != "quic-direct" {
+			network := "udp"
+			if t == "quic-relay-fast" {
+				network = "fastudp"
+			}
+			if b, err = env.startQUICBalancer(ctx, t, network, ln.Addr().String(), certFile, keyFile, clientTLS); err != nil {
+				return err
+			}
+			target = b.addr
+		}
+		r := quicResult{Target: t}
+		fmt.Printf("%-16s handshakes… ", t)
+		cpu0 := cpuOf(b)
+		n := quicHandshakes(ctx, target, clientTLS, o.duration)
+		r.HandshakesPerSec = float64(n) / o.duration.Seconds()
+		if b != nil && n > 0 {
+			r.CPUPerHandshakeMs = 1000 * (b.cpuSeconds() - cpu0) / float64(n)
+		}
+		fmt.Printf("%.0f/s; bulk… ", r.HandshakesPerSec)
+		cpu0 = cpuOf(b)
+		elapsed, err := quicBulk(ctx, target, clientTLS, bulk)
+		if err != nil {
+			stopIf(b)
+			return fmt.Errorf("%s: bulk: %w", t, err)
+		}
+		mb := float64(bulk) / 1e6
+		r.ThroughputMBps = mb / elapsed.Seconds()
+		if b != nil {
+			r.CPUPerMBms = 1000 * (b.cpuSeconds() - cpu0) / mb
+		}
+		fmt.Printf("%.0f MB/s", r.ThroughputMBps)
+		if b != nil {
+			fmt.Printf("; %d idle connections… ", idle)
+			r.RSSBaseKB = b.rssKB("VmRSS")
+			conns, err := quicIdle(ctx, target, clientTLS, idle)
+			time.Sleep(500 * time.Millisecond)
+			r.KBPerIdleConn = float64(b.rssKB("VmRSS")-r.RSSBaseKB) / float64(len(conns))
+			for _, c := range conns {
+				_ = c.CloseWithError(0, "")
+			}
+			if err != nil {
+				stopIf(b)
+				return fmt.Errorf("%s: idle connections: %w", t, err)
+			}
+			time.Sleep(3 * time.Second)
+			r.RSSAfterCloseKB = b.rssKB("VmRSS")
+			fmt.Printf("%.1f kB each", r.KBPerIdleConn)
+		}
+		fmt.Println()
+		stopIf(b)
+		results = append(results, r)
+	}
+	md := quicMarkdown(results)
+	fmt.Print("\n" + md)
+	if err := os.MkdirAll(o.out, 0o755); err != nil {
+		return err
+	}
+	js, _ := json.MarshalIndent(results, "", "\t")
+	return errors.Join(os.WriteFile(filepath.Join(o.out, "quic.json"), js, 0o644),
+		os.WriteFile(filepath.Join(o.out, "quic.md"), []byte(md), 0o644))
+}
+
+func cpuOf(b *balancer) float64 {
+	if b == nil {
+		return 0
+	}
+	return b.cpuSeconds()
+}
+
+func stopIf(b *balancer) {
+	if b != nil {
+		b.stop()
+	}
+}
+
+// quicMarkdown is the results table, with ratios to quic-direct.
+func quicMarkdown(rs []quicResult) string {
+	var sb strings.Builder
+	sb.WriteString("| target | handshakes/s | × direct | bulk MB/s | × direct | CPU ms/handshake | CPU ms/MB | kB/idle conn | RSS base → after close (kB) |\n")
+	sb.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
+	direct := rs[0]
+	for _, r := range rs {
+		fmt.Fprintf(&sb, "| %s | %.0f | %.2f | %.0f | %.2f | %.2f | %.2f | %.1f | %d → %d |\n",
+			r.Target, r.HandshakesPerSec, r.HandshakesPerSec/direct.HandshakesPerSec,
+			r.ThroughputMBps, r.ThroughputMBps/direct.ThroughputMBps,
+			r.CPUPerHandshakeMs, r.CPUPerMBms, r.KBPerIdleConn, r.RSSBaseKB, r.RSSAfterCloseKB)
+	}
+	return sb.String()
+}
+
+// serveQUICSink answers each stream, read to its FIN, with the number of
+// bytes it carried.
+func serveQUICSink(ln *quic.Listener) {
+	for {
+		c, err := ln.Accept(context.Background())
+		if err != nil {
+			return
+		}
+		go func() {
+			for {
+				s, err := c.AcceptStream(context.Background())
+				if err != nil {
+					return
+				}
+				go func() {
+					n, err := io.Copy(io.Discard, s)
+					if err != nil {
+						s.CancelWrite(1)
+						return
+					}
+					_, _ = s.Write([]byte(strconv.FormatInt(n, 10)))
+					_ = s.Close()
+				}()
+			}
+		}()
+	}
+}
+
+// quicExchange sends data on a new stream and reads the sink's count.
+func quicExchange(ctx context.Context, c *quic.Conn, data io.Reader, want int64) error {
+	s, err := c.OpenStreamSync(ctx)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(s, data); err != nil {
+		return err
+	}
+	_ = s.Close()
+	reply, err := io.ReadAll(s)
+	if err != nil {
+		return err
+	}
+	if got, _ := strconv.ParseInt(string(reply), 10, 64); got != want {
+		return fmt.Errorf("the server counted %q bytes, want %d", reply, want)
+	}
+	return nil
+}
+
+// quicHandshakes counts the connections (handshake, one exchange, close)
+// that 8 concurrent clients complete in d.
+func quicHandshakes(ctx context.Context, target string, tlsConf *tls.Config, d time.Duration) int64 {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	var n atomic.Int64
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				c, err := quic.DialAddr(ctx, target, tlsConf, nil)
+				if err != nil {
+					continue
+				}
+				if quicExchange(ctx, c, strings.NewReader("hi"), 2) == nil {
+					n.Add(1)
+				}
+				_ = c.CloseWithError(0, "")
+			}
+		})
+	}
+	wg.Wait()
+	return n.Load()
+}
+
+// quicBulk uploads size bytes on one stream and times it to the server's
+// count.
+func quicBulk(ctx context.Context, target string, tlsConf *tls.Config, size int64) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	c, err := quic.DialAddr(ctx, target, tlsConf, nil)
+	if err != nil {
+		return 0, err
+	}
+	defer c.CloseWithError(0, "")
+	start := time.Now()
+	err = quicExchange(ctx, c, io.LimitReader(zeroReader{}, size), size)
+	return time.Since(start), err
+}
+
+type zeroReader struct{}
+
+func (zeroReader) Read(b []byte) (int, error) {
+	clear(b)
+	return len(b), nil
+}
+
+// quicIdle opens n connections, each after one exchange, and leaves them
+// open.
+func quicIdle(ctx context.Context, target string, tlsConf *tls.Config, n int) ([]*quic.Conn, error) {
+	var conns []*quic.Conn
+	for range n {
+		c, err := quic.DialAddr(ctx, target, tlsConf, &quic.Config{KeepAlivePeriod: 10 * time.Second})
+		if err != nil {
+			return conns, err
+		}
+		conns = append(conns, c)
+		if err := quicExchange(ctx, c, strings.NewReader("hi"), 2); err != nil {
+			return conns, err
+		}
+	}
+	return conns, nil
+}
+
+// startQUICBalancer starts Caddy terminating QUIC on network in front of
+// the server at upstream, and waits until a handshake through it works.
+func (e *benchEnv) startQUICBalancer(ctx context.Context, t, network, upstream, certFile, keyFile string, clientTLS *tls.Config) (*balancer, error) {
+	port, err := freeUDPPort()
+	if err != nil {
+		return nil, err
+	}
+	listen := fmt.Sprintf("127.0.0.1:%d", port)
+	dir, err := os.MkdirTemp(e.tmp, t+"-")
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := caddyConfig(network, listen, map[string]any{
+		"handler":   "stabilize",
+		"upstreams": []any{map[string]any{"dial": "quic/" + upstream}},
+		"quic": map[string]any{
+			"certificate":    certFile,
+			"key":            keyFile,
+			"alpn":           []string{quicBenchALPN},
+			"tls_trust_pool": map[string]any{"provider": "file", "pem_files": []string{certFile}},
+		},
+	})
+	if err != nil {
+		return nil, err
+	}
+	cfgPath := filepath.Join(dir, "caddy.json")
+	if err := os.WriteFile(cfgPath, cfg, 0o644); err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(e.caddy, "run", "--config", cfgPath)
+	cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+	b, err := launch(cmd, listen, port, dir)
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		dctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+		c, err := quic.DialAddr(dctx, listen, clientTLS, nil)
+		if err == nil {
+			err = quicExchange(dctx, c, strings.NewReader("hi"), 2)
+			_ = c.CloseWithError(0, "")
+		}
+		cancel()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			b.stop()
+			return nil, fmt.Errorf("%s: not ready: %v: %s", t, err, b.logTail())
+		}
+	}
+	b.pids = processTree(cmd.Process.Pid)
+	return b, nil
+}

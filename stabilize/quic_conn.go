@@ -1,0 +1,322 @@
+package stabilize
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/fastudp"
+)
+
+// quicConn is the net.PacketConn of a terminating quic.Transport. Reads
+// merge the datagrams of every flow that feeds it (caddy-l4's flows and
+// fastudp endpoints); writes go straight out of the listener's socket to
+// any address, so a client that migrated, or whose flow ended, is still
+// reached. It is never the listener socket itself, which caddy-l4 reads.
+//
+// quic-go sees a plain PacketConn: one datagram per call, no GSO, ECN or
+// path-MTU discovery.
+type quicConn struct {
+	local net.Addr
+	in    chan *quicPacket
+	out   atomic.Pointer[net.UDPConn] // where writes go; see setOut
+
+	outMu  sync.Mutex
+	latest atomic.Pointer[net.UDPConn] // the listener socket of the latest datagram
+	hold   *socketHold                 // udp/: a duplicate of latest's socket, or nil
+
+	closed    chan struct{}
+	closeOnce sync.Once
+
+	deadlineMu sync.Mutex
+	deadline   time.Time
+	wake       chan struct{} // a new deadline was set
+
+	queueFull   atomic.Uint64 // datagrams dropped: quic-go lagged behind
+	writeErrors atomic.Uint64 // datagrams to clients lost: the send failed
+}
+
+// quicPacket is one client datagram waiting for the transport.
+type quicPacket struct {
+	buf  [fastudp.BufferSize]byte
+	n    int
+	from netip.AddrPort
+}
+
+var quicPacketPool = sync.Pool{New: func() any { return new(quicPacket) }}
+
+// quicQueue is how many datagrams wait for quic-go; more are dropped and
+// counted, so a slow transport never stalls the listener.
+const quicQueue = 1024
+
+func newQUICConn(local net.Addr, out *net.UDPConn) *quicConn {
+	c := &quicConn{
+		local:  local,
+		in:     make(chan *quicPacket, quicQueue),
+		closed: make(chan struct{}),
+		wake:   make(chan struct{}, 1),
+	}
+	c.out.Store(out)
+	return c
+}
+
+// setOut makes writes go out of out, the listener socket that a client
+// datagram came through. On udp/ (hold) every config has a listener socket
+// of its own, which the config closes when a reload replaces it: then
+// writes go on through a duplicate of that socket kept here, which also
+// reads what reaches it in place of the closed listener (takeOver), until a
+// datagram through the next config's socket moves them there.
+func (c *quicConn) setOut(out *net.UDPConn, hold bool) {
+	if c.latest.Load() == out {
+		return
+	}
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if c.latest.Load() == out || c.isClosed() {
+		return
+	}
+	var held *socketHold
+	if hold {
+		var err error
+		if held, err = holdSocket(out); err != nil {
+			return // closed meanwhile by its config: keep writing as before
+		}
+	}
+	old := c.hold
+	c.hold = held
+	c.latest.Store(out)
+	c.out.Store(out)
+	if old != nil {
+		old.release()
+	}
+}
+
+// listenerGone is called when a config that fed the transport stops: if
+// the listener socket that writes go out of is closed, its duplicate takes
+// over now, so that clients the kernel sends to it are read even if no
+// write has failed yet.
+func (c *quicConn) listenerGone() {
+	latest := c.latest.Load()
+	if latest == nil {
+		return
+	}
+	if rc, err := latest.SyscallConn(); err == nil && rc.Control(func(uintptr) {}) == nil {
+		return // still open
+	}
+	c.takeOver(latest)
+}
+
+// takeOver is called when a write out of failed found it closed: writes
+// then go through the duplicate of its socket, which starts reading in
+// place of the listener. It returns the socket to write to, or nil.
+func (c *quicConn) takeOver(failed *net.UDPConn) *net.UDPConn {
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if c.latest.Load() != failed || c.hold == nil {
+		if out := c.out.Load(); out != failed {
+			return out
+		}
+		return nil
+	}
+	if c.out.Load() == failed {
+		c.out.Store(c.hold.conn)
+		go c.hold.read(c)
+	}
+	return c.hold.conn
+}
+
+// deliver queues a copy of b, a datagram from the client from, unmapped.
+func (c *quicConn) deliver(b []byte, from netip.AddrPort) {
+	p := quicPacketPool.Get().(*quicPacket)
+	p.n = copy(p.buf[:], b)
+	p.from = from
+	c.push(p)
+}
+
+// push queues p, which the reader returns to the pool.
+func (c *quicConn) push(p *quicPacket) {
+	select {
+	case c.in <- p:
+	default:
+		quicPacketPool.Put(p)
+		c.queueFull.Add(1)
+	}
+}
+
+// ReadFrom returns the next client datagram. A read deadline interrupts
+// it, as quic-go's Transport.Close requires.
+func (c *quicConn) ReadFrom(b []byte) (int, net.Addr, error) {
+	for {
+		c.deadlineMu.Lock()
+		d := c.deadline
+		c.deadlineMu.Unlock()
+		var timer *time.Timer
+		var timeout <-chan time.Time
+		if !d.IsZero() {
+			wait := time.Until(d)
+			if wait <= 0 {
+				return 0, nil, os.ErrDeadlineExceeded
+			}
+			timer = time.NewTimer(wait)
+			timeout = timer.C
+		}
+		select {
+		case p := <-c.in:
+			n := copy(b, p.buf[:p.n])
+			addr := net.UDPAddrFromAddrPort(p.from)
+			quicPacketPool.Put(p)
+			stopTimer(timer)
+			return n, addr, nil
+		case <-c.wake:
+		case <-timeout:
+		case <-c.closed:
+			stopTimer(timer)
+			return 0, nil, net.ErrClosed
+		}
+		stopTimer(timer)
+	}
+}
+
+func stopTimer(t *time.Timer) {
+	if t != nil {
+		t.Stop()
+	}
+}
+
+// WriteTo sends b to addr out of the listener's socket. A failed send is
+// a lost datagram, counted: an error would close every connection of the
+// transport, and on a udp/ listener the socket is replaced on reloads
+// (the next flow brings the new one).
+func (c *quicConn) WriteTo(b []byte, addr net.Addr) (int, error) {
+	ua, ok := addr.(*net.UDPAddr)
+	if !ok {
+		c.writeErrors.Add(1)
+		return len(b), nil
+	}
+	ap := ua.AddrPort()
+	to := netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	out := c.out.Load()
+	_, err := out.WriteToUDPAddrPort(b, to)
+	if errors.Is(err, net.ErrClosed) {
+		if out = c.takeOver(out); out != nil {
+			_, err = out.WriteToUDPAddrPort(b, to)
+		}
+	}
+	if err != nil {
+		c.writeErrors.Add(1)
+	}
+	return len(b), nil
+}
+
+// Close ends reads; the listener's socket stays open.
+func (c *quicConn) Close() error {
+	c.closeOnce.Do(func() {
+		c.outMu.Lock()
+		close(c.closed)
+		if c.hold != nil {
+			c.hold.release()
+			c.hold = nil
+		}
+		c.outMu.Unlock()
+	})
+	return nil
+}
+
+func (c *quicConn) isClosed() bool {
+	select {
+	case <-c.closed:
+		return true
+	default:
+		return false
+	}
+}
+
+// LocalAddr is the listener's address.
+func (c *quicConn) LocalAddr() net.Addr { return c.local }
+
+// SetDeadline sets the read deadline; writes never wait.
+func (c *quicConn) SetDeadline(t time.Time) error { return c.SetReadDeadline(t) }
+
+// SetReadDeadline interrupts a waiting ReadFrom at t.
+func (c *quicConn) SetReadDeadline(t time.Time) error {
+	c.deadlineMu.Lock()
+	c.deadline = t
+	c.deadlineMu.Unlock()
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// SetWriteDeadline is a no-op: the listener's socket is shared.
+func (c *quicConn) SetWriteDeadline(time.Time) error { return nil }
+
+// SetReadBuffer is a no-op: the listener's socket is sized by its owner.
+func (c *quicConn) SetReadBuffer(int) error { return nil }
+
+// SetWriteBuffer is a no-op; see SetReadBuffer.
+func (c *quicConn) SetWriteBuffer(int) error { return nil }
+
+// socketHold is a duplicate of a udp/ listener's socket, which keeps the
+// socket open once its config has closed it.
+type socketHold struct {
+	conn *net.UDPConn
+}
+
+// read delivers the datagrams that reach the held socket, which its
+// listener no longer reads, until release.
+func (s *socketHold) read(c *quicConn) {
+	buf := make([]byte, fastudp.BufferSize)
+	for {
+		n, from, err := s.conn.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			continue
+		}
+		c.deliver(buf[:n], netip.AddrPortFrom(from.Addr().Unmap(), from.Port()))
+	}
+}
+
+// release closes the duplicate, and so the socket if its listener has.
+func (s *socketHold) release() { _ = s.conn.Close() }
+
+// quicEndpoint feeds a fastudp client's datagrams straight to a
+// terminating transport, bypassing caddy-l4 (fastudp.Endpoint).
+type quicEndpoint struct {
+	conn       *quicConn
+	sock       *fastudp.Socket
+	client     netip.AddrPort
+	idle       time.Duration
+	lastActive atomic.Int64
+}
+
+// Deliver queues a client datagram for the transport.
+func (e *quicEndpoint) Deliver(b []byte, truncated bool, now int64) {
+	e.lastActive.Store(now)
+	if truncated {
+		return // not QUIC: QUIC datagrams are far shorter
+	}
+	e.conn.deliver(b, e.client)
+}
+
+// Expired says the client has been idle for the listener's idle timeout,
+// or the transport has closed.
+func (e *quicEndpoint) Expired(now int64) bool {
+	return now-e.lastActive.Load() > int64(e.idle) || e.conn.isClosed()
+}
+
+// Close unregisters the endpoint.
+func (e *quicEndpoint) Close() { e.sock.Unregister(e.client, e) }
+
+// Interface guards
+var (
+	_ net.PacketConn   = (*quicConn)(nil)
+	_ fastudp.Endpoint = (*quicEndpoint)(nil)
+)

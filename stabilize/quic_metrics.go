@@ -1,0 +1,72 @@
+package stabilize
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// The metrics of QUIC termination (see metrics.go):
+//
+//	caddy_stabilize_quic_connections_accepted_total{handler}          counter
+//	caddy_stabilize_quic_connections_active{handler}                  gauge
+//	caddy_stabilize_quic_connections_failed_total{handler,reason}     counter
+//	caddy_stabilize_quic_retries_total{handler}                       counter
+//	caddy_stabilize_quic_0rtt_accepted_total{handler}                 counter
+//	caddy_stabilize_upstream_quic_connections{upstream}               gauge
+//	caddy_stabilize_upstream_quic_streams_total{upstream}             counter
+//	caddy_stabilize_upstream_quic_stream_bytes_total{upstream,direction} counter
+//
+// Handler counts belong to the handler instance that accepted the
+// connection, as the other handler counters do.
+var (
+	quicAcceptedDesc = newMetricDesc("quic_connections_accepted_total",
+		"Client QUIC connections whose handshake completed.", "handler")
+	quicActiveDesc = newMetricDesc("quic_connections_active",
+		"Client QUIC connections being relayed.", "handler")
+	quicFailedDesc = newMetricDesc("quic_connections_failed_total",
+		"Client QUIC connections that failed before they were relayed, by reason: alpn (no application protocol in common), certificate (none for the server name), tls (no TLS config), handshake (it did not complete), no_upstream, backend_dial.",
+		"handler", "reason")
+	quicRetriesDesc = newMetricDesc("quic_retries_total",
+		"Retry packets sent (stateless_retry); a ClientHello in two Initial packets draws two.", "handler")
+	quic0RTTDesc = newMetricDesc("quic_0rtt_accepted_total",
+		"Client QUIC connections that used 0-RTT.", "handler")
+	upstreamQUICConnsDesc = newMetricDesc("upstream_quic_connections",
+		"Client QUIC connections relayed to the upstream now, across all handlers.", "upstream")
+	upstreamQUICStreamsDesc = newMetricDesc("upstream_quic_streams_total",
+		"QUIC streams relayed to and from the upstream (udp/ upstreams: requests).", "upstream")
+	upstreamQUICBytesDesc = newMetricDesc("upstream_quic_stream_bytes_total",
+		"Stream bytes relayed per upstream: direction to_upstream or from_upstream.", "upstream", "direction")
+)
+
+// quicDescs are the descriptions of the QUIC metrics.
+var quicDescs = []*prometheus.Desc{
+	quicAcceptedDesc, quicActiveDesc, quicFailedDesc, quicRetriesDesc, quic0RTTDesc,
+	upstreamQUICConnsDesc, upstreamQUICStreamsDesc, upstreamQUICBytesDesc,
+}
+
+// collectQUIC sends the QUIC metrics of a handler with a quic block.
+func collectQUIC(ch chan<- prometheus.Metric, h *Handler, label string) {
+	st := h.QUIC.stats
+	if st == nil {
+		return // Provision failed
+	}
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	counter(quicAcceptedDesc, st.accepted.Load(), label)
+	ch <- prometheus.MustNewConstMetric(quicActiveDesc, prometheus.GaugeValue, float64(st.active.Load()), label)
+	for f := range numQUICFailures {
+		counter(quicFailedDesc, st.failed[f].Load(), label, f.String())
+	}
+	counter(quicRetriesDesc, st.retries.Load(), label)
+	counter(quic0RTTDesc, st.zeroRTT.Load(), label)
+}
+
+// collectQUICHost sends the QUIC metrics of an upstream of a handler with a
+// quic block.
+func collectQUICHost(ch chan<- prometheus.Metric, addr string, host *Host) {
+	q := &host.quic
+	ch <- prometheus.MustNewConstMetric(upstreamQUICConnsDesc, prometheus.GaugeValue, float64(q.conns.Load()), addr)
+	ch <- prometheus.MustNewConstMetric(upstreamQUICStreamsDesc, prometheus.CounterValue, float64(q.streams.Load()), addr)
+	ch <- prometheus.MustNewConstMetric(upstreamQUICBytesDesc, prometheus.CounterValue, float64(q.bytesUp.Load()), addr, directionToUpstream)
+	ch <- prometheus.MustNewConstMetric(upstreamQUICBytesDesc, prometheus.CounterValue, float64(q.bytesDown.Load()), addr, directionFromUpstream)
+}

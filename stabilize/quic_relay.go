@@ -1,0 +1,438 @@
+package stabilize
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"go.uber.org/zap"
+)
+
+// Error codes of QUIC termination: application error codes of the
+// connection close that stabilize sends, and stream error codes of the
+// resets it sends, when the other side of the relay gave none.
+const (
+	// QUICErrNoUpstream closes a client connection that no upstream could
+	// take: none is healthy, or the backend connection failed.
+	QUICErrNoUpstream quic.ApplicationErrorCode = 0x5350
+	// QUICErrUpstreamGone closes a client connection whose backend
+	// connection ended without an application close (idle timeout, crash,
+	// stateless reset), and a backend connection whose client went so.
+	QUICErrUpstreamGone quic.ApplicationErrorCode = 0x5351
+	// QUICErrStreamRelay resets a stream whose other side failed without a
+	// stream error code.
+	QUICErrStreamRelay quic.StreamErrorCode = 0x5352
+	// QUICErrRequestTooLarge resets a udp/ request stream longer than a
+	// UDP datagram (65,507 bytes).
+	QUICErrRequestTooLarge quic.StreamErrorCode = 0x5353
+	// QUICErrReplyTimeout resets a udp/ request stream that got no reply
+	// within reply_timeout.
+	QUICErrReplyTimeout quic.StreamErrorCode = 0x5354
+)
+
+// maxUDPPayload is the longest UDP datagram over IPv4.
+const maxUDPPayload = 65507
+
+// quicHostStats is the QUIC relay's counters of one upstream.
+type quicHostStats struct {
+	conns              atomic.Int64  // live relayed client connections
+	streams            atomic.Uint64 // streams relayed, both directions
+	bytesUp, bytesDown atomic.Uint64 // relayed stream bytes to and from the upstream
+}
+
+// Conns is the number of live QUIC connections relayed to the host.
+func (h *Host) QUICConns() int64 { return h.quic.conns.Load() }
+
+// serveQUIC relays one client connection, accepted by a transport of h.
+func (h *Handler) serveQUIC(c *quic.Conn) {
+	q := h.QUIC
+	select {
+	case <-c.HandshakeComplete():
+	case <-c.Context().Done():
+		q.stats.failed[quicFailHandshake].Add(1)
+		return
+	}
+	q.stats.accepted.Add(1)
+	q.stats.active.Add(1)
+	defer q.stats.active.Add(-1)
+	if c.ConnectionState().Used0RTT {
+		q.stats.zeroRTT.Add(1)
+	}
+	client := addrPort(c.RemoteAddr())
+	if q.udp {
+		h.relayUDP(c, client)
+		return
+	}
+	u := h.pickQUIC(client)
+	if u == nil {
+		q.stats.failed[quicFailNoUpstream].Add(1)
+		_ = c.CloseWithError(QUICErrNoUpstream, "no upstream available")
+		return
+	}
+	u.host.flows.Add(1)
+	u.host.quic.conns.Add(1)
+	defer u.host.flows.Add(-1)
+	defer u.host.quic.conns.Add(-1)
+	b, err := h.dialBackend(c, u)
+	if err != nil {
+		q.stats.failed[quicFailDial].Add(1)
+		if h.HealthChecks != nil && h.HealthChecks.Passive != nil {
+			h.passiveFailure(u, "QUIC dial: "+err.Error())
+		}
+		level := zap.DebugLevel
+		if !q.stats.dialWarned.Swap(true) {
+			level = zap.WarnLevel // the first; the metrics count the others
+		}
+		if ce := h.logger.Check(level, "backend QUIC connection failed"); ce != nil {
+			ce.Write(zap.Stringer("upstream", u.addr), zap.Error(err))
+		}
+		_ = c.CloseWithError(QUICErrNoUpstream, "upstream unavailable")
+		return
+	}
+	relayConns(c, b, &u.host.quic)
+}
+
+// pickQUIC asks the policy for an upstream for a client connection.
+func (h *Handler) pickQUIC(client netip.AddrPort) *Upstream {
+	pool, _ := h.candidates()
+	if pool == nil {
+		return nil
+	}
+	return h.selector.Select(pool, &Request{Client: client})
+}
+
+// dialBackend opens the backend connection of client connection c to u,
+// offering the ALPN that the client negotiated.
+func (h *Handler) dialBackend(c *quic.Conn, u *Upstream) (*quic.Conn, error) {
+	q := h.QUIC
+	tlsConf := q.backendTLS.Clone()
+	tlsConf.NextProtos = []string{c.ConnectionState().TLS.NegotiatedProtocol}
+	if tlsConf.ServerName == "" {
+		tlsConf.ServerName = u.serverName
+	}
+	ctx, cancel := context.WithTimeout(c.Context(), defaultQUICDialTimeout)
+	defer cancel()
+	conf := &quic.Config{
+		EnableDatagrams: true,
+		MaxIdleTimeout:  time.Duration(q.MaxIdleTimeout),
+		Tracer:          q.config.Tracer,
+	}
+	return quic.DialAddr(ctx, u.addr.String(), tlsConf, conf)
+}
+
+// relayConns relays every stream and datagram between the client
+// connection c and the backend connection b until either ends, then closes
+// the other with the same application error code (or QUICErrUpstreamGone).
+func relayConns(c, b *quic.Conn, st *quicHostStats) {
+	var wg sync.WaitGroup
+	wg.Go(func() { relayBidi(c, b, st, true) })
+	wg.Go(func() { relayBidi(b, c, st, false) })
+	wg.Go(func() { relayUni(c, b, st, true) })
+	wg.Go(func() { relayUni(b, c, st, false) })
+	wg.Go(func() { relayDatagrams(c, b) })
+	wg.Go(func() { relayDatagrams(b, c) })
+	select {
+	case <-c.Context().Done():
+		closeLike(b, c)
+	case <-b.Context().Done():
+		closeLike(c, b)
+	}
+	wg.Wait()
+}
+
+// closeLike closes c as ended was closed: with its application error code
+// and message, or with QUICErrUpstreamGone.
+func closeLike(c, ended *quic.Conn) {
+	var ae *quic.ApplicationError
+	if errors.As(context.Cause(ended.Context()), &ae) {
+		_ = c.CloseWithError(ae.ErrorCode, ae.ErrorMessage)
+		return
+	}
+	_ = c.CloseWithError(QUICErrUpstreamGone, "the other side of the relay is gone")
+}
+
+// relayBidi relays the bidirectional streams that from opens to to.
+func relayBidi(from, to *quic.Conn, st *quicHostStats, up bool) {
+	ctx := from.Context()
+	for {
+		s, err := from.AcceptStream(ctx)
+		if err != nil {
+			return
+		}
+		st.streams.Add(1)
+		go func() {
+			t, err := to.OpenStreamSync(ctx)
+			if err != nil {
+				s.CancelRead(QUICErrStreamRelay)
+				s.CancelWrite(QUICErrStreamRelay)
+				return
+			}
+			in, out := &st.bytesUp, &st.bytesDown
+			if !up {
+				in, out = out, in
+			}
+			go pipe(t, s, in)
+			pipe(s, t, out)
+		}()
+	}
+}
+
+// relayUni relays the unidirectional streams that from opens to to.
+func relayUni(from, to *quic.Conn, st *quicHostStats, up bool) {
+	ctx := from.Context()
+	n := &st.bytesUp
+	if !up {
+		n = &st.bytesDown
+	}
+	for {
+		s, err := from.AcceptUniStream(ctx)
+		if err != nil {
+			return
+		}
+		st.streams.Add(1)
+		go func() {
+			t, err := to.OpenUniStreamSync(ctx)
+			if err != nil {
+				s.CancelRead(QUICErrStreamRelay)
+				return
+			}
+			pipe(t, s, n)
+		}()
+	}
+}
+
+// sendSide is the sending half of a stream.
+type sendSide interface {
+	io.Writer
+	Close() error
+	CancelWrite(quic.StreamErrorCode)
+}
+
+// recvSide is the receiving half of a stream.
+type recvSide interface {
+	io.Reader
+	CancelRead(quic.StreamErrorCode)
+}
+
+// relayBufferPool holds the buffers of pipe.
+var relayBufferPool = sync.Pool{New: func() any { return new([32 << 10]byte) }}
+
+// pipe copies src to dst, passing on the end of the stream: FIN as FIN, a
+// RESET_STREAM on src as one on dst, and a STOP_SENDING on dst as one on
+// src, each with its error code.
+func pipe(dst sendSide, src recvSide, bytes *atomic.Uint64) {
+	buf := relayBufferPool.Get().(*[32 << 10]byte)
+	defer relayBufferPool.Put(buf)
+	for {
+		n, err := src.Read(buf[:])
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				src.CancelRead(streamErrorCode(werr))
+				return
+			}
+			bytes.Add(uint64(n))
+		}
+		switch {
+		case err == io.EOF:
+			_ = dst.Close()
+			return
+		case err != nil:
+			dst.CancelWrite(streamErrorCode(err))
+			return
+		}
+	}
+}
+
+// streamErrorCode is the code of a stream error that the peer sent, or
+// QUICErrStreamRelay.
+func streamErrorCode(err error) quic.StreamErrorCode {
+	var se *quic.StreamError
+	if errors.As(err, &se) && se.Remote {
+		return se.ErrorCode
+	}
+	return QUICErrStreamRelay
+}
+
+// relayDatagrams relays the DATAGRAM frames that from receives to to.
+func relayDatagrams(from, to *quic.Conn) {
+	ctx := from.Context()
+	for {
+		b, err := from.ReceiveDatagram(ctx)
+		if err != nil {
+			return
+		}
+		_ = to.SendDatagram(b) // unreliable: a datagram too large is lost
+	}
+}
+
+// relayUDP serves a client connection from udp/ upstreams: each stream is
+// one request datagram, answered by one reply datagram, and each DATAGRAM
+// frame is one datagram each way.
+func (h *Handler) relayUDP(c *quic.Conn, client netip.AddrPort) {
+	_, perFlow := h.router.(perFlowRouter)
+	var fixed *Upstream
+	if perFlow {
+		if fixed = h.pickQUIC(client); fixed == nil {
+			h.QUIC.stats.failed[quicFailNoUpstream].Add(1)
+			_ = c.CloseWithError(QUICErrNoUpstream, "no upstream available")
+			return
+		}
+		fixed.host.flows.Add(1)
+		fixed.host.quic.conns.Add(1)
+		defer fixed.host.flows.Add(-1)
+		defer fixed.host.quic.conns.Add(-1)
+	}
+	pick := func() *Upstream {
+		if fixed != nil {
+			return fixed
+		}
+		return h.pickQUIC(client)
+	}
+	dgram, err := net.ListenUDP(h.network, nil)
+	if err != nil {
+		_ = c.CloseWithError(QUICErrNoUpstream, "no socket")
+		return
+	}
+	ctx := c.Context()
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		<-ctx.Done()
+		_ = dgram.Close()
+	})
+	wg.Go(func() { h.udpDatagramsUp(c, dgram, pick) })
+	wg.Go(func() { h.udpDatagramsDown(c, dgram) })
+	wg.Go(func() {
+		for {
+			s, err := c.AcceptUniStream(ctx)
+			if err != nil {
+				return
+			}
+			go h.udpRequest(s, nil, pick)
+		}
+	})
+	for {
+		s, err := c.AcceptStream(ctx)
+		if err != nil {
+			break
+		}
+		go h.udpRequest(s, s, pick)
+	}
+	wg.Wait()
+}
+
+// udpRequest sends the stream's data as one datagram to an upstream and,
+// when reply is not nil, writes the one reply datagram back and ends the
+// stream.
+func (h *Handler) udpRequest(s recvSide, reply sendSide, pick func() *Upstream) {
+	fail := func(code quic.StreamErrorCode) {
+		s.CancelRead(code)
+		if reply != nil {
+			reply.CancelWrite(code)
+		}
+	}
+	buf := make([]byte, maxUDPPayload+1)
+	n, err := io.ReadFull(s, buf)
+	switch {
+	case err == nil:
+		fail(QUICErrRequestTooLarge)
+		return
+	case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
+	default:
+		if reply != nil {
+			reply.CancelWrite(streamErrorCode(err))
+		}
+		return
+	}
+	u := pick()
+	if u == nil {
+		fail(QUICErrStreamRelay)
+		return
+	}
+	conn, err := net.ListenUDP(h.network, nil)
+	if err != nil {
+		fail(QUICErrStreamRelay)
+		return
+	}
+	defer conn.Close()
+	if _, err := conn.WriteToUDPAddrPort(buf[:n], u.addr); err != nil {
+		fail(QUICErrStreamRelay)
+		return
+	}
+	u.host.quic.streams.Add(1)
+	u.host.quic.bytesUp.Add(uint64(n))
+	u.host.datagramsSent.Add(1)
+	u.host.bytesSent.Add(uint64(n))
+	if reply == nil {
+		return
+	}
+	deadline := time.Now().Add(time.Duration(h.QUIC.ReplyTimeout))
+	_ = conn.SetReadDeadline(deadline)
+	for {
+		m, from, err := conn.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			reply.CancelWrite(QUICErrReplyTimeout)
+			return
+		}
+		if addrPortUnmap(from) != u.addr {
+			continue
+		}
+		u.host.quic.bytesDown.Add(uint64(m))
+		u.host.datagramsReceived.Add(1)
+		u.host.bytesReceived.Add(uint64(m))
+		if _, err := reply.Write(buf[:m]); err == nil {
+			_ = reply.Close()
+		}
+		return
+	}
+}
+
+// udpDatagramsUp sends each DATAGRAM frame of c as a datagram upstream.
+func (h *Handler) udpDatagramsUp(c *quic.Conn, conn *net.UDPConn, pick func() *Upstream) {
+	ctx := c.Context()
+	for {
+		b, err := c.ReceiveDatagram(ctx)
+		if err != nil {
+			return
+		}
+		if u := pick(); u != nil {
+			if _, err := conn.WriteToUDPAddrPort(b, u.addr); err == nil {
+				u.host.datagramsSent.Add(1)
+				u.host.bytesSent.Add(uint64(len(b)))
+			}
+		}
+	}
+}
+
+// udpDatagramsDown sends each datagram from an upstream to c as a
+// DATAGRAM frame.
+func (h *Handler) udpDatagramsDown(c *quic.Conn, conn *net.UDPConn) {
+	buf := make([]byte, maxUDPPayload)
+	for {
+		n, from, err := conn.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			continue
+		}
+		u := h.byAddr[addrPortUnmap(from)]
+		if u == nil {
+			h.drop(dropUnknownSource)
+			continue
+		}
+		u.host.datagramsReceived.Add(1)
+		u.host.bytesReceived.Add(uint64(n))
+		_ = c.SendDatagram(buf[:n])
+	}
+}
+
+// addrPortUnmap is ap with its address unmapped.
+func addrPortUnmap(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}

@@ -1,0 +1,402 @@
+package stabilize
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+)
+
+// TestQUICRoundRobin: 30 client connections over 3 quic/ backends are
+// spread 10/10/10, each connection staying on its backend.
+func TestQUICRoundRobin(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		bs := []*quicBackend{startQUICBackend(t, "a"), startQUICBackend(t, "b"), startQUICBackend(t, "c")}
+		lb := startBalancerOn(t, network, false, 30*time.Second,
+			quicHandler(t, "", "round_robin", nil, bs[0].dial(), bs[1].dial(), bs[2].dial()))
+		got := map[string]int{}
+		for i := range 30 {
+			c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+			first := mustExchange(t, c, []byte(fmt.Sprint("hello ", i)))
+			if again := mustExchange(t, c, []byte("again")); again != first {
+				t.Fatalf("connection %d moved from %s to %s", i, first, again)
+			}
+			got[first]++
+			_ = c.CloseWithError(0, "")
+		}
+		for _, b := range bs {
+			if got[b.name] != 10 {
+				t.Fatalf("connections per backend: %v, want 10 each", got)
+			}
+		}
+	})
+}
+
+// TestQUICUDPUpstreams: with udp/ upstreams each stream is one request
+// datagram; per packet, 30 requests on one connection give exact thirds.
+func TestQUICUDPUpstreams(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		us := []*testUpstream{startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "c")}
+		lb := startBalancerOn(t, network, false, 30*time.Second,
+			quicHandler(t, PerPacket, "round_robin", nil, us[0].dial(), us[1].dial(), us[2].dial()))
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		got := map[string]int{}
+		for i := range 30 {
+			got[mustExchange(t, c, []byte(fmt.Sprint("request ", i)))]++
+		}
+		for _, u := range us {
+			if got[u.name] != 10 {
+				t.Fatalf("requests per upstream: %v, want 10 each", got)
+			}
+		}
+	})
+}
+
+// TestQUICRelaySizes relays bidirectional streams of 1 byte to 1 MiB both
+// ways.
+func TestQUICRelaySizes(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		for _, n := range []int{1, 100, 1200, 1500, 64 << 10, 1 << 20} {
+			data := make([]byte, n)
+			_, _ = rand.Read(data)
+			if name := mustExchange(t, c, data); name != "a" {
+				t.Fatalf("reply from %q", name)
+			}
+		}
+	})
+}
+
+// TestQUICRelayUniStreams relays unidirectional streams opened by the
+// client and by the backend, and a bidirectional stream the backend opens.
+func TestQUICRelayUniStreams(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		for _, n := range []int{1, 5000, 300 << 10} {
+			data := bytes.Repeat([]byte{'u'}, n)
+			s, err := c.OpenUniStreamSync(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, _ = s.Write(data)
+			_ = s.Close()
+			r, err := c.AcceptUniStream(ctx)
+			if err != nil {
+				t.Fatalf("accepting the backend's uni stream: %v", err)
+			}
+			got, err := io.ReadAll(r)
+			if err != nil || !bytes.Equal(got, append([]byte("a|"), data...)) {
+				t.Fatalf("uni stream of %d bytes: got %d bytes, %v", n, len(got), err)
+			}
+		}
+		s, _ := c.OpenUniStreamSync(ctx)
+		_, _ = s.Write([]byte("open bidi"))
+		_ = s.Close()
+		bs, err := c.AcceptStream(ctx)
+		if err != nil {
+			t.Fatalf("accepting the backend's bidi stream: %v", err)
+		}
+		got, err := io.ReadAll(bs)
+		if err != nil || string(got) != "a|server bidi" {
+			t.Fatalf("backend's bidi stream: %q, %v", got, err)
+		}
+		_, _ = bs.Write([]byte("ack"))
+		_ = bs.Close()
+		eventually(t, 5*time.Second, "the backend to see the ack", func() bool {
+			_, _, acks, _ := b.snapshot()
+			return slices.Equal(acks, []string{"ack"})
+		})
+	})
+}
+
+// TestQUICRelayDatagrams relays DATAGRAM frames both ways, to quic/ and to
+// udp/ upstreams.
+func TestQUICRelayDatagrams(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		for _, kind := range []string{"quic", "udp"} {
+			t.Run(kind, func(t *testing.T) {
+				var dial string
+				if kind == "quic" {
+					dial = startQUICBackend(t, "a").dial()
+				} else {
+					dial = startUpstream(t, "a").dial()
+				}
+				lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, dial))
+				c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+				if !c.ConnectionState().SupportsDatagrams.Remote {
+					t.Fatal("the balancer does not offer datagrams")
+				}
+				for i := range 5 {
+					msg := fmt.Sprint("datagram ", i)
+					got := ""
+					for try := 0; try < 5 && got == ""; try++ {
+						if err := c.SendDatagram([]byte(msg)); err != nil {
+							t.Fatal(err)
+						}
+						ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+						d, err := c.ReceiveDatagram(ctx)
+						cancel()
+						if err == nil {
+							got = string(d)
+						}
+					}
+					if got != "a|"+msg {
+						t.Fatalf("datagram %q: reply %q", msg, got)
+					}
+				}
+			})
+		}
+	})
+}
+
+// TestQUICRelayStreamEnds passes RESET_STREAM and STOP_SENDING with their
+// codes both ways, and the connection close code both ways.
+func TestQUICRelayStreamEnds(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+
+		// The client resets: the backend sees code 42 and resets its side
+		// with 7, which the client sees.
+		s, _ := c.OpenStreamSync(ctx)
+		_, _ = s.Write([]byte("partial"))
+		s.CancelWrite(42)
+		_ = s.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err := io.ReadAll(s)
+		var se *quic.StreamError
+		if !errors.As(err, &se) || se.ErrorCode != 7 || !se.Remote {
+			t.Fatalf("reading a reset stream: %v, want the backend's reset 7", err)
+		}
+		eventually(t, 5*time.Second, "the backend to see reset 42", func() bool {
+			resets, _, _, _ := b.snapshot()
+			return slices.Contains(resets, 42)
+		})
+
+		// The client stops reading: the backend's writes fail with 43.
+		s, _ = c.OpenStreamSync(ctx)
+		_, _ = s.Write([]byte("flood"))
+		_ = s.Close()
+		_, _ = io.ReadFull(s, make([]byte, 4096))
+		s.CancelRead(43)
+		eventually(t, 5*time.Second, "the backend to see STOP_SENDING 43", func() bool {
+			_, stops, _, _ := b.snapshot()
+			return slices.Contains(stops, 43)
+		})
+
+		// The client's close code reaches the backend.
+		_ = c.CloseWithError(0x77, "client says bye")
+		eventually(t, 5*time.Second, "the backend to see the client's close", func() bool {
+			_, _, _, closes := b.snapshot()
+			return slices.ContainsFunc(closes, func(s string) bool { return strings.Contains(s, "client says bye") })
+		})
+
+		// The backend's close code reaches the client.
+		c = dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		_, err = quicExchange(c, []byte("die"))
+		<-c.Context().Done()
+		var ae *quic.ApplicationError
+		if !errors.As(context.Cause(c.Context()), &ae) || ae.ErrorCode != 0x99 || ae.ErrorMessage != "backend says bye" {
+			t.Fatalf("connection closed with %v, want the backend's 0x99", context.Cause(c.Context()))
+		}
+	})
+}
+
+// TestQUICRelayConcurrentStreams runs 100 streams at once on one
+// connection.
+func TestQUICRelayConcurrentStreams(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		var wg sync.WaitGroup
+		errs := make(chan error, 100)
+		for i := range 100 {
+			wg.Go(func() {
+				data := bytes.Repeat([]byte{byte(i)}, 10000+i)
+				reply, err := quicExchange(c, data)
+				if err == nil && !bytes.Equal(reply, append([]byte("a|"), data...)) {
+					err = fmt.Errorf("stream %d: wrong reply of %d bytes", i, len(reply))
+				}
+				if err != nil {
+					errs <- err
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatal(err)
+		}
+	})
+}
+
+// TestQUICBackendDies: a backend that disappears without a close gets its
+// clients a CONNECTION_CLOSE with QUICErrUpstreamGone, and a backend that
+// is down gets new clients QUICErrNoUpstream, both counted.
+func TestQUICBackendDies(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		tr := trackHandlers(t)
+		b := startQUICBackend(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second,
+			quicHandler(t, "", "", map[string]any{"max_idle_timeout": "1s"}, b.dial()))
+		h := tr.latest()
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		mustExchange(t, c, []byte("hi"))
+		// A stream in flight when the backend dies ends, never hangs.
+		s, err := c.OpenStreamSync(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = s.Write([]byte("mid-stream"))
+		eventually(t, 5*time.Second, "the stream at the backend", func() bool { return b.live.Load() == 1 })
+		b.stop()
+		_ = s.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.ReadAll(s); err == nil || isTimeout(err) {
+			t.Fatalf("a stream in flight when the backend died: %v, want the connection's close", err)
+		}
+		select {
+		case <-c.Context().Done():
+		case <-time.After(10 * time.Second):
+			t.Fatal("the client's connection hangs after its backend died")
+		}
+		var ae *quic.ApplicationError
+		if !errors.As(context.Cause(c.Context()), &ae) || ae.ErrorCode != QUICErrUpstreamGone {
+			t.Fatalf("closed with %v, want code %#x", context.Cause(c.Context()), QUICErrUpstreamGone)
+		}
+		c = dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		<-c.Context().Done()
+		if !errors.As(context.Cause(c.Context()), &ae) || ae.ErrorCode != QUICErrNoUpstream {
+			t.Fatalf("closed with %v, want code %#x", context.Cause(c.Context()), QUICErrNoUpstream)
+		}
+		if n := h.QUIC.stats.failed[quicFailDial].Load(); n != 1 {
+			t.Fatalf("backend dial failures counted: %d, want 1", n)
+		}
+	})
+}
+
+// TestQUICUDPRequestFaults: a udp/ request without a reply within
+// reply_timeout, and one longer than a datagram, reset the stream with
+// their documented codes; the connection goes on.
+func TestQUICUDPRequestFaults(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		u := startUpstream(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second,
+			quicHandler(t, "", "", map[string]any{"reply_timeout": "200ms"}, u.dial()))
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		mustExchange(t, c, []byte("fine"))
+
+		u.silent.Store(true)
+		start := time.Now()
+		_, err := quicExchange(c, []byte("unanswered"))
+		var se *quic.StreamError
+		if !errors.As(err, &se) || se.ErrorCode != QUICErrReplyTimeout {
+			t.Fatalf("an unanswered request: %v, want reset %#x", err, QUICErrReplyTimeout)
+		}
+		if d := time.Since(start); d < 200*time.Millisecond || d > 3*time.Second {
+			t.Fatalf("reset after %v, want about the 200ms reply_timeout", d)
+		}
+		u.silent.Store(false)
+
+		_, err = quicExchange(c, make([]byte, maxUDPPayload+1))
+		if !errors.As(err, &se) || se.ErrorCode != QUICErrRequestTooLarge {
+			t.Fatalf("an oversized request: %v, want reset %#x", err, QUICErrRequestTooLarge)
+		}
+		if n := u.gotPayload(string(make([]byte, maxUDPPayload+1))); n != 0 {
+			t.Fatal("the oversized request reached the upstream")
+		}
+		mustExchange(t, c, make([]byte, maxUDPPayload-100))
+	})
+}
+
+// TestQUICActiveHealth: an active check of a quic/ upstream is a QUIC
+// handshake with the configured ALPN: a backend without that ALPN, and a
+// stopped one, are marked down and get no new connections.
+func TestQUICActiveHealth(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		a, wrong, gone := startQUICBackend(t, "a"), startQUICBackend(t, "wrong", "other"), startQUICBackend(t, "gone")
+		h := quicHandler(t, "", "round_robin", nil, a.dial(), wrong.dial(), gone.dial())
+		h["health_checks"] = map[string]any{"active": map[string]any{"interval": "500ms", "timeout": "400ms"}}
+		gone.stop()
+		lb := startBalancerOn(t, network, false, 30*time.Second, h)
+		eventually(t, 5*time.Second, "the two bad backends marked down", func() bool {
+			return !hostOf(t, wrong.addr).Healthy() && !hostOf(t, gone.addr).Healthy() && hostOf(t, a.addr).Healthy()
+		})
+		for range 4 {
+			c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+			if name := mustExchange(t, c, []byte("hi")); name != "a" {
+				t.Fatalf("a connection went to %s", name)
+			}
+		}
+		if n := wrong.conns.Load(); n != 0 {
+			t.Fatalf("the backend without the ALPN completed %d handshakes", n)
+		}
+	})
+}
+
+// TestQUICNoLeak: once many relayed connections have closed and their
+// flows have idled out, the goroutines are back at their baseline.
+func TestQUICNoLeak(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		lb := startBalancerOn(t, network, false, time.Second, quicHandler(t, "", "", nil, b.dial()))
+		warm := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		mustExchange(t, warm, []byte("warm"))
+		_ = warm.CloseWithError(0, "")
+		time.Sleep(3 * time.Second) // the warm flow idles out
+		base := runtime.NumGoroutine()
+		for i := range 300 {
+			c, err := dialQUICErr(lb.addr, nil, quicClientTLS(t))
+			if err != nil {
+				t.Fatalf("connection %d: %v", i, err)
+			}
+			mustExchange(t, c, []byte("x"))
+			_ = c.CloseWithError(0, "")
+		}
+		eventually(t, 10*time.Second, "the goroutines back at the baseline", func() bool {
+			return runtime.NumGoroutine() <= base+5
+		})
+		if n := b.live.Load(); n != 0 {
+			t.Fatalf("%d backend connections still open", n)
+		}
+	})
+}
+
+// TestQUICPassiveDialFailure: a backend dial that fails counts as a passive
+// failure, which marks the upstream down: new connections go elsewhere.
+func TestQUICPassiveDialFailure(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		down, up := startQUICBackend(t, "down"), startQUICBackend(t, "up")
+		down.stop()
+		h := quicHandler(t, "", "round_robin", nil, down.dial(), up.dial())
+		h["health_checks"] = map[string]any{"passive": map[string]any{"max_fails": 1, "fail_duration": "1m"}}
+		lb := startBalancerOn(t, network, false, 30*time.Second, h)
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		<-c.Context().Done() // the first pick: the down backend
+		eventually(t, 5*time.Second, "the down backend marked down", func() bool { return !hostOf(t, down.addr).Healthy() })
+		for range 3 {
+			c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+			if name := mustExchange(t, c, []byte("hi")); name != "up" {
+				t.Fatalf("a connection went to %s", name)
+			}
+		}
+	})
+}

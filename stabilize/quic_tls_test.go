@@ -1,0 +1,172 @@
+package stabilize
+
+import (
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	_ "github.com/caddyserver/caddy/v2/modules/filestorage"
+	"github.com/quic-go/quic-go"
+)
+
+// startQUICWithTLSApp starts a balancer on network whose handler takes its
+// certificate from the tls app configured as tlsApp; pkiApp may be nil.
+func startQUICWithTLSApp(t *testing.T, network string, handler map[string]any, tlsApp, pkiApp any, storage string) *balancer {
+	t.Helper()
+	q := handler["quic"].(map[string]any)
+	delete(q, "certificate")
+	delete(q, "key")
+	b := &balancer{addr: listenAddr(t)}
+	var cfg map[string]any
+	if err := json.Unmarshal(testConfigOn(network, b.addr, "", 30*time.Second, handler), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	apps := cfg["apps"].(map[string]any)
+	apps["tls"] = tlsApp
+	if pkiApp != nil {
+		apps["pki"] = pkiApp
+	}
+	cfg["storage"] = map[string]any{"module": "file_system", "root": storage}
+	raw, _ := json.Marshal(cfg)
+	if err := caddy.Load(raw, true); err != nil {
+		t.Fatalf("loading config: %v", err)
+	}
+	t.Cleanup(func() { _ = caddy.Stop() })
+	return b
+}
+
+// loadFilesApp is a tls app config that loads the test certificate.
+func loadFilesApp(p *testPKI) map[string]any {
+	return map[string]any{"certificates": map[string]any{"load_files": []any{
+		map[string]any{"certificate": p.certFile, "key": p.keyFile},
+	}}}
+}
+
+func listenAddr(t *testing.T) string {
+	return net.JoinHostPort("127.0.0.1", itoa(int64(freeUDPPort(t))))
+}
+
+// TestQUICCertificates serves certificates from the tls app: one Caddy's
+// internal issuer makes for localhost, and one loaded from files.
+func TestQUICCertificates(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		t.Run("internal", func(t *testing.T) {
+			b := startQUICBackend(t, "a")
+			storage := t.TempDir()
+			lb := startQUICWithTLSApp(t, network, quicHandler(t, "", "", nil, b.dial()),
+				map[string]any{
+					"certificates": map[string]any{"automate": []string{"localhost"}},
+					"automation": map[string]any{"policies": []any{map[string]any{
+						"subjects": []string{"localhost"},
+						"issuers":  []any{map[string]any{"module": "internal"}},
+					}}},
+				},
+				map[string]any{"certificate_authorities": map[string]any{"local": map[string]any{"install_trust": false}}},
+				storage)
+			var root []byte
+			eventually(t, 10*time.Second, "the internal CA's root", func() bool {
+				var err error
+				root, err = os.ReadFile(filepath.Join(storage, "pki", "authorities", "local", "root.crt"))
+				return err == nil
+			})
+			pool := x509.NewCertPool()
+			pool.AppendCertsFromPEM(root)
+			tlsConf := quicClientTLS(t)
+			tlsConf.RootCAs = pool
+			var c *quic.Conn
+			eventually(t, 10*time.Second, "a handshake with the managed certificate", func() bool {
+				var err error
+				c, err = dialQUICErr(lb.addr, nil, tlsConf)
+				return err == nil
+			})
+			defer c.CloseWithError(0, "")
+			if name := mustExchange(t, c, []byte("managed")); name != "a" {
+				t.Fatalf("reply from %q", name)
+			}
+			if issuer := c.ConnectionState().TLS.PeerCertificates[0].Issuer.CommonName; issuer == "localhost" || issuer == "" {
+				t.Fatalf("certificate issued by %q", issuer)
+			}
+		})
+		t.Run("files", func(t *testing.T) {
+			b := startQUICBackend(t, "a")
+			p := newTestPKI(t)
+			lb := startQUICWithTLSApp(t, network, quicHandler(t, "", "", nil, b.dial()),
+				loadFilesApp(p), nil, t.TempDir())
+			c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+			mustExchange(t, c, []byte("loaded"))
+		})
+	})
+}
+
+// TestQUICHandshakeFailures: a client offering only an unknown ALPN, or
+// asking for a name without a certificate, fails its handshake with a TLS
+// alert, counted by reason; the balancer goes on serving.
+func TestQUICHandshakeFailures(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		tr := trackHandlers(t)
+		b := startQUICBackend(t, "a")
+		p := newTestPKI(t)
+		lb := startQUICWithTLSApp(t, network, quicHandler(t, "", "", nil, b.dial()),
+			loadFilesApp(p), nil, t.TempDir())
+		h := tr.latest()
+
+		_, err := dialQUICErr(lb.addr, nil, quicClientTLS(t, "not-offered"))
+		var te *quic.TransportError
+		if !errors.As(err, &te) || !te.Remote || te.ErrorCode != quic.TransportErrorCode(0x100+120) {
+			t.Fatalf("dialing with a wrong ALPN: %v, want the no_application_protocol alert", err)
+		}
+		if n := h.QUIC.stats.failed[quicFailALPN].Load(); n != 1 {
+			t.Fatalf("ALPN failures counted: %d, want 1", n)
+		}
+
+		tlsConf := quicClientTLS(t)
+		tlsConf.ServerName = "unknown.example"
+		_, err = dialQUICErr(lb.addr, nil, tlsConf)
+		if !errors.As(err, &te) || !te.Remote || !te.ErrorCode.IsCryptoError() {
+			t.Fatalf("dialing an unknown name: %v, want a TLS alert", err)
+		}
+		if n := h.QUIC.stats.failed[quicFailCertificate].Load(); n != 1 {
+			t.Fatalf("certificate failures counted: %d, want 1", n)
+		}
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		mustExchange(t, c, []byte("still serving"))
+	})
+}
+
+// TestQUICGarbage: random datagrams, truncated Initials and datagrams of
+// the listener's buffer size, from many client ports, neither panic nor
+// stall the transport.
+func TestQUICGarbage(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		for i := range 50 {
+			g := newClient(t, lb.addr)
+			for _, n := range []int{1, 7, 40, 1200, 1500, ListenerBufferSize} {
+				d := make([]byte, n)
+				_, _ = rand.Read(d)
+				if i%2 == 0 && n >= 7 {
+					// A long header Initial of QUIC v1, cut short.
+					d[0] = 0xc0 | d[0]&0x0f
+					binary.BigEndian.PutUint32(d[1:], 1)
+					if n > 5 {
+						d[5] = 8
+					}
+				}
+				_, _ = g.conn.Write(d)
+			}
+		}
+		mustExchange(t, c, []byte("still serving"))
+		c2 := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		mustExchange(t, c2, []byte("new connection"))
+	})
+}
