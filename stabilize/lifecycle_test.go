@@ -1,7 +1,6 @@
 package stabilize
 
 import (
-	"fmt"
 	"testing"
 	"time"
 
