@@ -124,6 +124,9 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 	if q == nil {
 		return nil
 	}
+	if h.Per == PerConnection {
+		return fmt.Errorf("per %q: routes QUIC packets without terminating them, which the quic block does", h.Per)
+	}
 	if h.ProxyProtocol != "" {
 		return fmt.Errorf("proxy_protocol %q: not available with the quic block", h.ProxyProtocol)
 	}
