@@ -1,7 +1,8 @@
 // Package stabilize is a UDP load balancer for Caddy: the caddy-l4 handler
 // `layer4.handlers.stabilize`. caddy-l4 hands it one client flow (a client
 // address and port) at a time; it spreads the flow's datagrams over its
-// upstreams, per packet or per flow, and relays the replies back.
+// upstreams, per packet, per flow or per QUIC connection, and relays the
+// replies back; or it terminates QUIC and relays each connection.
 //
 // # The data path
 //
@@ -16,7 +17,7 @@
 //     two seconds Handle returns and the socket's reaper ends the flow when
 //     it goes idle.
 //
-// Both call Flow.forward (forward.go), the one place that checks
+// Both call Flow.forwardBatch (forward.go), the one place that checks
 // truncation, asks the handler's router for an upstream, prepends the PROXY
 // header and sends without blocking, counting every drop by reason. The
 // router is the granularity (router.go): per packet asks the policy for
