@@ -66,10 +66,16 @@ const defaultIdleTimeout = 30 * time.Second
 // shortest idle timeout of all, which may end a flow early but never reads
 // past its end.
 func (h *Handler) listenerIdleTimeout(network string, local net.Addr) time.Duration {
-	ap := addrPort(local)
+	idle, _ := h.serverIdleTimeout(network, addrPort(local))
+	return idle
+}
+
+// serverIdleTimeout is listenerIdleTimeout for the address ap, and whether
+// a listener of h's config matched it.
+func (h *Handler) serverIdleTimeout(network string, ap netip.AddrPort) (time.Duration, bool) {
 	app, err := h.ctx.AppIfConfigured("layer4")
 	if err != nil {
-		return defaultIdleTimeout
+		return defaultIdleTimeout, false
 	}
 	shortest, found := time.Duration(0), time.Duration(0)
 	for _, srv := range app.(*layer4.App).Servers {
@@ -86,7 +92,7 @@ func (h *Handler) listenerIdleTimeout(network string, local net.Addr) time.Durat
 				uint(ap.Port()) < na.StartPort || uint(ap.Port()) > na.EndPort {
 				continue
 			}
-			if ip, err := netip.ParseAddr(na.Host); err == nil && !ip.IsUnspecified() && ip.Unmap() != ap.Addr() {
+			if ip, err := netip.ParseAddr(na.Host); err == nil && !ip.IsUnspecified() && ip.Unmap() != ap.Addr().Unmap() {
 				continue
 			}
 			if found == 0 || idle < found {
@@ -96,9 +102,9 @@ func (h *Handler) listenerIdleTimeout(network string, local net.Addr) time.Durat
 	}
 	switch {
 	case found > 0:
-		return found
+		return found, true
 	case shortest > 0:
-		return shortest
+		return shortest, false
 	}
-	return defaultIdleTimeout
+	return defaultIdleTimeout, false
 }

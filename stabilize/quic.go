@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -101,7 +102,7 @@ type QUIC struct {
 	udp        bool        // the upstreams are udp/: a stream is one request
 	tls        *tls.Config // the server's, before ALPN and key log
 	backendTLS *tls.Config
-	keylog     *os.File
+	keylog     *keyLog
 	config     *quic.Config // for clients
 	stats      *quicStats
 }
@@ -189,7 +190,7 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 		if err != nil {
 			return fmt.Errorf("quic.keylog %q: %w", q.KeyLog, err)
 		}
-		q.keylog = f
+		q.keylog = &keyLog{f: f}
 		h.logger.Warn("TLS secrets of QUIC connections are logged", zap.String("keylog", q.KeyLog))
 	}
 	if q.QlogDir != "" {
@@ -306,7 +307,32 @@ func (q *QUIC) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error) 
 // cleanup closes the key log.
 func (q *QUIC) cleanup() {
 	if q.keylog != nil {
-		_ = q.keylog.Close()
+		q.keylog.close()
+	}
+}
+
+// keyLog is a key log file that handshakes still under way when it closes
+// can write to: crypto/tls fails a handshake whose key log write fails.
+type keyLog struct {
+	mu sync.Mutex
+	f  *os.File // nil once closed
+}
+
+func (k *keyLog) Write(p []byte) (int, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.f == nil {
+		return len(p), nil // closed by a reload: the line is not logged
+	}
+	return k.f.Write(p)
+}
+
+func (k *keyLog) close() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.f != nil {
+		_ = k.f.Close()
+		k.f = nil
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"math/big"
 	"net"
@@ -240,6 +241,10 @@ func (b *quicBackend) serveConn(c *quic.Conn) {
 				return
 			case "die":
 				_ = c.CloseWithError(0x99, "backend says bye")
+				return
+			case "stream id":
+				_, _ = fmt.Fprint(s, int64(s.StreamID()))
+				_ = s.Close()
 				return
 			}
 			_, _ = s.Write(b.reply(data))

@@ -166,20 +166,20 @@ func relayBidi(from, to *quic.Conn, st *quicHostStats, up bool) {
 			return
 		}
 		st.streams.Add(1)
-		go func() {
-			t, err := to.OpenStreamSync(ctx)
-			if err != nil {
-				s.CancelRead(QUICErrStreamRelay)
-				s.CancelWrite(QUICErrStreamRelay)
-				return
-			}
-			in, out := &st.bytesUp, &st.bytesDown
-			if !up {
-				in, out = out, in
-			}
-			go pipe(t, s, in)
-			pipe(s, t, out)
-		}()
+		// Opened here, in accept order, the stream gets the same ID on
+		// both legs, which HTTP/3 datagrams and WebTransport name.
+		t, err := to.OpenStreamSync(ctx)
+		if err != nil {
+			s.CancelRead(QUICErrStreamRelay)
+			s.CancelWrite(QUICErrStreamRelay)
+			continue
+		}
+		in, out := &st.bytesUp, &st.bytesDown
+		if !up {
+			in, out = out, in
+		}
+		go pipe(t, s, in)
+		go pipe(s, t, out)
 	}
 }
 
@@ -196,14 +196,12 @@ func relayUni(from, to *quic.Conn, st *quicHostStats, up bool) {
 			return
 		}
 		st.streams.Add(1)
-		go func() {
-			t, err := to.OpenUniStreamSync(ctx)
-			if err != nil {
-				s.CancelRead(QUICErrStreamRelay)
-				return
-			}
-			pipe(t, s, n)
-		}()
+		t, err := to.OpenUniStreamSync(ctx) // in accept order, as relayBidi
+		if err != nil {
+			s.CancelRead(QUICErrStreamRelay)
+			continue
+		}
+		go pipe(t, s, n)
 	}
 }
 

@@ -400,3 +400,38 @@ func TestQUICPassiveDialFailure(t *testing.T) {
 		}
 	})
 }
+
+// TestQUICRelayKeepsStreamIDs: a client stream has the same ID on the
+// backend leg, whatever order the streams' first bytes arrive in, as
+// HTTP/3 datagrams and WebTransport sessions name streams by ID.
+func TestQUICRelayKeepsStreamIDs(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		var streams []*quic.Stream
+		for range 32 {
+			s, err := c.OpenStreamSync(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			streams = append(streams, s)
+		}
+		for _, s := range slices.Backward(streams) { // the last opened speaks first
+			if _, err := s.Write([]byte("stream id")); err != nil {
+				t.Fatal(err)
+			}
+			_ = s.Close()
+		}
+		for _, s := range streams {
+			_ = s.SetReadDeadline(time.Now().Add(5 * time.Second))
+			got, err := io.ReadAll(s)
+			if err != nil {
+				t.Fatalf("stream %d: %v", s.StreamID(), err)
+			}
+			if want := fmt.Sprint(int64(s.StreamID())); string(got) != want {
+				t.Fatalf("client stream %s is backend stream %s", want, got)
+			}
+		}
+	})
+}

@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -70,6 +72,7 @@ func (h *Handler) transportFor(cx *layer4.Connection, network string, out *net.U
 		return newQUICTransport(key, cx.LocalAddr(), out, h)
 	})
 	if err != nil {
+		delete(h.quicHeld.flows, cx)
 		return nil, err
 	}
 	t := v.(*quicTransport)
@@ -164,12 +167,13 @@ func (h *Handler) handleQUIC(cx *layer4.Connection) error {
 		return nil
 	}
 	defer h.forgetQUICFlow(cx)
+	idle := h.listenerIdleTimeout(network, cx.LocalAddr())
 	if front != nil {
 		ep := &quicEndpoint{
 			conn:   t.conn,
 			sock:   front.Socket(),
 			client: client,
-			idle:   h.listenerIdleTimeout(network, cx.LocalAddr()),
+			idle:   idle,
 		}
 		ep.lastActive.Store(time.Now().UnixNano())
 		ep.sock.Register(client, ep)
@@ -180,13 +184,14 @@ func (h *Handler) handleQUIC(cx *layer4.Connection) error {
 			_ = cx.SetReadDeadline(time.Now().Add(fastHandoff))
 		}
 		p := quicPacketPool.Get().(*quicPacket)
+		start := time.Now()
 		n, err := cx.Read(p.buf[:])
 		if err != nil || n == 0 {
 			quicPacketPool.Put(p)
-			if err != nil {
+			if err != nil && !emptyDatagram(err, time.Since(start), idle) {
 				return nil
 			}
-			continue
+			continue // an empty datagram is no QUIC packet
 		}
 		p.n, p.from = n, client
 		if out != nil {
@@ -238,7 +243,7 @@ func (h *Handler) quicLeave() {
 	h.quicHeld.mu.Unlock()
 	for key, t := range held {
 		t.conn.listenerGone() // caddy-l4 has closed this config's listeners
-		if next != nil && next.adoptTransport(key, t) {
+		if next != nil && next.listensOn(key) && next.adoptTransport(key, t) {
 			continue
 		}
 		_, _ = quicTransports.Delete(key)
@@ -259,6 +264,18 @@ func (h *Handler) adoptTransport(key string, t *quicTransport) bool {
 	}
 	h.quicHeld.m[key] = t
 	return true
+}
+
+// listensOn reports whether h's config has a layer4 server listening at
+// key, a transport's network/address.
+func (h *Handler) listensOn(key string) bool {
+	network, addr, _ := strings.Cut(key, "/")
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return false
+	}
+	_, found := h.serverIdleTimeout(network, ap)
+	return found
 }
 
 // Interface guards

@@ -177,7 +177,8 @@ func (fl *Flow) connect(u *Upstream) error {
 			continue
 		}
 		local := netip.AddrPortFrom(src, p)
-		if c.bound {
+		replacing := c.bound
+		if replacing {
 			err = udpio.Replace(fl.conn, local, u.addr)
 		} else {
 			err = udpio.Connect(fl.conn, local, u.addr)
@@ -186,23 +187,30 @@ func (fl *Flow) connect(u *Upstream) error {
 			p++ // held by a socket that does not share it
 			continue
 		}
-		c.bound = true
+		c.bound = true // even a failed connect may have bound the socket
 		if err != nil {
+			if udpio.IsAddrNotAvail(err) {
+				delete(sourcePorts.sources, u.addr) // renumbered: look it up again
+			}
 			return fmt.Errorf("connecting from %s to %s: %w", local, u.addr, err)
 		}
+		// The table first: the socket holds this 4-tuple from now on.
+		takePort(k, p)
+		sourcePorts.sets[k].next = p + 1
 		if c.peer.IsValid() {
-			// A new socket: set it up like the one it replaces.
+			releasePort(portKey{c.src, c.peer}, c.port)
+		}
+		c.src, c.port, c.peer = src, p, u.addr
+		if replacing {
+			// A new socket behind the descriptor: set it up like the one it
+			// replaced, and register it with the reply reactor again.
 			if err := fl.h.prepareSocket(fl.conn); err != nil {
 				return err
 			}
 			if err := fl.rearm(); err != nil {
 				return err
 			}
-			releasePort(portKey{c.src, c.peer}, c.port)
 		}
-		takePort(k, p)
-		sourcePorts.sets[k].next = p + 1
-		c.src, c.port, c.peer = src, p, u.addr
 		return nil
 	}
 	return fmt.Errorf("no free source port from %s to %s in %d-%d", src, u.addr, lo, hi)

@@ -58,6 +58,9 @@ func (u *Upstream) provision() error {
 	if u.Weight == 0 {
 		u.Weight = 1
 	}
+	if addr.Addr().Zone() != "" {
+		return fmt.Errorf("upstream %q: an IPv6 zone (%s): link-local upstreams are not supported", u.Dial, addr.Addr().Zone())
+	}
 	u.addr = addr
 	host, _ := hosts.LoadOrStore(addr.String(), &Host{addr: addr})
 	u.host = host.(*Host)

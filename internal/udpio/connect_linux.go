@@ -171,3 +171,7 @@ func sockaddr(family int, ap netip.AddrPort) unix.Sockaddr {
 
 // IsAddrInUse reports whether err says a local address and port is taken.
 func IsAddrInUse(err error) bool { return errors.Is(err, syscall.EADDRINUSE) }
+
+// IsAddrNotAvail reports whether err says a local address is not the
+// host's (any more).
+func IsAddrNotAvail(err error) bool { return errors.Is(err, syscall.EADDRNOTAVAIL) }

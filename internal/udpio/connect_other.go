@@ -35,3 +35,7 @@ func LocalPortRange() (lo, hi uint16) { return 32768, 60999 }
 
 // IsAddrInUse reports whether err says a local address and port is taken.
 func IsAddrInUse(err error) bool { return errors.Is(err, syscall.EADDRINUSE) }
+
+// IsAddrNotAvail reports whether err says a local address is not the
+// host's (any more).
+func IsAddrNotAvail(err error) bool { return errors.Is(err, syscall.EADDRNOTAVAIL) }

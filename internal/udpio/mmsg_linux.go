@@ -206,6 +206,7 @@ func addrPort(sa *unix.RawSockaddrInet6) netip.AddrPort {
 // the address length, 0 when an IPv4 socket cannot reach ap: the send then
 // fails (EDESTADDRREQ) instead of reaching a wrong address.
 func putSockaddr(sa *unix.RawSockaddrInet6, family int, ap netip.AddrPort) uint32 {
+	*sa = unix.RawSockaddrInet6{} // no stale bytes: GSO runs compare whole addresses
 	if family == unix.AF_INET {
 		if !ap.Addr().Is4() {
 			return 0
