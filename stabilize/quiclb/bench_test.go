@@ -17,6 +17,25 @@ func benchmarkDecode(b *testing.B, v vector) {
 	}
 }
 
+// BenchmarkDecodeWithFeistelFourPass is BenchmarkDecodeFeistelFourPass
+// with the caller's Scratch.
+func BenchmarkDecodeWithFeistelFourPass(b *testing.B) {
+	v := vectors[3]
+	d, err := NewDecoder(v.config(b))
+	if err != nil {
+		b.Fatal(err)
+	}
+	cid := unhex(b, v.cid)
+	var scratch Scratch
+	b.ReportAllocs()
+	defer threadCPU(b)()
+	for b.Loop() {
+		if _, err := d.DecodeWith(cid, &scratch); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 func BenchmarkDecodePlaintext(b *testing.B) { benchmarkDecode(b, vectors[0]) }
 
 func BenchmarkDecodeSinglePass(b *testing.B) { benchmarkDecode(b, vectors[4]) }

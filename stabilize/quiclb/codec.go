@@ -95,15 +95,39 @@ func (c *Codec) AppendEncode(dst, serverID, nonce []byte) ([]byte, error) {
 // length are ignored, so cid may be the rest of a short-header packet.
 // Decode allocates nothing.
 func (c *Codec) Decode(cid []byte) (ServerID, error) {
+	if c.alg == plaintext {
+		return c.decode(cid, nil)
+	}
+	buf := c.scratch()
+	sid, err := c.decode(cid, buf)
+	c.blocks.Put(buf)
+	return sid, err
+}
+
+// DecodeWith is Decode with the caller's scratch memory, which saves
+// Decode's pool round trip.
+func (c *Codec) DecodeWith(cid []byte, s *Scratch) (ServerID, error) {
+	return c.decode(cid, &s.block)
+}
+
+// Scratch is working memory for DecodeWith: a goroutine that decodes many
+// CIDs keeps one. The zero value is ready to use; a Scratch serves one
+// decode at a time.
+type Scratch struct {
+	block [aes.BlockSize]byte
+}
+
+// decode is Decode with buf as the AES block buffer, nil for plaintext.
+func (c *Codec) decode(cid []byte, buf *[aes.BlockSize]byte) (ServerID, error) {
 	if len(cid) < 1+c.plen || ConfigID(cid[0]) != c.id {
 		return ServerID{}, ErrUnroutable
 	}
 	b := cid[1 : 1+c.plen]
 	switch c.alg {
 	case singlePass:
-		return c.singlePassServerID(b), nil
+		return c.singlePassServerID(b, buf), nil
 	case fourPass:
-		return c.feistelServerID(b), nil
+		return c.feistelServerID(b, buf), nil
 	}
 	return plaintextServerID(b, c.serverIDLen), nil
 }

@@ -90,6 +90,10 @@ func TestRoundTrip(t *testing.T) {
 					if err != nil || !bytes.Equal(got.Bytes(), sid) {
 						t.Fatalf("%+v: decode %x: got %v, %v; want %x", cfg, cid, got, err, sid)
 					}
+					var scratch Scratch
+					if got, err := c.DecodeWith(cid, &scratch); err != nil || !bytes.Equal(got.Bytes(), sid) {
+						t.Fatalf("%+v: DecodeWith %x: got %v, %v; want %x", cfg, cid, got, err, sid)
+					}
 				}
 			}
 		}
@@ -126,7 +130,8 @@ func TestCodecDecodeUnroutable(t *testing.T) {
 	}
 }
 
-// TestDecodeAllocs fails if decoding allocates, for each algorithm.
+// TestDecodeAllocs fails if Decode or DecodeWith allocates, for each
+// algorithm.
 func TestDecodeAllocs(t *testing.T) {
 	for _, v := range vectors {
 		d, err := NewDecoder(v.config(t))
@@ -136,6 +141,10 @@ func TestDecodeAllocs(t *testing.T) {
 		cid := unhex(t, v.cid)
 		if n := testing.AllocsPerRun(100, func() { _, _ = d.Decode(cid) }); n != 0 {
 			t.Errorf("%s: %v allocations per Decode", v.name, n)
+		}
+		var scratch Scratch
+		if n := testing.AllocsPerRun(100, func() { _, _ = d.DecodeWith(cid, &scratch) }); n != 0 {
+			t.Errorf("%s: %v allocations per DecodeWith", v.name, n)
 		}
 	}
 }

@@ -48,12 +48,28 @@ func (d *Decoder) CIDLen(firstOctet byte) int {
 // configuration. Octets past the configuration's CID length are ignored.
 // Decode allocates nothing.
 func (d *Decoder) Decode(cid []byte) (ServerID, error) {
-	if len(cid) == 0 {
-		return ServerID{}, ErrUnroutable
-	}
-	c := d.codecs[ConfigID(cid[0])]
+	c := d.codecOf(cid)
 	if c == nil {
 		return ServerID{}, ErrUnroutable
 	}
 	return c.Decode(cid)
+}
+
+// DecodeWith is Decode with the caller's scratch memory, which saves
+// Decode's pool round trip: a goroutine that decodes many CIDs keeps one
+// Scratch.
+func (d *Decoder) DecodeWith(cid []byte, s *Scratch) (ServerID, error) {
+	c := d.codecOf(cid)
+	if c == nil {
+		return ServerID{}, ErrUnroutable
+	}
+	return c.DecodeWith(cid, s)
+}
+
+// codecOf returns the codec that cid's first octet names, or nil.
+func (d *Decoder) codecOf(cid []byte) *Codec {
+	if len(cid) == 0 {
+		return nil
+	}
+	return d.codecs[ConfigID(cid[0])]
 }

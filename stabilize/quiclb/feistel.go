@@ -3,6 +3,7 @@ package quiclb
 import (
 	"crypto/aes"
 	"encoding/binary"
+	"math/bits"
 )
 
 // half is one side of the four-pass Feistel network: at most 10 octets, as
@@ -41,30 +42,73 @@ func (c *Codec) encryptFeistel(b []byte) {
 
 // feistelServerID decrypts b, a four-pass ciphertext, far enough to return
 // its server ID: three passes when the server ID lies in the left half,
-// four otherwise.
-func (c *Codec) feistelServerID(b []byte) ServerID {
-	var l, r half
-	c.split(&l, &r, b)
-	buf := c.scratch()
-	c.round(buf, 4, &r, &l, &c.leftMask)
-	c.round(buf, 3, &l, &r, &c.rightMask)
-	c.round(buf, 2, &r, &l, &c.leftMask)
-	hi, lo := words(&l)
+// four otherwise. buf is scratch. The halves stay in registers between passes, as
+// little-endian words of their first eight and next two octets.
+func (c *Codec) feistelServerID(b []byte, buf *[aes.BlockSize]byte) ServerID {
+	lm0, lm1 := leWords(&c.leftMask)
+	rm0, rm1 := leWords(&c.rightMask)
+	l0, l1, r0, r1 := c.splitWords(b, lm0, lm1, rm0, rm1)
+	length := uint64(c.plen) << 48
+	l0, l1 = c.pass(buf, length|4<<56, r0, r1, l0, l1, lm0, lm1)
+	r0, r1 = c.pass(buf, length|3<<56, l0, l1, r0, r1, rm0, rm1)
+	l0, l1 = c.pass(buf, length|2<<56, r0, r1, l0, l1, lm0, lm1)
+	hi, lo := bits.ReverseBytes64(l0), uint64(bits.ReverseBytes16(l1))<<48
 	if c.serverIDLen <= c.plen/2 {
-		c.blocks.Put(buf)
 		return serverIDFromWords(hi, lo, c.serverIDLen)
 	}
-	c.round(buf, 1, &l, &r, &c.rightMask)
-	c.blocks.Put(buf)
+	r0, r1 = c.pass(buf, length|1<<56, l0, l1, r0, r1, rm0, rm1)
 	// The plaintext is l, then r from octet plen-halfLen on: with an odd
 	// length, their nibbles of the middle octet merge.
-	rhi, rlo := words(&r)
+	rhi, rlo := bits.ReverseBytes64(r0), uint64(bits.ReverseBytes16(r1))<<48
 	if s := uint(8 * (c.plen - c.halfLen)); s < 64 {
 		hi, lo = hi|rhi>>s, lo|rlo>>s|rhi<<(64-s)
 	} else {
 		lo |= rhi >> (s - 64)
 	}
 	return serverIDFromWords(hi, lo, c.serverIDLen)
+}
+
+// pass is round on halves held as words: it returns dst ^ AES-ECB(expand)
+// of src, masked; tail holds expand's length and pass octets.
+func (c *Codec) pass(buf *[aes.BlockSize]byte, tail, s0 uint64, s1 uint16, d0 uint64, d1 uint16, m0 uint64, m1 uint16) (uint64, uint16) {
+	le := binary.LittleEndian
+	le.PutUint64(buf[:8], s0)
+	le.PutUint64(buf[8:], uint64(s1)|tail)
+	c.block.Encrypt(buf[:], buf[:])
+	return (d0 ^ le.Uint64(buf[:8])) & m0, (d1 ^ le.Uint16(buf[8:])) & m1
+}
+
+// splitWords is split into words, masked by the halves' masks. From eight
+// octets on it loads b a word at a time: split's copies would leave stores
+// that the loads of the halves could not be forwarded from.
+func (c *Codec) splitWords(b []byte, lm0 uint64, lm1 uint16, rm0 uint64, rm1 uint16) (l0 uint64, l1 uint16, r0 uint64, r1 uint16) {
+	n, h := len(b), c.halfLen
+	if n < 8 {
+		var l, r half
+		c.split(&l, &r, b)
+		l0, l1 = leWords(&l)
+		r0, r1 = leWords(&r)
+		return l0, l1, r0, r1
+	}
+	le := binary.LittleEndian
+	l0 = le.Uint64(b) & lm0
+	if h <= 8 {
+		// The right half ends b: load b's last word and drop the octets
+		// before it.
+		return l0, 0, le.Uint64(b[n-8:]) >> (8 * (8 - h)) & rm0, 0
+	}
+	// h > 8, so n >= 15: each half has one or two octets past its word.
+	l1 = le.Uint16(b[8:]) & lm1
+	r0 = le.Uint64(b[n-h:]) & rm0
+	r1 = le.Uint16(b[n-2:]) >> (8 * (10 - h)) & rm1
+	return l0, l1, r0, r1
+}
+
+// leWords returns h's first eight octets and next two as little-endian
+// words.
+func leWords(h *half) (uint64, uint16) {
+	le := binary.LittleEndian
+	return le.Uint64(h[:8]), le.Uint16(h[8:])
 }
 
 // words returns h as a 128-bit big-endian number. It reads the octets as

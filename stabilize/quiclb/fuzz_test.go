@@ -33,8 +33,12 @@ func FuzzDecode(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
+	var scratch Scratch
 	f.Fuzz(func(t *testing.T, b []byte) {
 		sid, err := d.Decode(b)
+		if sid2, err2 := d.DecodeWith(b, &scratch); sid2 != sid || err2 != err {
+			t.Fatalf("DecodeWith(%x) = %v, %v; Decode %v, %v", b, sid2, err2, sid, err)
+		}
 		var c *Codec
 		if len(b) > 0 {
 			c = d.Codec(ConfigID(b[0]))
