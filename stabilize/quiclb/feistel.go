@@ -42,40 +42,44 @@ func (c *Codec) encryptFeistel(b []byte) {
 
 // feistelServerID decrypts b, a four-pass ciphertext, far enough to return
 // its server ID: three passes when the server ID lies in the left half,
-// four otherwise. buf is scratch. The halves stay in registers between passes, as
+// four otherwise. buf is scratch. The halves stay in registers, as
 // little-endian words of their first eight and next two octets.
 func (c *Codec) feistelServerID(b []byte, buf *[aes.BlockSize]byte) ServerID {
 	lm0, lm1 := leWords(&c.leftMask)
 	rm0, rm1 := leWords(&c.rightMask)
 	l0, l1, r0, r1 := c.splitWords(b, lm0, lm1, rm0, rm1)
-	length := uint64(c.plen) << 48
-	l0, l1 = c.pass(buf, length|4<<56, r0, r1, l0, l1, lm0, lm1)
-	r0, r1 = c.pass(buf, length|3<<56, l0, l1, r0, r1, rm0, rm1)
-	l0, l1 = c.pass(buf, length|2<<56, r0, r1, l0, l1, lm0, lm1)
-	hi, lo := bits.ReverseBytes64(l0), uint64(bits.ReverseBytes16(l1))<<48
+	last := byte(1)
 	if c.serverIDLen <= c.plen/2 {
-		return serverIDFromWords(hi, lo, c.serverIDLen)
+		last = 2
 	}
-	r0, r1 = c.pass(buf, length|1<<56, l0, l1, r0, r1, rm0, rm1)
+	// Each pass is round, from pass 4 down: d ^= AES-ECB(expand(s)),
+	// masked by m; then s and d, and the masks, swap sides.
+	s0, s1, d0, d1 := r0, r1, l0, l1
+	m0, m1, n0, n1 := lm0, lm1, rm0, rm1
+	le := binary.LittleEndian
+	tail := uint64(c.plen) << 48
+	for pass := byte(4); pass >= last; pass-- {
+		le.PutUint64(buf[:8], s0)
+		le.PutUint64(buf[8:], uint64(s1)|tail|uint64(pass)<<56)
+		c.block.Encrypt(buf[:], buf[:])
+		d0, d1 = (d0^le.Uint64(buf[:8]))&m0, (d1^le.Uint16(buf[8:]))&m1
+		s0, s1, d0, d1 = d0, d1, s0, s1
+		m0, m1, n0, n1 = n0, n1, m0, m1
+	}
+	// The last pass wrote l when it was pass 2, r when pass 1.
+	if last == 2 {
+		return serverIDFromWords(bits.ReverseBytes64(s0), uint64(bits.ReverseBytes16(s1))<<48, c.serverIDLen)
+	}
+	hi, lo := bits.ReverseBytes64(d0), uint64(bits.ReverseBytes16(d1))<<48
 	// The plaintext is l, then r from octet plen-halfLen on: with an odd
 	// length, their nibbles of the middle octet merge.
-	rhi, rlo := bits.ReverseBytes64(r0), uint64(bits.ReverseBytes16(r1))<<48
+	rhi, rlo := bits.ReverseBytes64(s0), uint64(bits.ReverseBytes16(s1))<<48
 	if s := uint(8 * (c.plen - c.halfLen)); s < 64 {
 		hi, lo = hi|rhi>>s, lo|rlo>>s|rhi<<(64-s)
 	} else {
 		lo |= rhi >> (s - 64)
 	}
 	return serverIDFromWords(hi, lo, c.serverIDLen)
-}
-
-// pass is round on halves held as words: it returns dst ^ AES-ECB(expand)
-// of src, masked; tail holds expand's length and pass octets.
-func (c *Codec) pass(buf *[aes.BlockSize]byte, tail, s0 uint64, s1 uint16, d0 uint64, d1 uint16, m0 uint64, m1 uint16) (uint64, uint16) {
-	le := binary.LittleEndian
-	le.PutUint64(buf[:8], s0)
-	le.PutUint64(buf[8:], uint64(s1)|tail)
-	c.block.Encrypt(buf[:], buf[:])
-	return (d0 ^ le.Uint64(buf[:8])) & m0, (d1 ^ le.Uint16(buf[8:])) & m1
 }
 
 // splitWords is split into words, masked by the halves' masks. From eight
