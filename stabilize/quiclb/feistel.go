@@ -48,38 +48,48 @@ func (c *Codec) feistelServerID(b []byte, buf *[aes.BlockSize]byte) ServerID {
 	lm0, lm1 := leWords(&c.leftMask)
 	rm0, rm1 := leWords(&c.rightMask)
 	l0, l1, r0, r1 := c.splitWords(b, lm0, lm1, rm0, rm1)
-	last := byte(1)
-	if c.serverIDLen <= c.plen/2 {
-		last = 2
-	}
-	// Each pass is round, from pass 4 down: d ^= AES-ECB(expand(s)),
-	// masked by m; then s and d, and the masks, swap sides.
-	s0, s1, d0, d1 := r0, r1, l0, l1
-	m0, m1, n0, n1 := lm0, lm1, rm0, rm1
-	le := binary.LittleEndian
+	// Passes 4, 3 and 2 of round, then 1 if the server ID needs r.
 	tail := uint64(c.plen) << 48
-	for pass := byte(4); pass >= last; pass-- {
-		le.PutUint64(buf[:8], s0)
-		le.PutUint64(buf[8:], uint64(s1)|tail|uint64(pass)<<56)
-		c.block.Encrypt(buf[:], buf[:])
-		d0, d1 = (d0^le.Uint64(buf[:8]))&m0, (d1^le.Uint16(buf[8:]))&m1
-		s0, s1, d0, d1 = d0, d1, s0, s1
-		m0, m1, n0, n1 = n0, n1, m0, m1
+	expandWords(buf, r0, r1, tail|4<<56)
+	c.block.Encrypt(buf[:], buf[:])
+	l0, l1 = xorWords(buf, l0, l1, lm0, lm1)
+	expandWords(buf, l0, l1, tail|3<<56)
+	c.block.Encrypt(buf[:], buf[:])
+	r0, r1 = xorWords(buf, r0, r1, rm0, rm1)
+	expandWords(buf, r0, r1, tail|2<<56)
+	c.block.Encrypt(buf[:], buf[:])
+	l0, l1 = xorWords(buf, l0, l1, lm0, lm1)
+	if c.serverIDLen <= c.plen/2 {
+		return serverIDFromWords(bits.ReverseBytes64(l0), uint64(bits.ReverseBytes16(l1))<<48, c.serverIDLen)
 	}
-	// The last pass wrote l when it was pass 2, r when pass 1.
-	if last == 2 {
-		return serverIDFromWords(bits.ReverseBytes64(s0), uint64(bits.ReverseBytes16(s1))<<48, c.serverIDLen)
-	}
-	hi, lo := bits.ReverseBytes64(d0), uint64(bits.ReverseBytes16(d1))<<48
+	expandWords(buf, l0, l1, tail|1<<56)
+	c.block.Encrypt(buf[:], buf[:])
+	r0, r1 = xorWords(buf, r0, r1, rm0, rm1)
+	hi, lo := bits.ReverseBytes64(l0), uint64(bits.ReverseBytes16(l1))<<48
 	// The plaintext is l, then r from octet plen-halfLen on: with an odd
 	// length, their nibbles of the middle octet merge.
-	rhi, rlo := bits.ReverseBytes64(s0), uint64(bits.ReverseBytes16(s1))<<48
+	rhi, rlo := bits.ReverseBytes64(r0), uint64(bits.ReverseBytes16(r1))<<48
 	if s := uint(8 * (c.plen - c.halfLen)); s < 64 {
 		hi, lo = hi|rhi>>s, lo|rlo>>s|rhi<<(64-s)
 	} else {
 		lo |= rhi >> (s - 64)
 	}
 	return serverIDFromWords(hi, lo, c.serverIDLen)
+}
+
+// expandWords is expand for a half held as words; tail holds the length
+// and pass octets.
+func expandWords(buf *[aes.BlockSize]byte, w0 uint64, w1 uint16, tail uint64) {
+	le := binary.LittleEndian
+	le.PutUint64(buf[:8], w0)
+	le.PutUint64(buf[8:], uint64(w1)|tail)
+}
+
+// xorWords returns the half d0, d1 xored with the block in buf and masked by
+// m0, m1: round's last step on words.
+func xorWords(buf *[aes.BlockSize]byte, d0 uint64, d1 uint16, m0 uint64, m1 uint16) (uint64, uint16) {
+	le := binary.LittleEndian
+	return (d0 ^ le.Uint64(buf[:8])) & m0, (d1 ^ le.Uint16(buf[8:])) & m1
 }
 
 // splitWords is split into words, masked by the halves' masks. From eight
@@ -115,13 +125,6 @@ func leWords(h *half) (uint64, uint16) {
 	return le.Uint64(h[:8]), le.Uint16(h[8:])
 }
 
-// words returns h as a 128-bit big-endian number. It reads the octets as
-// round wrote them, so that the loads are forwarded from those stores.
-func words(h *half) (hi, lo uint64) {
-	be := binary.BigEndian
-	return be.Uint64(h[:8]), uint64(be.Uint16(h[8:])) << 48
-}
-
 // split copies b into halves l and r. With an odd length, the middle
 // octet's high nibble goes to l and its low nibble to r.
 func (c *Codec) split(l, r *half, b []byte) {
@@ -153,7 +156,6 @@ func (c *Codec) round(buf *[aes.BlockSize]byte, pass byte, src, dst, mask *half)
 // expand writes into buf the draft's expand(length, pass, in): in, zero
 // padding, then length and pass as the last two octets.
 func expand(buf *[aes.BlockSize]byte, length, pass byte, in *half) {
-	le := binary.LittleEndian
-	le.PutUint64(buf[:], le.Uint64(in[:]))
-	le.PutUint64(buf[8:], uint64(le.Uint16(in[8:]))|uint64(length)<<48|uint64(pass)<<56)
+	w0, w1 := leWords(in)
+	expandWords(buf, w0, w1, uint64(length)<<48|uint64(pass)<<56)
 }
