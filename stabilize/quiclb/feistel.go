@@ -92,23 +92,19 @@ func xorWords(buf *[aes.BlockSize]byte, d0 uint64, d1 uint16, m0 uint64, m1 uint
 	return (d0 ^ le.Uint64(buf[:8])) & m0, (d1 ^ le.Uint16(buf[8:])) & m1
 }
 
-// splitWords is split into words, masked by the halves' masks. From eight
-// octets on it loads b a word at a time: split's copies would leave stores
-// that the loads of the halves could not be forwarded from.
+// splitWords is split into words, masked by the halves' masks. It loads b
+// a word at a time: split's copies would leave stores that the loads of the
+// halves could not be forwarded from.
 func (c *Codec) splitWords(b []byte, lm0 uint64, lm1 uint16, rm0 uint64, rm1 uint16) (l0 uint64, l1 uint16, r0 uint64, r1 uint16) {
 	n, h := len(b), c.halfLen
-	if n < 8 {
-		var l, r half
-		c.split(&l, &r, b)
-		l0, l1 = leWords(&l)
-		r0, r1 = leWords(&r)
-		return l0, l1, r0, r1
-	}
 	le := binary.LittleEndian
+	if n < 8 {
+		// n >= MinServerIDLen+MinNonceLen = 5, so h is 3 or 4. The right
+		// half ends b: load b's last four octets and drop those before it.
+		return uint64(le.Uint32(b)) & lm0, 0, uint64(le.Uint32(b[n-4:])>>(8*(4-h))) & rm0, 0
+	}
 	l0 = le.Uint64(b) & lm0
 	if h <= 8 {
-		// The right half ends b: load b's last word and drop the octets
-		// before it.
 		return l0, 0, le.Uint64(b[n-8:]) >> (8 * (8 - h)) & rm0, 0
 	}
 	// h > 8, so n >= 15: each half has one or two octets past its word.
