@@ -95,19 +95,30 @@ func (c *Codec) AppendEncode(dst, serverID, nonce []byte) ([]byte, error) {
 // length are ignored, so cid may be the rest of a short-header packet.
 // Decode allocates nothing.
 func (c *Codec) Decode(cid []byte) (ServerID, error) {
+	b := c.payload(cid)
+	if b == nil {
+		return ServerID{}, ErrUnroutable
+	}
 	if c.alg == plaintext {
-		return c.decode(cid, nil)
+		return plaintextServerID(b, c.serverIDLen), nil
 	}
 	buf := c.scratch()
-	sid, err := c.decode(cid, buf)
+	sid := c.encryptedServerID(b, buf)
 	c.blocks.Put(buf)
-	return sid, err
+	return sid, nil
 }
 
 // DecodeWith is Decode with the caller's scratch memory, which saves
 // Decode's pool round trip.
 func (c *Codec) DecodeWith(cid []byte, s *Scratch) (ServerID, error) {
-	return c.decode(cid, &s.block)
+	b := c.payload(cid)
+	if b == nil {
+		return ServerID{}, ErrUnroutable
+	}
+	if c.alg == plaintext {
+		return plaintextServerID(b, c.serverIDLen), nil
+	}
+	return c.encryptedServerID(b, &s.block), nil
 }
 
 // Scratch is working memory for DecodeWith: a goroutine that decodes many
@@ -117,19 +128,22 @@ type Scratch struct {
 	block [aes.BlockSize]byte
 }
 
-// decode is Decode with buf as the AES block buffer, nil for plaintext.
-func (c *Codec) decode(cid []byte, buf *[aes.BlockSize]byte) (ServerID, error) {
+// payload returns the server ID and nonce octets of cid, or nil if cid is
+// not the codec's: a CID carries at least MinServerIDLen+MinNonceLen.
+func (c *Codec) payload(cid []byte) []byte {
 	if len(cid) < 1+c.plen || ConfigID(cid[0]) != c.id {
-		return ServerID{}, ErrUnroutable
+		return nil
 	}
-	b := cid[1 : 1+c.plen]
-	switch c.alg {
-	case singlePass:
-		return c.singlePassServerID(b, buf), nil
-	case fourPass:
-		return c.feistelServerID(b, buf), nil
+	return cid[1 : 1+c.plen]
+}
+
+// encryptedServerID decrypts b, the payload of a CID with a key, with buf
+// as scratch.
+func (c *Codec) encryptedServerID(b []byte, buf *[aes.BlockSize]byte) ServerID {
+	if c.alg == singlePass {
+		return c.singlePassServerID(b, buf)
 	}
-	return plaintextServerID(b, c.serverIDLen), nil
+	return c.feistelServerID(b, buf)
 }
 
 // scratch returns a block-sized buffer from the pool; release it with
