@@ -12,6 +12,7 @@ import (
 
 	"github.com/stabilize-lb/caddy-stabilize/internal/fastudp"
 	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
+	"github.com/stabilize-lb/caddy-stabilize/stabilize/quiclb"
 )
 
 // Flow is one client flow: the datagrams of one client address and port,
@@ -35,11 +36,12 @@ type Flow struct {
 	id          uint64          // names the flow in the affinity table
 	idleTimeout time.Duration   // caddy-l4's, of the flow's listener
 
-	mu         sync.Mutex // serialises forward
-	upstream   *Upstream  // per flow: the flow's upstream
-	req        Request    // what the policy picks for
-	header     []byte     // PROXY protocol header, sent before every datagram
-	connection            // the socket's source and upstream; see sourceports.go
+	mu         sync.Mutex     // serialises forward
+	upstream   *Upstream      // per flow: the flow's upstream
+	req        Request        // what the policy picks for
+	header     []byte         // PROXY protocol header, sent before every datagram
+	connection                // the socket's source and upstream; see sourceports.go
+	lbScratch  quiclb.Scratch // per connection: QUIC-LB decodes without a pool
 
 	lastActive atomic.Int64 // unix nanos of the latest datagram through the fast socket
 	detached   atomic.Bool  // the socket's reaper, not Handle, ends the flow

@@ -77,7 +77,7 @@ func (r *perConnectionRouter) initial(fl *Flow, b, dcid []byte) *Upstream {
 	if u := r.learned(dcid); u != nil && u.healthy() {
 		return r.stick(fl, u)
 	}
-	if u := r.decode(dcid, true); u != nil && u.healthy() {
+	if u := r.decode(fl, dcid, true); u != nil && u.healthy() {
 		return r.stick(fl, u)
 	}
 	if fl.upstream != nil && r.cids.serverLen(len(dcid)) {
@@ -102,13 +102,13 @@ func (r *perConnectionRouter) initial(fl *Flow, b, dcid []byte) *Upstream {
 func (r *perConnectionRouter) byDCID(fl *Flow, b, dcid []byte) *Upstream {
 	var u *Upstream
 	if dcid == nil {
-		u = r.shortDecode(b)
+		u = r.shortDecode(fl, b)
 		if u == nil {
 			if k, ok := r.cids.shortLookup(b); ok {
 				u = r.byKey[k]
 			}
 		}
-	} else if u = r.decode(dcid, false); u == nil {
+	} else if u = r.decode(fl, dcid, false); u == nil {
 		u = r.learned(dcid)
 	}
 	if u == nil {
@@ -146,7 +146,7 @@ func (r *perConnectionRouter) miss(fl *Flow, b, dcid []byte) *Upstream {
 const fixedBit = 0x40
 
 // shortDecode decodes the DCID of the short header b with QUIC-LB.
-func (r *perConnectionRouter) shortDecode(b []byte) *Upstream {
+func (r *perConnectionRouter) shortDecode(fl *Flow, b []byte) *Upstream {
 	if r.lb == nil {
 		return nil
 	}
@@ -154,17 +154,17 @@ func (r *perConnectionRouter) shortDecode(b []byte) *Upstream {
 	if n == 0 || len(b) < 1+n {
 		return nil
 	}
-	return r.decode(b[1:1+n], false)
+	return r.decode(fl, b[1:1+n], false)
 }
 
 // decode returns the upstream whose server ID cid carries, or nil. exact
 // asks for a CID of exactly its configuration's length, as a client's
 // random Initial DCID rarely is.
-func (r *perConnectionRouter) decode(cid []byte, exact bool) *Upstream {
+func (r *perConnectionRouter) decode(fl *Flow, cid []byte, exact bool) *Upstream {
 	if r.lb == nil || len(cid) == 0 || exact && len(cid) != r.lb.CIDLen(cid[0]) {
 		return nil
 	}
-	sid, err := r.lb.Decode(cid)
+	sid, err := r.lb.DecodeWith(cid, &fl.lbScratch) // fl.mu is held
 	if err != nil {
 		return nil
 	}
