@@ -4,25 +4,20 @@
 package h3echo
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"time"
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 
+	"github.com/stabilize-lb/caddy-stabilize/examples/internal/quicecho"
 	"github.com/stabilize-lb/caddy-stabilize/stabilize/quiclb"
 )
 
@@ -137,23 +132,13 @@ func ServerIDFor(i, n int) []byte {
 	return id
 }
 
-// selfSigned returns a TLS config with a fresh self-signed certificate for
-// any name: clients must skip verification (curl -k).
+// selfSigned returns a TLS config with the example servers' self-signed
+// certificate for localhost and 127.0.0.1 (quicecho.SelfSigned): clients
+// trust its file or skip verification (curl -k).
 func selfSigned() (*tls.Config, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	_, _, cert, err := quicecho.SelfSigned()
 	if err != nil {
 		return nil, err
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(365 * 24 * time.Hour),
-		DNSNames:     []string{"localhost"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return nil, err
-	}
-	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}, nil
+	return &tls.Config{Certificates: []tls.Certificate{cert}}, nil
 }
