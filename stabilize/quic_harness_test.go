@@ -163,6 +163,15 @@ func startQUICBackend(t testing.TB, name string, alpn ...string) *quicBackend {
 
 func (b *quicBackend) dial() string { return "quic/" + b.addr.String() }
 
+// startQUICRelay starts backend "a", a balancer on network that terminates
+// QUIC and relays to it, and a client connection through the balancer.
+func startQUICRelay(t testing.TB, network string) (*quicBackend, *balancer, *quic.Conn) {
+	t.Helper()
+	b := startQUICBackend(t, "a")
+	lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
+	return b, lb, dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+}
+
 // stop closes the server and its connections, without an application
 // close.
 func (b *quicBackend) stop() {

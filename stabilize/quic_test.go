@@ -66,9 +66,7 @@ func TestQUICUDPUpstreams(t *testing.T) {
 // ways.
 func TestQUICRelaySizes(t *testing.T) {
 	forNetworks(t, func(t *testing.T, network string) {
-		b := startQUICBackend(t, "a")
-		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
-		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		_, _, c := startQUICRelay(t, network)
 		for _, n := range []int{1, 100, 1200, 1500, 64 << 10, 1 << 20} {
 			data := make([]byte, n)
 			_, _ = rand.Read(data)
@@ -83,9 +81,7 @@ func TestQUICRelaySizes(t *testing.T) {
 // client and by the backend, and a bidirectional stream the backend opens.
 func TestQUICRelayUniStreams(t *testing.T) {
 	forNetworks(t, func(t *testing.T, network string) {
-		b := startQUICBackend(t, "a")
-		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
-		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		b, _, c := startQUICRelay(t, network)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		for _, n := range []int{1, 5000, 300 << 10} {
@@ -169,9 +165,7 @@ func TestQUICRelayDatagrams(t *testing.T) {
 // codes both ways, and the connection close code both ways.
 func TestQUICRelayStreamEnds(t *testing.T) {
 	forNetworks(t, func(t *testing.T, network string) {
-		b := startQUICBackend(t, "a")
-		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
-		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		b, lb, c := startQUICRelay(t, network)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 
@@ -224,9 +218,7 @@ func TestQUICRelayStreamEnds(t *testing.T) {
 // connection.
 func TestQUICRelayConcurrentStreams(t *testing.T) {
 	forNetworks(t, func(t *testing.T, network string) {
-		b := startQUICBackend(t, "a")
-		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
-		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		_, _, c := startQUICRelay(t, network)
 		var wg sync.WaitGroup
 		errs := make(chan error, 100)
 		for i := range 100 {
@@ -406,9 +398,7 @@ func TestQUICPassiveDialFailure(t *testing.T) {
 // HTTP/3 datagrams and WebTransport sessions name streams by ID.
 func TestQUICRelayKeepsStreamIDs(t *testing.T) {
 	forNetworks(t, func(t *testing.T, network string) {
-		b := startQUICBackend(t, "a")
-		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
-		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		_, _, c := startQUICRelay(t, network)
 		var streams []*quic.Stream
 		for range 32 {
 			s, err := c.OpenStreamSync(context.Background())

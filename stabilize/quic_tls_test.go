@@ -146,9 +146,7 @@ func TestQUICHandshakeFailures(t *testing.T) {
 // stall the transport.
 func TestQUICGarbage(t *testing.T) {
 	forNetworks(t, func(t *testing.T, network string) {
-		b := startQUICBackend(t, "a")
-		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, b.dial()))
-		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		_, lb, c := startQUICRelay(t, network)
 		for i := range 50 {
 			g := newClient(t, lb.addr)
 			for _, n := range []int{1, 7, 40, 1200, 1500, ListenerBufferSize} {
