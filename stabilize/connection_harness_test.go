@@ -2,16 +2,11 @@ package stabilize
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
 	"fmt"
 	"io"
 	"maps"
-	"math/big"
 	"net"
 	"net/http"
 	"slices"
@@ -171,32 +166,10 @@ func h3Handler(per, policy string, quicLB bool, servers ...*h3Server) map[string
 	return h
 }
 
-// testServerTLS returns a TLS config with a fresh self-signed certificate.
+// testServerTLS returns a TLS config with the package's test certificate.
 func testServerTLS(t *testing.T) *tls.Config {
 	t.Helper()
-	key, der := selfSignedCert(t)
-	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}
-}
-
-// selfSignedCert returns a fresh key and self-signed certificate (DER) for
-// 127.0.0.1.
-func selfSignedCert(t *testing.T) (*ecdsa.PrivateKey, []byte) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return key, der
+	return &tls.Config{Certificates: []tls.Certificate{newTestPKI(t).cert}}
 }
 
 // h3Client is one QUIC connection with an HTTP/3 client on it.

@@ -2,8 +2,6 @@ package stabilize
 
 import (
 	"context"
-	"crypto/x509"
-	"encoding/pem"
 	"fmt"
 	"net"
 	"os"
@@ -41,7 +39,8 @@ func startNgtcp2Servers(t *testing.T, n int) []string {
 	t.Helper()
 	bin := lookNgtcp2(t, ngtcp2Server)
 	dir := t.TempDir()
-	key, cert := writeCert(t, dir)
+	pki := newTestPKI(t)
+	key, cert := pki.keyFile, pki.certFile
 	var dials []string
 	for i := range n {
 		docs := filepath.Join(dir, fmt.Sprintf("s%d", i))
@@ -66,24 +65,6 @@ func startNgtcp2Servers(t *testing.T, n int) []string {
 	}
 	time.Sleep(200 * time.Millisecond) // let them bind
 	return dials
-}
-
-// writeCert writes a self-signed key and certificate in PEM to dir.
-func writeCert(t *testing.T, dir string) (keyFile, certFile string) {
-	t.Helper()
-	key, der := selfSignedCert(t)
-	keyDER, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyFile, certFile = filepath.Join(dir, "key.pem"), filepath.Join(dir, "cert.pem")
-	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return keyFile, certFile
 }
 
 // TestConnectionInteropServers balances quic-go HTTP/3 clients over ngtcp2
