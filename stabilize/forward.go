@@ -46,10 +46,7 @@ func (fl *Flow) forwardBatch(ds []fastudp.Datagram) {
 			h.drop(dropNoUpstream)
 			continue
 		}
-		if sb != nil && fl.connection.connects && fl.connection.peer != u.addr {
-			fl.flush(sb) // what is queued leaves before the socket moves to u
-		}
-		if !fl.connectTo(u) { // per flow: the socket is connected to u
+		if !fl.connectTo(u, sb) { // per flow: the socket is connected to u
 			continue
 		}
 		fl.sentTo(u) // before the send, which a reply may overtake

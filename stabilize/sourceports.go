@@ -115,12 +115,15 @@ func (h *Handler) family() int {
 }
 
 // connectTo connects a `per flow` flow's socket to u, its upstream, unless
-// it is already; a datagram that cannot go is dropped and counted. fl.mu is
-// held.
-func (fl *Flow) connectTo(u *Upstream) bool {
+// it is already, sending what sb (if not nil) holds first; a datagram that
+// cannot go is dropped and counted. fl.mu is held.
+func (fl *Flow) connectTo(u *Upstream, sb *sendBatch) bool {
 	c := &fl.connection
 	if !c.connects || c.peer == u.addr {
 		return true
+	}
+	if sb != nil {
+		fl.flush(sb) // what is queued leaves before the socket moves to u
 	}
 	if err := fl.connect(u); err != nil {
 		h := fl.h
