@@ -20,7 +20,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "stabilize",
-		Usage: `--listen <addr> --to <addr> [--to <addr>...] [--per packet|flow|connection] [--lb-policy <policy>] [--max-flows <n>] [--idle-timeout <duration>] [--cert <file> --key <file> | --domain <name> [--internal-certs]] [--alpn <protocol>...] [--keylog <file>] [--stateless-retry] [--insecure] [--admin <addr>|off] [--debug]`,
+		Usage: `--listen <addr> --to <addr> [--to <addr>...] [--per packet|flow|connection] [--lb-policy <policy>] [--max-flows <n>] [--idle-timeout <duration>] [--local-address <ip>...] [--cert <file> --key <file> | --domain <name> [--internal-certs]] [--alpn <protocol>...] [--keylog <file>] [--stateless-retry] [--insecure] [--admin <addr>|off] [--debug]`,
 		Short: "A quick UDP load balancer",
 		Long: `
 A quick UDP load balancer: receives datagrams on the --listen address and
@@ -48,6 +48,10 @@ needed.
     dropped. 0 (default) derives it from the open-file limit; -1 means no
     limit.
   --idle-timeout is how long a client flow may be idle before it ends.
+  --local-address is a source IP address of the upstream-facing sockets,
+    as nginx's proxy_bind and HAProxy's source: the Caddyfile's
+    local_address (below). Repeat the flag or separate addresses with
+    commas.
 
 Loading the config checks the values, as for a config file.
 
@@ -117,6 +121,7 @@ global option. Its Caddyfile syntax:
 			cmd.Flags().String("lb-policy", "round_robin", "Load balancing selection policy: "+strings.Join(selectionPolicyNames(), ", "))
 			cmd.Flags().Int("max-flows", 0, "The most client flows at once (0: from the open-file limit, -1: no limit)")
 			cmd.Flags().String("idle-timeout", "30s", "How long a client flow may be idle before it ends")
+			cmd.Flags().StringSlice(optionFlag("local_address"))
 			cmd.Flags().StringP("cert", "c", "", "QUIC: TLS certificate file in PEM format")
 			cmd.Flags().StringP("key", "k", "", "QUIC: TLS private key file in PEM format")
 			cmd.Flags().String("domain", "", "QUIC: a name Caddy manages the certificate of, instead of --cert/--key")
@@ -130,6 +135,19 @@ global option. Its Caddyfile syntax:
 			cmd.RunE = caddycmd.WrapCommandFuncForCobra(cmdStabilize)
 		},
 	})
+}
+
+// optionFlag returns the name, default and usage of the flag of the
+// Caddyfile option name, from the table of options: a repeatable flag
+// named after the option, with its doc. Provision checks the values.
+func optionFlag(name string) (flag string, value []string, usage string) {
+	o := caddyfileOptionByName[name]
+	return strings.ReplaceAll(o.name, "_", "-"), nil, upperFirst(o.doc) + "; repeatable, comma-separated"
+}
+
+// upperFirst is s with its first letter in upper case.
+func upperFirst(s string) string {
+	return strings.ToUpper(s[:1]) + s[1:]
 }
 
 // commandCaddyfileHelp is the handler's Caddyfile syntax, with each
@@ -153,8 +171,10 @@ type commandOptions struct {
 	LBPolicy    string
 	MaxFlows    int
 	IdleTimeout string
-	Admin       string // "" for the default address, "off" to disable
-	Debug       bool
+	// LocalAddresses are the handler's local_addresses.
+	LocalAddresses []string
+	Admin          string // "" for the default address, "off" to disable
+	Debug          bool
 
 	// QUIC termination; see commandQUIC.
 	Cert, Key      string
@@ -227,15 +247,21 @@ func commandOptionsFromFlags(fs caddycmd.Flags) (commandOptions, error) {
 	if err != nil {
 		return commandOptions{}, fmt.Errorf("invalid --alpn flag: %v", err)
 	}
+	localFlag, _, _ := optionFlag("local_address")
+	locals, err := fs.GetStringSlice(localFlag)
+	if err != nil {
+		return commandOptions{}, fmt.Errorf("invalid --%s flag: %v", localFlag, err)
+	}
 	return commandOptions{
-		Listen:      fs.String("listen"),
-		To:          to,
-		Per:         fs.String("per"),
-		LBPolicy:    fs.String("lb-policy"),
-		MaxFlows:    maxFlows,
-		IdleTimeout: fs.String("idle-timeout"),
-		Admin:       fs.String("admin"),
-		Debug:       fs.Bool("debug"),
+		Listen:         fs.String("listen"),
+		To:             to,
+		Per:            fs.String("per"),
+		LBPolicy:       fs.String("lb-policy"),
+		MaxFlows:       maxFlows,
+		IdleTimeout:    fs.String("idle-timeout"),
+		LocalAddresses: locals,
+		Admin:          fs.String("admin"),
+		Debug:          fs.Bool("debug"),
 
 		Cert:           fs.String("cert"),
 		Key:            fs.String("key"),
@@ -276,6 +302,9 @@ func buildCommandConfig(opts commandOptions) ([]byte, error) {
 		Upstreams: expandUpstreams(opts.To),
 		Per:       opts.Per,
 		MaxFlows:  opts.MaxFlows,
+	}
+	for _, a := range opts.LocalAddresses {
+		handler.LocalAddresses = append(handler.LocalAddresses, strings.TrimSpace(a)) // Provision checks them
 	}
 	if opts.LBPolicy != "" {
 		handler.LoadBalancing = &LoadBalancing{

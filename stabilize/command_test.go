@@ -42,6 +42,7 @@ type commandConfig struct {
 						Upstreams     []map[string]any `json:"upstreams"`
 						Per           string           `json:"per"`
 						MaxFlows      int              `json:"max_flows"`
+						LocalAddrs    []string         `json:"local_addresses"`
 						LoadBalancing struct {
 							Selection map[string]any `json:"selection"`
 						} `json:"load_balancing"`
@@ -280,6 +281,9 @@ func TestCommandOptionErrors(t *testing.T) {
 		{"per", func(o *commandOptions) { o.Per = "bytes" }, true, `per "bytes": must be "flow", "packet" or "connection"`},
 		{"policy", func(o *commandOptions) { o.LBPolicy = "fastest" }, true, `load_balancing.selection: `},
 		{"max flows", func(o *commandOptions) { o.MaxFlows = -2 }, true, `max_flows -2: must be -1`},
+		{"local address", func(o *commandOptions) { o.LocalAddresses = []string{"127.0.0.2", "nowhere"} }, true, `local_addresses[1] "nowhere": not an IP address`},
+		{"local address family", func(o *commandOptions) { o.LocalAddresses = []string{"::1"} }, true, `local_addresses[0] "::1": no upstream of its address family`},
+		{"local address twice", func(o *commandOptions) { o.LocalAddresses = []string{"127.0.0.2", "127.0.0.2"} }, true, `local_addresses[1] "127.0.0.2": listed twice`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			opts := good
@@ -297,10 +301,85 @@ func TestCommandOptionErrors(t *testing.T) {
 	}
 
 	// With good values, the config validates.
-	parseErr, provisionErr := commandErrors(t, commandOptions{Listen: ":5000", To: []string{"127.0.0.1:6001"}, MaxFlows: -1, LBPolicy: "maglev"})
+	parseErr, provisionErr := commandErrors(t, commandOptions{Listen: ":5000", To: []string{"127.0.0.1:6001"}, MaxFlows: -1, LBPolicy: "maglev", LocalAddresses: []string{"127.0.0.2"}})
 	if parseErr != nil || provisionErr != nil {
 		t.Errorf("good options: %v, %v", parseErr, provisionErr)
 	}
+}
+
+// TestBuildCommandConfigLocalAddress checks that --local-address, repeated
+// or comma-separated, becomes the handler's local_addresses as given, and
+// that the flag is the table's local_address: its name and its doc.
+func TestBuildCommandConfigLocalAddress(t *testing.T) {
+	opts := parseCommandArgs(t, "--listen", ":5000", "--to", "127.0.0.1:6001",
+		"--local-address", "127.0.0.2", "--local-address", "127.0.0.3, 127.0.0.4")
+	h := buildAndDecode(t, opts).Apps.Layer4.Servers["srv0"].Routes[0].Handle[0]
+	if want := []string{"127.0.0.2", "127.0.0.3", "127.0.0.4"}; fmt.Sprint(h.LocalAddrs) != fmt.Sprint(want) {
+		t.Errorf("local_addresses = %q, want %q", h.LocalAddrs, want)
+	}
+
+	raw, err := buildCommandConfig(parseCommandArgs(t, "--listen", ":5000", "--to", "127.0.0.1:6001"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(raw), "local_addresses") {
+		t.Errorf("without --local-address: config %s, want no local_addresses", raw)
+	}
+
+	c := caddycmd.Commands()["stabilize"]
+	cmd := &cobra.Command{Use: c.Name}
+	c.CobraFunc(cmd)
+	f := cmd.Flags().Lookup("local-address")
+	if f == nil {
+		t.Fatal("no --local-address flag")
+	}
+	if doc := caddyfileOptionByName["local_address"].doc; !strings.Contains(f.Usage, doc[1:]) {
+		t.Errorf("--local-address usage %q, want the table's doc %q", f.Usage, doc)
+	}
+	for _, help := range []string{c.Usage, c.Long} {
+		if !strings.Contains(help, "--local-address") {
+			t.Errorf("help text %q lacks --local-address", help)
+		}
+	}
+}
+
+// TestCommandLocalAddress runs the command with two --local-address
+// values, on both networks: the upstream sees its datagrams come from
+// those addresses only, flows taking them in turn. It uses Caddy's global
+// state, so it must not run in parallel.
+func TestCommandLocalAddress(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		up := startUpstream(t, "A")
+		listen := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
+		opts := parseCommandArgs(t,
+			"--listen", network+"/"+listen,
+			"--to", up.addr.String(),
+			"--local-address", "127.0.0.2",
+			"--local-address", "127.0.0.3",
+			"--admin", "off")
+		if err := startCommand(opts); err != nil {
+			t.Fatalf("starting: %v", err)
+		}
+		t.Cleanup(func() {
+			if err := caddy.Stop(); err != nil {
+				t.Errorf("stopping: %v", err)
+			}
+		})
+		for i := range 4 {
+			if got := newClient(t, listen).mustRoundTrip(fmt.Sprint("flow ", i)); got != "A" {
+				t.Fatalf("flow %d: reply from %q, want A", i, got)
+			}
+		}
+		perAddr := map[string]int{}
+		up.mu.Lock()
+		for src, n := range up.sources {
+			perAddr[src.Addr().String()] += n
+		}
+		up.mu.Unlock()
+		if len(perAddr) != 2 || perAddr["127.0.0.2"] != 2 || perAddr["127.0.0.3"] != 2 {
+			t.Errorf("datagrams by source address %v, want 2 from each of 127.0.0.2 and 127.0.0.3", perAddr)
+		}
+	})
 }
 
 // commandErrors builds the command's config for opts and validates it as
