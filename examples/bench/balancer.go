@@ -23,7 +23,8 @@ type balancer struct {
 	port    int
 	logPath string
 	done    chan struct{}
-	pids    []int // the process and its children (nginx workers)
+	pids    []int  // the process and its children (nginx workers)
+	admin   string // Caddy's admin API (host:port), in sweeps only; "" for none
 }
 
 // start starts a fresh balancer for target t on a free port and waits until
@@ -39,6 +40,7 @@ func (e *benchEnv) start(ctx context.Context, t string) (*balancer, error) {
 		return nil, err
 	}
 	var cmd *exec.Cmd
+	var admin string
 	switch t {
 	case "nginx":
 		conf := nginxConfig(dir, listen, e.upstreamAddrs(), e.opts.nginxWorkers, e.nginx.module)
@@ -48,7 +50,12 @@ func (e *benchEnv) start(ctx context.Context, t string) (*balancer, error) {
 		}
 		cmd = exec.Command(e.nginx.path, "-p", dir, "-c", confPath, "-e", filepath.Join(dir, "error.log"))
 	default:
-		cfg, err := caddyConfig(listenNetwork(t), listen, handlerFor(baseTarget(t), e.upstreamAddrs()))
+		if e.opts.mode == "sweep" {
+			if admin, err = freeTCPAddr(); err != nil {
+				return nil, fmt.Errorf("free admin port: %w", err)
+			}
+		}
+		cfg, err := caddyConfigAdmin(listenNetwork(t), listen, admin, handlerFor(baseTarget(t), e.upstreamAddrs()))
 		if err != nil {
 			return nil, fmt.Errorf("caddy config for %s: %w", t, err)
 		}
@@ -73,6 +80,7 @@ func (e *benchEnv) start(ctx context.Context, t string) (*balancer, error) {
 		return nil, err
 	}
 	b.pids = processTree(cmd.Process.Pid)
+	b.admin = admin
 	return b, nil
 }
 
@@ -178,6 +186,17 @@ func freeUDPPort() (int, error) {
 	}
 	defer c.Close()
 	return c.LocalAddr().(*net.UDPAddr).Port, nil
+}
+
+// freeTCPAddr returns a 127.0.0.1 address with a TCP port that was free a
+// moment ago.
+func freeTCPAddr() (string, error) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
 }
 
 // children are the running child processes, killed on any exit.

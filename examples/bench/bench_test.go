@@ -108,6 +108,35 @@ func TestCaddyConfig(t *testing.T) {
 	}
 }
 
+// TestCaddyConfigAdmin checks the sweep's config: the admin API on the
+// given address, for the Go memory readings, and never saved.
+func TestCaddyConfigAdmin(t *testing.T) {
+	b, err := caddyConfigAdmin("fastudp", "127.0.0.1:5000", "127.0.0.1:2999", handlerFor("fastflow", []string{"127.0.0.1:6001"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg struct {
+		Admin struct {
+			Disabled bool
+			Listen   string
+			Config   struct{ Persist *bool }
+		}
+	}
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if a := cfg.Admin; a.Disabled || a.Listen != "127.0.0.1:2999" || a.Config.Persist == nil || *a.Config.Persist {
+		t.Errorf("admin %+v, want on 127.0.0.1:2999, not persisted:\n%s", a, b)
+	}
+	off, err := caddyConfig("fastudp", "127.0.0.1:5000", handlerFor("fastflow", []string{"127.0.0.1:6001"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again, _ := caddyConfigAdmin("fastudp", "127.0.0.1:5000", "", handlerFor("fastflow", []string{"127.0.0.1:6001"})); string(again) != string(off) {
+		t.Errorf("no admin address: %s, want caddyConfig's %s", again, off)
+	}
+}
+
 func TestNginx(t *testing.T) {
 	v := `nginx version: nginx/1.22.1
 configure arguments: --prefix=/usr/share/nginx --modules-path=/usr/lib/nginx/modules --with-stream=dynamic --with-stream_ssl_module`
@@ -286,6 +315,10 @@ func TestSweepReport(t *testing.T) {
 			m.RSSBaseKB, m.RSSLiveKB = 50000, 50000+int64(n)*10
 			m.MemPerFlowB = 10240
 			m.RSSIdleKB, m.MemPerIdleFlowB = 50000+int64(n)*5, 5120
+			m.GoPerIdleFlowB, m.KernelPerIdleFlowB, m.SocketsPerIdleFlow = 6000, 2816, 1
+			if tg == "proxy" {
+				m.GoPerIdleFlowB = 12000
+			}
 			r.Runs = append(r.Runs, m)
 		}
 	}
@@ -293,6 +326,21 @@ func TestSweepReport(t *testing.T) {
 	md := r.markdown()
 	if !strings.Contains(md, "| 100 | stabilize per flow | 100 000 (×1.00) |") || !strings.Contains(md, "10.0 KiB") || !strings.Contains(md, "| 5120 B |") || !strings.Contains(md, "memory per idle flow") {
 		t.Errorf("sweep markdown:\n%s", md)
+	}
+	// Go and kernel memory per idle flow, with their ratios to proxy, and
+	// the sockets per idle flow.
+	for _, want := range []string{
+		"| memory per idle flow | Go per idle flow | kernel per idle flow | sockets per idle flow | kernel drops |",
+		"| 5120 B (×1.00) | 6000 B (×0.50) | 2816 B (×1.00) | 1.00 | – |",
+		"| 5120 B | 11.7 KiB | 2816 B | 1.00 | – |",
+		"HeapInuse + StackInuse", "/proc/slabinfo",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("sweep markdown lacks %q:\n%s", want, md)
+		}
+	}
+	if s := r.Summary[0]; s.GoPerIdleB != 6000 || s.KernelPerIdleB != 2816 || s.SocketsPerIdle != 1 || s.VsProxy["go_per_idle_flow"] != 0.5 {
+		t.Errorf("summary %+v", s)
 	}
 	svg, err := r.svg()
 	if err != nil {

@@ -58,8 +58,19 @@ func listenNetwork(t string) string {
 // at ERROR and one layer4 server on network/listen (network udp or
 // fastudp) that hands every flow to handler.
 func caddyConfig(network, listen string, handler map[string]any) ([]byte, error) {
+	return caddyConfigAdmin(network, listen, "", handler)
+}
+
+// caddyConfigAdmin is caddyConfig with the admin API on admin (host:port;
+// "" for off), which serves the sweep's Go memory readings
+// (/debug/pprof/heap). The config is not saved.
+func caddyConfigAdmin(network, listen, admin string, handler map[string]any) ([]byte, error) {
+	adminCfg := map[string]any{"disabled": true}
+	if admin != "" {
+		adminCfg = map[string]any{"listen": admin, "config": map[string]any{"persist": false}}
+	}
 	cfg := map[string]any{
-		"admin":   map[string]any{"disabled": true},
+		"admin":   adminCfg,
 		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
 		"apps": map[string]any{
 			"layer4": map[string]any{

@@ -36,3 +36,19 @@ func (n *num) UnmarshalJSON(b []byte) error {
 	}
 	return json.Unmarshal(b, (*float64)(n))
 }
+
+// UnmarshalJSON reads a measurement; a number that a report written before
+// it was measured lacks is unknown, not 0.
+func (m *measurement) UnmarshalJSON(b []byte) error {
+	type plain measurement
+	m.setNaN()
+	return json.Unmarshal(b, (*plain)(m))
+}
+
+// UnmarshalJSON reads a summary; the per idle flow figures that a report
+// written before they were measured lacks are unknown, not 0.
+func (s *summary) UnmarshalJSON(b []byte) error {
+	type plain summary
+	s.GoPerIdleB, s.KernelPerIdleB, s.SocketsPerIdle = nan, nan, nan
+	return json.Unmarshal(b, (*plain)(s))
+}

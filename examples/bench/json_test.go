@@ -5,6 +5,7 @@ package main
 import (
 	"encoding/json"
 	"math"
+	"strings"
 	"testing"
 )
 
@@ -56,5 +57,26 @@ func TestReportJSON(t *testing.T) {
 	}
 	if back.markdown() != r.markdown() {
 		t.Errorf("the report read back renders differently:\n%s\nwant:\n%s", back.markdown(), r.markdown())
+	}
+}
+
+// TestReportJSONBeforeIdleMemory reads a sweep report written before the Go
+// and kernel memory per idle flow were measured: they are unknown, not 0.
+func TestReportJSONBeforeIdleMemory(t *testing.T) {
+	const old = `{"mode":"sweep","summary":[{"target":"fastflow","flows":10000,"rounds":1,"throughput":100,"mem_per_idle_flow_bytes":13926}],
+	"runs":[{"target":"fastflow","round":1,"flows":10000,"throughput":100,"mem_per_idle_flow_bytes":13926}]}`
+	var r report
+	if err := json.Unmarshal([]byte(old), &r); err != nil {
+		t.Fatal(err)
+	}
+	s, m := r.Summary[0], r.Runs[0]
+	if s.GoPerIdleB.known() || s.KernelPerIdleB.known() || s.SocketsPerIdle.known() || s.MemPerIdleB != 13926 {
+		t.Errorf("summary: Go %v, kernel %v, sockets %v, RSS %v per idle flow", s.GoPerIdleB, s.KernelPerIdleB, s.SocketsPerIdle, s.MemPerIdleB)
+	}
+	if m.GoPerIdleFlowB.known() || m.KernelPerIdleFlowB.known() || m.Throughput != 100 || m.MemPerIdleFlowB != 13926 {
+		t.Errorf("run: %+v", m)
+	}
+	if md := r.markdown(); !strings.Contains(md, "| 13.6 KiB | – | – | – | – |") {
+		t.Errorf("markdown:\n%s", md)
 	}
 }

@@ -116,10 +116,10 @@ func (r *report) roundsTable(sb *strings.Builder) {
 
 // sweepTables is one table of every flow count, the legend and the rounds.
 func (r *report) sweepTables(sb *strings.Builder) {
-	sb.WriteString("| flows | target | datagrams/s | p50 µs | p99 µs | loss | CPU µs/datagram | RSS before MiB | RSS live MiB | memory per flow | RSS idle MiB | memory per idle flow | kernel drops |\n")
-	sb.WriteString("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n")
+	sb.WriteString("| flows | target | datagrams/s | p50 µs | p99 µs | loss | CPU µs/datagram | RSS before MiB | RSS live MiB | memory per flow | RSS idle MiB | memory per idle flow | Go per idle flow | kernel per idle flow | sockets per idle flow | kernel drops |\n")
+	sb.WriteString("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n")
 	for _, s := range r.Summary {
-		fmt.Fprintf(sb, "| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+		fmt.Fprintf(sb, "| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
 			s.Flows, targetLabels[s.Target],
 			withRatio(fmtInt(s.Throughput), s, "throughput"),
 			withRatio(fmtNum(s.P50US), s, "p50"),
@@ -130,6 +130,9 @@ func (r *report) sweepTables(sb *strings.Builder) {
 			withRatio(fmtBytes(s.MemPerFlowB), s, "mem_per_flow"),
 			fmtMiB(s.RSSIdleKB),
 			withRatio(fmtBytes(s.MemPerIdleB), s, "mem_per_idle_flow"),
+			withRatio(fmtBytes(s.GoPerIdleB), s, "go_per_idle_flow"),
+			withRatio(fmtBytes(s.KernelPerIdleB), s, "kernel_per_idle_flow"),
+			fmtSockets(s.SocketsPerIdle),
 			orDash(fmtDrops(s.KernelDrops)))
 	}
 	sb.WriteString("\n")
@@ -143,8 +146,17 @@ RSS before: the balancer's VmRSS after start-up, before the load; RSS live: its 
 measured window, with every flow live. Memory per flow = (RSS live − RSS before) / flows: it includes
 the Go heap's slack, so small flow counts are noise. RSS idle: its VmRSS 3 s after the load generator
 stopped (last request answered or given up on), every flow still live (the idle timeout is 60 s);
-memory per idle flow = (RSS idle − RSS before) / flows. Kernel drops: as in the compare report (full
-receive buffers during the window, by socket: listener, balancer_up, upstreams, clients).
+memory per idle flow = (RSS idle − RSS before) / flows. Go per idle flow: the change in the balancer's
+Go heap and goroutine stacks in use (runtime.MemStats HeapInuse + StackInuse, read through Caddy's
+admin API after two forced garbage collections, GET /debug/pprof/heap?gc=1&debug=1) between before the
+load and 3 s after it, / flows; Caddy targets only. Kernel per idle flow: the change, over the same two
+instants, in the whole machine's kernel memory of a socket's slab caches (/proc/slabinfo active objects
+× object size of UDP, UDPv6, sock_inode_cache, filp, dentry, eventpoll_epi and eventpoll_pwq), / flows
+(the JSON has the change by cache, and that of /proc/net/sockstat's UDP mem, charged accounting that
+is not in the figure). The load generator has closed its sockets by then, so it is the balancer's
+flows' sockets, plus what the rest of the machine allocated or freed meanwhile. Sockets per idle
+flow: the change in the balancer's open sockets, / flows. Kernel drops: as in the compare report
+(full receive buffers during the window, by socket: listener, balancer_up, upstreams, clients).
 
 `
 
@@ -249,6 +261,14 @@ func fmtMiB(kb num) string {
 		return "–"
 	}
 	return fmt.Sprintf("%.1f", kb/1024)
+}
+
+// fmtSockets formats a number of sockets per flow.
+func fmtSockets(x num) string {
+	if !x.known() {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f", x)
 }
 
 // fmtBytes formats a byte count in B or KiB.

@@ -5,6 +5,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -45,6 +46,18 @@ type measurement struct {
 	RSSIdleKB       int64 `json:"rss_idle_kb,omitempty"`
 	MemPerFlowB     num   `json:"mem_per_flow_bytes"`
 	MemPerIdleFlowB num   `json:"mem_per_idle_flow_bytes"`
+	// Sweep only, before the load and idleAfter after it: the balancer's Go
+	// memory (Caddy targets: heap and goroutine stacks in use after forced
+	// garbage collections), the change in the whole system's kernel memory
+	// of a socket's slab caches (kernelCaches) and in udpMem, by key, and
+	// the balancer's open sockets. Per idle flow: (idle − before) / flows;
+	// the kernel's is that of the slab caches.
+	GoBase             *goMem           `json:"go_base,omitempty"`
+	GoIdle             *goMem           `json:"go_idle,omitempty"`
+	GoPerIdleFlowB     num              `json:"go_per_idle_flow_bytes"`
+	KernelIdleDelta    map[string]int64 `json:"kernel_idle_delta_bytes,omitempty"`
+	KernelPerIdleFlowB num              `json:"kernel_per_idle_flow_bytes"`
+	SocketsPerIdleFlow num              `json:"sockets_per_idle_flow"`
 	// Datagrams the kernel dropped during the window for a full receive
 	// buffer, by socket role (see dropListener…).
 	KernelDrops map[string]uint64 `json:"kernel_drops,omitempty"`
@@ -76,10 +89,12 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 
 	var cpu0, cpu1 float64
 	var rssBase, rssLive int64
+	var memBase idleMem
 	if bal != nil && sweep {
 		// Let the process settle after start-up before the baseline.
 		time.Sleep(300 * time.Millisecond)
 		rssBase = bal.rssKB("VmRSS")
+		memBase = bal.readIdleMem(ctx)
 	}
 	var socks0, socks1 []udpSocket
 	var balInodes map[uint64]bool
@@ -112,11 +127,14 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 	}
 	m.fromLoad(res)
 	var rssIdle int64
+	var memIdle idleMem
 	if bal != nil && sweep && ctx.Err() == nil {
-		// The load generator has stopped; the balancer's flows stay live
-		// until its idle timeout (idleTimeout ≫ idleAfter).
+		// The load generator has stopped and closed its sockets; the
+		// balancer's flows stay live until its idle timeout (idleTimeout ≫
+		// idleAfter).
 		sleepUntil(ctx, time.Now().Add(idleAfter))
 		rssIdle = bal.rssKB("VmRSS")
+		memIdle = bal.readIdleMem(ctx)
 	}
 	listenPort := e.upstreams[0].Addr().Port
 	if bal != nil {
@@ -143,15 +161,64 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 		m.MemPerFlowB = num(rssLive-rssBase) * 1024 / num(lc.flows)
 		if rssIdle > 0 {
 			m.MemPerIdleFlowB = num(rssIdle-rssBase) * 1024 / num(lc.flows)
+			m.perIdleFlow(memBase, memIdle, lc.flows)
 		}
 	}
 	return m
+}
+
+// idleMem is what the sweep reads of the balancer's memory besides its RSS,
+// before the load and when its flows are idle.
+type idleMem struct {
+	goMem   *goMem    // nil: not a Caddy target, or not read (err)
+	kernel  kernelMem // nil: /proc/slabinfo unreadable (err)
+	sockets int
+	err     []string
+}
+
+// readIdleMem reads the balancer's Go memory (through Caddy's admin API),
+// the kernel's socket memory and the balancer's open sockets.
+func (b *balancer) readIdleMem(ctx context.Context) idleMem {
+	var im idleMem
+	if b.admin != "" {
+		if g, err := readGoMem(ctx, b.admin); err == nil {
+			im.goMem = &g
+		} else {
+			im.err = append(im.err, "Go memory: "+err.Error())
+		}
+	}
+	km, err := readKernelMem()
+	if err != nil {
+		im.err = append(im.err, "kernel memory: "+err.Error())
+	}
+	im.kernel = km
+	im.sockets = len(socketInodes(b.pids))
+	return im
+}
+
+// perIdleFlow sets the per idle flow figures from the readings before the
+// load and after it, over flows.
+func (m *measurement) perIdleFlow(base, idle idleMem, flows int) {
+	if errs := append(base.err, idle.err...); len(errs) > 0 {
+		m.Err = strings.TrimPrefix(m.Err+"; "+strings.Join(errs, "; "), "; ")
+	}
+	m.GoBase, m.GoIdle = base.goMem, idle.goMem
+	if base.goMem != nil && idle.goMem != nil {
+		m.GoPerIdleFlowB = num(idle.goMem.total()-base.goMem.total()) / num(flows)
+	}
+	if base.kernel != nil && idle.kernel != nil {
+		var total int64
+		m.KernelIdleDelta, total = idle.kernel.delta(base.kernel)
+		m.KernelPerIdleFlowB = num(total) / num(flows)
+	}
+	m.SocketsPerIdleFlow = num(idle.sockets-base.sockets) / num(flows)
 }
 
 // setNaN marks the derived numbers unknown until measured.
 func (m *measurement) setNaN() {
 	m.Throughput, m.LossPct, m.P50US, m.P99US, m.P999US = nan, nan, nan, nan, nan
 	m.CPUSeconds, m.CPUPerDgramUS, m.MemPerFlowB, m.MemPerIdleFlowB = nan, nan, nan, nan
+	m.GoPerIdleFlowB, m.KernelPerIdleFlowB, m.SocketsPerIdleFlow = nan, nan, nan
 }
 
 func (m *measurement) fromLoad(r *loadResult) {
@@ -183,6 +250,12 @@ func (m *measurement) oneLine() string {
 	}
 	if m.MemPerIdleFlowB.known() {
 		s += fmt.Sprintf(" (idle %6.0f B/flow)", m.MemPerIdleFlowB)
+	}
+	if m.GoPerIdleFlowB.known() {
+		s += fmt.Sprintf("  idle Go %6.0f B/flow", m.GoPerIdleFlowB)
+	}
+	if m.KernelPerIdleFlowB.known() {
+		s += fmt.Sprintf("  idle kernel %6.0f B/flow (%.2f sockets/flow)", m.KernelPerIdleFlowB, m.SocketsPerIdleFlow)
 	}
 	if m.Err != "" {
 		s += "  ERROR: " + m.Err

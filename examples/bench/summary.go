@@ -38,13 +38,18 @@ type summary struct {
 	RSSIdleKB     num    `json:"rss_idle_kb"`
 	MemPerFlowB   num    `json:"mem_per_flow_bytes"`
 	MemPerIdleB   num    `json:"mem_per_idle_flow_bytes"`
+	// Go memory (heap and stacks in use), kernel socket memory and the
+	// balancer's sockets, per idle flow (see measurement).
+	GoPerIdleB     num `json:"go_per_idle_flow_bytes"`
+	KernelPerIdleB num `json:"kernel_per_idle_flow_bytes"`
+	SocketsPerIdle num `json:"sockets_per_idle_flow"`
 	// Median kernel drops per socket role, over the rounds.
 	KernelDrops map[string]uint64 `json:"kernel_drops,omitempty"`
 	Errors      []string          `json:"errors,omitempty"`
 	// Ratios of this row's medians to caddy-l4 proxy's (absent when proxy
 	// was not measured, null when unknown): throughput, p50, p99, p99.9,
 	// loss, CPU per datagram, peak RSS, memory per flow, memory per idle
-	// flow.
+	// flow, Go and kernel memory per idle flow.
 	VsProxy map[string]num `json:"vs_proxy,omitempty"`
 }
 
@@ -111,15 +116,17 @@ func (r *report) summarize() {
 		if proxy != nil {
 			for _, s := range rows {
 				s.VsProxy = map[string]num{
-					"throughput":        ratio(s.Throughput, proxy.Throughput),
-					"p50":               ratio(s.P50US, proxy.P50US),
-					"p99":               ratio(s.P99US, proxy.P99US),
-					"p99.9":             ratio(s.P999US, proxy.P999US),
-					"loss":              ratio(s.LossPct, proxy.LossPct),
-					"cpu_per_datagram":  ratio(s.CPUPerDgramUS, proxy.CPUPerDgramUS),
-					"peak_rss":          ratio(s.PeakRSSKB, proxy.PeakRSSKB),
-					"mem_per_flow":      ratio(s.MemPerFlowB, proxy.MemPerFlowB),
-					"mem_per_idle_flow": ratio(s.MemPerIdleB, proxy.MemPerIdleB),
+					"throughput":           ratio(s.Throughput, proxy.Throughput),
+					"p50":                  ratio(s.P50US, proxy.P50US),
+					"p99":                  ratio(s.P99US, proxy.P99US),
+					"p99.9":                ratio(s.P999US, proxy.P999US),
+					"loss":                 ratio(s.LossPct, proxy.LossPct),
+					"cpu_per_datagram":     ratio(s.CPUPerDgramUS, proxy.CPUPerDgramUS),
+					"peak_rss":             ratio(s.PeakRSSKB, proxy.PeakRSSKB),
+					"mem_per_flow":         ratio(s.MemPerFlowB, proxy.MemPerFlowB),
+					"mem_per_idle_flow":    ratio(s.MemPerIdleB, proxy.MemPerIdleB),
+					"go_per_idle_flow":     ratio(s.GoPerIdleB, proxy.GoPerIdleB),
+					"kernel_per_idle_flow": ratio(s.KernelPerIdleB, proxy.KernelPerIdleB),
 				}
 			}
 		}
@@ -130,7 +137,7 @@ func (r *report) summarize() {
 // summarizeRuns is the medians of one target's measurements at one key.
 func summarizeRuns(ms []*measurement) *summary {
 	s := &summary{Target: ms[0].Target, Payload: ms[0].Payload, Flows: ms[0].Flows}
-	var tp, p50, p99, p999, loss, cpu, rss, base, live, idle, perFlow, perIdle []num
+	var tp, p50, p99, p999, loss, cpu, rss, base, live, idle, perFlow, perIdle, goIdle, kernelIdle, socketsIdle []num
 	s.ThroughputMin, s.ThroughputMax = nan, nan
 	for _, m := range ms {
 		if m.Err != "" {
@@ -152,6 +159,9 @@ func summarizeRuns(ms []*measurement) *summary {
 		idle = append(idle, kbOrNaN(m.RSSIdleKB))
 		perFlow = append(perFlow, m.MemPerFlowB)
 		perIdle = append(perIdle, m.MemPerIdleFlowB)
+		goIdle = append(goIdle, m.GoPerIdleFlowB)
+		kernelIdle = append(kernelIdle, m.KernelPerIdleFlowB)
+		socketsIdle = append(socketsIdle, m.SocketsPerIdleFlow)
 		if !s.ThroughputMin.known() || m.Throughput < s.ThroughputMin {
 			s.ThroughputMin = m.Throughput
 		}
@@ -177,6 +187,7 @@ func summarizeRuns(ms []*measurement) *summary {
 	s.LossPct, s.CPUPerDgramUS, s.PeakRSSKB = median(loss), median(cpu), median(rss)
 	s.RSSBaseKB, s.RSSLiveKB, s.MemPerFlowB = median(base), median(live), median(perFlow)
 	s.RSSIdleKB, s.MemPerIdleB = median(idle), median(perIdle)
+	s.GoPerIdleB, s.KernelPerIdleB, s.SocketsPerIdle = median(goIdle), median(kernelIdle), median(socketsIdle)
 	return s
 }
 
