@@ -226,6 +226,9 @@ func TestFlags(t *testing.T) {
 	if err != nil || o.rounds != 5 || strings.Join(o.targets, ",") != defaultSweepTargets || o.sweepFlows[len(o.sweepFlows)-1] != 1000 {
 		t.Errorf("sweep quick with rounds: %+v, %v", o, err)
 	}
+	if o, err := parseFlags([]string{"-mode", "sweep", "-heap-profiles"}); err != nil || !o.heapProfiles {
+		t.Errorf("-heap-profiles: %+v, %v", o, err)
+	}
 	for _, bad := range [][]string{{"-targets", "haproxy"}, {"-payloads", "4"}, {"-mode", "x"}, {"-rounds", "0"}} {
 		if _, err := parseFlags(bad); err == nil {
 			t.Errorf("%v: want an error", bad)

@@ -25,6 +25,7 @@ type options struct {
 	sweepWindow  int
 	sweepPayload int
 	sweepRate    int
+	heapProfiles bool
 	out          string
 	render       string
 	root         string
@@ -59,6 +60,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.IntVar(&o.sweepWindow, "sweep-window", 1, "sweep: datagrams outstanding per flow")
 	fs.IntVar(&o.sweepPayload, "sweep-payload", 64, "sweep: datagram size in bytes")
 	fs.IntVar(&o.sweepRate, "sweep-rate", 0, "sweep: offer this many datagrams/s in total, spread evenly over the flows (each paced, one outstanding), instead of a closed loop; 0: closed loop")
+	fs.BoolVar(&o.heapProfiles, "heap-profiles", false, "sweep: save each Caddy balancer's heap profile at the idle reading into -out, as heap-<target>-<flows>.pb.gz (the last round's)")
 	fs.StringVar(&o.out, "out", "bench-out", "output folder for the Markdown, SVG and JSON")
 	fs.StringVar(&o.render, "render", "", "measure nothing: redraw the Markdown and SVG in this `folder` from its results.json and sweep.json")
 	fs.StringVar(&o.root, "root", "", "module root of caddy-stabilize (default: from `go env GOMOD`)")

@@ -5,6 +5,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"time"
 )
@@ -135,6 +136,12 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 		sleepUntil(ctx, time.Now().Add(idleAfter))
 		rssIdle = bal.rssKB("VmRSS")
 		memIdle = bal.readIdleMem(ctx)
+		if e.opts.heapProfiles && bal.admin != "" {
+			path := filepath.Join(e.opts.out, fmt.Sprintf("heap-%s-%d.pb.gz", t, lc.flows))
+			if err := saveHeapProfile(ctx, bal.admin, path); err != nil {
+				memIdle.err = append(memIdle.err, err.Error())
+			}
+		}
 	}
 	listenPort := e.upstreams[0].Addr().Port
 	if bal != nil {

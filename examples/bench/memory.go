@@ -54,6 +54,29 @@ func readGoMem(ctx context.Context, admin string) (goMem, error) {
 	return g, nil
 }
 
+// saveHeapProfile writes the heap profile of the Caddy whose admin API is
+// at admin, taken after a forced garbage collection, to path: gzipped
+// protobuf, for `go tool pprof`.
+func saveHeapProfile(ctx context.Context, admin, path string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+admin+"/debug/pprof/heap?gc=1", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
+	if err != nil {
+		return fmt.Errorf("heap profile: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("heap profile: %s", resp.Status)
+	}
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return fmt.Errorf("heap profile: %w", err)
+	}
+	return os.WriteFile(path, b, 0o644)
+}
+
 // parseHeapMemStats reads HeapInuse and StackInuse from the runtime.MemStats
 // lines at the end of a heap profile in text form (debug=1):
 // "# HeapInuse = 123" and "# Stack = <inuse> / <sys>".

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"path/filepath"
 	rpprof "runtime/pprof"
 	"strings"
 	"sync"
@@ -74,6 +75,18 @@ func TestReadGoMem(t *testing.T) {
 	}
 
 	if _, err := readGoMem(context.Background(), ln.Addr().String()+"/nowhere"); err == nil {
+		t.Error("a missing profile: want an error")
+	}
+
+	// The profile itself, for go tool pprof: gzipped protobuf.
+	path := filepath.Join(t.TempDir(), "heap.pb.gz")
+	if err := saveHeapProfile(context.Background(), ln.Addr().String(), path); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(path); err != nil || !bytes.HasPrefix(b, []byte{0x1f, 0x8b}) {
+		t.Errorf("saved profile: %.20q, %v; want gzip", b, err)
+	}
+	if err := saveHeapProfile(context.Background(), ln.Addr().String()+"/nowhere", path); err == nil {
 		t.Error("a missing profile: want an error")
 	}
 }
