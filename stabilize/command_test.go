@@ -351,20 +351,12 @@ func TestCommandLocalAddress(t *testing.T) {
 	forNetworks(t, func(t *testing.T, network string) {
 		up := startUpstream(t, "A")
 		listen := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
-		opts := parseCommandArgs(t,
+		startCommandArgs(t,
 			"--listen", network+"/"+listen,
 			"--to", up.addr.String(),
 			"--local-address", "127.0.0.2",
 			"--local-address", "127.0.0.3",
 			"--admin", "off")
-		if err := startCommand(opts); err != nil {
-			t.Fatalf("starting: %v", err)
-		}
-		t.Cleanup(func() {
-			if err := caddy.Stop(); err != nil {
-				t.Errorf("stopping: %v", err)
-			}
-		})
 		for i := range 4 {
 			if got := newClient(t, listen).mustRoundTrip(fmt.Sprint("flow ", i)); got != "A" {
 				t.Fatalf("flow %d: reply from %q, want A", i, got)
@@ -417,12 +409,21 @@ func TestCommandPolicyNames(t *testing.T) {
 func TestCommandFastUDP(t *testing.T) {
 	up := startUpstream(t, "A")
 	listen := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
-	opts := parseCommandArgs(t,
+	startCommandArgs(t,
 		"--listen", FastNetwork+"/"+listen,
 		"--to", up.addr.String(),
 		"--max-flows", "100",
 		"--admin", "off")
-	if err := startCommand(opts); err != nil {
+	if got := newClient(t, listen).mustRoundTrip("hello"); got != "A" {
+		t.Errorf("reply from %q, want A", got)
+	}
+}
+
+// startCommandArgs runs the command's start-up path with args, as
+// `caddy stabilize args...` would, and stops Caddy when the test ends.
+func startCommandArgs(t *testing.T, args ...string) {
+	t.Helper()
+	if err := startCommand(parseCommandArgs(t, args...)); err != nil {
 		t.Fatalf("starting: %v", err)
 	}
 	t.Cleanup(func() {
@@ -430,9 +431,6 @@ func TestCommandFastUDP(t *testing.T) {
 			t.Errorf("stopping: %v", err)
 		}
 	})
-	if got := newClient(t, listen).mustRoundTrip("hello"); got != "A" {
-		t.Errorf("reply from %q, want A", got)
-	}
 }
 
 // TestCommandListenInUse checks that the command refuses a listen address
