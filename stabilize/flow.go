@@ -26,7 +26,7 @@ type Flow struct {
 	// either held.
 	h *Handler
 
-	cx          *layer4.Connection
+	cx          atomic.Pointer[layer4.Connection] // nil once the fast socket keeps the flow
 	client      netip.AddrPort
 	conn        *net.UDPConn    // upstream-facing
 	send        *udpio.Sender   // sends on conn without blocking
@@ -98,7 +98,6 @@ func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow,
 	}
 	fl := &Flow{
 		h:        h,
-		cx:       cx,
 		client:   client,
 		conn:     conn,
 		send:     send,
@@ -107,6 +106,7 @@ func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow,
 		id:       flowIDs.Add(1),
 		req:      Request{Client: client, cx: cx},
 	}
+	fl.cx.Store(cx)
 	fl.connection.connects = connects
 	if front != nil {
 		fl.fast = front.Socket()
@@ -221,6 +221,7 @@ func (fl *Flow) detach() bool {
 		return false
 	}
 	fl.detached.Store(true)
+	fl.releaseConn()
 	if fl.handler().closing.Load() {
 		fl.close() // Cleanup may have missed it
 	}
@@ -230,9 +231,20 @@ func (fl *Flow) detach() bool {
 // wakeHandle ends Handle's wait for the flow's next datagram. A read
 // deadline only touches caddy-l4's packetConn, never the shared socket.
 func (fl *Flow) wakeHandle() {
-	if fl.handling.Load() {
-		_ = fl.cx.SetReadDeadline(time.Unix(1, 0))
+	if cx := fl.cx.Load(); cx != nil && fl.handling.Load() {
+		_ = cx.SetReadDeadline(time.Unix(1, 0))
 	}
+}
+
+// releaseConn lets go of caddy-l4's connection once the fast socket keeps
+// the flow: it holds kilobytes (buffers, timers, a replacer) that a
+// handed-off flow never uses again. A key the policy hashes is settled
+// first, since placeholders are expanded with the connection.
+func (fl *Flow) releaseConn() {
+	fl.mu.Lock()
+	fl.req.settle(fl.h.selector)
+	fl.mu.Unlock()
+	fl.cx.Store(nil)
 }
 
 // closeSocket stops the replies and closes the flow's socket; it is safe to

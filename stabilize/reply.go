@@ -4,7 +4,12 @@ package stabilize
 // whose socket listenerOf cannot reach. cx.Write blocks while the socket's
 // buffer is full. fl.replyMu is held.
 func (fl *Flow) writeThroughCaddy(b []byte) {
-	if _, err := fl.cx.Write(b); err != nil {
+	cx := fl.cx.Load()
+	if cx == nil {
+		fl.h.drop(dropWriteError)
+		return
+	}
+	if _, err := cx.Write(b); err != nil {
 		fl.h.drop(dropWriteError)
 	}
 }

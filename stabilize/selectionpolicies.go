@@ -76,6 +76,21 @@ func (r *Request) Hash(compute func(*Request) uint64) uint64 {
 	return r.hash
 }
 
+// keyHasher is a Selector that hashes a key of the request.
+type keyHasher interface {
+	hash(*Request) uint64
+}
+
+// settle drops the request's client connection, hashing its key first if
+// sel hashes one: a flow's key never changes, and placeholders need the
+// connection.
+func (r *Request) settle(sel Selector) {
+	if kh, ok := sel.(keyHasher); ok && r.Key == nil {
+		r.Hash(kh.hash)
+	}
+	r.cx = nil
+}
+
 // Replace replaces the placeholders in s for the request's client
 // connection; without one it returns s.
 func (r *Request) Replace(s string) string {
@@ -393,6 +408,8 @@ var (
 	_ Selector = (*LeastSessionsSelection)(nil)
 	_ Selector = (*FirstSelection)(nil)
 	_ Selector = (*MaglevSelection)(nil)
+
+	_ keyHasher = (*MaglevSelection)(nil)
 
 	_ caddy.Provisioner     = (*RandomChoiceSelection)(nil)
 	_ caddy.Validator       = (*RandomChoiceSelection)(nil)
