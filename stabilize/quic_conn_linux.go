@@ -1,0 +1,213 @@
+package stabilize
+
+import (
+	"encoding/binary"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"syscall"
+	"unsafe"
+
+	"github.com/quic-go/quic-go"
+	"golang.org/x/net/ipv4"
+	"golang.org/x/sys/unix"
+)
+
+// On Linux quicConn is an OOBCapablePacketConn with ReadBatch, so quic-go
+// takes its fast path: batched reads (from the queue, never from the
+// socket, which caddy-l4 or fastudp reads), GSO and ECN on writes, and
+// path-MTU discovery, since the sockets writes go out of have DF set.
+
+// quicSocketOptions gives a socket that writes go out of what quic-go
+// sets on its own sockets through SyscallConn and relies on:
+//   - Don't Fragment (path-MTU "probe" mode), so that a path-MTU probe too
+//     big for the path is lost rather than fragmented. The socket is the
+//     listener's, shared with every route on it: their datagrams larger
+//     than the interface's MTU then fail (EMSGSIZE) instead of leaving as
+//     IP fragments.
+//   - receive and send buffers of at least quicSocketBuffer.
+//
+// The read options quic-go also sets (IP_RECVTOS, IP_PKTINFO) change
+// nothing for the listener's readers, which take no control messages.
+func quicSocketOptions(rc syscall.RawConn) error {
+	var err4, err6 error
+	if err := rc.Control(func(fd uintptr) {
+		err4 = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_PROBE)
+		err6 = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_MTU_DISCOVER, unix.IPV6_PMTUDISC_PROBE)
+		for _, opt := range [][3]int{{unix.SO_RCVBUF, unix.SO_RCVBUFFORCE}, {unix.SO_SNDBUF, unix.SO_SNDBUFFORCE}} {
+			// The kernel reports twice the size it was given.
+			if size, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, opt[0]); err == nil && size < 2*quicSocketBuffer {
+				if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt[1], quicSocketBuffer) != nil {
+					_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt[0], quicSocketBuffer)
+				}
+			}
+		}
+	}); err != nil {
+		return err
+	}
+	if err4 != nil && err6 != nil {
+		return os.NewSyscallError("setsockopt IP_MTU_DISCOVER", err4)
+	}
+	return nil
+}
+
+// quicSocketBuffer is the socket buffer size quic-go asks for.
+const quicSocketBuffer = 7 << 20
+
+// SyscallConn is the socket that writes go out of now, for the options
+// quic-go sets (DF, buffers, ECN) and to find out whether it has GSO.
+// setOut gives every later one DF and the buffers (quicSocketOptions).
+func (c *quicConn) SyscallConn() (syscall.RawConn, error) {
+	return c.out.Load().rc, nil
+}
+
+// ReadBatch fills ms with client datagrams, as a batchConn of quic-go: it
+// waits for the first as ReadFrom does, then takes those already queued.
+func (c *quicConn) ReadBatch(ms []ipv4.Message, _ int) (int, error) {
+	p, err := c.next()
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for {
+		m := &ms[n]
+		m.N = copy(m.Buffers[0], p.buf[:p.n])
+		m.NN, m.Flags = 0, 0
+		m.Addr = c.addrOf(p.from)
+		quicPacketPool.Put(p)
+		if n++; n == len(ms) {
+			return n, nil
+		}
+		select {
+		case p = <-c.in:
+		default:
+			return n, nil
+		}
+	}
+}
+
+// addrOf is from as a net.Addr, the same one for a client's datagrams in a
+// row: allocation-free for a busy client. quic-go never changes it.
+func (c *quicConn) addrOf(from netip.AddrPort) net.Addr {
+	if c.addr == nil || c.fromAddr != from {
+		c.fromAddr, c.addr = from, net.UDPAddrFromAddrPort(from)
+	}
+	return c.addr
+}
+
+// ReadMsgUDP is ReadFrom, with no control messages.
+func (c *quicConn) ReadMsgUDP(b, _ []byte) (n, oobn, flags int, addr *net.UDPAddr, err error) {
+	n, a, err := c.ReadFrom(b)
+	if err != nil {
+		return 0, 0, 0, nil, err
+	}
+	return n, 0, 0, a.(*net.UDPAddr), nil
+}
+
+// WriteMsgUDP sends b with its control messages (quic-go's GSO segment
+// size, ECN, source address) to addr out of the listener's socket, without
+// waiting: the socket is shared, and a write that waited would hold its
+// other writers. As in WriteTo, a lost datagram is counted, not an error,
+// except the two errors quic-go handles: EMSGSIZE (a path-MTU probe too
+// big) and EIO (no GSO on the device: it sends the segments one by one).
+func (c *quicConn) WriteMsgUDP(b, oob []byte, addr *net.UDPAddr) (n, oobn int, err error) {
+	ap := addr.AddrPort()
+	to := netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	out := c.out.Load()
+	err = sendMsg(out, b, oob, to)
+	if errors.Is(err, net.ErrClosed) {
+		if out = c.takeOver(out.conn); out != nil {
+			err = sendMsg(out, b, oob, to)
+		}
+	}
+	switch {
+	case err == nil:
+	case errors.Is(err, unix.EMSGSIZE), errors.Is(err, unix.EIO):
+		return 0, 0, err
+	default:
+		c.writeErrors.Add(1)
+	}
+	return len(b), len(oob), nil
+}
+
+// quicSend is one sendmsg call's state, pooled so that writes from many
+// connections at once allocate nothing.
+type quicSend struct {
+	msg   unix.Msghdr
+	iov   unix.Iovec
+	sa    unix.RawSockaddrInet6
+	errno syscall.Errno
+	sendf func(fd uintptr) bool // send, bound once
+}
+
+var quicSendPool = sync.Pool{New: func() any {
+	s := new(quicSend)
+	s.sendf = s.send
+	return s
+}}
+
+// sendMsg sends b and oob to to out of sock without blocking: nil, the
+// socket's error as an *os.SyscallError, or net.ErrClosed.
+func sendMsg(sock *quicSocket, b, oob []byte, to netip.AddrPort) error {
+	s := quicSendPool.Get().(*quicSend)
+	defer quicSendPool.Put(s)
+	s.msg = unix.Msghdr{Name: (*byte)(unsafe.Pointer(&s.sa)), Namelen: putSockaddr(&s.sa, sock.family, to)}
+	if s.msg.Namelen == 0 {
+		return os.NewSyscallError("sendmsg", unix.EAFNOSUPPORT)
+	}
+	if len(b) > 0 {
+		s.iov.Base = &b[0]
+		s.iov.SetLen(len(b))
+		s.msg.Iov = &s.iov
+		s.msg.SetIovlen(1)
+	}
+	if len(oob) > 0 {
+		s.msg.Control = &oob[0]
+		s.msg.SetControllen(len(oob))
+	}
+	s.errno = 0
+	err := sock.rc.Write(s.sendf)
+	s.msg, s.iov = unix.Msghdr{}, unix.Iovec{} // keep no caller's buffer
+	if err != nil {
+		return net.ErrClosed // the only error of RawConn.Write
+	}
+	if s.errno != 0 {
+		return os.NewSyscallError("sendmsg", s.errno)
+	}
+	return nil
+}
+
+func (s *quicSend) send(fd uintptr) bool {
+	_, _, s.errno = unix.RawSyscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&s.msg)), unix.MSG_DONTWAIT)
+	return true // never wait for the socket
+}
+
+// putSockaddr writes ap as a socket address of family into sa and returns
+// its length, or 0 if an AF_INET socket cannot reach ap.
+func putSockaddr(sa *unix.RawSockaddrInet6, family int, ap netip.AddrPort) uint32 {
+	*sa = unix.RawSockaddrInet6{}
+	if family == unix.AF_INET {
+		if !ap.Addr().Is4() {
+			return 0
+		}
+		sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
+		sa4.Family = unix.AF_INET
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa4.Port))[:], ap.Port())
+		sa4.Addr = ap.Addr().As4()
+		return unix.SizeofSockaddrInet4
+	}
+	sa.Family = unix.AF_INET6
+	sa.Addr = ap.Addr().As16()
+	binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:], ap.Port())
+	return unix.SizeofSockaddrInet6
+}
+
+// Interface guards
+var (
+	_ quic.OOBCapablePacketConn = (*quicConn)(nil)
+	_ interface {
+		ReadBatch([]ipv4.Message, int) (int, error)
+	} = (*quicConn)(nil)
+)
