@@ -24,19 +24,20 @@ import (
 // sets on its own sockets through SyscallConn and relies on:
 //   - Don't Fragment (path-MTU "probe" mode), so that a path-MTU probe too
 //     big for the path is lost rather than fragmented. The socket is the
-//     listener's, shared with every route on it: their datagrams larger
-//     than the interface's MTU then fail (EMSGSIZE) instead of leaving as
-//     IP fragments.
+//     listener's, shared with every route on it: their datagrams leave
+//     with DF too, so one larger than the interface's MTU fails (EMSGSIZE)
+//     and one larger than the path's is dropped on the way, where both
+//     used to leave as IP fragments.
 //   - receive and send buffers of at least quicSocketBuffer.
 //
 // The read options quic-go also sets (IP_RECVTOS, IP_PKTINFO) change
-// nothing for the listener's readers, which take no control messages.
+// nothing for the listener's readers, which take no control messages. A
+// UDP socket takes these options: only a closed one fails.
 func quicSocketOptions(rc syscall.RawConn) error {
-	var err4, err6 error
-	if err := rc.Control(func(fd uintptr) {
-		err4 = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_PROBE)
-		err6 = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_MTU_DISCOVER, unix.IPV6_PMTUDISC_PROBE)
-		for _, opt := range [][3]int{{unix.SO_RCVBUF, unix.SO_RCVBUFFORCE}, {unix.SO_SNDBUF, unix.SO_SNDBUFFORCE}} {
+	return rc.Control(func(fd uintptr) {
+		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_PROBE)
+		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_MTU_DISCOVER, unix.IPV6_PMTUDISC_PROBE)
+		for _, opt := range [][2]int{{unix.SO_RCVBUF, unix.SO_RCVBUFFORCE}, {unix.SO_SNDBUF, unix.SO_SNDBUFFORCE}} {
 			// The kernel reports twice the size it was given.
 			if size, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, opt[0]); err == nil && size < 2*quicSocketBuffer {
 				if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt[1], quicSocketBuffer) != nil {
@@ -44,13 +45,7 @@ func quicSocketOptions(rc syscall.RawConn) error {
 				}
 			}
 		}
-	}); err != nil {
-		return err
-	}
-	if err4 != nil && err6 != nil {
-		return os.NewSyscallError("setsockopt IP_MTU_DISCOVER", err4)
-	}
-	return nil
+	})
 }
 
 // quicSocketBuffer is the socket buffer size quic-go asks for.
@@ -171,7 +166,7 @@ func sendMsg(sock *quicSocket, b, oob []byte, to netip.AddrPort) error {
 	err := sock.rc.Write(s.sendf)
 	s.msg, s.iov = unix.Msghdr{}, unix.Iovec{} // keep no caller's buffer
 	if err != nil {
-		return net.ErrClosed // the only error of RawConn.Write
+		return err // net.ErrClosed
 	}
 	if s.errno != 0 {
 		return os.NewSyscallError("sendmsg", s.errno)
