@@ -1,14 +1,12 @@
 package stabilize
 
 import (
-	"encoding/binary"
 	"errors"
 	"net"
 	"net/netip"
 	"os"
 	"sync"
 	"syscall"
-	"unsafe"
 
 	"github.com/quic-go/quic-go"
 	"golang.org/x/net/ipv4"
@@ -120,7 +118,7 @@ func (c *quicConn) WriteMsgUDP(b, oob []byte, addr *net.UDPAddr) (n, oobn int, e
 	switch {
 	case err == nil:
 	case errors.Is(err, unix.EMSGSIZE), errors.Is(err, unix.EIO):
-		return 0, 0, err
+		return 0, 0, os.NewSyscallError("sendmsg", err)
 	default:
 		c.writeErrors.Add(1)
 	}
@@ -130,11 +128,12 @@ func (c *quicConn) WriteMsgUDP(b, oob []byte, addr *net.UDPAddr) (n, oobn int, e
 // quicSend is one sendmsg call's state, pooled so that writes from many
 // connections at once allocate nothing.
 type quicSend struct {
-	msg   unix.Msghdr
-	iov   unix.Iovec
-	sa    unix.RawSockaddrInet6
-	errno syscall.Errno
-	sendf func(fd uintptr) bool // send, bound once
+	b, oob []byte
+	to     unix.Sockaddr
+	sa4    unix.SockaddrInet4
+	sa6    unix.SockaddrInet6
+	err    error
+	sendf  func(fd uintptr) bool // send, bound once
 }
 
 var quicSendPool = sync.Pool{New: func() any {
@@ -144,59 +143,32 @@ var quicSendPool = sync.Pool{New: func() any {
 }}
 
 // sendMsg sends b and oob to to out of sock without blocking: nil, the
-// socket's error as an *os.SyscallError, or net.ErrClosed.
+// socket's error (a syscall.Errno), or net.ErrClosed.
 func sendMsg(sock *quicSocket, b, oob []byte, to netip.AddrPort) error {
 	s := quicSendPool.Get().(*quicSend)
 	defer quicSendPool.Put(s)
-	s.msg = unix.Msghdr{Name: (*byte)(unsafe.Pointer(&s.sa)), Namelen: putSockaddr(&s.sa, sock.family, to)}
-	if s.msg.Namelen == 0 {
-		return os.NewSyscallError("sendmsg", unix.EAFNOSUPPORT)
+	switch {
+	case sock.family != unix.AF_INET:
+		s.sa6.Addr, s.sa6.Port = to.Addr().As16(), int(to.Port())
+		s.to = &s.sa6
+	case to.Addr().Is4():
+		s.sa4.Addr, s.sa4.Port = to.Addr().As4(), int(to.Port())
+		s.to = &s.sa4
+	default:
+		return unix.EAFNOSUPPORT
 	}
-	if len(b) > 0 {
-		s.iov.Base = &b[0]
-		s.iov.SetLen(len(b))
-		s.msg.Iov = &s.iov
-		s.msg.SetIovlen(1)
-	}
-	if len(oob) > 0 {
-		s.msg.Control = &oob[0]
-		s.msg.SetControllen(len(oob))
-	}
-	s.errno = 0
+	s.b, s.oob, s.err = b, oob, nil
 	err := sock.rc.Write(s.sendf)
-	s.msg, s.iov = unix.Msghdr{}, unix.Iovec{} // keep no caller's buffer
+	s.b, s.oob = nil, nil // keep no caller's buffer
 	if err != nil {
 		return err // net.ErrClosed
 	}
-	if s.errno != 0 {
-		return os.NewSyscallError("sendmsg", s.errno)
-	}
-	return nil
+	return s.err
 }
 
 func (s *quicSend) send(fd uintptr) bool {
-	_, _, s.errno = unix.RawSyscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&s.msg)), unix.MSG_DONTWAIT)
+	_, s.err = unix.SendmsgN(int(fd), s.b, s.oob, s.to, unix.MSG_DONTWAIT)
 	return true // never wait for the socket
-}
-
-// putSockaddr writes ap as a socket address of family into sa and returns
-// its length, or 0 if an AF_INET socket cannot reach ap.
-func putSockaddr(sa *unix.RawSockaddrInet6, family int, ap netip.AddrPort) uint32 {
-	*sa = unix.RawSockaddrInet6{}
-	if family == unix.AF_INET {
-		if !ap.Addr().Is4() {
-			return 0
-		}
-		sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
-		sa4.Family = unix.AF_INET
-		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa4.Port))[:], ap.Port())
-		sa4.Addr = ap.Addr().As4()
-		return unix.SizeofSockaddrInet4
-	}
-	sa.Family = unix.AF_INET6
-	sa.Addr = ap.Addr().As16()
-	binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:], ap.Port())
-	return unix.SizeofSockaddrInet6
 }
 
 // Interface guards
