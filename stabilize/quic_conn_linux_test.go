@@ -144,11 +144,20 @@ func udpSegment(size uint16) []byte {
 	return b
 }
 
-// TestQUICConnWriteMsg: WriteMsgUDP sends with quic-go's control messages:
-// one write with a GSO segment size arrives as that many datagrams.
+// TestQUICConnWriteMsg: quic-go finds GSO through SyscallConn, as it
+// looks for it, and WriteMsgUDP sends with its control messages: one write
+// with a GSO segment size arrives as that many datagrams.
 func TestQUICConnWriteMsg(t *testing.T) {
 	c, peer := newTestQUICConn(t)
 	to := peer.LocalAddr().(*net.UDPAddr)
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { _, serr = unix.GetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_SEGMENT) }); err != nil || serr != nil {
+		t.Fatalf("UDP_SEGMENT through SyscallConn: %v %v", err, serr)
+	}
 	tests := []struct {
 		name string
 		size int
