@@ -50,7 +50,10 @@
 // transport's PacketConn (quic_conn.go) merges the datagrams of every flow
 // and of fastudp endpoints, and writes straight out of the listener's
 // socket to any address, so a migrated or rebound client, a new flow, keeps
-// its connection. The transport lives in a UsagePool keyed by the listener;
+// its connection. On Linux it gives quic-go its fast path
+// (quic_conn_linux.go): batched reads, writes with GSO and ECN, and Don't
+// Fragment on every socket writes go out of, for path-MTU discovery. The
+// transport lives in a UsagePool keyed by the listener;
 // the newest handler serves its new connections. Each accepted connection
 // is relayed (quic_relay.go) to one backend connection on a quic/ upstream
 // picked by the policy from Handler.candidates, or stream by stream to udp/

@@ -7,9 +7,11 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/stabilize-lb/caddy-stabilize/internal/fastudp"
+	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
 )
 
 // quicConn is the net.PacketConn of a terminating quic.Transport. Reads
@@ -18,12 +20,15 @@ import (
 // any address, so a client that migrated, or whose flow ended, is still
 // reached. It is never the listener socket itself, which caddy-l4 reads.
 //
-// quic-go sees a plain PacketConn: one datagram per call, no GSO, ECN or
-// path-MTU discovery.
+// On Linux quicConn is a UDP socket to quic-go (quic_conn_linux.go):
+// batched reads from the queue, writes with their control messages (GSO,
+// ECN), and the Don't Fragment socket option that path-MTU discovery
+// needs, on every socket writes go out of. Elsewhere quic-go sees a plain
+// PacketConn: one datagram per call, packets of 1280 bytes.
 type quicConn struct {
 	local net.Addr
 	in    chan *quicPacket
-	out   atomic.Pointer[net.UDPConn] // where writes go; see setOut
+	out   atomic.Pointer[quicSocket] // where writes go; see setOut
 
 	outMu  sync.Mutex
 	latest atomic.Pointer[net.UDPConn] // the listener socket of the latest datagram
@@ -38,6 +43,29 @@ type quicConn struct {
 
 	queueFull   atomic.Uint64 // datagrams dropped: quic-go lagged behind
 	writeErrors atomic.Uint64 // datagrams to clients lost: the send failed
+
+	fromAddr netip.AddrPort // ReadBatch's reader only: the last client read,
+	addr     *net.UDPAddr   // and its address, returned again for it
+}
+
+// quicSocket is a listener socket that writes go out of.
+type quicSocket struct {
+	conn   *net.UDPConn
+	rc     syscall.RawConn
+	family int // udpio.Family
+}
+
+// newQUICSocket prepares conn for the transport's writes (quicSocketOptions).
+// It fails when conn has been closed.
+func newQUICSocket(conn *net.UDPConn) (*quicSocket, error) {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	if err := quicSocketOptions(rc); err != nil {
+		return nil, err
+	}
+	return &quicSocket{conn: conn, rc: rc, family: udpio.Family(rc)}, nil
 }
 
 // quicPacket is one client datagram waiting for the transport.
@@ -53,15 +81,19 @@ var quicPacketPool = sync.Pool{New: func() any { return new(quicPacket) }}
 // counted, so a slow transport never stalls the listener.
 const quicQueue = 1024
 
-func newQUICConn(local net.Addr, out *net.UDPConn) *quicConn {
+func newQUICConn(local net.Addr, out *net.UDPConn) (*quicConn, error) {
+	sock, err := newQUICSocket(out)
+	if err != nil {
+		return nil, err
+	}
 	c := &quicConn{
 		local:  local,
 		in:     make(chan *quicPacket, quicQueue),
 		closed: make(chan struct{}),
 		wake:   make(chan struct{}, 1),
 	}
-	c.out.Store(out)
-	return c
+	c.out.Store(sock)
+	return c, nil
 }
 
 // setOut makes writes go out of out, the listener socket that a client
@@ -79,17 +111,20 @@ func (c *quicConn) setOut(out *net.UDPConn, hold bool) {
 	if c.latest.Load() == out || c.isClosed() {
 		return
 	}
+	sock, err := newQUICSocket(out)
+	if err != nil {
+		return // closed meanwhile by its config: keep writing as before
+	}
 	var held *socketHold
 	if hold {
-		var err error
 		if held, err = holdSocket(out); err != nil {
-			return // closed meanwhile by its config: keep writing as before
+			return
 		}
 	}
 	old := c.hold
 	c.hold = held
 	c.latest.Store(out)
-	c.out.Store(out)
+	c.out.Store(sock)
 	if old != nil {
 		old.release()
 	}
@@ -113,20 +148,20 @@ func (c *quicConn) listenerGone() {
 // takeOver is called when a write out of failed found it closed: writes
 // then go through the duplicate of its socket, which starts reading in
 // place of the listener. It returns the socket to write to, or nil.
-func (c *quicConn) takeOver(failed *net.UDPConn) *net.UDPConn {
+func (c *quicConn) takeOver(failed *net.UDPConn) *quicSocket {
 	c.outMu.Lock()
 	defer c.outMu.Unlock()
 	if c.latest.Load() != failed || c.hold == nil {
-		if out := c.out.Load(); out != failed {
+		if out := c.out.Load(); out.conn != failed {
 			return out
 		}
 		return nil
 	}
-	if c.out.Load() == failed {
-		c.out.Store(c.hold.conn)
+	if c.out.Load().conn == failed {
+		c.out.Store(c.hold.sock)
 		go c.hold.read(c)
 	}
-	return c.hold.conn
+	return c.hold.sock
 }
 
 // deliver queues a copy of b, a datagram from the client from, unmapped.
@@ -150,6 +185,19 @@ func (c *quicConn) push(p *quicPacket) {
 // ReadFrom returns the next client datagram. A read deadline interrupts
 // it, as quic-go's Transport.Close requires.
 func (c *quicConn) ReadFrom(b []byte) (int, net.Addr, error) {
+	p, err := c.next()
+	if err != nil {
+		return 0, nil, err
+	}
+	n := copy(b, p.buf[:p.n])
+	addr := net.UDPAddrFromAddrPort(p.from)
+	quicPacketPool.Put(p)
+	return n, addr, nil
+}
+
+// next waits for the next client datagram until the read deadline; the
+// caller returns it to the pool.
+func (c *quicConn) next() (*quicPacket, error) {
 	for {
 		c.deadlineMu.Lock()
 		d := c.deadline
@@ -159,23 +207,20 @@ func (c *quicConn) ReadFrom(b []byte) (int, net.Addr, error) {
 		if !d.IsZero() {
 			wait := time.Until(d)
 			if wait <= 0 {
-				return 0, nil, os.ErrDeadlineExceeded
+				return nil, os.ErrDeadlineExceeded
 			}
 			timer = time.NewTimer(wait)
 			timeout = timer.C
 		}
 		select {
 		case p := <-c.in:
-			n := copy(b, p.buf[:p.n])
-			addr := net.UDPAddrFromAddrPort(p.from)
-			quicPacketPool.Put(p)
 			stopTimer(timer)
-			return n, addr, nil
+			return p, nil
 		case <-c.wake:
 		case <-timeout:
 		case <-c.closed:
 			stopTimer(timer)
-			return 0, nil, net.ErrClosed
+			return nil, net.ErrClosed
 		}
 		stopTimer(timer)
 	}
@@ -200,10 +245,10 @@ func (c *quicConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	ap := ua.AddrPort()
 	to := netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 	out := c.out.Load()
-	_, err := out.WriteToUDPAddrPort(b, to)
+	_, err := out.conn.WriteToUDPAddrPort(b, to)
 	if errors.Is(err, net.ErrClosed) {
-		if out = c.takeOver(out); out != nil {
-			_, err = out.WriteToUDPAddrPort(b, to)
+		if out = c.takeOver(out.conn); out != nil {
+			_, err = out.conn.WriteToUDPAddrPort(b, to)
 		}
 	}
 	if err != nil {
@@ -256,7 +301,8 @@ func (c *quicConn) SetReadDeadline(t time.Time) error {
 // SetWriteDeadline is a no-op: the listener's socket is shared.
 func (c *quicConn) SetWriteDeadline(time.Time) error { return nil }
 
-// SetReadBuffer is a no-op: the listener's socket is sized by its owner.
+// SetReadBuffer is a no-op: the listener's socket is sized by its owner,
+// and by quic-go through SyscallConn where it has one.
 func (c *quicConn) SetReadBuffer(int) error { return nil }
 
 // SetWriteBuffer is a no-op; see SetReadBuffer.
@@ -265,7 +311,7 @@ func (c *quicConn) SetWriteBuffer(int) error { return nil }
 // socketHold is a duplicate of a udp/ listener's socket, which keeps the
 // socket open once its config has closed it.
 type socketHold struct {
-	conn *net.UDPConn
+	sock *quicSocket
 }
 
 // read delivers the datagrams that reach the held socket, which its
@@ -273,7 +319,7 @@ type socketHold struct {
 func (s *socketHold) read(c *quicConn) {
 	buf := make([]byte, fastudp.BufferSize)
 	for {
-		n, from, err := s.conn.ReadFromUDPAddrPort(buf)
+		n, from, err := s.sock.conn.ReadFromUDPAddrPort(buf)
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -285,7 +331,7 @@ func (s *socketHold) read(c *quicConn) {
 }
 
 // release closes the duplicate, and so the socket if its listener has.
-func (s *socketHold) release() { _ = s.conn.Close() }
+func (s *socketHold) release() { _ = s.sock.conn.Close() }
 
 // quicEndpoint feeds a fastudp client's datagrams straight to a
 // terminating transport, bypassing caddy-l4 (fastudp.Endpoint).

@@ -8,6 +8,8 @@ import (
 	"os"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
 )
 
 // holdSocket duplicates the descriptor of a listener's socket. It fails
@@ -35,5 +37,11 @@ func holdSocket(conn *net.UDPConn) (*socketHold, error) {
 		_ = pc.Close()
 		return nil, errors.New("not a UDP socket")
 	}
-	return &socketHold{conn: udp}, nil
+	drc, err := udp.SyscallConn()
+	if err != nil {
+		_ = udp.Close()
+		return nil, err
+	}
+	// The duplicate shares the socket, and so its options.
+	return &socketHold{sock: &quicSocket{conn: udp, rc: drc, family: udpio.Family(drc)}}, nil
 }

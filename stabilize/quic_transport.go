@@ -93,7 +93,11 @@ func newQUICTransport(key string, local net.Addr, out *net.UDPConn, h *Handler) 
 	if out == nil {
 		return nil, errors.New("QUIC termination needs a udp/ or fastudp/ listener")
 	}
-	t := &quicTransport{key: key, conn: newQUICConn(local, out), done: make(chan struct{})}
+	conn, err := newQUICConn(local, out)
+	if err != nil {
+		return nil, fmt.Errorf("QUIC termination on %s: %w", key, err)
+	}
+	t := &quicTransport{key: key, conn: conn, done: make(chan struct{})}
 	t.cur.Store(h)
 	t.tr = &quic.Transport{
 		Conn: t.conn,
