@@ -2,7 +2,9 @@ package stabilize
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -110,20 +112,31 @@ func (h *Handler) pickQUIC(client netip.AddrPort) *Upstream {
 // dialBackend opens the backend connection of client connection c to u,
 // offering the ALPN that the client negotiated.
 func (h *Handler) dialBackend(c *quic.Conn, u *Upstream) (*quic.Conn, error) {
-	q := h.QUIC
-	tlsConf := q.backendTLS.Clone()
-	tlsConf.NextProtos = []string{c.ConnectionState().TLS.NegotiatedProtocol}
-	if tlsConf.ServerName == "" {
-		tlsConf.ServerName = u.serverName
+	alpn := c.ConnectionState().TLS.NegotiatedProtocol
+	tlsConf := u.quicTLS[alpn]
+	if tlsConf == nil { // the client negotiated one of quic.alpn
+		return nil, fmt.Errorf("ALPN %q: not in quic.alpn", alpn)
 	}
 	ctx, cancel := context.WithTimeout(c.Context(), defaultQUICDialTimeout)
 	defer cancel()
-	conf := &quic.Config{
-		EnableDatagrams: true,
-		MaxIdleTimeout:  time.Duration(q.MaxIdleTimeout),
-		Tracer:          q.config.Tracer,
+	return quic.DialAddr(ctx, u.addr.String(), tlsConf, h.QUIC.backendConfig)
+}
+
+// backendTLSFor is the TLS configs of the backend connections to u, by the
+// ALPN they offer: each resumes the sessions of u's host (quic_sessions.go).
+func (q *QUIC) backendTLSFor(u *Upstream) map[string]*tls.Config {
+	base := q.backendTLS.Clone()
+	if base.ServerName == "" {
+		base.ServerName = u.serverName
 	}
-	return quic.DialAddr(ctx, u.addr.String(), tlsConf, conf)
+	base.ClientSessionCache = u.host.quicSessions.cache(base)
+	confs := make(map[string]*tls.Config, len(q.ALPN))
+	for _, p := range q.ALPN {
+		c := base.Clone()
+		c.NextProtos = []string{p}
+		confs[p] = c
+	}
+	return confs
 }
 
 // relayConns relays every stream and datagram between the client
