@@ -21,6 +21,7 @@ type balancer struct {
 	cmd     *exec.Cmd
 	addr    string
 	port    int
+	admin   string // Caddy's admin API (host:port), or ""
 	logPath string
 	done    chan struct{}
 	pids    []int // the process and its children (nginx workers)

@@ -58,13 +58,18 @@ func listenNetwork(t string) string {
 // at ERROR and one layer4 server on network/listen (network udp or
 // fastudp) that hands every flow to handler.
 func caddyConfig(network, listen string, handler map[string]any) ([]byte, error) {
-	cfg := map[string]any{
+	return json.MarshalIndent(caddyConfigMap(network, listen, handler), "", "\t")
+}
+
+// caddyConfigMap is caddyConfig before it is encoded.
+func caddyConfigMap(network, listen string, handler map[string]any) map[string]any {
+	return map[string]any{
 		"admin":   map[string]any{"disabled": true},
 		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
 		"apps": map[string]any{
 			"layer4": map[string]any{
 				"servers": map[string]any{
-					"bench": map[string]any{
+					benchServer: map[string]any{
 						"listen":       []string{network + "/" + listen},
 						"idle_timeout": idleTimeout.String(),
 						"routes":       []any{map[string]any{"handle": []any{handler}}},
@@ -73,5 +78,7 @@ func caddyConfig(network, listen string, handler map[string]any) ([]byte, error)
 			},
 		},
 	}
-	return json.MarshalIndent(cfg, "", "\t")
 }
+
+// benchServer is the name of the layer4 server in caddyConfig.
+const benchServer = "bench"

@@ -32,6 +32,7 @@ type options struct {
 	nginxBin     string
 	nginxWorkers string
 	quick        bool
+	quicProfile  string
 }
 
 // maxFlows is the most flows a load may have: the sweep goes to 100,000.
@@ -65,6 +66,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&o.caddyBin, "caddy", "", "use this Caddy binary instead of building ./examples/caddy")
 	fs.StringVar(&o.nginxBin, "nginx", "nginx", "nginx binary for the nginx target; skipped when missing or without the stream module")
 	fs.StringVar(&o.nginxWorkers, "nginx-workers", "auto", "nginx worker_processes")
+	fs.StringVar(&o.quicProfile, "quic-profile", "", "quic: write the balancer's CPU profile of the handshakes, and its heap profile and goroutines after the idle connections closed, to `folder`/<target>-*")
 	fs.BoolVar(&o.quick, "quick", false, "smoke run (~20 s): duration 1s, warmup 300ms, 2 rounds, payload 64; sweep: flows 1,10,100,1000, 1 round. Explicit flags win")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
