@@ -105,6 +105,7 @@ type QUIC struct {
 	keylog        *keyLog
 	config        *quic.Config // for clients
 	backendConfig *quic.Config // for backend connections
+	holdsBackend  bool         // a reference to the backend transport
 	stats         *quicStats
 }
 
@@ -221,6 +222,13 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 		Tracer:          tracer,
 	}
 	q.stats = new(quicStats)
+	if !q.udp {
+		if _, err := acquireBackendTransport(); err != nil {
+			q.cleanup()
+			return err
+		}
+		q.holdsBackend = true
+	}
 	return nil
 }
 
@@ -316,10 +324,14 @@ func (q *QUIC) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error) 
 	return cfg, nil
 }
 
-// cleanup closes the key log.
+// cleanup closes the key log and lets the backend transport go.
 func (q *QUIC) cleanup() {
 	if q.keylog != nil {
 		q.keylog.close()
+	}
+	if q.holdsBackend {
+		releaseBackendTransport()
+		q.holdsBackend = false
 	}
 }
 

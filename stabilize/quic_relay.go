@@ -2,9 +2,7 @@ package stabilize
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -81,7 +79,12 @@ func (h *Handler) serveQUIC(c *quic.Conn) {
 	u.host.quic.conns.Add(1)
 	defer u.host.flows.Add(-1)
 	defer u.host.quic.conns.Add(-1)
-	b, err := h.dialBackend(c, u)
+	var b *quic.Conn
+	t, err := acquireBackendTransport()
+	if err == nil {
+		defer releaseBackendTransport()
+		b, err = h.dialBackend(c, u, t)
+	}
 	if err != nil {
 		q.stats.failed[quicFailDial].Add(1)
 		if h.HealthChecks != nil && h.HealthChecks.Passive != nil {
@@ -109,36 +112,6 @@ func (h *Handler) pickQUIC(client netip.AddrPort) *Upstream {
 	return h.selector.Select(pool, &Request{Client: client})
 }
 
-// dialBackend opens the backend connection of client connection c to u,
-// offering the ALPN that the client negotiated.
-func (h *Handler) dialBackend(c *quic.Conn, u *Upstream) (*quic.Conn, error) {
-	alpn := c.ConnectionState().TLS.NegotiatedProtocol
-	tlsConf := u.quicTLS[alpn]
-	if tlsConf == nil { // the client negotiated one of quic.alpn
-		return nil, fmt.Errorf("ALPN %q: not in quic.alpn", alpn)
-	}
-	ctx, cancel := context.WithTimeout(c.Context(), defaultQUICDialTimeout)
-	defer cancel()
-	return quic.DialAddr(ctx, u.addr.String(), tlsConf, h.QUIC.backendConfig)
-}
-
-// backendTLSFor is the TLS configs of the backend connections to u, by the
-// ALPN they offer: each resumes the sessions of u's host (quic_sessions.go).
-func (q *QUIC) backendTLSFor(u *Upstream) map[string]*tls.Config {
-	base := q.backendTLS.Clone()
-	if base.ServerName == "" {
-		base.ServerName = u.serverName
-	}
-	base.ClientSessionCache = u.host.quicSessions.cache(base)
-	confs := make(map[string]*tls.Config, len(q.ALPN))
-	for _, p := range q.ALPN {
-		c := base.Clone()
-		c.NextProtos = []string{p}
-		confs[p] = c
-	}
-	return confs
-}
-
 // relayConns relays every stream and datagram between the client
 // connection c and the backend connection b until either ends, then closes
 // the other with the same application error code (or QUICErrUpstreamGone).
@@ -148,8 +121,13 @@ func relayConns(c, b *quic.Conn, st *quicHostStats) {
 	wg.Go(func() { relayBidi(b, c, st, false) })
 	wg.Go(func() { relayUni(c, b, st, true) })
 	wg.Go(func() { relayUni(b, c, st, false) })
-	wg.Go(func() { relayDatagrams(c, b) })
-	wg.Go(func() { relayDatagrams(b, c) })
+	// DATAGRAM frames, towards a peer that takes them.
+	if b.ConnectionState().SupportsDatagrams.Remote {
+		wg.Go(func() { relayDatagrams(c, b) })
+	}
+	if c.ConnectionState().SupportsDatagrams.Remote {
+		wg.Go(func() { relayDatagrams(b, c) })
+	}
 	select {
 	case <-c.Context().Done():
 		closeLike(b, c)
