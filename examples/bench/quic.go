@@ -36,11 +36,10 @@ import (
 // quicBenchALPN is the ALPN of the bench's QUIC server.
 const quicBenchALPN = "stabilize-bench"
 
-// Idle connections: quicIdleConns of them, each sending a keep-alive every
-// quicIdleKeepAlive; the balancer's layer4 server ends a client's caddy-l4
-// flow after quicIdleTimeout without a datagram.
+// Idle connections (-quic-idle, 1000 by default) each send a keep-alive
+// every quicIdleKeepAlive; the balancer's layer4 server ends a client's
+// caddy-l4 flow after quicIdleTimeout without a datagram.
 const (
-	quicIdleConns     = 1000
 	quicIdleTimeout   = 5 * time.Second
 	quicIdleKeepAlive = 2 * time.Second
 )
@@ -140,9 +139,9 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 			r.CPUPerMBms = 1000 * (b.cpuSeconds() - cpu0) / mb
 		}
 		fmt.Printf("%.0f MB/s", r.ThroughputMBps)
-		if b != nil {
-			fmt.Printf("; %d idle connections… ", quicIdleConns)
-			if err := measureQUICIdle(ctx, b, target, clientTLS, &r, o.quicProfile); err != nil {
+		if b != nil && o.quicIdle > 0 {
+			fmt.Printf("; %d idle connections… ", o.quicIdle)
+			if err := measureQUICIdle(ctx, b, target, clientTLS, o.quicIdle, &r, o.quicProfile); err != nil {
 				stopIf(b)
 				return fmt.Errorf("%s: idle connections: %w", t, err)
 			}
@@ -164,13 +163,13 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 		os.WriteFile(filepath.Join(o.out, "quic.md"), []byte(md), 0o644))
 }
 
-// measureQUICIdle reads the balancer's memory and goroutines before
-// quicIdleConns idle connections, with them, and after they closed. The
+// measureQUICIdle reads the balancer's memory and goroutines before n
+// idle connections, with them, and after they closed. The
 // readings before and after wait for the caddy-l4 flows of earlier
 // connections to idle out (quicIdleTimeout).
 // With profiles (a folder), it also writes the balancer's heap profile and
 // goroutines after the connections closed.
-func measureQUICIdle(ctx context.Context, b *balancer, target string, clientTLS *tls.Config, r *quicResult, profiles string) error {
+func measureQUICIdle(ctx context.Context, b *balancer, target string, clientTLS *tls.Config, n int, r *quicResult, profiles string) error {
 	settle := func(d time.Duration) error {
 		select {
 		case <-ctx.Done():
@@ -191,7 +190,7 @@ func measureQUICIdle(ctx context.Context, b *balancer, target string, clientTLS 
 	if r.GoBase, err = stats(); err != nil {
 		return err
 	}
-	conns, err := quicIdle(ctx, target, clientTLS, quicIdleConns)
+	conns, err := quicIdle(ctx, target, clientTLS, n)
 	r.IdleConns = len(conns)
 	if err == nil {
 		err = settle(500 * time.Millisecond)
