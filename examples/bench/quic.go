@@ -164,11 +164,11 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 }
 
 // measureQUICIdle reads the balancer's memory and goroutines before n
-// idle connections, with them, and after they closed. The
-// readings before and after wait for the caddy-l4 flows of earlier
-// connections to idle out (quicIdleTimeout).
-// With profiles (a folder), it also writes the balancer's heap profile and
-// goroutines after the connections closed.
+// idle connections, with them, and after they closed. The readings before
+// and after wait for the caddy-l4 flows of earlier connections to idle out
+// (quicIdleTimeout). With profiles (a folder), it also writes the
+// balancer's heap profile and goroutines with the connections and after
+// they closed.
 func measureQUICIdle(ctx context.Context, b *balancer, target string, clientTLS *tls.Config, n int, r *quicResult, profiles string) error {
 	settle := func(d time.Duration) error {
 		select {
@@ -178,16 +178,33 @@ func measureQUICIdle(ctx context.Context, b *balancer, target string, clientTLS 
 			return nil
 		}
 	}
-	stats := func() (*goStats, error) {
+	// stats reads the Go runtime figures (after garbage collection) and
+	// the profiles of stage.
+	stats := func(stage string) (*goStats, error) {
 		s, err := b.readGoStats(ctx)
-		return &s, err
+		if err != nil || profiles == "" || stage == "" {
+			return &s, err
+		}
+		for file, path := range map[string]string{
+			stage + ".heap.pprof":     "/debug/pprof/heap",
+			stage + ".goroutines.txt": "/debug/pprof/goroutine?debug=1",
+		} {
+			body, err := b.adminGet(ctx, path)
+			if err == nil {
+				err = os.WriteFile(filepath.Join(profiles, r.Target+"-"+file), body, 0o644)
+			}
+			if err != nil {
+				return &s, err
+			}
+		}
+		return &s, nil
 	}
 	if err := settle(quicIdleTimeout + time.Second); err != nil {
 		return err
 	}
 	var err error
 	r.RSSBaseKB = b.rssKB("VmRSS")
-	if r.GoBase, err = stats(); err != nil {
+	if r.GoBase, err = stats(""); err != nil {
 		return err
 	}
 	conns, err := quicIdle(ctx, target, clientTLS, n)
@@ -197,7 +214,7 @@ func measureQUICIdle(ctx context.Context, b *balancer, target string, clientTLS 
 	}
 	if err == nil {
 		r.KBPerIdleConn = float64(b.rssKB("VmRSS")-r.RSSBaseKB) / float64(len(conns))
-		r.GoIdle, err = stats()
+		r.GoIdle, err = stats("idle")
 	}
 	// Closed 50 at a time, so that the balancer's listener socket, at its
 	// default receive buffer on udp/, drops no CONNECTION_CLOSE: a
@@ -215,22 +232,8 @@ func measureQUICIdle(ctx context.Context, b *balancer, target string, clientTLS 
 		return err
 	}
 	r.RSSAfterCloseKB = b.rssKB("VmRSS")
-	if r.GoAfterClose, err = stats(); err != nil || profiles == "" {
-		return err
-	}
-	for file, path := range map[string]string{
-		"after-close.heap.pprof":     "/debug/pprof/heap",
-		"after-close.goroutines.txt": "/debug/pprof/goroutine?debug=1",
-	} {
-		body, err := b.adminGet(ctx, path)
-		if err == nil {
-			err = os.WriteFile(filepath.Join(profiles, r.Target+"-"+file), body, 0o644)
-		}
-		if err != nil {
-			return err
-		}
-	}
-	return nil
+	r.GoAfterClose, err = stats("after-close")
+	return err
 }
 
 func cpuOf(b *balancer) float64 {
