@@ -57,7 +57,9 @@
 // the newest handler serves its new connections. Each accepted connection
 // is relayed (quic_relay.go) to one backend connection on a quic/ upstream
 // picked by the policy from Handler.candidates, or stream by stream to udp/
-// upstreams.
+// upstreams. Backend connections share one transport (quic_backend.go) and
+// resume TLS sessions kept per upstream host and TLS settings
+// (quic_sessions.go).
 //
 // # Limits
 //

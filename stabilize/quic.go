@@ -99,12 +99,14 @@ type QUIC struct {
 	// both sides of the relay. Default: none.
 	QlogDir string `json:"qlog_dir,omitempty"`
 
-	udp        bool        // the upstreams are udp/: a stream is one request
-	tls        *tls.Config // the server's, before ALPN and key log
-	backendTLS *tls.Config
-	keylog     *keyLog
-	config     *quic.Config // for clients
-	stats      *quicStats
+	udp           bool        // the upstreams are udp/: a stream is one request
+	tls           *tls.Config // the server's, before ALPN and key log
+	backendTLS    *tls.Config // before server name, ALPN and sessions
+	keylog        *keyLog
+	config        *quic.Config // for clients
+	backendConfig *quic.Config // for backend connections
+	holdsBackend  bool         // a reference to the backend transport
+	stats         *quicStats
 }
 
 // provisionQUIC checks the quic block against the upstreams and sets up
@@ -185,6 +187,11 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 		}
 		q.backendTLS.RootCAs = ca.CertPool()
 	}
+	for _, u := range h.Upstreams {
+		if u.quic {
+			u.quicTLS = q.backendTLSFor(u)
+		}
+	}
 	if q.KeyLog != "" {
 		f, err := os.OpenFile(q.KeyLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 		if err != nil {
@@ -199,6 +206,7 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 			return fmt.Errorf("quic.qlog_dir %q: %w", q.QlogDir, err)
 		}
 	}
+	tracer := q.tracer()
 	q.config = &quic.Config{
 		// The client's leg lives as long as the backend's: the relay
 		// closes it when the backend's leg idles out.
@@ -206,9 +214,21 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 		MaxIdleTimeout:  time.Duration(q.MaxIdleTimeout),
 		Allow0RTT:       q.Allow0RTT,
 		EnableDatagrams: true,
-		Tracer:          q.tracer(),
+		Tracer:          tracer,
+	}
+	q.backendConfig = &quic.Config{
+		EnableDatagrams: true,
+		MaxIdleTimeout:  time.Duration(q.MaxIdleTimeout),
+		Tracer:          tracer,
 	}
 	q.stats = new(quicStats)
+	if !q.udp {
+		if _, err := acquireBackendTransport(); err != nil {
+			q.cleanup()
+			return err
+		}
+		q.holdsBackend = true
+	}
 	return nil
 }
 
@@ -304,10 +324,14 @@ func (q *QUIC) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error) 
 	return cfg, nil
 }
 
-// cleanup closes the key log.
+// cleanup closes the key log and lets the backend transport go.
 func (q *QUIC) cleanup() {
 	if q.keylog != nil {
 		q.keylog.close()
+	}
+	if q.holdsBackend {
+		releaseBackendTransport()
+		q.holdsBackend = false
 	}
 }
 

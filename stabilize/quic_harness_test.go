@@ -132,11 +132,12 @@ type quicBackend struct {
 	conns atomic.Int64 // connections accepted
 	live  atomic.Int64
 
-	mu     sync.Mutex
-	resets []quic.StreamErrorCode // RESET_STREAM codes received
-	stops  []quic.StreamErrorCode // STOP_SENDING codes received
-	acks   []string               // replies to streams the backend opened
-	closes []string               // close errors of ended connections
+	mu      sync.Mutex
+	resumed []bool                 // each connection's TLS DidResume, in accept order
+	resets  []quic.StreamErrorCode // RESET_STREAM codes received
+	stops   []quic.StreamErrorCode // STOP_SENDING codes received
+	acks    []string               // replies to streams the backend opened
+	closes  []string               // close errors of ended connections
 }
 
 func startQUICBackend(t testing.TB, name string, alpn ...string) *quicBackend {
@@ -188,6 +189,9 @@ func (b *quicBackend) serve() {
 		}
 		b.conns.Add(1)
 		b.live.Add(1)
+		b.mu.Lock()
+		b.resumed = append(b.resumed, c.ConnectionState().TLS.DidResume)
+		b.mu.Unlock()
 		go b.serveConn(c)
 	}
 }

@@ -79,7 +79,12 @@ func (h *Handler) serveQUIC(c *quic.Conn) {
 	u.host.quic.conns.Add(1)
 	defer u.host.flows.Add(-1)
 	defer u.host.quic.conns.Add(-1)
-	b, err := h.dialBackend(c, u)
+	var b *quic.Conn
+	t, err := acquireBackendTransport()
+	if err == nil {
+		defer releaseBackendTransport()
+		b, err = h.dialBackend(c, u, t)
+	}
 	if err != nil {
 		q.stats.failed[quicFailDial].Add(1)
 		if h.HealthChecks != nil && h.HealthChecks.Passive != nil {
@@ -107,25 +112,6 @@ func (h *Handler) pickQUIC(client netip.AddrPort) *Upstream {
 	return h.selector.Select(pool, &Request{Client: client})
 }
 
-// dialBackend opens the backend connection of client connection c to u,
-// offering the ALPN that the client negotiated.
-func (h *Handler) dialBackend(c *quic.Conn, u *Upstream) (*quic.Conn, error) {
-	q := h.QUIC
-	tlsConf := q.backendTLS.Clone()
-	tlsConf.NextProtos = []string{c.ConnectionState().TLS.NegotiatedProtocol}
-	if tlsConf.ServerName == "" {
-		tlsConf.ServerName = u.serverName
-	}
-	ctx, cancel := context.WithTimeout(c.Context(), defaultQUICDialTimeout)
-	defer cancel()
-	conf := &quic.Config{
-		EnableDatagrams: true,
-		MaxIdleTimeout:  time.Duration(q.MaxIdleTimeout),
-		Tracer:          q.config.Tracer,
-	}
-	return quic.DialAddr(ctx, u.addr.String(), tlsConf, conf)
-}
-
 // relayConns relays every stream and datagram between the client
 // connection c and the backend connection b until either ends, then closes
 // the other with the same application error code (or QUICErrUpstreamGone).
@@ -135,8 +121,13 @@ func relayConns(c, b *quic.Conn, st *quicHostStats) {
 	wg.Go(func() { relayBidi(b, c, st, false) })
 	wg.Go(func() { relayUni(c, b, st, true) })
 	wg.Go(func() { relayUni(b, c, st, false) })
-	wg.Go(func() { relayDatagrams(c, b) })
-	wg.Go(func() { relayDatagrams(b, c) })
+	// DATAGRAM frames, towards a peer that takes them.
+	if b.ConnectionState().SupportsDatagrams.Remote {
+		wg.Go(func() { relayDatagrams(c, b) })
+	}
+	if c.ConnectionState().SupportsDatagrams.Remote {
+		wg.Go(func() { relayDatagrams(b, c) })
+	}
 	select {
 	case <-c.Context().Done():
 		closeLike(b, c)

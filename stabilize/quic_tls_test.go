@@ -2,6 +2,7 @@ package stabilize
 
 import (
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/binary"
 	"encoding/json"
@@ -167,4 +168,104 @@ func TestQUICGarbage(t *testing.T) {
 		c2 := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
 		mustExchange(t, c2, []byte("new connection"))
 	})
+}
+
+// TestQUICBackendResumption: a backend connection resumes the TLS session
+// of an earlier one to the same upstream, also after a reload that keeps
+// the backend TLS settings; after a reload that changes them (another
+// trust pool, or no verification) the next one is a full handshake.
+func TestQUICBackendResumption(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		p := newTestPKI(t)
+		b := startQUICBackend(t, "a")
+		handler := func(extra map[string]any) map[string]any {
+			return quicHandler(t, "", "", extra, b.dial())
+		}
+		insecure := handler(map[string]any{"tls_insecure_skip_verify": true})
+		delete(insecure["quic"].(map[string]any), "tls_trust_pool")
+		lb := startBalancerOn(t, network, false, 30*time.Second, handler(nil))
+		load := func(h map[string]any) {
+			t.Helper()
+			if err := caddy.Load(testConfigOn(network, lb.addr, "", 30*time.Second, h), true); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// relay relays one connection and reports whether its backend
+		// leg resumed; then it waits for the backend's session ticket.
+		relay := func() bool {
+			t.Helper()
+			c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+			mustExchange(t, c, []byte("hi"))
+			_ = c.CloseWithError(0, "")
+			b.mu.Lock()
+			resumed := b.resumed[len(b.resumed)-1]
+			b.mu.Unlock()
+			host := hostOf(t, b.addr)
+			eventually(t, 5*time.Second, "a session ticket from the backend", func() bool {
+				host.quicSessions.mu.Lock()
+				defer host.quicSessions.mu.Unlock()
+				_, ok := host.quicSessions.caches[0].Get(b.addr.Addr().String())
+				return ok
+			})
+			return resumed
+		}
+		steps := []struct {
+			name   string
+			reload map[string]any // the next config's handler, or nil
+			want   bool
+		}{
+			{"first", nil, false},
+			{"second", nil, true},
+			{"reload, same settings", handler(nil), true},
+			{"reload, another trust pool", handler(map[string]any{"tls_trust_pool": map[string]any{
+				"provider": "file", "pem_files": []string{p.caFile, p.certFile}}}), false},
+			{"after it", nil, true},
+			{"reload, no verification", insecure, false},
+			{"reload, back to the first settings", handler(nil), true},
+		}
+		for _, s := range steps {
+			if s.reload != nil {
+				load(s.reload)
+			}
+			if got := relay(); got != s.want {
+				t.Fatalf("%s: the backend connection resumed: %t, want %t", s.name, got, s.want)
+			}
+		}
+	})
+}
+
+// TestBackendSessionCaches: equal TLS settings share a session cache,
+// across configs; any difference gets another; a host keeps a few.
+func TestBackendSessionCaches(t *testing.T) {
+	p := newTestPKI(t)
+	leafPool := x509.NewCertPool()
+	leafPool.AddCert(p.cert.Leaf)
+	otherPool := x509.NewCertPool()
+	var s backendSessions
+	base := &tls.Config{ServerName: "a", RootCAs: p.pool}
+	first := s.cache(base)
+	if s.cache(&tls.Config{ServerName: "a", RootCAs: p.pool.Clone()}) != first {
+		t.Fatal("equal settings, another cache")
+	}
+	others := []*tls.Config{
+		{ServerName: "b", RootCAs: p.pool},
+		{ServerName: "a", RootCAs: leafPool},
+		{ServerName: "a", RootCAs: otherPool},
+		{ServerName: "a"},
+		{ServerName: "a", RootCAs: p.pool, InsecureSkipVerify: true},
+	}
+	seen := map[tls.ClientSessionCache]bool{first: true}
+	for _, c := range others {
+		got := s.cache(c)
+		if seen[got] {
+			t.Fatalf("settings %+v share a cache", c)
+		}
+		seen[got] = true
+	}
+	if n := len(s.caches); n != maxSessionCaches {
+		t.Fatalf("%d caches kept, want %d", n, maxSessionCaches)
+	}
+	if s.cache(base) == first {
+		t.Fatal("the least recently used cache was kept")
+	}
 }

@@ -1,6 +1,7 @@
 package stabilize
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -32,8 +33,9 @@ type Upstream struct {
 
 	addr       netip.AddrPort
 	host       *Host
-	quic       bool   // a quic/ upstream
-	serverName string // quic/: the host of Dial, for TLS
+	quic       bool                   // a quic/ upstream
+	serverName string                 // quic/: the host of Dial, for TLS
+	quicTLS    map[string]*tls.Config // quic/: backend TLS configs by ALPN; see backendTLSFor
 
 	// Health, set up by provisionHealthChecks; see Upstream.healthy.
 	prober        *prober // the active checks' verdict, nil without them
@@ -133,7 +135,8 @@ type Host struct {
 
 	health hostHealth // see health.go
 
-	quic quicHostStats // see quic_relay.go
+	quic         quicHostStats   // see quic_relay.go
+	quicSessions backendSessions // see quic_sessions.go
 }
 
 // Flows is the number of live flows currently assigned to the host.

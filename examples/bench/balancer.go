@@ -21,10 +21,10 @@ type balancer struct {
 	cmd     *exec.Cmd
 	addr    string
 	port    int
+	admin   string // Caddy's admin API (host:port), or "" for none
 	logPath string
 	done    chan struct{}
-	pids    []int  // the process and its children (nginx workers)
-	admin   string // Caddy's admin API (host:port), in sweeps only; "" for none
+	pids    []int // the process and its children (nginx workers)
 }
 
 // start starts a fresh balancer for target t on a free port and waits until

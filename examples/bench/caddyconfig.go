@@ -62,20 +62,25 @@ func caddyConfig(network, listen string, handler map[string]any) ([]byte, error)
 }
 
 // caddyConfigAdmin is caddyConfig with the admin API on admin (host:port;
-// "" for off), which serves the sweep's Go memory readings
-// (/debug/pprof/heap). The config is not saved.
+// "" for off), which serves the Go memory readings (/debug/pprof/heap,
+// /metrics). The config is not saved.
 func caddyConfigAdmin(network, listen, admin string, handler map[string]any) ([]byte, error) {
+	return json.MarshalIndent(caddyConfigMap(network, listen, admin, handler), "", "\t")
+}
+
+// caddyConfigMap is caddyConfigAdmin before it is encoded.
+func caddyConfigMap(network, listen, admin string, handler map[string]any) map[string]any {
 	adminCfg := map[string]any{"disabled": true}
 	if admin != "" {
 		adminCfg = map[string]any{"listen": admin, "config": map[string]any{"persist": false}}
 	}
-	cfg := map[string]any{
+	return map[string]any{
 		"admin":   adminCfg,
 		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
 		"apps": map[string]any{
 			"layer4": map[string]any{
 				"servers": map[string]any{
-					"bench": map[string]any{
+					benchServer: map[string]any{
 						"listen":       []string{network + "/" + listen},
 						"idle_timeout": idleTimeout.String(),
 						"routes":       []any{map[string]any{"handle": []any{handler}}},
@@ -84,5 +89,7 @@ func caddyConfigAdmin(network, listen, admin string, handler map[string]any) ([]
 			},
 		},
 	}
-	return json.MarshalIndent(cfg, "", "\t")
 }
+
+// benchServer is the name of the layer4 server in caddyConfig.
+const benchServer = "bench"

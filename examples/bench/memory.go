@@ -4,15 +4,14 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"slices"
 	"strconv"
 	"strings"
-	"time"
 )
 
 // goMem is a Caddy balancer's Go memory in use after a forced garbage
@@ -31,23 +30,13 @@ func (g goMem) total() int64 { return g.HeapInuse + g.StackInuse }
 // BenchmarkIdleFlowMemory does: the second collection frees what
 // sync.Pools kept through the first.
 func readGoMem(ctx context.Context, admin string) (goMem, error) {
-	client := &http.Client{Timeout: 10 * time.Second}
 	var g goMem
 	for range 2 {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+admin+"/debug/pprof/heap?gc=1&debug=1", nil)
-		if err != nil {
-			return goMem{}, err
-		}
-		resp, err := client.Do(req)
+		body, err := adminGet(ctx, admin, "/debug/pprof/heap?gc=1&debug=1")
 		if err != nil {
 			return goMem{}, fmt.Errorf("heap profile: %w", err)
 		}
-		g, err = parseHeapMemStats(resp.Body)
-		_ = resp.Body.Close()
-		if err == nil && resp.StatusCode != http.StatusOK {
-			err = fmt.Errorf("heap profile: %s", resp.Status)
-		}
-		if err != nil {
+		if g, err = parseHeapMemStats(bytes.NewReader(body)); err != nil {
 			return goMem{}, err
 		}
 	}
@@ -58,19 +47,7 @@ func readGoMem(ctx context.Context, admin string) (goMem, error) {
 // at admin, taken after a forced garbage collection, to path: gzipped
 // protobuf, for `go tool pprof`.
 func saveHeapProfile(ctx context.Context, admin, path string) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+admin+"/debug/pprof/heap?gc=1", nil)
-	if err != nil {
-		return err
-	}
-	resp, err := (&http.Client{Timeout: 10 * time.Second}).Do(req)
-	if err != nil {
-		return fmt.Errorf("heap profile: %w", err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("heap profile: %s", resp.Status)
-	}
-	b, err := io.ReadAll(resp.Body)
+	b, err := adminGet(ctx, admin, "/debug/pprof/heap?gc=1")
 	if err != nil {
 		return fmt.Errorf("heap profile: %w", err)
 	}

@@ -29,10 +29,20 @@ import (
 // (fastudp/ listener). For each: handshakes per second (concurrent
 // connections, each with one stream exchange), bulk stream throughput (one
 // stream uploaded to the server), the balancer's CPU per handshake and per
-// MB, and its memory per idle connection and after they have closed.
+// MB, and its memory (RSS, and its Go heap after a garbage collection) and
+// goroutines before 1000 idle connections, with them, and after they have
+// closed.
 
 // quicBenchALPN is the ALPN of the bench's QUIC server.
 const quicBenchALPN = "stabilize-bench"
+
+// Idle connections (-quic-idle, 1000 by default) each send a keep-alive
+// every quicIdleKeepAlive; the balancer's layer4 server ends a client's
+// caddy-l4 flow after quicIdleTimeout without a datagram.
+const (
+	quicIdleTimeout   = 5 * time.Second
+	quicIdleKeepAlive = 2 * time.Second
+)
 
 // quicResult is one target's figures; zero where they do not apply.
 type quicResult struct {
@@ -44,6 +54,13 @@ type quicResult struct {
 	KBPerIdleConn     float64 `json:"kb_per_idle_connection,omitempty"`
 	RSSBaseKB         int64   `json:"rss_base_kb,omitempty"`
 	RSSAfterCloseKB   int64   `json:"rss_after_close_kb,omitempty"`
+	IdleConns         int     `json:"idle_connections,omitempty"`
+	// The balancer's Go heap in use and goroutines, after a garbage
+	// collection: before the idle connections, with them, after they
+	// closed.
+	GoBase       *goStats `json:"go_base,omitempty"`
+	GoIdle       *goStats `json:"go_idle,omitempty"`
+	GoAfterClose *goStats `json:"go_after_close,omitempty"`
 }
 
 // runQUICBench measures the QUIC targets and writes quic.md and quic.json.
@@ -66,9 +83,13 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 	clientTLS.NextProtos, clientTLS.ServerName = []string{quicBenchALPN}, "localhost"
 
 	bulk := int64(256 << 20)
-	idle := 1000
 	if o.quick {
-		bulk, idle = 32<<20, 200
+		bulk = 32 << 20
+	}
+	if o.quicProfile != "" {
+		if err := os.MkdirAll(o.quicProfile, 0o755); err != nil {
+			return err
+		}
 	}
 	var results []quicResult
 	for _, t := range []string{"quic-direct", "quic-relay", "quic-relay-fast"} {
@@ -89,10 +110,21 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 		r := quicResult{Target: t}
 		fmt.Printf("%-16s handshakes… ", t)
 		cpu0 := cpuOf(b)
+		var prof chan error
+		if b != nil && o.quicProfile != "" {
+			prof = make(chan error, 1)
+			go func() { prof <- b.cpuProfile(ctx, o.duration, filepath.Join(o.quicProfile, t+"-handshakes.pprof")) }()
+		}
 		n := quicHandshakes(ctx, target, clientTLS, o.duration)
 		r.HandshakesPerSec = float64(n) / o.duration.Seconds()
 		if b != nil && n > 0 {
 			r.CPUPerHandshakeMs = 1000 * (b.cpuSeconds() - cpu0) / float64(n)
+		}
+		if prof != nil {
+			if err := <-prof; err != nil {
+				stopIf(b)
+				return fmt.Errorf("%s: CPU profile: %w", t, err)
+			}
 		}
 		fmt.Printf("%.0f/s; bulk… ", r.HandshakesPerSec)
 		cpu0 = cpuOf(b)
@@ -107,22 +139,15 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 			r.CPUPerMBms = 1000 * (b.cpuSeconds() - cpu0) / mb
 		}
 		fmt.Printf("%.0f MB/s", r.ThroughputMBps)
-		if b != nil {
-			fmt.Printf("; %d idle connections… ", idle)
-			r.RSSBaseKB = b.rssKB("VmRSS")
-			conns, err := quicIdle(ctx, target, clientTLS, idle)
-			time.Sleep(500 * time.Millisecond)
-			r.KBPerIdleConn = float64(b.rssKB("VmRSS")-r.RSSBaseKB) / float64(len(conns))
-			for _, c := range conns {
-				_ = c.CloseWithError(0, "")
-			}
-			if err != nil {
+		if b != nil && o.quicIdle > 0 {
+			fmt.Printf("; %d idle connections… ", o.quicIdle)
+			if err := measureQUICIdle(ctx, b, target, clientTLS, o.quicIdle, &r, o.quicProfile); err != nil {
 				stopIf(b)
 				return fmt.Errorf("%s: idle connections: %w", t, err)
 			}
-			time.Sleep(3 * time.Second)
-			r.RSSAfterCloseKB = b.rssKB("VmRSS")
-			fmt.Printf("%.1f kB each", r.KBPerIdleConn)
+			fmt.Printf("%.1f kB each; heap %d → %d → %d kB, goroutines %d → %d → %d",
+				r.KBPerIdleConn, r.GoBase.HeapInuseKB, r.GoIdle.HeapInuseKB, r.GoAfterClose.HeapInuseKB,
+				r.GoBase.Goroutines, r.GoIdle.Goroutines, r.GoAfterClose.Goroutines)
 		}
 		fmt.Println()
 		stopIf(b)
@@ -136,6 +161,79 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 	js, _ := json.MarshalIndent(results, "", "\t")
 	return errors.Join(os.WriteFile(filepath.Join(o.out, "quic.json"), js, 0o644),
 		os.WriteFile(filepath.Join(o.out, "quic.md"), []byte(md), 0o644))
+}
+
+// measureQUICIdle reads the balancer's memory and goroutines before n
+// idle connections, with them, and after they closed. The readings before
+// and after wait for the caddy-l4 flows of earlier connections to idle out
+// (quicIdleTimeout). With profiles (a folder), it also writes the
+// balancer's heap profile and goroutines with the connections and after
+// they closed.
+func measureQUICIdle(ctx context.Context, b *balancer, target string, clientTLS *tls.Config, n int, r *quicResult, profiles string) error {
+	settle := func(d time.Duration) error {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(d):
+			return nil
+		}
+	}
+	// stats reads the Go runtime figures (after garbage collection) and
+	// the profiles of stage.
+	stats := func(stage string) (*goStats, error) {
+		s, err := b.readGoStats(ctx)
+		if err != nil || profiles == "" || stage == "" {
+			return &s, err
+		}
+		for file, path := range map[string]string{
+			stage + ".heap.pprof":     "/debug/pprof/heap",
+			stage + ".goroutines.txt": "/debug/pprof/goroutine?debug=1",
+		} {
+			body, err := adminGet(ctx, b.admin, path)
+			if err == nil {
+				err = os.WriteFile(filepath.Join(profiles, r.Target+"-"+file), body, 0o644)
+			}
+			if err != nil {
+				return &s, err
+			}
+		}
+		return &s, nil
+	}
+	if err := settle(quicIdleTimeout + time.Second); err != nil {
+		return err
+	}
+	var err error
+	r.RSSBaseKB = b.rssKB("VmRSS")
+	if r.GoBase, err = stats(""); err != nil {
+		return err
+	}
+	conns, err := quicIdle(ctx, target, clientTLS, n)
+	r.IdleConns = len(conns)
+	if err == nil {
+		err = settle(500 * time.Millisecond)
+	}
+	if err == nil {
+		r.KBPerIdleConn = float64(b.rssKB("VmRSS")-r.RSSBaseKB) / float64(len(conns))
+		r.GoIdle, err = stats("idle")
+	}
+	// Closed 50 at a time, so that the balancer's listener socket, at its
+	// default receive buffer on udp/, drops no CONNECTION_CLOSE: a
+	// connection whose close is lost lives on until its idle timeout.
+	for i, c := range conns {
+		_ = c.CloseWithError(0, "")
+		if i%50 == 49 {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	if err != nil {
+		return err
+	}
+	if err := settle(quicIdleTimeout + 3*time.Second); err != nil {
+		return err
+	}
+	r.RSSAfterCloseKB = b.rssKB("VmRSS")
+	r.GoAfterClose, err = stats("after-close")
+	return err
 }
 
 func cpuOf(b *balancer) float64 {
@@ -154,14 +252,27 @@ func stopIf(b *balancer) {
 // quicMarkdown is the results table, with ratios to quic-direct.
 func quicMarkdown(rs []quicResult) string {
 	var sb strings.Builder
-	sb.WriteString("| target | handshakes/s | × direct | bulk MB/s | × direct | CPU ms/handshake | CPU ms/MB | kB/idle conn | RSS base → after close (kB) |\n")
-	sb.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
+	sb.WriteString("| target | handshakes/s | × direct | bulk MB/s | × direct | CPU ms/handshake | CPU ms/MB | idle conns | RSS kB/idle conn | RSS MB base → after close | Go heap MB base → idle → closed | goroutines base → idle → closed |\n")
+	sb.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|\n")
 	direct := rs[0]
+	mbs := func(kb ...int64) string {
+		var parts []string
+		for _, k := range kb {
+			parts = append(parts, fmt.Sprintf("%.1f", float64(k)/1024))
+		}
+		return strings.Join(parts, " → ")
+	}
 	for _, r := range rs {
-		fmt.Fprintf(&sb, "| %s | %.0f | %.2f | %.0f | %.2f | %.2f | %.2f | %.1f | %d → %d |\n",
+		fmt.Fprintf(&sb, "| %s | %.0f | %.2f | %.0f | %.2f | %.2f | %.2f | %d | %.1f | %s |",
 			r.Target, r.HandshakesPerSec, r.HandshakesPerSec/direct.HandshakesPerSec,
 			r.ThroughputMBps, r.ThroughputMBps/direct.ThroughputMBps,
-			r.CPUPerHandshakeMs, r.CPUPerMBms, r.KBPerIdleConn, r.RSSBaseKB, r.RSSAfterCloseKB)
+			r.CPUPerHandshakeMs, r.CPUPerMBms, r.IdleConns, r.KBPerIdleConn, mbs(r.RSSBaseKB, r.RSSAfterCloseKB))
+		if r.GoBase != nil && r.GoIdle != nil && r.GoAfterClose != nil {
+			fmt.Fprintf(&sb, " %s | %d → %d → %d |\n", mbs(r.GoBase.HeapInuseKB, r.GoIdle.HeapInuseKB, r.GoAfterClose.HeapInuseKB),
+				r.GoBase.Goroutines, r.GoIdle.Goroutines, r.GoAfterClose.Goroutines)
+		} else {
+			sb.WriteString(" | |\n")
+		}
 	}
 	return sb.String()
 }
@@ -266,7 +377,7 @@ func (zeroReader) Read(b []byte) (int, error) {
 func quicIdle(ctx context.Context, target string, tlsConf *tls.Config, n int) ([]*quic.Conn, error) {
 	var conns []*quic.Conn
 	for range n {
-		c, err := quic.DialAddr(ctx, target, tlsConf, &quic.Config{KeepAlivePeriod: 10 * time.Second})
+		c, err := quic.DialAddr(ctx, target, tlsConf, &quic.Config{KeepAlivePeriod: quicIdleKeepAlive})
 		if err != nil {
 			return conns, err
 		}
@@ -286,11 +397,16 @@ func (e *benchEnv) startQUICBalancer(ctx context.Context, t, network, upstream, 
 		return nil, err
 	}
 	listen := fmt.Sprintf("127.0.0.1:%d", port)
+	adminPort, err := freeTCPPort()
+	if err != nil {
+		return nil, err
+	}
+	admin := fmt.Sprintf("127.0.0.1:%d", adminPort)
 	dir, err := os.MkdirTemp(e.tmp, t+"-")
 	if err != nil {
 		return nil, err
 	}
-	cfg, err := caddyConfig(network, listen, map[string]any{
+	cfg := caddyConfigMap(network, listen, admin, map[string]any{
 		"handler":   "stabilize",
 		"upstreams": []any{map[string]any{"dial": "quic/" + upstream}},
 		"quic": map[string]any{
@@ -300,11 +416,16 @@ func (e *benchEnv) startQUICBalancer(ctx context.Context, t, network, upstream, 
 			"tls_trust_pool": map[string]any{"provider": "file", "pem_files": []string{certFile}},
 		},
 	})
+	// A short idle timeout, so that the flows of closed connections end
+	// within the measurement.
+	server := cfg["apps"].(map[string]any)["layer4"].(map[string]any)["servers"].(map[string]any)[benchServer].(map[string]any)
+	server["idle_timeout"] = quicIdleTimeout.String()
+	js, err := json.MarshalIndent(cfg, "", "\t")
 	if err != nil {
 		return nil, err
 	}
 	cfgPath := filepath.Join(dir, "caddy.json")
-	if err := os.WriteFile(cfgPath, cfg, 0o644); err != nil {
+	if err := os.WriteFile(cfgPath, js, 0o644); err != nil {
 		return nil, err
 	}
 	cmd := exec.Command(e.caddy, "run", "--config", cfgPath)
@@ -313,6 +434,7 @@ func (e *benchEnv) startQUICBalancer(ctx context.Context, t, network, upstream, 
 	if err != nil {
 		return nil, err
 	}
+	b.admin = admin
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		dctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
