@@ -141,6 +141,9 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 	if !q.udp && h.Per == PerPacket {
 		return fmt.Errorf("per %q: quic/ upstreams are picked once per client connection", h.Per)
 	}
+	if !q.udp && len(h.LocalAddresses) > 0 {
+		return fmt.Errorf("local_addresses %v: backend QUIC connections leave from one socket of their own", h.LocalAddresses)
+	}
 	if len(q.ALPN) == 0 {
 		q.ALPN = DefaultALPN
 	}

@@ -84,7 +84,8 @@ type Handler struct {
 	// each upstream's over those of its address family. Each source address
 	// has its own ephemeral ports, so in `per packet` mode, where every flow
 	// holds a port of its own, they multiply how many flows fit. Default:
-	// the address the routing picks for each upstream.
+	// the address the routing picks for each upstream. Not with `quic/`
+	// upstreams, whose connections all leave from one socket.
 	LocalAddresses []string `json:"local_addresses,omitempty"`
 
 	// Terminates the clients' QUIC connections and relays their streams
