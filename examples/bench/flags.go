@@ -35,6 +35,7 @@ type options struct {
 	quick        bool
 	quicProfile  string
 	quicIdle     int
+	quicCores    string
 }
 
 // maxFlows is the most flows a load may have: the sweep goes to 100,000.
@@ -69,6 +70,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&o.caddyBin, "caddy", "", "use this Caddy binary instead of building ./examples/caddy")
 	fs.StringVar(&o.nginxBin, "nginx", "nginx", "nginx binary for the nginx target; skipped when missing or without the stream module")
 	fs.StringVar(&o.nginxWorkers, "nginx-workers", "auto", "nginx worker_processes")
+	fs.StringVar(&o.quicCores, "quic-cores", "shared", "quic: `shared`: every process on every CPU; split: the load generator and the server on CPU 0, the balancer on CPU 1, as when the balancer has a machine of its own")
 	fs.IntVar(&o.quicIdle, "quic-idle", 1000, "quic: idle connections for the memory and goroutine readings; 0: none")
 	fs.StringVar(&o.quicProfile, "quic-profile", "", "quic: write the balancer's CPU profile of the handshakes, and its heap profile and goroutines with the idle connections and after they closed, to `folder`/<target>-*")
 	fs.BoolVar(&o.quick, "quick", false, "smoke run (~20 s): duration 1s, warmup 300ms, 2 rounds, payload 64; sweep: flows 1,10,100,1000, 1 round. Explicit flags win")
@@ -133,6 +135,8 @@ func parseFlags(args []string) (*options, error) {
 		return nil, fmt.Errorf("-window %d: want 1…1024", o.window)
 	case o.sweepWindow < 1 || o.sweepWindow > 1024:
 		return nil, fmt.Errorf("-sweep-window %d: want 1…1024", o.sweepWindow)
+	case o.quicCores != "shared" && o.quicCores != "split":
+		return nil, fmt.Errorf("-quic-cores %q: want shared or split", o.quicCores)
 	case o.quicIdle < 0 || o.quicIdle > 100_000:
 		return nil, fmt.Errorf("-quic-idle %d: want 0…100000", o.quicIdle)
 	case o.sweepPayload < 8 || o.sweepPayload > 60000:

@@ -33,7 +33,8 @@ func TestQUICMarkdown(t *testing.T) {
 			GoAfterClose: &goStats{HeapInuseKB: 2048, Goroutines: 20}},
 	}
 	md := quicMarkdown(rs)
-	for _, want := range []string{"| quic-relay | 500 | 0.50 | 100 | 0.25 |", "| 2.0 → 4.0 | 1.0 → 10.0 → 2.0 | 20 → 10020 → 20 |"} {
+	for _, want := range []string{"| quic-relay | 500 | 0.50 | 100 | 0.25 |", "| 2.0 → 4.0 | 1.0 → 10.0 → 2.0 | 20 → 10020 → 20 |",
+		"| quic-direct | 1000 | 1.00 | 400 | 1.00 | | | | | | | |"} {
 		if !strings.Contains(md, want) {
 			t.Errorf("the table lacks %q:\n%s", want, md)
 		}

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -63,8 +64,24 @@ type quicResult struct {
 	GoAfterClose *goStats `json:"go_after_close,omitempty"`
 }
 
+// quicCoresNote says where each process ran, by -quic-cores.
+var quicCoresNote = map[string]string{
+	"shared": "Cores: shared (the load generator, the server and the balancer on every CPU).",
+	"split":  "Cores: split (the load generator and the server on CPU 0, the balancer on CPU 1).",
+}
+
 // runQUICBench measures the QUIC targets and writes quic.md and quic.json.
 func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
+	split := o.quicCores == "split"
+	if split {
+		if runtime.NumCPU() < 2 {
+			return fmt.Errorf("-quic-cores split: needs 2 CPUs, have %d", runtime.NumCPU())
+		}
+		if err := pinProcess(os.Getpid(), 0); err != nil {
+			return err
+		}
+		defer func() { _ = unpinProcess(os.Getpid()) }()
+	}
 	certFile, keyFile, cert, err := quicecho.SelfSigned()
 	if err != nil {
 		return err
@@ -104,6 +121,12 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 			}
 			if b, err = env.startQUICBalancer(ctx, t, network, ln.Addr().String(), certFile, keyFile, clientTLS); err != nil {
 				return err
+			}
+			if split {
+				if err := pinProcess(b.cmd.Process.Pid, 1); err != nil {
+					stopIf(b)
+					return err
+				}
 			}
 			target = b.addr
 		}
@@ -153,7 +176,7 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 		stopIf(b)
 		results = append(results, r)
 	}
-	md := quicMarkdown(results)
+	md := quicCoresNote[o.quicCores] + "\n\n" + quicMarkdown(results)
 	fmt.Print("\n" + md)
 	if err := os.MkdirAll(o.out, 0o755); err != nil {
 		return err
@@ -262,11 +285,19 @@ func quicMarkdown(rs []quicResult) string {
 		}
 		return strings.Join(parts, " → ")
 	}
-	for _, r := range rs {
-		fmt.Fprintf(&sb, "| %s | %.0f | %.2f | %.0f | %.2f | %.2f | %.2f | %d | %.1f | %s |",
-			r.Target, r.HandshakesPerSec, r.HandshakesPerSec/direct.HandshakesPerSec,
-			r.ThroughputMBps, r.ThroughputMBps/direct.ThroughputMBps,
-			r.CPUPerHandshakeMs, r.CPUPerMBms, r.IdleConns, r.KBPerIdleConn, mbs(r.RSSBaseKB, r.RSSAfterCloseKB))
+	for i, r := range rs {
+		fmt.Fprintf(&sb, "| %s | %.0f | %.2f | %.0f | %.2f |", r.Target, r.HandshakesPerSec, r.HandshakesPerSec/direct.HandshakesPerSec,
+			r.ThroughputMBps, r.ThroughputMBps/direct.ThroughputMBps)
+		if i == 0 { // direct: no balancer
+			sb.WriteString(" | | | | | | |\n")
+			continue
+		}
+		fmt.Fprintf(&sb, " %.2f | %.2f |", r.CPUPerHandshakeMs, r.CPUPerMBms)
+		if r.IdleConns == 0 {
+			sb.WriteString(" 0 | | | | |\n")
+			continue
+		}
+		fmt.Fprintf(&sb, " %d | %.1f | %s |", r.IdleConns, r.KBPerIdleConn, mbs(r.RSSBaseKB, r.RSSAfterCloseKB))
 		if r.GoBase != nil && r.GoIdle != nil && r.GoAfterClose != nil {
 			fmt.Fprintf(&sb, " %s | %d → %d → %d |\n", mbs(r.GoBase.HeapInuseKB, r.GoIdle.HeapInuseKB, r.GoAfterClose.HeapInuseKB),
 				r.GoBase.Goroutines, r.GoIdle.Goroutines, r.GoAfterClose.Goroutines)
