@@ -28,7 +28,7 @@ type Flow struct {
 
 	cx          *layer4.Connection
 	client      netip.AddrPort
-	conn        *net.UDPConn    // upstream-facing
+	conn        upstreamConn    // upstream-facing; sourceports_*.go
 	send        *udpio.Sender   // sends on conn without blocking
 	fast        *fastudp.Socket // the fastudp socket the flow arrived on, or nil
 	out         *net.UDPConn    // the listener's socket, for replies; nil: through cx

@@ -9,7 +9,16 @@ package udpio
 import (
 	"errors"
 	"net/netip"
+	"syscall"
 )
+
+// Conn is a socket whose buffers and options the caller sets up: a
+// *net.UDPConn, or on Linux a Socket.
+type Conn interface {
+	syscall.Conn
+	SetReadBuffer(bytes int) error
+	SetWriteBuffer(bytes int) error
+}
 
 // ErrWouldBlock reports a send that the socket's buffer could not take now.
 // The datagram is dropped, never waited for.
