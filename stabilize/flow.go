@@ -28,7 +28,7 @@ type Flow struct {
 
 	cx          atomic.Pointer[layer4.Connection] // nil once the fast socket keeps the flow
 	client      netip.AddrPort
-	conn        *net.UDPConn    // upstream-facing
+	conn        upstreamConn    // upstream-facing; sourceports_*.go
 	send        *udpio.Sender   // sends on conn without blocking
 	fast        *fastudp.Socket // the fastudp socket the flow arrived on, or nil
 	out         *net.UDPConn    // the listener's socket, for replies; nil: through cx

@@ -3,7 +3,6 @@ package stabilize
 import (
 	"context"
 	"fmt"
-	"net"
 	"sync/atomic"
 	"time"
 
@@ -226,7 +225,7 @@ func (h *Handler) sweepReplies(ctx context.Context) {
 // prepareSocket sets up a new upstream-facing socket: buffer sizes, and
 // reporting of ICMP errors for passive health checks. The kernel may cap
 // the buffer sizes (net.core.rmem_max, wmem_max).
-func (h *Handler) prepareSocket(conn *net.UDPConn) error {
+func (h *Handler) prepareSocket(conn udpio.Conn) error {
 	if h.ReadBuffer > 0 {
 		if err := conn.SetReadBuffer(h.ReadBuffer); err != nil {
 			return fmt.Errorf("setting read_buffer %d: %w", h.ReadBuffer, err)

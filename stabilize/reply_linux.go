@@ -30,9 +30,6 @@ type replyReactor struct {
 	events []unix.EpollEvent
 	in     *udpio.Msgs // the replies read in this round
 	used   int         // messages of in filled so far
-	recvf  func(fd uintptr) bool
-	n      int
-	errno  syscall.Errno
 
 	// Replies queued for sendmmsg, in in's buffers, and their flows.
 	out         *udpio.SendQueue
@@ -49,8 +46,7 @@ type replyReactor struct {
 // replyState is a flow's registration with its reactor.
 type replyState struct {
 	reactor   *replyReactor
-	rc        syscall.RawConn // of the upstream-facing socket
-	fd        int
+	fd        int // of the upstream-facing socket, read under replyMu until stopped
 	slot      int32
 	outRC     syscall.RawConn // of the listener's socket, if known
 	outFamily int
@@ -128,10 +124,6 @@ func newReplyReactor() (*replyReactor, error) {
 		r.ready = udpio.EpollReady(fd, r.events)
 		return r.ready > 0 // else wait until readable
 	}
-	r.recvf = func(fd uintptr) bool {
-		r.n, r.errno = r.in.Recv(fd, r.used)
-		return true
-	}
 	r.sendf = func(fd uintptr) bool {
 		if r.segment > 0 {
 			r.sent, r.sendErr = r.sendTo-r.sendFrom, r.out.SendGSO(fd, r.sendFrom, r.sendTo, r.segment)
@@ -149,21 +141,14 @@ func (fl *Flow) startReplies() error {
 	if err != nil {
 		return err
 	}
-	rc, err := fl.conn.SyscallConn()
-	if err != nil {
-		return err
-	}
 	if fl.out != nil {
 		if fl.outRC, err = fl.out.SyscallConn(); err != nil {
 			return err
 		}
 		fl.outFamily = udpio.Family(fl.outRC)
 	}
-	var fd int
-	if err := rc.Control(func(f uintptr) { fd = int(f) }); err != nil {
-		return err
-	}
-	fl.reactor, fl.rc, fl.fd = r, rc, fd
+	fd := fl.conn.FD()
+	fl.reactor, fl.fd = r, fd
 	r.mu.Lock()
 	if n := len(r.free); n > 0 {
 		fl.slot, r.free = r.free[n-1], r.free[:n-1]
@@ -231,17 +216,15 @@ func (r *replyReactor) run() {
 func (r *replyReactor) read(fl *Flow) {
 	for r.used < r.in.Len() {
 		want := r.in.Len() - r.used
-		if err := fl.rc.Read(r.recvf); err != nil {
-			return // closed
-		}
-		if r.errno == unix.EAGAIN {
+		n, errno := r.in.Recv(uintptr(fl.fd), r.used)
+		if errno == unix.EAGAIN {
 			return
 		}
-		if r.errno != 0 {
-			fl.h.socketError(fl, r.errno)
+		if errno != 0 {
+			fl.h.socketError(fl, errno)
 			continue
 		}
-		for i := r.used; i < r.used+r.n; i++ {
+		for i := r.used; i < r.used+n; i++ {
 			from, data, truncated := r.in.Message(i)
 			if fl.reply(from, data, truncated) == nil {
 				continue
@@ -253,8 +236,8 @@ func (r *replyReactor) read(fl *Flow) {
 			r.outFlows[r.out.Len()], r.outHandlers[r.out.Len()] = fl, fl.h
 			r.out.Add(data, fl.client, fl.outFamily)
 		}
-		r.used += r.n
-		if r.n < want {
+		r.used += n
+		if n < want {
 			return // drained
 		}
 	}

@@ -93,16 +93,16 @@ func (h *Handler) connects() bool {
 // upstreamSocket opens a new flow's upstream-facing socket: unbound until
 // its first datagram in `per flow` mode on Linux; else bound to a port the
 // kernel picks, on the next of local_addresses if there are any.
-func (h *Handler) upstreamSocket() (*net.UDPConn, bool, error) {
+func (h *Handler) upstreamSocket() (upstreamConn, bool, error) {
 	if udpio.Connected && h.connects() {
-		conn, err := udpio.NewUnbound(h.family())
+		conn, err := newUnbound(h.family())
 		return conn, true, err
 	}
-	var laddr *net.UDPAddr
+	var local netip.Addr
 	if len(h.locals) > 0 {
-		laddr = net.UDPAddrFromAddrPort(netip.AddrPortFrom(h.locals[int(h.nextLocal.Add(1))%len(h.locals)], 0))
+		local = h.locals[int(h.nextLocal.Add(1))%len(h.locals)]
 	}
-	conn, err := net.ListenUDP(h.network, laddr)
+	conn, err := h.newBound(local)
 	return conn, false, err
 }
 

@@ -1,6 +1,29 @@
 package stabilize
 
-import "golang.org/x/sys/unix"
+import (
+	"net/netip"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
+)
+
+// upstreamConn is a flow's upstream-facing socket: on Linux outside Go's
+// netpoller, as only the reply reactor waits on it (udpio.Socket).
+type upstreamConn = *udpio.Socket
+
+// newUnbound opens a `per flow` socket, to be connected (sourceports.go).
+func newUnbound(family int) (upstreamConn, error) { return udpio.NewUnbound(family) }
+
+// newBound opens a socket on a port of its own, on local if it is valid.
+// An IPv4 local address gets an IPv4 socket, as net.ListenUDP gives it.
+func (h *Handler) newBound(local netip.Addr) (upstreamConn, error) {
+	family := h.family()
+	if local.Is4() {
+		family = unix.AF_INET
+	}
+	return udpio.NewBound(family, local)
+}
 
 // rearm watches the flow's socket again after udpio.Replace put a new one
 // behind its descriptor: closing the old one took it off the reactor.

@@ -185,6 +185,7 @@ type flow struct {
 	req          []byte
 	outstanding  int
 	scanInterval time.Duration
+	next         time.Time // fixed-rate mode: when the next datagram is due
 }
 
 func (f *flow) inWindow(t time.Time) bool { return !t.Before(f.t0) && t.Before(f.t1) }
@@ -290,11 +291,21 @@ func (f *flow) run(ctx context.Context, startAt time.Time) {
 	}
 }
 
-// pace waits, in fixed-rate mode, until interval after sent.
+// pace waits, in fixed-rate mode, until the next datagram is due: interval
+// after the last was due, not after it was sent, so that sleeping late does
+// not lower the rate; at most one interval of lateness is made up.
 func (f *flow) pace(sent time.Time) {
-	if f.lc.interval > 0 {
-		time.Sleep(time.Until(sent.Add(f.lc.interval)))
+	if f.lc.interval <= 0 {
+		return
 	}
+	if f.next.IsZero() {
+		f.next = sent
+	}
+	f.next = f.next.Add(f.lc.interval)
+	if now := time.Now(); f.next.Before(now.Add(-f.lc.interval)) {
+		f.next = now.Add(-f.lc.interval)
+	}
+	time.Sleep(time.Until(f.next))
 }
 
 // find returns the slot waiting for seq, or -1.

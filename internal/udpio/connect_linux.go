@@ -3,7 +3,6 @@ package udpio
 import (
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"strconv"
@@ -18,26 +17,21 @@ import (
 const Connected = true
 
 // NewUnbound returns a UDP socket of the family (AF_INET or AF_INET6,
-// dual-stack), not bound yet. SO_REUSEADDR lets it share a source port with
-// other sockets connected to other peers: the kernel delivers each datagram
-// to the socket connected to its source, so the caller must never connect
-// two sockets to one peer from one address and port.
-func NewUnbound(family int) (*net.UDPConn, error) {
-	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return nil, os.NewSyscallError("socket", err)
-	}
-	if err := reusable(fd, family); err != nil {
-		_ = unix.Close(fd)
-		return nil, err
-	}
-	f := os.NewFile(uintptr(fd), "udp")
-	pc, err := net.FilePacketConn(f)
-	_ = f.Close()
+// dual-stack), not bound yet, outside the netpoller (Socket). SO_REUSEADDR
+// lets it share a source port with other sockets connected to other peers:
+// the kernel delivers each datagram to the socket connected to its source,
+// so the caller must never connect two sockets to one peer from one
+// address and port.
+func NewUnbound(family int) (*Socket, error) {
+	s, err := NewSocket(family)
 	if err != nil {
 		return nil, err
 	}
-	return pc.(*net.UDPConn), nil
+	if err := reusable(s.fd, family); err != nil {
+		_ = s.Close()
+		return nil, err
+	}
+	return s, nil
 }
 
 func reusable(fd, family int) error {
@@ -55,7 +49,7 @@ func reusable(fd, family int) error {
 // Connect binds conn, a socket from NewUnbound, to local and connects it to
 // peer. A local port another socket holds without SO_REUSEADDR fails with
 // an error that is syscall.EADDRINUSE.
-func Connect(conn *net.UDPConn, local, peer netip.AddrPort) error {
+func Connect(conn syscall.Conn, local, peer netip.AddrPort) error {
 	return control(conn, func(fd int, family int) error {
 		if err := unix.Bind(fd, sockaddr(family, local)); err != nil {
 			return os.NewSyscallError("bind", err)
@@ -66,7 +60,7 @@ func Connect(conn *net.UDPConn, local, peer netip.AddrPort) error {
 
 // Reconnect connects conn, bound and connected, to another peer, from the
 // same address and port.
-func Reconnect(conn *net.UDPConn, peer netip.AddrPort) error {
+func Reconnect(conn syscall.Conn, peer netip.AddrPort) error {
 	return control(conn, func(fd int, family int) error { return connectFD(fd, family, peer) })
 }
 
@@ -75,7 +69,7 @@ func Reconnect(conn *net.UDPConn, peer netip.AddrPort) error {
 // the old socket are lost, and an epoll set that watched the old socket
 // must add the descriptor again. Options set on the old socket are not
 // carried over.
-func Replace(conn *net.UDPConn, local, peer netip.AddrPort) error {
+func Replace(conn syscall.Conn, local, peer netip.AddrPort) error {
 	return control(conn, func(old int, family int) error {
 		fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
@@ -143,7 +137,7 @@ func LocalPortRange() (lo, hi uint16) {
 }
 
 // control runs fn on conn's descriptor and family.
-func control(conn *net.UDPConn, fn func(fd, family int) error) error {
+func control(conn syscall.Conn, fn func(fd, family int) error) error {
 	rc, err := conn.SyscallConn()
 	if err != nil {
 		return err

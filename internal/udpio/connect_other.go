@@ -19,13 +19,13 @@ var errUnsupported = errors.New("connected upstream sockets: Linux only")
 func NewUnbound(int) (*net.UDPConn, error) { return nil, errUnsupported }
 
 // Connect is Linux-only.
-func Connect(*net.UDPConn, netip.AddrPort, netip.AddrPort) error { return errUnsupported }
+func Connect(syscall.Conn, netip.AddrPort, netip.AddrPort) error { return errUnsupported }
 
 // Reconnect is Linux-only.
-func Reconnect(*net.UDPConn, netip.AddrPort) error { return errUnsupported }
+func Reconnect(syscall.Conn, netip.AddrPort) error { return errUnsupported }
 
 // Replace is Linux-only.
-func Replace(*net.UDPConn, netip.AddrPort, netip.AddrPort) error { return errUnsupported }
+func Replace(syscall.Conn, netip.AddrPort, netip.AddrPort) error { return errUnsupported }
 
 // Source is Linux-only.
 func Source(int, netip.AddrPort) (netip.Addr, error) { return netip.Addr{}, errUnsupported }

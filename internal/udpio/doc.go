@@ -1,7 +1,8 @@
 // Package udpio is the platform code of stabilize's UDP sockets, split by
 // mechanism as quic-go splits its sys_conn files: batched receive and send
 // (recvmmsg, sendmmsg), non-blocking sends, the error queue that reports ICMP
-// errors, and socket options. On Linux
+// errors, socket options, and upstream-facing sockets outside Go's netpoller
+// (Socket). On Linux
 // every call is non-blocking and allocation-free; elsewhere it falls back to
 // one datagram per call through package net.
 package udpio
@@ -9,7 +10,16 @@ package udpio
 import (
 	"errors"
 	"net/netip"
+	"syscall"
 )
+
+// Conn is a socket whose buffers and options the caller sets up: a
+// *net.UDPConn, or on Linux a Socket.
+type Conn interface {
+	syscall.Conn
+	SetReadBuffer(bytes int) error
+	SetWriteBuffer(bytes int) error
+}
 
 // ErrWouldBlock reports a send that the socket's buffer could not take now.
 // The datagram is dropped, never waited for.

@@ -3,8 +3,8 @@ package udpio
 import (
 	"encoding/binary"
 	"fmt"
-	"net"
 	"net/netip"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -28,7 +28,7 @@ const (
 // EnableICMPErrors makes the kernel report ICMP errors on conn, which is
 // not connected: the read after one fails with its errno (ECONNREFUSED for a
 // port unreachable), and the error queue tells which destination drew it.
-func EnableICMPErrors(conn *net.UDPConn) error {
+func EnableICMPErrors(conn syscall.Conn) error {
 	rc, err := conn.SyscallConn()
 	if err != nil {
 		return err
@@ -60,7 +60,7 @@ func setRecvErr(fd int) error {
 
 // ReadErrQueue reads up to len(out) entries from conn's error queue without
 // blocking, and returns how many it stored in out.
-func ReadErrQueue(conn *net.UDPConn, out []ICMPError) (int, error) {
+func ReadErrQueue(conn syscall.Conn, out []ICMPError) (int, error) {
 	rc, err := conn.SyscallConn()
 	if err != nil {
 		return 0, err

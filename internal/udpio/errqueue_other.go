@@ -3,8 +3,8 @@
 package udpio
 
 import (
-	"net"
 	"net/netip"
+	"syscall"
 )
 
 // ICMPError is an ICMP error the kernel reported for a datagram sent from a
@@ -25,7 +25,7 @@ const (
 
 // EnableICMPErrors does nothing: outside Linux, unconnected UDP sockets are
 // not told of ICMP errors, so passive checks rely on reply_timeout.
-func EnableICMPErrors(*net.UDPConn) error { return nil }
+func EnableICMPErrors(syscall.Conn) error { return nil }
 
 // ReadErrQueue finds nothing: there is no error queue.
-func ReadErrQueue(*net.UDPConn, []ICMPError) (int, error) { return 0, nil }
+func ReadErrQueue(syscall.Conn, []ICMPError) (int, error) { return 0, nil }

@@ -1,7 +1,6 @@
 package udpio
 
 import (
-	"net"
 	"net/netip"
 	"syscall"
 	"unsafe"
@@ -30,7 +29,7 @@ type Sender struct {
 }
 
 // NewSender returns a Sender for conn.
-func NewSender(conn *net.UDPConn) (*Sender, error) {
+func NewSender(conn syscall.Conn) (*Sender, error) {
 	rc, err := conn.SyscallConn()
 	if err != nil {
 		return nil, err

@@ -1,0 +1,136 @@
+package udpio
+
+import (
+	"net"
+	"net/netip"
+	"os"
+	"sync/atomic"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Socket is a UDP socket that Go's netpoller does not watch: the
+// upstream-facing socket of a flow, which only the reply reactor's own
+// epoll set waits on and which every call reads and writes without
+// blocking. A socket in the netpoller costs, for every datagram it
+// receives, an event in the runtime's epoll set and a poll of the socket
+// when the runtime collects it, and each RawConn.Read or Write a reset of
+// its poll descriptor, all on cold memory when there are many flows.
+//
+// Its RawConn never waits: Read and Write call their function once. The
+// owner must not use it after Close, which the RawConn reports as
+// net.ErrClosed.
+type Socket struct {
+	fd     int
+	closed atomic.Bool
+}
+
+// NewSocket returns a UDP socket of the family (AF_INET or AF_INET6,
+// dual-stack), not bound yet, outside the netpoller.
+func NewSocket(family int) (*Socket, error) {
+	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, os.NewSyscallError("socket", err)
+	}
+	if family == unix.AF_INET6 {
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0); err != nil {
+			_ = unix.Close(fd)
+			return nil, os.NewSyscallError("setsockopt IPV6_V6ONLY", err)
+		}
+	}
+	return &Socket{fd: fd}, nil
+}
+
+// NewBound returns a UDP socket bound to local, a port the kernel picks on
+// local's address (any address if local's is invalid), which no other
+// socket shares; outside the netpoller.
+func NewBound(family int, local netip.Addr) (*Socket, error) {
+	s, err := NewSocket(family)
+	if err != nil {
+		return nil, err
+	}
+	if !local.IsValid() {
+		local = netip.IPv4Unspecified()
+		if family == unix.AF_INET6 {
+			local = netip.IPv6Unspecified()
+		}
+	}
+	if err := unix.Bind(s.fd, sockaddr(family, netip.AddrPortFrom(local, 0))); err != nil {
+		_ = s.Close()
+		return nil, os.NewSyscallError("bind", err)
+	}
+	return s, nil
+}
+
+// FD is the socket's descriptor.
+func (s *Socket) FD() int { return s.fd }
+
+// Close closes the socket.
+func (s *Socket) Close() error {
+	if s.closed.Swap(true) {
+		return net.ErrClosed
+	}
+	return os.NewSyscallError("close", unix.Close(s.fd))
+}
+
+// SyscallConn returns the socket's RawConn (syscall.Conn).
+func (s *Socket) SyscallConn() (syscall.RawConn, error) { return (*socketRC)(s), nil }
+
+// SetReadBuffer sets SO_RCVBUF, as net.UDPConn's does.
+func (s *Socket) SetReadBuffer(bytes int) error {
+	return os.NewSyscallError("setsockopt SO_RCVBUF", unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_RCVBUF, bytes))
+}
+
+// SetWriteBuffer sets SO_SNDBUF, as net.UDPConn's does.
+func (s *Socket) SetWriteBuffer(bytes int) error {
+	return os.NewSyscallError("setsockopt SO_SNDBUF", unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_SNDBUF, bytes))
+}
+
+// LocalAddr is the socket's address, unmapped; invalid before it is bound.
+func (s *Socket) LocalAddr() netip.AddrPort {
+	sa, err := unix.Getsockname(s.fd)
+	if err != nil {
+		return netip.AddrPort{}
+	}
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+	case *unix.SockaddrInet6:
+		return Unmap(netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port)))
+	}
+	return netip.AddrPort{}
+}
+
+// socketRC is a Socket's syscall.RawConn.
+type socketRC Socket
+
+func (rc *socketRC) Control(f func(fd uintptr)) error {
+	if rc.closed.Load() {
+		return net.ErrClosed
+	}
+	f(uintptr(rc.fd))
+	return nil
+}
+
+func (rc *socketRC) Read(f func(fd uintptr) bool) error {
+	if rc.closed.Load() {
+		return net.ErrClosed
+	}
+	f(uintptr(rc.fd))
+	return nil
+}
+
+func (rc *socketRC) Write(f func(fd uintptr) bool) error {
+	if rc.closed.Load() {
+		return net.ErrClosed
+	}
+	f(uintptr(rc.fd))
+	return nil
+}
+
+// Interface guards
+var (
+	_ syscall.Conn    = (*Socket)(nil)
+	_ syscall.RawConn = (*socketRC)(nil)
+)

@@ -1,0 +1,86 @@
+package udpio
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// A Socket outside the netpoller sends with a Sender, connects, receives
+// with recvmmsg on its descriptor, and refuses every use once closed.
+func TestSocketRoundTrip(t *testing.T) {
+	for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
+		peer, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer peer.Close()
+		peerAddr := peer.LocalAddr().(*net.UDPAddr).AddrPort()
+
+		s, err := NewBound(family, netip.MustParseAddr("127.0.0.1"))
+		if family == unix.AF_INET6 {
+			s, err = NewUnbound(family)
+			if err == nil {
+				err = Connect(s, netip.MustParseAddrPort("127.0.0.1:0"), peerAddr)
+			}
+		}
+		if err != nil {
+			t.Fatalf("family %d: %v", family, err)
+		}
+		local := s.LocalAddr()
+		if !local.IsValid() || local.Port() == 0 || local.Addr() != netip.MustParseAddr("127.0.0.1") {
+			t.Fatalf("family %d: LocalAddr %v", family, local)
+		}
+		snd, err := NewSender(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := snd.SendTo([]byte("ping"), peerAddr); err != nil {
+			t.Fatalf("family %d: SendTo: %v", family, err)
+		}
+		buf := make([]byte, 64)
+		_ = peer.SetReadDeadline(time.Now().Add(5 * time.Second))
+		n, from, err := peer.ReadFromUDPAddrPort(buf)
+		if err != nil || string(buf[:n]) != "ping" || Unmap(from) != local {
+			t.Fatalf("family %d: peer read %q from %v, %v; want ping from %v", family, buf[:n], from, err, local)
+		}
+		if _, err := peer.WriteToUDPAddrPort([]byte("pong"), from); err != nil {
+			t.Fatal(err)
+		}
+		m := NewMsgs(4, 64)
+		deadline := time.Now().Add(5 * time.Second)
+		var got int
+		for time.Now().Before(deadline) {
+			k, errno := m.Recv(uintptr(s.FD()), 0)
+			if errno == unix.EAGAIN {
+				time.Sleep(time.Millisecond)
+				continue
+			}
+			if errno != 0 {
+				t.Fatalf("family %d: recvmmsg: %v", family, errno)
+			}
+			got = k
+			break
+		}
+		if from, data, _ := m.Message(0); got != 1 || string(data) != "pong" || from != peerAddr {
+			t.Fatalf("family %d: read %d, %q from %v; want pong from %v", family, got, data, from, peerAddr)
+		}
+
+		if err := s.Close(); err != nil {
+			t.Fatalf("family %d: Close: %v", family, err)
+		}
+		if err := s.Close(); !errors.Is(err, net.ErrClosed) {
+			t.Errorf("family %d: second Close: %v, want net.ErrClosed", family, err)
+		}
+		if err := snd.SendTo([]byte("late"), peerAddr); !errors.Is(err, net.ErrClosed) {
+			t.Errorf("family %d: SendTo after Close: %v, want net.ErrClosed", family, err)
+		}
+		if err := Reconnect(s, peerAddr); !errors.Is(err, net.ErrClosed) {
+			t.Errorf("family %d: Reconnect after Close: %v, want net.ErrClosed", family, err)
+		}
+	}
+}
