@@ -47,7 +47,10 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		}
 		if err != nil {
 			if fl.handler() != h {
-				return nil // moved to the next config's handler
+				// Moved to the next config's handler: the fast socket
+				// feeds it now.
+				fl.releaseConn()
+				return nil
 			}
 			if fl.fast != nil && !h.closing.Load() && fl.detach() {
 				return nil // the flow goes on, bypassing caddy-l4

@@ -105,8 +105,10 @@ type QUIC struct {
 	keylog        *keyLog
 	config        *quic.Config // for clients
 	backendConfig *quic.Config // for backend connections
-	holdsBackend  bool         // a reference to the backend transport
-	stats         *quicStats
+	// for backend connections of clients that take no DATAGRAM frames
+	backendConfigNoDatagrams *quic.Config
+	holdsBackend             bool // a reference to the backend transport
+	stats                    *quicStats
 }
 
 // provisionQUIC checks the quic block against the upstreams and sets up
@@ -224,6 +226,8 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 		MaxIdleTimeout:  time.Duration(q.MaxIdleTimeout),
 		Tracer:          tracer,
 	}
+	q.backendConfigNoDatagrams = q.backendConfig.Clone()
+	q.backendConfigNoDatagrams.EnableDatagrams = false
 	q.stats = new(quicStats)
 	if !q.udp {
 		if _, err := acquireBackendTransport(); err != nil {

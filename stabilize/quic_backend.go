@@ -41,7 +41,10 @@ func acquireBackendTransport() (*backendTransport, error) {
 		if err != nil {
 			return nil, fmt.Errorf("the socket of backend QUIC connections: %w", err)
 		}
-		return &backendTransport{tr: &quic.Transport{Conn: conn}}, nil
+		// 8-byte connection IDs: quic-go does not check a new dial's ID
+		// against the live ones on a shared transport, and with 4 bytes
+		// a busy balancer would see collisions.
+		return &backendTransport{tr: &quic.Transport{Conn: conn, ConnectionIDLength: 8}}, nil
 	})
 	if err != nil {
 		return nil, err
@@ -70,7 +73,11 @@ func (h *Handler) dialBackend(c *quic.Conn, u *Upstream, t *backendTransport) (*
 	}
 	ctx, cancel := context.WithTimeout(c.Context(), defaultQUICDialTimeout)
 	defer cancel()
-	return t.tr.Dial(ctx, net.UDPAddrFromAddrPort(u.addr), tlsConf, h.QUIC.backendConfig)
+	conf := h.QUIC.backendConfig
+	if !c.ConnectionState().SupportsDatagrams.Remote {
+		conf = h.QUIC.backendConfigNoDatagrams // nothing of the backend's could be relayed
+	}
+	return t.tr.Dial(ctx, net.UDPAddrFromAddrPort(u.addr), tlsConf, conf)
 }
 
 // backendTLSFor is the TLS configs of the backend connections to u, by the

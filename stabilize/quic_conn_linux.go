@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"sync"
 	"syscall"
 
@@ -117,12 +118,32 @@ func (c *quicConn) WriteMsgUDP(b, oob []byte, addr *net.UDPAddr) (n, oobn int, e
 	}
 	switch {
 	case err == nil:
-	case errors.Is(err, unix.EMSGSIZE), errors.Is(err, unix.EIO):
+	case errors.Is(err, unix.EMSGSIZE):
+		return 0, 0, os.NewSyscallError("sendmsg", err)
+	case (errors.Is(err, unix.EIO) || errors.Is(err, unix.EINVAL)) && hasGSO(oob):
+		// EIO: no GSO on the device, quic-go sends the segments one by
+		// one; EINVAL: a segment over the MTU, as on quic-go's own socket.
 		return 0, 0, os.NewSyscallError("sendmsg", err)
 	default:
 		c.writeErrors.Add(1)
 	}
 	return len(b), len(oob), nil
+}
+
+// hasGSO reports whether oob holds a UDP_SEGMENT control message: quic-go
+// takes EIO for a GSO failure, and would resend a datagram sent without
+// GSO as zero-length segments.
+func hasGSO(oob []byte) bool {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return false
+	}
+	for _, m := range msgs {
+		if m.Header.Level == unix.IPPROTO_UDP && m.Header.Type == unix.UDP_SEGMENT {
+			return true
+		}
+	}
+	return false
 }
 
 // quicSend is one sendmsg call's state, pooled so that writes from many
@@ -149,7 +170,7 @@ func sendMsg(sock *quicSocket, b, oob []byte, to netip.AddrPort) error {
 	defer quicSendPool.Put(s)
 	switch {
 	case sock.family != unix.AF_INET:
-		s.sa6.Addr, s.sa6.Port = to.Addr().As16(), int(to.Port())
+		s.sa6.Addr, s.sa6.Port, s.sa6.ZoneId = to.Addr().As16(), int(to.Port()), zoneID(to.Addr().Zone())
 		s.to = &s.sa6
 	case to.Addr().Is4():
 		s.sa4.Addr, s.sa4.Port = to.Addr().As4(), int(to.Port())
@@ -164,6 +185,19 @@ func sendMsg(sock *quicSocket, b, oob []byte, to netip.AddrPort) error {
 		return err // net.ErrClosed
 	}
 	return s.err
+}
+
+// zoneID is the interface index of an IPv6 link-local address's zone, or
+// 0 without one.
+func zoneID(zone string) uint32 {
+	if zone == "" {
+		return 0
+	}
+	if ifi, err := net.InterfaceByName(zone); err == nil {
+		return uint32(ifi.Index)
+	}
+	n, _ := strconv.ParseUint(zone, 10, 32)
+	return uint32(n)
 }
 
 func (s *quicSend) send(fd uintptr) bool {

@@ -263,3 +263,27 @@ func TestQUICConnAllocs(t *testing.T) {
 		t.Fatalf("%.1f allocations per datagram, want 0", allocs)
 	}
 }
+
+// TestQUICConnHasGSO: only a write carrying UDP_SEGMENT passes EIO or
+// EINVAL back to quic-go, which would otherwise resend it as zero-length
+// segments.
+func TestQUICConnHasGSO(t *testing.T) {
+	tos := make([]byte, unix.CmsgSpace(4))
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&tos[0]))
+	h.Level, h.Type = unix.IPPROTO_IP, unix.IP_TOS
+	h.SetLen(unix.CmsgLen(4))
+	for _, tt := range []struct {
+		name string
+		oob  []byte
+		want bool
+	}{
+		{"none", nil, false},
+		{"tos", tos, false},
+		{"gso", udpSegment(1400), true},
+		{"tos and gso", append(append([]byte{}, tos...), udpSegment(1400)...), true},
+	} {
+		if got := hasGSO(tt.oob); got != tt.want {
+			t.Errorf("%s: hasGSO %v, want %v", tt.name, got, tt.want)
+		}
+	}
+}

@@ -121,11 +121,13 @@ func relayConns(c, b *quic.Conn, st *quicHostStats) {
 	wg.Go(func() { relayBidi(b, c, st, false) })
 	wg.Go(func() { relayUni(c, b, st, true) })
 	wg.Go(func() { relayUni(b, c, st, false) })
-	// DATAGRAM frames, towards a peer that takes them.
-	if b.ConnectionState().SupportsDatagrams.Remote {
+	// DATAGRAM frames, read wherever a peer may send them (where the
+	// relay advertised them), so none pile up unread; the other side
+	// gets them if it takes them, else they are dropped.
+	if c.ConnectionState().SupportsDatagrams.Local {
 		wg.Go(func() { relayDatagrams(c, b) })
 	}
-	if c.ConnectionState().SupportsDatagrams.Remote {
+	if b.ConnectionState().SupportsDatagrams.Local {
 		wg.Go(func() { relayDatagrams(b, c) })
 	}
 	select {
@@ -256,7 +258,7 @@ func relayDatagrams(from, to *quic.Conn) {
 		if err != nil {
 			return
 		}
-		_ = to.SendDatagram(b) // unreliable: a datagram too large is lost
+		_ = to.SendDatagram(b) // unreliable: lost if too large, or if to takes none
 	}
 }
 

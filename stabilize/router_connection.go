@@ -87,9 +87,12 @@ func (r *perConnectionRouter) initial(fl *Flow, b, dcid []byte) *Upstream {
 	if pool == nil {
 		return nil
 	}
+	// The DCID is the key of this one choice; the flow's own key hash,
+	// settled at its hand-off, stays.
+	hash, hashed := fl.req.hash, fl.req.hashed
 	fl.req.Key, fl.req.hashed = dcid, false
 	u := r.h.selector.Select(pool, &fl.req)
-	fl.req.Key, fl.req.hashed = nil, false
+	fl.req.Key, fl.req.hash, fl.req.hashed = nil, hash, hashed
 	if u == nil {
 		return nil
 	}

@@ -273,7 +273,11 @@ func (h *Handler) Cleanup() error {
 			fl.close()
 			continue
 		}
+		// Under fl.mu, so that no forward or connect is using the socket
+		// as it closes; Handle, woken, ends the flow.
+		fl.mu.Lock()
 		fl.closeSocket()
+		fl.mu.Unlock()
 		fl.wakeHandle()
 	}
 	for _, u := range h.Upstreams {

@@ -4,6 +4,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 
@@ -18,12 +19,39 @@ import (
 // when the runtime collects it, and each RawConn.Read or Write a reset of
 // its poll descriptor, all on cold memory when there are many flows.
 //
-// Its RawConn never waits: Read and Write call their function once. The
-// owner must not use it after Close, which the RawConn reports as
-// net.ErrClosed.
+// Its RawConn never waits: Read and Write call their function once. As
+// net.UDPConn's, every call holds the descriptor: Close during a call
+// closes it when the call returns, so a call never reaches a descriptor
+// number that the kernel has handed to another socket. After Close, calls
+// report net.ErrClosed.
 type Socket struct {
-	fd     int
-	closed atomic.Bool
+	fd        int
+	refs      atomic.Uint64 // calls in progress, plus socketClosing once Close began
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// socketClosing is the refs bit that Close sets.
+const socketClosing = 1 << 63
+
+// acquire holds the descriptor for a call, unless Close began.
+func (s *Socket) acquire() bool {
+	if s.refs.Add(1)&socketClosing != 0 {
+		s.release()
+		return false
+	}
+	return true
+}
+
+// release lets the descriptor go; the last call after Close closes it.
+func (s *Socket) release() {
+	if s.refs.Add(^uint64(0)) == socketClosing {
+		s.closeFD()
+	}
+}
+
+func (s *Socket) closeFD() {
+	s.closeOnce.Do(func() { s.closeErr = os.NewSyscallError("close", unix.Close(s.fd)) })
 }
 
 // NewSocket returns a UDP socket of the family (AF_INET or AF_INET6,
@@ -63,15 +91,25 @@ func NewBound(family int, local netip.Addr) (*Socket, error) {
 	return s, nil
 }
 
-// FD is the socket's descriptor.
+// FD is the socket's descriptor, for a caller that orders its use with
+// Close itself (the reply reactor).
 func (s *Socket) FD() int { return s.fd }
 
-// Close closes the socket.
+// Close closes the socket, at once or when the call in progress returns.
 func (s *Socket) Close() error {
-	if s.closed.Swap(true) {
-		return net.ErrClosed
+	for {
+		v := s.refs.Load()
+		if v&socketClosing != 0 {
+			return net.ErrClosed
+		}
+		if s.refs.CompareAndSwap(v, v|socketClosing) {
+			if v == 0 {
+				s.closeFD()
+				return s.closeErr
+			}
+			return nil
+		}
 	}
-	return os.NewSyscallError("close", unix.Close(s.fd))
 }
 
 // SyscallConn returns the socket's RawConn (syscall.Conn).
@@ -79,17 +117,29 @@ func (s *Socket) SyscallConn() (syscall.RawConn, error) { return (*socketRC)(s),
 
 // SetReadBuffer sets SO_RCVBUF, as net.UDPConn's does.
 func (s *Socket) SetReadBuffer(bytes int) error {
+	if !s.acquire() {
+		return net.ErrClosed
+	}
+	defer s.release()
 	return os.NewSyscallError("setsockopt SO_RCVBUF", unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_RCVBUF, bytes))
 }
 
 // SetWriteBuffer sets SO_SNDBUF, as net.UDPConn's does.
 func (s *Socket) SetWriteBuffer(bytes int) error {
+	if !s.acquire() {
+		return net.ErrClosed
+	}
+	defer s.release()
 	return os.NewSyscallError("setsockopt SO_SNDBUF", unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_SNDBUF, bytes))
 }
 
 // LocalAddr is the socket's address, unmapped; invalid before it is bound.
 func (s *Socket) LocalAddr() netip.AddrPort {
+	if !s.acquire() {
+		return netip.AddrPort{}
+	}
 	sa, err := unix.Getsockname(s.fd)
+	s.release()
 	if err != nil {
 		return netip.AddrPort{}
 	}
@@ -106,26 +156,32 @@ func (s *Socket) LocalAddr() netip.AddrPort {
 type socketRC Socket
 
 func (rc *socketRC) Control(f func(fd uintptr)) error {
-	if rc.closed.Load() {
+	s := (*Socket)(rc)
+	if !s.acquire() {
 		return net.ErrClosed
 	}
-	f(uintptr(rc.fd))
+	f(uintptr(s.fd))
+	s.release()
 	return nil
 }
 
 func (rc *socketRC) Read(f func(fd uintptr) bool) error {
-	if rc.closed.Load() {
+	s := (*Socket)(rc)
+	if !s.acquire() {
 		return net.ErrClosed
 	}
-	f(uintptr(rc.fd))
+	f(uintptr(s.fd))
+	s.release()
 	return nil
 }
 
 func (rc *socketRC) Write(f func(fd uintptr) bool) error {
-	if rc.closed.Load() {
+	s := (*Socket)(rc)
+	if !s.acquire() {
 		return net.ErrClosed
 	}
-	f(uintptr(rc.fd))
+	f(uintptr(s.fd))
+	s.release()
 	return nil
 }
 

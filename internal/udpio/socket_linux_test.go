@@ -21,12 +21,14 @@ func TestSocketRoundTrip(t *testing.T) {
 		defer peer.Close()
 		peerAddr := peer.LocalAddr().(*net.UDPAddr).AddrPort()
 
-		s, err := NewBound(family, netip.MustParseAddr("127.0.0.1"))
+		var s *Socket
 		if family == unix.AF_INET6 {
 			s, err = NewUnbound(family)
 			if err == nil {
 				err = Connect(s, netip.MustParseAddrPort("127.0.0.1:0"), peerAddr)
 			}
+		} else {
+			s, err = NewBound(family, netip.MustParseAddr("127.0.0.1"))
 		}
 		if err != nil {
 			t.Fatalf("family %d: %v", family, err)
@@ -82,5 +84,41 @@ func TestSocketRoundTrip(t *testing.T) {
 		if err := Reconnect(s, peerAddr); !errors.Is(err, net.ErrClosed) {
 			t.Errorf("family %d: Reconnect after Close: %v, want net.ErrClosed", family, err)
 		}
+	}
+}
+
+// Close during a call closes the descriptor only when the call returns,
+// so a call never reaches a number the kernel has given another socket.
+func TestSocketCloseDuringCall(t *testing.T) {
+	s, err := NewSocket(unix.AF_INET)
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := func(fd int) bool {
+		_, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+		return err == nil
+	}
+	rc, _ := s.SyscallConn()
+	fd := s.FD()
+	err = rc.Write(func(uintptr) bool {
+		if err := s.Close(); err != nil {
+			t.Errorf("Close during a call: %v", err)
+		}
+		if !open(fd) {
+			t.Error("Close closed the descriptor under a call in progress")
+		}
+		return true
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if open(fd) {
+		t.Error("the descriptor is still open after the call returned")
+	}
+	if err := rc.Control(func(uintptr) { t.Error("a call after Close ran") }); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("a call after Close: %v, want net.ErrClosed", err)
+	}
+	if err := s.Close(); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("a second Close: %v, want net.ErrClosed", err)
 	}
 }
