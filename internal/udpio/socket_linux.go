@@ -165,17 +165,13 @@ func (rc *socketRC) Control(f func(fd uintptr)) error {
 	return nil
 }
 
-func (rc *socketRC) Read(f func(fd uintptr) bool) error {
-	s := (*Socket)(rc)
-	if !s.acquire() {
-		return net.ErrClosed
-	}
-	f(uintptr(s.fd))
-	s.release()
-	return nil
-}
+func (rc *socketRC) Read(f func(fd uintptr) bool) error { return rc.once(f) }
 
-func (rc *socketRC) Write(f func(fd uintptr) bool) error {
+func (rc *socketRC) Write(f func(fd uintptr) bool) error { return rc.once(f) }
+
+// once calls f a single time, with the descriptor held: the socket is
+// non-blocking and never waits to be ready.
+func (rc *socketRC) once(f func(fd uintptr) bool) error {
 	s := (*Socket)(rc)
 	if !s.acquire() {
 		return net.ErrClosed
