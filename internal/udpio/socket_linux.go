@@ -117,29 +117,27 @@ func (s *Socket) SyscallConn() (syscall.RawConn, error) { return (*socketRC)(s),
 
 // SetReadBuffer sets SO_RCVBUF, as net.UDPConn's does.
 func (s *Socket) SetReadBuffer(bytes int) error {
-	if !s.acquire() {
-		return net.ErrClosed
-	}
-	defer s.release()
-	return os.NewSyscallError("setsockopt SO_RCVBUF", unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_RCVBUF, bytes))
+	return s.setsockopt("SO_RCVBUF", unix.SO_RCVBUF, bytes)
 }
 
 // SetWriteBuffer sets SO_SNDBUF, as net.UDPConn's does.
 func (s *Socket) SetWriteBuffer(bytes int) error {
-	if !s.acquire() {
-		return net.ErrClosed
+	return s.setsockopt("SO_SNDBUF", unix.SO_SNDBUF, bytes)
+}
+
+// setsockopt sets the SOL_SOCKET option opt, named name, to v.
+func (s *Socket) setsockopt(name string, opt, v int) error {
+	var err error
+	if cerr := (*socketRC)(s).Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt, v) }); cerr != nil {
+		return cerr
 	}
-	defer s.release()
-	return os.NewSyscallError("setsockopt SO_SNDBUF", unix.SetsockoptInt(s.fd, unix.SOL_SOCKET, unix.SO_SNDBUF, bytes))
+	return os.NewSyscallError("setsockopt "+name, err)
 }
 
 // LocalAddr is the socket's address, unmapped; invalid before it is bound.
 func (s *Socket) LocalAddr() netip.AddrPort {
-	if !s.acquire() {
-		return netip.AddrPort{}
-	}
-	sa, err := unix.Getsockname(s.fd)
-	s.release()
+	var sa unix.Sockaddr
+	err := (*socketRC)(s).Control(func(fd uintptr) { sa, _ = unix.Getsockname(int(fd)) })
 	if err != nil {
 		return netip.AddrPort{}
 	}
@@ -155,6 +153,7 @@ func (s *Socket) LocalAddr() netip.AddrPort {
 // socketRC is a Socket's syscall.RawConn.
 type socketRC Socket
 
+// Control calls f with the descriptor held: Close waits for it.
 func (rc *socketRC) Control(f func(fd uintptr)) error {
 	s := (*Socket)(rc)
 	if !s.acquire() {
@@ -165,20 +164,14 @@ func (rc *socketRC) Control(f func(fd uintptr)) error {
 	return nil
 }
 
-func (rc *socketRC) Read(f func(fd uintptr) bool) error { return rc.once(f) }
+// Read and Write call f once: the socket is non-blocking and never waits
+// to be ready.
+func (rc *socketRC) Read(f func(fd uintptr) bool) error {
+	return rc.Control(func(fd uintptr) { f(fd) })
+}
 
-func (rc *socketRC) Write(f func(fd uintptr) bool) error { return rc.once(f) }
-
-// once calls f a single time, with the descriptor held: the socket is
-// non-blocking and never waits to be ready.
-func (rc *socketRC) once(f func(fd uintptr) bool) error {
-	s := (*Socket)(rc)
-	if !s.acquire() {
-		return net.ErrClosed
-	}
-	f(uintptr(s.fd))
-	s.release()
-	return nil
+func (rc *socketRC) Write(f func(fd uintptr) bool) error {
+	return rc.Control(func(fd uintptr) { f(fd) })
 }
 
 // Interface guards
