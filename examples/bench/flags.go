@@ -135,7 +135,7 @@ func parseFlags(args []string) (*options, error) {
 		return nil, fmt.Errorf("-window %d: want 1…1024", o.window)
 	case o.sweepWindow < 1 || o.sweepWindow > 1024:
 		return nil, fmt.Errorf("-sweep-window %d: want 1…1024", o.sweepWindow)
-	case o.quicCores != "shared" && o.quicCores != "split":
+	case quicCoresNote[o.quicCores] == "":
 		return nil, fmt.Errorf("-quic-cores %q: want shared or split", o.quicCores)
 	case o.quicIdle < 0 || o.quicIdle > 100_000:
 		return nil, fmt.Errorf("-quic-idle %d: want 0…100000", o.quicIdle)
