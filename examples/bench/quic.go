@@ -83,6 +83,7 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 		defer func() { _ = unpinProcess(os.Getpid()) }()
 	}
 	certFile, keyFile, cert, err := quicecho.SelfSigned()
+	defer quicecho.RemoveSelfSigned()
 	if err != nil {
 		return err
 	}
