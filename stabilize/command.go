@@ -224,7 +224,11 @@ func startCommand(opts commandOptions) error {
 	for _, u := range expandUpstreams(opts.To) {
 		dials = append(dials, u.Dial)
 	}
-	caddy.Log().Info("caddy stabilize balancing UDP",
+	msg := "caddy stabilize balancing UDP"
+	if opts.terminatesQUIC() {
+		msg = "caddy stabilize terminating QUIC"
+	}
+	caddy.Log().Info(msg,
 		zap.String("listen", listen),
 		zap.Strings("to", dials),
 		zap.String("per", opts.Per),
