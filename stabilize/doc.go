@@ -44,7 +44,10 @@
 // when the socket is full. On Linux the flow sockets stay out of Go's
 // netpoller (udpio.Socket): only the reactor's epoll set watches them, so a
 // reply costs one epoll event, not a second one in the runtime's set, and
-// the data path's raw system calls touch no poll descriptor.
+// the data path's raw system calls touch no poll descriptor. Settings of
+// a fastudp socket belong to its address, not to a handler, so they live in
+// the stabilize app (app.go): fastudp_readers, the socket's SO_REUSEPORT
+// readers.
 //
 // # QUIC termination
 //
