@@ -2,12 +2,14 @@ package stabilize
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"golang.org/x/sys/unix"
 
 	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
@@ -97,4 +99,35 @@ func TestICMPReasons(t *testing.T) {
 			t.Errorf("origin %d type %d code %d: %q, want %q", tc.origin, tc.typ, tc.code, got, tc.want)
 		}
 	}
+}
+
+// A flow that a reload moves to a handler without passive checks keeps its
+// socket, which still queues ICMP errors. An error queue left unread makes
+// epoll report the socket for ever: the reply reactor must not spin on it.
+func TestReloadDroppingPassiveChecksDrainsICMPErrors(t *testing.T) {
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		a := startUpstream(t, "a")
+		withPassive := handlerConfig(per, "", a)
+		withPassive["health_checks"] = map[string]any{"passive": map[string]any{"max_fails": 1000}}
+		lb := startBalancerOn(t, network, false, 30*time.Second, withPassive)
+		cl := newClient(t, lb.addr)
+		cl.mustRoundTrip("before")
+
+		if err := caddy.Load(testConfigOn(network, lb.addr, "", 30*time.Second, handlerConfig(per, "", a)), true); err != nil {
+			t.Fatalf("reload: %v", err)
+		}
+		cl.mustRoundTrip("after the reload")
+		a.close() // its port answers with ICMP port-unreachable
+		for i := range 3 {
+			if _, _, err := cl.roundTrip([]byte(fmt.Sprint("to a closed port ", i)), 100*time.Millisecond); !isTimeout(err) {
+				t.Fatalf("round trip to a closed upstream: %v, want a timeout", err)
+			}
+		}
+		start, wall := processCPU(t), time.Now()
+		time.Sleep(time.Second)
+		if used := processCPU(t) - start; used > time.Since(wall)/4 {
+			t.Errorf("the idle balancer used %v of CPU in %v: the reply reactor spins on an unread error queue",
+				used, time.Since(wall).Round(time.Millisecond))
+		}
+	})
 }
