@@ -308,7 +308,9 @@ func (fl *Flow) moveTo(to *Handler) bool {
 			return false
 		}
 	}
-	if !to.adopt(fl) {
+	// The socket takes to's settings: its buffer sizes, and ICMP error
+	// reports if to has passive checks.
+	if to.prepareSocket(fl.conn) != nil || !to.adopt(fl) {
 		return false
 	}
 	fl.h, fl.upstream = to, u // the same address shares one Host

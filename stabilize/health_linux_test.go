@@ -131,3 +131,34 @@ func TestReloadDroppingPassiveChecksDrainsICMPErrors(t *testing.T) {
 		}
 	})
 }
+
+// A reload that adds passive checks covers the flows it moves to the new
+// handler: their sockets, opened by a handler without them, must report
+// ICMP errors from then on.
+func TestReloadAddingPassiveChecksCoversMovedFlows(t *testing.T) {
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		tr := trackHandlers(t)
+		a := startUpstream(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, handlerConfig(per, "", a))
+		cl := newClient(t, lb.addr)
+		cl.mustRoundTrip("before")
+
+		withPassive := handlerConfig(per, "", a)
+		withPassive["health_checks"] = map[string]any{"passive": map[string]any{"max_fails": 1, "fail_duration": "10s"}}
+		if err := caddy.Load(testConfigOn(network, lb.addr, "", 30*time.Second, withPassive), true); err != nil {
+			t.Fatalf("reload: %v", err)
+		}
+		cl.mustRoundTrip("after the reload")
+		u := tr.latest().Upstreams[0]
+		a.close() // its port answers with ICMP port-unreachable
+		for i := 0; u.healthy(); i++ {
+			if i == 50 {
+				t.Fatal("a closed upstream still up: the flow's socket reports no ICMP errors")
+			}
+			if _, err := cl.conn.Write([]byte(fmt.Sprint("to a closed port ", i))); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	})
+}
