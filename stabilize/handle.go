@@ -42,7 +42,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		start := time.Now()
 		_, err := cx.Read(nil)
 		waited := time.Since(start)
-		if emptyDatagram(err, waited, fl.idleTimeout) {
+		if emptyDatagram(err, waited, fl.idle()) {
 			fl.forward(nil, false)
 			continue
 		}

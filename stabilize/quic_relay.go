@@ -87,7 +87,8 @@ func (h *Handler) serveQUIC(c *quic.Conn) {
 	}
 	if err != nil {
 		q.stats.failed[quicFailDial].Add(1)
-		if h.HealthChecks != nil && h.HealthChecks.Passive != nil {
+		// A dial the client's end cut short says nothing of the upstream.
+		if h.HealthChecks != nil && h.HealthChecks.Passive != nil && c.Context().Err() == nil {
 			h.passiveFailure(u, "QUIC dial: "+err.Error())
 		}
 		level := zap.DebugLevel

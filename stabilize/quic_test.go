@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/netip"
 	"runtime"
 	"slices"
 	"strings"
@@ -429,6 +431,61 @@ func TestQUICPassiveDialFailure(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestQUICClientAbortIsNoDialFailure: a client that closes its connection
+// while the backend dial is under way ends that dial, which says nothing
+// about the upstream: it is no passive failure.
+func TestQUICClientAbortIsNoDialFailure(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		slow, dialing := startSlowUDPProxy(t, b.addr, 300*time.Millisecond)
+		h := quicHandler(t, "", "", nil, "quic/"+slow.String())
+		h["health_checks"] = map[string]any{"passive": map[string]any{"max_fails": 1, "fail_duration": "1m"}}
+		lb := startBalancerOn(t, network, false, 30*time.Second, h)
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		eventually(t, 5*time.Second, "the backend dial", func() bool { return dialing.Load() > 0 })
+		_ = c.CloseWithError(0, "") // before the backend leg can be up
+		time.Sleep(time.Second)
+		if !hostOf(t, slow).Healthy() {
+			t.Fatal("a client's abort marked its upstream down")
+		}
+		if name := mustExchange(t, dialQUIC(t, lb.addr, nil, quicClientTLS(t)), []byte("hi")); name != "a" {
+			t.Fatalf("relayed to %s", name)
+		}
+	})
+}
+
+// startSlowUDPProxy relays datagrams between to and one peer, each after
+// delay. It returns its address and the count of the peer's datagrams.
+func startSlowUDPProxy(t *testing.T, to netip.AddrPort, delay time.Duration) (netip.AddrPort, *atomic.Int64) {
+	t.Helper()
+	conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	got := new(atomic.Int64)
+	go func() {
+		var peer netip.AddrPort
+		buf := make([]byte, 65535)
+		for {
+			n, from, err := conn.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			dst := to
+			if from == to {
+				dst = peer
+			} else {
+				peer = from
+				got.Add(1)
+			}
+			b := bytes.Clone(buf[:n])
+			time.AfterFunc(delay, func() { _, _ = conn.WriteToUDPAddrPort(b, dst) })
+		}
+	}()
+	return conn.LocalAddr().(*net.UDPAddr).AddrPort(), got
 }
 
 // TestQUICRelayKeepsStreamIDs: a client stream has the same ID on the
