@@ -79,10 +79,11 @@
 // old ones. What must outlive a reload lives in package-level pools: the
 // upstream Hosts (passive health and counters) by address, active-check
 // probers by address and check settings, flow affinity and the handler
-// lineage by the handler's identity (its granularity and policy; see
-// reload.go), and fastudp sockets by address. In Cleanup an old handler
-// moves each fastudp flow whose upstream its successor still has, and whose
-// socket a config still listens on, to the successor, keeping the flow's
-// upstream-facing socket, so no reply in flight is lost; other flows end,
-// and the client's next datagram finds its upstream in the affinity table.
+// lineage by the handler's identity (its granularity, policy and whether it
+// terminates QUIC; see reload.go), and fastudp sockets by address. In
+// Cleanup an old handler moves each fastudp flow whose upstream its
+// successor still has, and whose socket a config still listens on, to the
+// successor, keeping the flow's upstream-facing socket, so no reply in
+// flight is lost; other flows end, and the client's next datagram finds its
+// upstream in the affinity table.
 package stabilize

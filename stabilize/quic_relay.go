@@ -81,14 +81,15 @@ func (h *Handler) serveQUIC(c *quic.Conn) {
 	defer u.host.quic.conns.Add(-1)
 	var b *quic.Conn
 	t, err := acquireBackendTransport()
-	if err == nil {
+	dialed := err == nil // else the failure is the balancer's own socket
+	if dialed {
 		defer releaseBackendTransport()
 		b, err = h.dialBackend(c, u, t)
 	}
 	if err != nil {
 		q.stats.failed[quicFailDial].Add(1)
 		// A dial the client's end cut short says nothing of the upstream.
-		if h.HealthChecks != nil && h.HealthChecks.Passive != nil && c.Context().Err() == nil {
+		if dialed && h.HealthChecks != nil && h.HealthChecks.Passive != nil && c.Context().Err() == nil {
 			h.passiveFailure(u, "QUIC dial: "+err.Error())
 		}
 		level := zap.DebugLevel
