@@ -45,6 +45,39 @@ func TestQUICRoundRobin(t *testing.T) {
 	})
 }
 
+// TestQUICMaglevServerName: a maglev key's placeholders expand for a
+// terminated connection: keyed by {l4.tls.server_name}, every connection
+// for one name goes to one backend, and the names spread over them.
+func TestQUICMaglevServerName(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		bs := []*quicBackend{startQUICBackend(t, "a"), startQUICBackend(t, "b"), startQUICBackend(t, "c")}
+		h := quicHandler(t, "", "", nil, bs[0].dial(), bs[1].dial(), bs[2].dial())
+		h["load_balancing"] = map[string]any{"selection": map[string]any{"policy": "maglev", "key": "{l4.tls.server_name}"}}
+		lb := startBalancerOn(t, network, false, 30*time.Second, h)
+		used := map[string]bool{}
+		for i := range 12 {
+			tlsConf := quicClientTLS(t)
+			tlsConf.ServerName = fmt.Sprintf("name%d.test", i)
+			tlsConf.InsecureSkipVerify = true // the test certificate is for localhost
+			var first string
+			for j := range 2 {
+				c := dialQUIC(t, lb.addr, nil, tlsConf)
+				name := mustExchange(t, c, []byte("hello"))
+				_ = c.CloseWithError(0, "")
+				if j == 0 {
+					first = name
+				} else if name != first {
+					t.Fatalf("%s: to %s, then to %s", tlsConf.ServerName, first, name)
+				}
+			}
+			used[first] = true
+		}
+		if len(used) < 2 {
+			t.Fatalf("12 server names all went to %v", used)
+		}
+	})
+}
+
 // TestQUICUDPUpstreams: with udp/ upstreams each stream is one request
 // datagram; per packet, 30 requests on one connection give exact thirds.
 func TestQUICUDPUpstreams(t *testing.T) {
