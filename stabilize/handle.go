@@ -74,8 +74,25 @@ func emptyDatagram(err error, waited, idleTimeout time.Duration) bool {
 }
 
 // refuse reads a refused flow until caddy-l4 ends it, so the listener never
-// blocks on it, and drops each of its datagrams, counted as reason.
+// blocks on it, and drops each of its datagrams, counted as reason. Cleanup
+// ends it sooner: at caddy-l4's idle timeout after its server stopped, the
+// read would park on a notice nobody takes (mholt/caddy-l4#462).
 func (h *Handler) refuse(cx *layer4.Connection, reason dropReason) {
+	h.mu.Lock()
+	if h.closing.Load() {
+		h.mu.Unlock()
+		return
+	}
+	if h.refusing == nil {
+		h.refusing = make(map[*layer4.Connection]struct{})
+	}
+	h.refusing[cx] = struct{}{}
+	h.mu.Unlock()
+	defer func() {
+		h.mu.Lock()
+		delete(h.refusing, cx)
+		h.mu.Unlock()
+	}()
 	front, _ := listenerOf(cx)
 	idle := h.listenerIdleTimeout(listenerNetwork(front), cx.LocalAddr())
 	buf := datagramPool.Get().(*[maxProxyHeader + ListenerBufferSize]byte)
