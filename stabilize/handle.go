@@ -20,7 +20,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	if !client.IsValid() {
 		return fmt.Errorf("stabilize handles UDP only, not %s", cx.RemoteAddr().Network())
 	}
-	defer takeCloseNotice(cx) // listener.go
+	h.drainCloseNotices(cx) // listener.go
 	if h.QUIC != nil {
 		return h.handleQUIC(cx) // quic_transport.go
 	}

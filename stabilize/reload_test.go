@@ -2,6 +2,7 @@ package stabilize
 
 import (
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"runtime"
@@ -33,13 +34,15 @@ func adminDo(t *testing.T, method, url, body string) {
 }
 
 // ourGoroutines counts goroutines with a frame in this package, excluding
-// the test's own.
+// the test's own and the drainers of caddy-l4's close notices (one per
+// listener of a config, which outlives the config by seconds).
 func ourGoroutines() int {
 	buf := make([]byte, 4<<20)
 	buf = buf[:runtime.Stack(buf, true)]
 	n := 0
 	for _, g := range strings.Split(string(buf), "\n\n") {
-		if strings.Contains(g, "caddy-stabilize/stabilize.(*") && !strings.Contains(g, "_test.go") {
+		if strings.Contains(g, "caddy-stabilize/stabilize.(*") && !strings.Contains(g, "_test.go") &&
+			!strings.Contains(g, "drainCloseNotices") {
 			n++
 		}
 	}
@@ -225,6 +228,72 @@ func TestReloadEndsRefusedFlows(t *testing.T) {
 		time.Sleep(idle + time.Second) // the old server's idle timeout has passed
 		if n := goroutinesIn(inRefuse) - before; n > 0 {
 			t.Fatalf("%d refused flows of the stopped server still in Handle after its idle timeout", n)
+		}
+	})
+}
+
+// parkedOnNotices counts caddy-l4 goroutines blocked sending a flow's close
+// notice (packetConn.Read at its idle timeout, or Close): after their
+// server stopped, nothing ever takes it (caddy-l4 v0.1.2,
+// mholt/caddy-l4#462).
+func parkedOnNotices() int {
+	buf := make([]byte, 32<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	n := 0
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		header, rest, _ := strings.Cut(g, "\n")
+		if strings.Contains(header, "[chan send") && strings.HasPrefix(rest, "github.com/mholt/caddy-l4/layer4.(*packetConn).") {
+			n++
+		}
+	}
+	return n
+}
+
+// Reloads while new clients keep arriving leave no caddy-l4 goroutine
+// parked on a close notice: not those of flows that ended while the old
+// server, falling behind, had not yet taken their notices, nor those of
+// flows the old server started just before it stopped.
+func TestReloadUnderNewClientsLeavesNoParkedFlows(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		before := parkedOnNotices()
+		a := startUpstream(t, "a")
+		const idle = time.Second // shorter than fastHandoff
+		lb := startBalancerOn(t, network, false, idle, handlerConfig(PerFlow, "round_robin", a))
+		raddr, err := net.ResolveUDPAddr("udp", lb.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var stop atomic.Bool
+		var wg sync.WaitGroup
+		for range 3 {
+			wg.Go(func() {
+				for !stop.Load() {
+					c, err := net.DialUDP("udp", nil, raddr)
+					if err != nil {
+						continue
+					}
+					_, _ = c.Write([]byte("new client"))
+					_ = c.Close()
+				}
+			})
+		}
+		for i := range 3 {
+			time.Sleep(200 * time.Millisecond)
+			cfg := testConfigOn(network, lb.addr, "", idle+time.Duration(i+1)*time.Millisecond, handlerConfig(PerFlow, "round_robin", a))
+			if err := caddy.Load(cfg, true); err != nil {
+				t.Fatal(err)
+			}
+		}
+		stop.Store(true)
+		wg.Wait()
+		time.Sleep(idle + time.Second) // every flow has ended
+		// The live server may still be taking notices of its flows.
+		deadline := time.Now().Add(10 * time.Second)
+		for n := parkedOnNotices() - before; n > 0; n = parkedOnNotices() - before {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d caddy-l4 goroutines parked on close notices after reloads under new clients", n)
+			}
+			time.Sleep(100 * time.Millisecond)
 		}
 	})
 }
