@@ -67,10 +67,6 @@ func listenerClosed(front *fastudp.Front, conn *net.UDPConn) bool {
 // server's notice channel is drained after its last notice.
 const closeNoticeWait = 10 * time.Second
 
-// closeNoticePoll is how often a drainer checks whether its listener has
-// closed.
-const closeNoticePoll = 250 * time.Millisecond
-
 // closeDrains are the notice channels that a drainer watches.
 var closeDrains sync.Map // chan string → struct{}
 
@@ -80,9 +76,11 @@ var closeDrains sync.Map // chan string → struct{}
 // full, the sending goroutine would park for good, with the flow's memory.
 // Senders already waiting when the loop stops park too, as do flows that
 // end after it. So a goroutine per server's channel, found by reflection on
-// its first flow, waits for the listener to close (the loop is then gone
-// or going) and takes every notice until none has come for the idle
-// timeout and closeNoticeWait: a flow still reading then has ended.
+// its first flow, waits for the config to end and, if the listener has
+// closed (the loop is then gone or going; a socket the next config shares,
+// as Caddy's off Unix, is left alone), takes every notice until none has
+// come for the idle timeout and closeNoticeWait: a flow still reading then
+// has ended.
 func (h *Handler) drainCloseNotices(cx *layer4.Connection) {
 	ch := closeNotices(cx)
 	if ch == nil {
@@ -101,8 +99,9 @@ func (h *Handler) drainCloseNotices(cx *layer4.Connection) {
 	quiet := h.listenerIdleTimeout(listenerNetwork(front), cx.LocalAddr()) + closeNoticeWait
 	go func() {
 		defer closeDrains.Delete(ch)
-		for !listenerClosed(front, conn) {
-			time.Sleep(closeNoticePoll)
+		<-h.ctx.Done() // after caddy-l4 has closed the config's listeners
+		if !listenerClosed(front, conn) {
+			return
 		}
 		t := time.NewTimer(quiet)
 		defer t.Stop()
