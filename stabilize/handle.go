@@ -31,8 +31,15 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	}
 	fl.handling.Store(true)
 	defer fl.handling.Store(false)
-	for {
-		if fl.fast != nil {
+	for first := true; ; first = false {
+		switch {
+		case !first && h.closing.Load():
+			// Cleanup wakes the Handle calls of the flows it finds, but
+			// this flow may have opened after it looked, or started
+			// waiting after the wake: end it now, not at caddy-l4's idle
+			// timeout, on a listener that has closed.
+			_ = cx.SetReadDeadline(time.Unix(1, 0))
+		case fl.fast != nil:
 			// Once the flow is registered, its datagrams bypass caddy-l4, so
 			// nothing more can queue up for this Handle: stop waiting soon.
 			_ = cx.SetReadDeadline(time.Now().Add(fastHandoff))

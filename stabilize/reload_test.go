@@ -296,3 +296,62 @@ func TestReloadUnderNewClientsLeavesNoParkedFlows(t *testing.T) {
 		}
 	})
 }
+
+// A reload while new clients keep arriving leaves no flow open on the old
+// handler: not those that opened after its Cleanup looked for them, nor
+// those whose Handle began waiting after Cleanup's wake. They would stay
+// until caddy-l4's idle timeout, each with its upstream socket, on a
+// listener that has closed.
+func TestReloadUnderNewClientsEndsOldFlows(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		tr := trackHandlers(t)
+		a := startUpstream(t, "a")
+		const idle = 10 * time.Second
+		lb := startBalancerOn(t, network, false, idle, handlerConfig(PerFlow, "round_robin", a))
+		raddr, err := net.ResolveUDPAddr("udp", lb.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var stop atomic.Bool
+		var wg sync.WaitGroup
+		defer func() { stop.Store(true); wg.Wait() }()
+		for range 2 {
+			wg.Go(func() {
+				for !stop.Load() {
+					c, err := net.DialUDP("udp", nil, raddr)
+					if err != nil {
+						continue
+					}
+					_, _ = c.Write([]byte("new client"))
+					_ = c.Close()
+				}
+			})
+		}
+		for i := range 3 {
+			time.Sleep(200 * time.Millisecond)
+			old := tr.latest()
+			cfg := testConfigOn(network, lb.addr, "", idle+time.Duration(i+1)*time.Millisecond, handlerConfig(PerFlow, "round_robin", a))
+			if err := caddy.Load(cfg, true); err != nil {
+				t.Fatal(err)
+			}
+			open := func() int {
+				old.mu.Lock()
+				defer old.mu.Unlock()
+				n := 0
+				for fl := range old.flows {
+					if !fl.closed.Load() {
+						n++
+					}
+				}
+				return n
+			}
+			deadline := time.Now().Add(3 * time.Second)
+			for open() > 0 && time.Now().Before(deadline) {
+				time.Sleep(50 * time.Millisecond)
+			}
+			if n := open(); n > 0 {
+				t.Fatalf("reload %d: %d flows still open on the old handler", i+1, n)
+			}
+		}
+	})
+}
