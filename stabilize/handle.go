@@ -20,7 +20,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	if !client.IsValid() {
 		return fmt.Errorf("stabilize handles UDP only, not %s", cx.RemoteAddr().Network())
 	}
-	defer takeCloseNotice(cx) // listener.go
+	h.drainCloseNotices(cx) // listener.go
 	if h.QUIC != nil {
 		return h.handleQUIC(cx) // quic_transport.go
 	}
@@ -31,8 +31,15 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	}
 	fl.handling.Store(true)
 	defer fl.handling.Store(false)
-	for {
-		if fl.fast != nil {
+	for first := true; ; first = false {
+		switch {
+		case !first && h.closing.Load():
+			// Cleanup wakes the Handle calls of the flows it finds, but
+			// this flow may have opened after it looked, or started
+			// waiting after the wake: end it now, not at caddy-l4's idle
+			// timeout, on a listener that has closed.
+			_ = cx.SetReadDeadline(time.Unix(1, 0))
+		case fl.fast != nil:
 			// Once the flow is registered, its datagrams bypass caddy-l4, so
 			// nothing more can queue up for this Handle: stop waiting soon.
 			_ = cx.SetReadDeadline(time.Now().Add(fastHandoff))
@@ -74,8 +81,25 @@ func emptyDatagram(err error, waited, idleTimeout time.Duration) bool {
 }
 
 // refuse reads a refused flow until caddy-l4 ends it, so the listener never
-// blocks on it, and drops each of its datagrams, counted as reason.
+// blocks on it, and drops each of its datagrams, counted as reason. Cleanup
+// ends it sooner: at caddy-l4's idle timeout after its server stopped, the
+// read would park on a notice nobody takes (mholt/caddy-l4#462).
 func (h *Handler) refuse(cx *layer4.Connection, reason dropReason) {
+	h.mu.Lock()
+	if h.closing.Load() {
+		h.mu.Unlock()
+		return
+	}
+	if h.refusing == nil {
+		h.refusing = make(map[*layer4.Connection]struct{})
+	}
+	h.refusing[cx] = struct{}{}
+	h.mu.Unlock()
+	defer func() {
+		h.mu.Lock()
+		delete(h.refusing, cx)
+		h.mu.Unlock()
+	}()
 	front, _ := listenerOf(cx)
 	idle := h.listenerIdleTimeout(listenerNetwork(front), cx.LocalAddr())
 	buf := datagramPool.Get().(*[maxProxyHeader + ListenerBufferSize]byte)

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"reflect"
 	"strings"
+	"sync"
 	"time"
 	"unsafe"
 
@@ -49,10 +50,9 @@ func listenerOf(cx *layer4.Connection) (*fastudp.Front, *net.UDPConn) {
 	return front, nil
 }
 
-// listenerClosed reports whether the listener a flow arrived on is closed:
-// its caddy-l4 server has stopped, at a reload or on shutdown.
-func listenerClosed(cx *layer4.Connection) bool {
-	front, conn := listenerOf(cx)
+// listenerClosed reports whether a listener that listenerOf found is
+// closed: its caddy-l4 server has stopped, at a reload or on shutdown.
+func listenerClosed(front *fastudp.Front, conn *net.UDPConn) bool {
 	switch {
 	case front != nil:
 		return front.Closed()
@@ -63,27 +63,55 @@ func listenerClosed(cx *layer4.Connection) bool {
 	return false
 }
 
-// closeNoticeWait is how long a flow's closing notice is waited for.
+// closeNoticeWait is how long, past the listener's idle timeout, a stopped
+// server's notice channel is drained after its last notice.
 const closeNoticeWait = 10 * time.Second
 
-// takeCloseNotice works around caddy-l4 v0.1.2 (mholt/caddy-l4#462) when a
-// flow's Handle returns after its server stopped: caddy-l4 then closes
-// the flow's packetConn, which sends a notice to the server's loop, and
-// with the loop gone and the notice channel full, that goroutine would
-// park for good, with the flow's memory. Once the listener is closed (so
-// the loop is gone or going), a goroutine takes one notice off the channel,
-// found by reflection, or gives up after closeNoticeWait.
-func takeCloseNotice(cx *layer4.Connection) {
+// closeDrains are the notice channels that a drainer watches.
+var closeDrains sync.Map // chan string → struct{}
+
+// drainCloseNotices works around caddy-l4 v0.1.2 (mholt/caddy-l4#462): a
+// flow's packetConn sends a notice to its server's loop at caddy-l4's idle
+// timeout and on Close, and once the loop has stopped, with the channel
+// full, the sending goroutine would park for good, with the flow's memory.
+// Senders already waiting when the loop stops park too, as do flows that
+// end after it. So a goroutine per server's channel, found by reflection on
+// its first flow, waits for the config to end and, if the listener has
+// closed (the loop is then gone or going; a socket the next config shares,
+// as Caddy's off Unix, is left alone), takes every notice until none has
+// come for the idle timeout and closeNoticeWait: a flow still reading then
+// has ended.
+func (h *Handler) drainCloseNotices(cx *layer4.Connection) {
 	ch := closeNotices(cx)
-	if ch == nil || !listenerClosed(cx) {
+	if ch == nil {
 		return
 	}
+	if _, watched := closeDrains.Load(ch); watched {
+		return
+	}
+	front, conn := listenerOf(cx)
+	if front == nil && conn == nil {
+		return
+	}
+	if _, watched := closeDrains.LoadOrStore(ch, struct{}{}); watched {
+		return
+	}
+	quiet := h.listenerIdleTimeout(listenerNetwork(front), cx.LocalAddr()) + closeNoticeWait
 	go func() {
-		t := time.NewTimer(closeNoticeWait)
+		defer closeDrains.Delete(ch)
+		<-h.ctx.Done() // after caddy-l4 has closed the config's listeners
+		if !listenerClosed(front, conn) {
+			return
+		}
+		t := time.NewTimer(quiet)
 		defer t.Stop()
-		select {
-		case <-ch:
-		case <-t.C:
+		for {
+			select {
+			case <-ch:
+				t.Reset(quiet)
+			case <-t.C:
+				return
+			}
 		}
 	}()
 }

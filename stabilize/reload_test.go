@@ -2,6 +2,7 @@ package stabilize
 
 import (
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"runtime"
@@ -33,13 +34,15 @@ func adminDo(t *testing.T, method, url, body string) {
 }
 
 // ourGoroutines counts goroutines with a frame in this package, excluding
-// the test's own.
+// the test's own and the drainers of caddy-l4's close notices (one per
+// listener of a config, which outlives the config by seconds).
 func ourGoroutines() int {
 	buf := make([]byte, 4<<20)
 	buf = buf[:runtime.Stack(buf, true)]
 	n := 0
 	for _, g := range strings.Split(string(buf), "\n\n") {
-		if strings.Contains(g, "caddy-stabilize/stabilize.(*") && !strings.Contains(g, "_test.go") {
+		if strings.Contains(g, "caddy-stabilize/stabilize.(*") && !strings.Contains(g, "_test.go") &&
+			!strings.Contains(g, "drainCloseNotices") {
 			n++
 		}
 	}
@@ -191,6 +194,164 @@ func TestReloadLeavesNoParkedFlows(t *testing.T) {
 		time.Sleep(time.Second) // what would park has parked by now
 		if n := goroutinesIn(parked) - before; n > 0 {
 			t.Fatalf("%d goroutines parked in caddy-l4's packetConn.Close after reloads with %d flows", n, flows)
+		}
+	})
+}
+
+// A reload ends the refused flows (over max_flows) at once, as it does the
+// others: they would read the closed listener until caddy-l4's idle
+// timeout, and at it send a close notice the stopped server no longer
+// takes (caddy-l4 v0.1.2, mholt/caddy-l4#462).
+func TestReloadEndsRefusedFlows(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		const inRefuse = "stabilize.(*Handler).refuse"
+		before := goroutinesIn(inRefuse)
+		a := startUpstream(t, "a")
+		limited := func() map[string]any {
+			h := handlerConfig(PerFlow, "round_robin", a)
+			h["max_flows"] = 1
+			return h
+		}
+		const idle = 5 * time.Second
+		lb := startBalancerOn(t, network, false, idle, limited())
+		newClient(t, lb.addr).mustRoundTrip("admitted")
+		const refused = 30 // more than caddy-l4's notice channel holds (10)
+		for range refused {
+			if _, err := newClient(t, lb.addr).conn.Write([]byte("refused")); err != nil {
+				t.Fatal(err)
+			}
+		}
+		eventually(t, 2*time.Second, "refused flows read", func() bool { return goroutinesIn(inRefuse)-before >= refused/2 })
+		if err := caddy.Load(testConfigOn(network, lb.addr, "", idle+time.Second, limited()), true); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, time.Second, "the refused flows of the stopped server to end", func() bool {
+			return goroutinesIn(inRefuse) == before
+		})
+	})
+}
+
+// parkedOnNotices counts caddy-l4 goroutines blocked sending a flow's close
+// notice (packetConn.Read at its idle timeout, or Close): after their
+// server stopped, nothing ever takes it (caddy-l4 v0.1.2,
+// mholt/caddy-l4#462).
+func parkedOnNotices() int {
+	buf := make([]byte, 32<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	n := 0
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		header, rest, _ := strings.Cut(g, "\n")
+		if strings.Contains(header, "[chan send") && strings.HasPrefix(rest, "github.com/mholt/caddy-l4/layer4.(*packetConn).") {
+			n++
+		}
+	}
+	return n
+}
+
+// Reloads while new clients keep arriving leave no caddy-l4 goroutine
+// parked on a close notice: not those of flows that ended while the old
+// server, falling behind, had not yet taken their notices, nor those of
+// flows the old server started just before it stopped.
+func TestReloadUnderNewClientsLeavesNoParkedFlows(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		before := parkedOnNotices()
+		a := startUpstream(t, "a")
+		const idle = time.Second // shorter than fastHandoff
+		lb := startBalancerOn(t, network, false, idle, handlerConfig(PerFlow, "round_robin", a))
+		raddr, err := net.ResolveUDPAddr("udp", lb.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var stop atomic.Bool
+		var wg sync.WaitGroup
+		for range 3 {
+			wg.Go(func() {
+				for !stop.Load() {
+					c, err := net.DialUDP("udp", nil, raddr)
+					if err != nil {
+						continue
+					}
+					_, _ = c.Write([]byte("new client"))
+					_ = c.Close()
+				}
+			})
+		}
+		for i := range 3 {
+			time.Sleep(200 * time.Millisecond)
+			cfg := testConfigOn(network, lb.addr, "", idle+time.Duration(i+1)*time.Millisecond, handlerConfig(PerFlow, "round_robin", a))
+			if err := caddy.Load(cfg, true); err != nil {
+				t.Fatal(err)
+			}
+		}
+		stop.Store(true)
+		wg.Wait()
+		time.Sleep(idle + time.Second) // every flow has ended
+		// The live server may still be taking notices of its flows.
+		deadline := time.Now().Add(10 * time.Second)
+		for n := parkedOnNotices() - before; n > 0; n = parkedOnNotices() - before {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d caddy-l4 goroutines parked on close notices after reloads under new clients", n)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	})
+}
+
+// A reload while new clients keep arriving leaves no flow open on the old
+// handler: not those that opened after its Cleanup looked for them, nor
+// those whose Handle began waiting after Cleanup's wake. They would stay
+// until caddy-l4's idle timeout, each with its upstream socket, on a
+// listener that has closed.
+func TestReloadUnderNewClientsEndsOldFlows(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		tr := trackHandlers(t)
+		a := startUpstream(t, "a")
+		const idle = 10 * time.Second
+		lb := startBalancerOn(t, network, false, idle, handlerConfig(PerFlow, "round_robin", a))
+		raddr, err := net.ResolveUDPAddr("udp", lb.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var stop atomic.Bool
+		var wg sync.WaitGroup
+		defer func() { stop.Store(true); wg.Wait() }()
+		for range 2 {
+			wg.Go(func() {
+				for !stop.Load() {
+					c, err := net.DialUDP("udp", nil, raddr)
+					if err != nil {
+						continue
+					}
+					_, _ = c.Write([]byte("new client"))
+					_ = c.Close()
+				}
+			})
+		}
+		for i := range 3 {
+			time.Sleep(200 * time.Millisecond)
+			old := tr.latest()
+			cfg := testConfigOn(network, lb.addr, "", idle+time.Duration(i+1)*time.Millisecond, handlerConfig(PerFlow, "round_robin", a))
+			if err := caddy.Load(cfg, true); err != nil {
+				t.Fatal(err)
+			}
+			open := func() int {
+				old.mu.Lock()
+				defer old.mu.Unlock()
+				n := 0
+				for fl := range old.flows {
+					if !fl.closed.Load() {
+						n++
+					}
+				}
+				return n
+			}
+			deadline := time.Now().Add(3 * time.Second)
+			for open() > 0 && time.Now().Before(deadline) {
+				time.Sleep(50 * time.Millisecond)
+			}
+			if n := open(); n > 0 {
+				t.Fatalf("reload %d: %d flows still open on the old handler", i+1, n)
+			}
 		}
 	})
 }

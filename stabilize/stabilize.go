@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/mholt/caddy-l4/layer4"
@@ -122,6 +123,8 @@ type Handler struct {
 	flows  map[*Flow]struct{}
 	nflows int                // flows counted against the limits; see limits.go
 	perIP  map[netip.Addr]int // flows by client address, with MaxFlowsPerIP
+	// refused flows being read; Cleanup ends them, see refuse
+	refusing map[*layer4.Connection]struct{}
 
 	quicHeld quicHolds // terminating transports; see quic_transport.go
 }
@@ -261,6 +264,9 @@ func (h *Handler) Cleanup() error {
 	flows := make([]*Flow, 0, len(h.flows))
 	for fl := range h.flows {
 		flows = append(flows, fl)
+	}
+	for cx := range h.refusing {
+		_ = cx.SetReadDeadline(time.Unix(1, 0))
 	}
 	h.mu.Unlock()
 	for _, fl := range flows {
