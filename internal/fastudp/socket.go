@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -169,12 +170,32 @@ func listen(addr string) (*net.UDPConn, error) {
 	var lc net.ListenConfig
 	if udpio.HasReusePort {
 		lc.Control = udpio.ReusePort
+		var err error
+		if addr, err = ownPort(addr); err != nil {
+			return nil, err
+		}
 	}
 	pc, err := lc.ListenPacket(context.Background(), "udp", addr)
 	if err != nil {
 		return nil, err
 	}
 	return pc.(*net.UDPConn), nil
+}
+
+// ownPort turns port 0 in addr into a port no socket holds: the kernel may
+// give a socket with SO_REUSEPORT a port that another one of the same user
+// holds, and the two would share its datagrams.
+func ownPort(addr string) (string, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil || port != "0" {
+		return addr, err
+	}
+	c, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	return net.JoinHostPort(host, strconv.Itoa(c.LocalAddr().(*net.UDPAddr).Port)), nil
 }
 
 // serveConn starts a reader on c, one of the socket's; under registryMu
