@@ -75,11 +75,11 @@ func releasePort(k portKey, p uint16) {
 // connection is the state of a `per flow` flow's connected socket. fl.mu
 // is held.
 type connection struct {
+	peer     netip.AddrPort // its upstream; invalid before the first
 	connects bool           // the socket is connected to the flow's upstream
 	bound    bool           // the socket has been bound
-	src      netip.Addr     // its source address
 	port     uint16         // its source port
-	peer     netip.AddrPort // its upstream; invalid before the first
+	src      netip.Addr     // its source address
 }
 
 // connects says whether h's flows connect their sockets to their upstream:
