@@ -135,6 +135,16 @@ func (fl *Flow) connectTo(u *Upstream, sb *sendBatch) bool {
 	return true
 }
 
+// sendAddr is the address to send fl's datagrams for u to: none when the
+// socket is connected to u, so that the kernel uses the socket's cached
+// route instead of looking one up for every datagram. fl.mu is held.
+func (fl *Flow) sendAddr(u *Upstream) netip.AddrPort {
+	if fl.connection.connects {
+		return netip.AddrPort{} // connectTo has connected it to u
+	}
+	return u.addr
+}
+
 // connect binds and connects fl's socket, or puts a new one in its place,
 // so that it sends to u from a source port no other flow uses towards u.
 func (fl *Flow) connect(u *Upstream) error {

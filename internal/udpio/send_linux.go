@@ -68,7 +68,8 @@ func (s *Sender) Warm() {
 // Family is the socket's address family, for SendQueue.Add.
 func (s *Sender) Family() int { return s.family }
 
-// SendTo sends b to to.
+// SendTo sends b to to, or to the socket's connected peer if to is
+// invalid.
 func (s *Sender) SendTo(b []byte, to netip.AddrPort) error {
 	if s.sock == nil {
 		return s.raw.sendTo(b, s.family, to)
@@ -78,10 +79,19 @@ func (s *Sender) SendTo(b []byte, to netip.AddrPort) error {
 	if !s.sock.acquire() {
 		return net.ErrClosed
 	}
-	_, _, errno := unix.RawSyscall6(unix.SYS_SENDTO, uintptr(s.sock.fd), uintptr(unsafe.Pointer(unsafe.SliceData(b))),
-		uintptr(len(b)), unix.MSG_DONTWAIT, uintptr(unsafe.Pointer(&sa)), uintptr(salen))
+	errno := sendto(uintptr(s.sock.fd), b, &sa, salen)
 	s.sock.release()
 	return errnoErr(errno)
+}
+
+// sendto sends b from fd to sa, or to the connected peer when salen is 0.
+func sendto(fd uintptr, b []byte, sa *unix.RawSockaddrInet6, salen uint32) syscall.Errno {
+	if salen == 0 {
+		sa = nil // with a name of length 0, sendto fails
+	}
+	_, _, errno := unix.RawSyscall6(unix.SYS_SENDTO, fd, uintptr(unsafe.Pointer(unsafe.SliceData(b))),
+		uintptr(len(b)), unix.MSG_DONTWAIT, uintptr(unsafe.Pointer(sa)), uintptr(salen))
+	return errno
 }
 
 // SendQueued sends q's datagrams from from up to to, as SendQueue.NextRun
@@ -134,8 +144,7 @@ func (r *rawSender) sendTo(b []byte, family int, to netip.AddrPort) error {
 }
 
 func (r *rawSender) send(fd uintptr) bool {
-	_, _, r.errno = unix.RawSyscall6(unix.SYS_SENDTO, fd, uintptr(unsafe.Pointer(unsafe.SliceData(r.b))),
-		uintptr(len(r.b)), unix.MSG_DONTWAIT, uintptr(unsafe.Pointer(&r.sa)), uintptr(r.salen))
+	r.errno = sendto(fd, r.b, &r.sa, r.salen)
 	return true // never wait for the socket
 }
 
