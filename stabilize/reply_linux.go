@@ -221,8 +221,13 @@ func (r *replyReactor) readyFlows() []*Flow {
 		if s.fl == nil || s.gen != ev.Pad {
 			continue // a flow that has ended
 		}
-		flows = append(flows, s.fl)
-		warm += s.fl.fd + s.fl.outFamily + int(s.fl.client.Port())
+		fl := s.fl
+		flows = append(flows, fl)
+		// A load in each cache line of h and of the fields from health
+		// to client, wherever the object starts in a line.
+		fl.lastActive.Load()
+		fl.health.since.Load()
+		warm += fl.fd + int(fl.client.Port())
 	}
 	r.mu.Unlock()
 	r.warm = warm
