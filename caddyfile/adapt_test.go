@@ -32,11 +32,13 @@ const errorPrefix = "error: "
 // adapted config does not validate: the handler's Provision rejects a value.
 const invalidPrefix = "invalid: "
 
-// globalOptionPrefix is how httpcaddyfile wraps a global option's error.
-const globalOptionPrefix = "parsing caddyfile tokens for 'layer4': "
+// globalOptionPrefix is how httpcaddyfile wraps a global option's error:
+// layer4's, around the handler's, or the stabilize app's.
+var globalOptionPrefix = regexp.MustCompile(`^parsing caddyfile tokens for '(layer4|stabilize)': `)
 
-// provisionPrefix ends how Caddy wraps the handler's Provision error.
-const provisionPrefix = "provision layer4.handlers.stabilize: "
+// provisionPrefix ends how Caddy wraps the Provision error of the handler
+// or of the stabilize app.
+var provisionPrefix = regexp.MustCompile(`provision (layer4\.handlers\.stabilize|stabilize): `)
 
 // adapt runs the caddyfile adapter on body.
 func adapt(t *testing.T, body []byte) ([]byte, error) {
@@ -98,7 +100,7 @@ func testAdaptFile(t *testing.T, file string) {
 		if adaptErr == nil {
 			t.Fatalf("adapted without error, want error containing %q; got:\n%s", expectErr, out)
 		}
-		got := strings.TrimPrefix(adaptErr.Error(), globalOptionPrefix)
+		got := globalOptionPrefix.ReplaceAllString(adaptErr.Error(), "")
 		if *update {
 			if !errorShape.MatchString(got) {
 				t.Errorf("error %q does not come from the handler with a file and line", got)
@@ -133,10 +135,11 @@ func testAdaptFile(t *testing.T, file string) {
 		if validErr == nil {
 			t.Fatalf("validated without error, want error containing %q; adapted:\n%s", expectErr, out)
 		}
-		_, got, ok := strings.Cut(validErr.Error(), provisionPrefix)
-		if !ok {
-			t.Fatalf("error %q does not come from the handler's Provision", validErr)
+		loc := provisionPrefix.FindStringIndex(validErr.Error())
+		if loc == nil {
+			t.Fatalf("error %q does not come from a Provision of stabilize's", validErr)
 		}
+		got := validErr.Error()[loc[1]:]
 		if *update {
 			rewrite(t, file, caddyfileText, invalidPrefix+got)
 			expectErr = got

@@ -227,3 +227,51 @@ func startSink(t testing.TB) *sink {
 	})
 	return s
 }
+
+// BenchmarkNewFlow opens one new client flow per iteration: a datagram from
+// a new source port, through caddy-l4's dispatch and Handle, which opens
+// the flow and its upstream-facing socket, and the reply. The client's own
+// socket is included; "client" measures that alone, as the baseline.
+func BenchmarkNewFlow(b *testing.B) {
+	payload := make([]byte, 64)
+	b.Run("client", func(b *testing.B) {
+		a := startUpstream(b, "a")
+		buf := make([]byte, 128)
+		for b.Loop() {
+			c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(a.addr))
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := c.Write(payload); err != nil {
+				b.Fatal(err)
+			}
+			if _, err := c.Read(buf); err != nil {
+				b.Fatal(err)
+			}
+			_ = c.Close()
+		}
+	})
+	for _, network := range []string{"udp", FastNetwork} {
+		b.Run(network, func(b *testing.B) {
+			a := startUpstream(b, "a")
+			lb := startBalancerOn(b, network, false, 2*time.Second, handlerConfig(PerFlow, "", a))
+			to := net.UDPAddrFromAddrPort(netip.MustParseAddrPort(lb.addr))
+			buf := make([]byte, 128)
+			b.ReportAllocs()
+			for b.Loop() {
+				c, err := net.DialUDP("udp", nil, to)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := c.Write(payload); err != nil {
+					b.Fatal(err)
+				}
+				_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+				if _, err := c.Read(buf); err != nil {
+					b.Fatal(err)
+				}
+				_ = c.Close()
+			}
+		})
+	}
+}

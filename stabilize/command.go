@@ -20,7 +20,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "stabilize",
-		Usage: `--listen <addr> --to <addr> [--to <addr>...] [--per packet|flow|connection] [--lb-policy <policy>] [--max-flows <n>] [--idle-timeout <duration>] [--local-address <ip>...] [--cert <file> --key <file> | --domain <name> [--internal-certs]] [--alpn <protocol>...] [--keylog <file>] [--stateless-retry] [--insecure] [--admin <addr>|off] [--debug]`,
+		Usage: `--listen <addr> --to <addr> [--to <addr>...] [--per packet|flow|connection] [--lb-policy <policy>] [--max-flows <n>] [--idle-timeout <duration>] [--local-address <ip>...] [--fastudp-readers <n>] [--cert <file> --key <file> | --domain <name> [--internal-certs]] [--alpn <protocol>...] [--keylog <file>] [--stateless-retry] [--insecure] [--admin <addr>|off] [--debug]`,
 		Short: "A quick UDP load balancer",
 		Long: `
 A quick UDP load balancer: receives datagrams on the --listen address and
@@ -52,6 +52,9 @@ needed.
     as nginx's proxy_bind and HAProxy's source: the Caddyfile's
     local_address (below). Repeat the flag or separate addresses with
     commas.
+  --fastudp-readers is how many sockets, each with its own reader, a
+    fastudp/ --listen address has (SO_REUSEPORT; the stabilize app's
+    fastudp_readers): 1 (default) to 64.
 
 Loading the config checks the values, as for a config file.
 
@@ -122,6 +125,7 @@ global option. Its Caddyfile syntax:
 			cmd.Flags().Int("max-flows", 0, "The most client flows at once (0: from the open-file limit, -1: no limit)")
 			cmd.Flags().String("idle-timeout", "30s", "How long a client flow may be idle before it ends")
 			cmd.Flags().StringSlice(optionFlag("local_address"))
+			cmd.Flags().Int("fastudp-readers", 0, "fastudp/ --listen: sockets, each with its own reader (default 1)")
 			cmd.Flags().StringP("cert", "c", "", "QUIC: TLS certificate file in PEM format")
 			cmd.Flags().StringP("key", "k", "", "QUIC: TLS private key file in PEM format")
 			cmd.Flags().String("domain", "", "QUIC: a name Caddy manages the certificate of, instead of --cert/--key")
@@ -173,6 +177,8 @@ type commandOptions struct {
 	IdleTimeout string
 	// LocalAddresses are the handler's local_addresses.
 	LocalAddresses []string
+	// FastUDPReaders is the stabilize app's fastudp_readers; 0 for none.
+	FastUDPReaders int
 	Admin          string // "" for the default address, "off" to disable
 	Debug          bool
 
@@ -224,7 +230,11 @@ func startCommand(opts commandOptions) error {
 	for _, u := range expandUpstreams(opts.To) {
 		dials = append(dials, u.Dial)
 	}
-	caddy.Log().Info("caddy stabilize balancing UDP",
+	msg := "caddy stabilize balancing UDP"
+	if opts.terminatesQUIC() {
+		msg = "caddy stabilize terminating QUIC"
+	}
+	caddy.Log().Info(msg,
 		zap.String("listen", listen),
 		zap.Strings("to", dials),
 		zap.String("per", opts.Per),
@@ -247,6 +257,10 @@ func commandOptionsFromFlags(fs caddycmd.Flags) (commandOptions, error) {
 	if err != nil {
 		return commandOptions{}, fmt.Errorf("invalid --alpn flag: %v", err)
 	}
+	readers, err := fs.GetInt("fastudp-readers")
+	if err != nil {
+		return commandOptions{}, fmt.Errorf("invalid --fastudp-readers flag: %v", err)
+	}
 	localFlag, _, _ := optionFlag("local_address")
 	locals, err := fs.GetStringSlice(localFlag)
 	if err != nil {
@@ -260,6 +274,7 @@ func commandOptionsFromFlags(fs caddycmd.Flags) (commandOptions, error) {
 		MaxFlows:       maxFlows,
 		IdleTimeout:    fs.String("idle-timeout"),
 		LocalAddresses: locals,
+		FastUDPReaders: readers,
 		Admin:          fs.String("admin"),
 		Debug:          fs.Bool("debug"),
 
@@ -332,6 +347,9 @@ func buildCommandConfig(opts commandOptions) ([]byte, error) {
 	}
 	if tlsApp != nil {
 		cfg.AppsRaw["tls"] = tlsApp
+	}
+	if opts.FastUDPReaders != 0 {
+		cfg.AppsRaw["stabilize"] = caddyconfig.JSON(App{FastUDPReaders: opts.FastUDPReaders}, nil) // Provision checks it
 	}
 	if opts.Debug {
 		cfg.Logging = &caddy.Logging{

@@ -374,6 +374,30 @@ func TestCommandLocalAddress(t *testing.T) {
 	})
 }
 
+// --fastudp-readers gives a fastudp/ listen address that many readers, and
+// an invalid count is refused, naming the field and the value.
+func TestCommandFastUDPReaders(t *testing.T) {
+	up := startUpstream(t, "A")
+	listen := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
+	startCommandArgs(t,
+		"--listen", FastNetwork+"/"+listen,
+		"--to", up.addr.String(),
+		"--fastudp-readers", "3",
+		"--admin", "off")
+	if n := fastSocketAt(t, listen).Readers(); n != 3 {
+		t.Fatalf("%d readers, want 3", n)
+	}
+	for i := range 4 {
+		if got := newClient(t, listen).mustRoundTrip(fmt.Sprint("flow ", i)); got != "A" {
+			t.Fatalf("flow %d: reply from %q, want A", i, got)
+		}
+	}
+	_, err := commandErrors(t, commandOptions{Listen: ":5000", To: []string{"127.0.0.1:6001"}, FastUDPReaders: 65})
+	if err == nil || !strings.Contains(err.Error(), "fastudp_readers 65") {
+		t.Errorf("65 readers: got %v, want an error naming fastudp_readers and the value", err)
+	}
+}
+
 // commandErrors builds the command's config for opts and validates it as
 // Caddy does, returning the error of each stage.
 func commandErrors(t *testing.T, opts commandOptions) (parseErr, provisionErr error) {

@@ -50,6 +50,9 @@
 // (fastudp.Warmer, the reactor's readyFlows), so that the cache misses
 // overlap; a Flow keeps what every datagram reads in its first lines, and
 // a connected socket sends without an address, on its cached route.
+// Settings of a fastudp socket belong to its address, not to a handler, so
+// they live in the stabilize app (app.go): fastudp_readers, the socket's
+// SO_REUSEPORT readers.
 //
 // # QUIC termination
 //
@@ -81,10 +84,11 @@
 // old ones. What must outlive a reload lives in package-level pools: the
 // upstream Hosts (passive health and counters) by address, active-check
 // probers by address and check settings, flow affinity and the handler
-// lineage by the handler's identity (its granularity and policy; see
-// reload.go), and fastudp sockets by address. In Cleanup an old handler
-// moves each fastudp flow whose upstream its successor still has, and whose
-// socket a config still listens on, to the successor, keeping the flow's
-// upstream-facing socket, so no reply in flight is lost; other flows end,
-// and the client's next datagram finds its upstream in the affinity table.
+// lineage by the handler's identity (its granularity, policy and whether it
+// terminates QUIC; see reload.go), and fastudp sockets by address. In
+// Cleanup an old handler moves each fastudp flow whose upstream its
+// successor still has, and whose socket a config still listens on, to the
+// successor, keeping the flow's upstream-facing socket, so no reply in
+// flight is lost; other flows end, and the client's next datagram finds its
+// upstream in the affinity table.
 package stabilize

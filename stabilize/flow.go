@@ -46,7 +46,7 @@ type Flow struct {
 	fast        *fastudp.Socket                   // the fastudp socket the flow arrived on, or nil
 	listener    netip.AddrPort                    // the listener's address
 	id          uint64                            // names the flow in the affinity table
-	idleTimeout time.Duration                     // caddy-l4's, of the flow's listener
+	idleTimeout atomic.Int64                      // nanoseconds: caddy-l4's, of the flow's listener in its handler's config
 	req         Request                           // what the policy picks for
 	lbScratch   quiclb.Scratch                    // per connection: QUIC-LB decodes without a pool
 	detached    atomic.Bool                       // the socket's reaper, not Handle, ends the flow
@@ -110,7 +110,7 @@ func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow,
 	if front != nil {
 		fl.fast = front.Socket()
 	}
-	fl.idleTimeout = h.listenerIdleTimeout(listenerNetwork(front), cx.LocalAddr())
+	fl.idleTimeout.Store(int64(h.listenerIdleTimeout(listenerNetwork(front), cx.LocalAddr())))
 	fl.header = h.proxyHeader(fl)
 	if err := fl.startReplies(); err != nil {
 		fl.stopReplies()
@@ -159,6 +159,9 @@ func (fl *Flow) assign(u *Upstream) {
 		a.set(fl.affinityKey(), u.addr, fl.id)
 	}
 }
+
+// idle is the flow's idle timeout.
+func (fl *Flow) idle() time.Duration { return time.Duration(fl.idleTimeout.Load()) }
 
 // affinityKey names the flow in the affinity table.
 func (fl *Flow) affinityKey() affinityKey {
@@ -216,7 +219,7 @@ func (fl *Flow) Warm() {
 // Expired reports whether the flow, left to its fast socket, has been idle
 // for its listener's idle timeout (fastudp.Endpoint).
 func (fl *Flow) Expired(now int64) bool {
-	return fl.detached.Load() && now-fl.lastActive.Load() > int64(fl.idleTimeout)
+	return fl.detached.Load() && now-fl.lastActive.Load() > fl.idleTimeout.Load()
 }
 
 // Close ends the flow (fastudp.Endpoint).
@@ -226,7 +229,7 @@ func (fl *Flow) Close() { fl.close() }
 // Handle stops waiting for it, because its datagrams bypass caddy-l4. It
 // reports whether it did.
 func (fl *Flow) detach() bool {
-	if fl.fast == nil || time.Now().UnixNano()-fl.lastActive.Load() >= int64(fl.idleTimeout) {
+	if fl.fast == nil || time.Now().UnixNano()-fl.lastActive.Load() >= fl.idleTimeout.Load() {
 		return false
 	}
 	fl.detached.Store(true)
@@ -290,16 +293,16 @@ func (fl *Flow) closeFor(owner *Handler) {
 		if h.affinity != nil {
 			// After Cleanup the flow continues in the next handler
 			// instance, which looks its upstream up.
-			h.affinity.release(fl.affinityKey(), fl.id, h.closing.Load(), fl.idleTimeout)
+			h.affinity.release(fl.affinityKey(), fl.id, h.closing.Load(), fl.idle())
 		}
 	}
 	h.forget(fl)
 }
 
 // moveTo hands the flow to to, the next config's handler of the same
-// identity, keeping its sockets: only fast flows, whose listener socket
-// outlives the reload, and only when to has the flow's upstream. It
-// reports whether it did.
+// identity, keeping its sockets (set up as to's) under to's idle timeout:
+// only fast flows, whose listener socket outlives the reload, and only
+// when to has the flow's upstream. It reports whether it did.
 func (fl *Flow) moveTo(to *Handler) bool {
 	if fl.fast == nil {
 		return false
@@ -317,11 +320,16 @@ func (fl *Flow) moveTo(to *Handler) bool {
 			return false
 		}
 	}
-	if !to.adopt(fl) {
+	// The socket takes to's settings: its buffer sizes, and ICMP error
+	// reports if to has passive checks.
+	if to.prepareSocket(fl.conn) != nil || !to.adopt(fl) {
 		return false
 	}
 	fl.h, fl.upstream = to, u // the same address shares one Host
 	fl.header = to.proxyHeader(fl)
+	// to's config's idle timeout, that of the listener the flow stays on.
+	idle, _ := to.serverIdleTimeout(FastNetwork, fl.listener)
+	fl.idleTimeout.Store(int64(idle))
 	fl.health.since.Store(0) // to has a reply_timeout clock of its own
 	fl.health.upstream.Store(nil)
 	fl.detached.Store(true) // Handle returns; the reaper ends the flow

@@ -2,9 +2,12 @@ package stabilize
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 
 	"github.com/stabilize-lb/caddy-stabilize/internal/fastudp"
 )
@@ -164,18 +167,25 @@ func firstKey(m map[string]bool) string {
 	return ""
 }
 
-// With two fastudp readers (SO_REUSEPORT sockets), every flow stays on its
-// upstream and gets its replies.
+// With several fastudp readers (SO_REUSEPORT sockets, the stabilize app's
+// fastudp_readers), every flow stays on its upstream and gets its replies,
+// also across reloads that add readers or take them away.
 func TestFastReaders(t *testing.T) {
-	t.Setenv(fastudp.ReadersEnv, "2")
 	a, b, c := startUpstream(t, "a"), startUpstream(t, "b"), startUpstream(t, "c")
 	lb := startBalancerOn(t, FastNetwork, false, 30*time.Second, handlerConfig(PerFlow, "round_robin", a, b, c))
-	if n := len(fastSocketAt(t, lb.addr).Readers()); n != 2 {
-		t.Fatalf("%d readers, want 2", n)
-	}
 	clients := make([]*client, 30)
 	first := make([]string, len(clients))
-	for round := range 5 {
+	for round, readers := range []int{2, 3, 0} {
+		cfg := testConfigOn(FastNetwork, lb.addr, "", 30*time.Second, handlerConfig(PerFlow, "round_robin", a, b, c))
+		if readers != 0 {
+			cfg = withStabilizeApp(t, cfg, map[string]any{"fastudp_readers": readers})
+		}
+		if err := caddy.Load(cfg, true); err != nil {
+			t.Fatalf("loading config with %d readers: %v", readers, err)
+		}
+		if n, want := fastSocketAt(t, lb.addr).Readers(), max(readers, 1); n != want {
+			t.Fatalf("%d readers, want %d", n, want)
+		}
 		for i := range clients {
 			if round == 0 {
 				clients[i] = newClient(t, lb.addr)
@@ -184,11 +194,27 @@ func TestFastReaders(t *testing.T) {
 			if round == 0 {
 				first[i] = name
 			} else if name != first[i] {
-				t.Fatalf("client %d moved from %s to %s in round %d", i, first[i], name, round)
+				t.Fatalf("client %d moved from %s to %s with %d readers", i, first[i], name, readers)
 			}
 		}
 	}
 	if got := counts(first); got != "map[a:10 b:10 c:10]" {
 		t.Errorf("flows per upstream: %s", got)
 	}
+}
+
+// withStabilizeApp adds the stabilize app, with the given settings, to the
+// config cfg.
+func withStabilizeApp(t testing.TB, cfg []byte, app map[string]any) []byte {
+	t.Helper()
+	var doc map[string]any
+	if err := json.Unmarshal(cfg, &doc); err != nil {
+		t.Fatal(err)
+	}
+	doc["apps"].(map[string]any)["stabilize"] = app
+	out, err := json.Marshal(doc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
 }

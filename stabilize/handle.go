@@ -20,6 +20,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	if !client.IsValid() {
 		return fmt.Errorf("stabilize handles UDP only, not %s", cx.RemoteAddr().Network())
 	}
+	defer takeCloseNotice(cx) // listener.go
 	if h.QUIC != nil {
 		return h.handleQUIC(cx) // quic_transport.go
 	}
@@ -41,7 +42,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		start := time.Now()
 		_, err := cx.Read(nil)
 		waited := time.Since(start)
-		if emptyDatagram(err, waited, fl.idleTimeout) {
+		if emptyDatagram(err, waited, fl.idle()) {
 			fl.forward(nil, false)
 			continue
 		}

@@ -2,12 +2,14 @@ package stabilize
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"golang.org/x/sys/unix"
 
 	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
@@ -97,4 +99,66 @@ func TestICMPReasons(t *testing.T) {
 			t.Errorf("origin %d type %d code %d: %q, want %q", tc.origin, tc.typ, tc.code, got, tc.want)
 		}
 	}
+}
+
+// A flow that a reload moves to a handler without passive checks keeps its
+// socket, which still queues ICMP errors. An error queue left unread makes
+// epoll report the socket for ever: the reply reactor must not spin on it.
+func TestReloadDroppingPassiveChecksDrainsICMPErrors(t *testing.T) {
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		a := startUpstream(t, "a")
+		withPassive := handlerConfig(per, "", a)
+		withPassive["health_checks"] = map[string]any{"passive": map[string]any{"max_fails": 1000}}
+		lb := startBalancerOn(t, network, false, 30*time.Second, withPassive)
+		cl := newClient(t, lb.addr)
+		cl.mustRoundTrip("before")
+
+		if err := caddy.Load(testConfigOn(network, lb.addr, "", 30*time.Second, handlerConfig(per, "", a)), true); err != nil {
+			t.Fatalf("reload: %v", err)
+		}
+		cl.mustRoundTrip("after the reload")
+		a.close() // its port answers with ICMP port-unreachable
+		for i := range 3 {
+			if _, _, err := cl.roundTrip([]byte(fmt.Sprint("to a closed port ", i)), 100*time.Millisecond); !isTimeout(err) {
+				t.Fatalf("round trip to a closed upstream: %v, want a timeout", err)
+			}
+		}
+		start, wall := processCPU(t), time.Now()
+		time.Sleep(time.Second)
+		if used := processCPU(t) - start; used > time.Since(wall)/4 {
+			t.Errorf("the idle balancer used %v of CPU in %v: the reply reactor spins on an unread error queue",
+				used, time.Since(wall).Round(time.Millisecond))
+		}
+	})
+}
+
+// A reload that adds passive checks covers the flows it moves to the new
+// handler: their sockets, opened by a handler without them, must report
+// ICMP errors from then on.
+func TestReloadAddingPassiveChecksCoversMovedFlows(t *testing.T) {
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		tr := trackHandlers(t)
+		a := startUpstream(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, handlerConfig(per, "", a))
+		cl := newClient(t, lb.addr)
+		cl.mustRoundTrip("before")
+
+		withPassive := handlerConfig(per, "", a)
+		withPassive["health_checks"] = map[string]any{"passive": map[string]any{"max_fails": 1, "fail_duration": "10s"}}
+		if err := caddy.Load(testConfigOn(network, lb.addr, "", 30*time.Second, withPassive), true); err != nil {
+			t.Fatalf("reload: %v", err)
+		}
+		cl.mustRoundTrip("after the reload")
+		u := tr.latest().Upstreams[0]
+		a.close() // its port answers with ICMP port-unreachable
+		for i := 0; u.healthy(); i++ {
+			if i == 50 {
+				t.Fatal("a closed upstream still up: the flow's socket reports no ICMP errors")
+			}
+			if _, err := cl.conn.Write([]byte(fmt.Sprint("to a closed port ", i))); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	})
 }

@@ -251,14 +251,17 @@ const maxErrQueue = 16
 
 // socketError handles an error reading fl's upstream socket, such as an ICMP
 // port-unreachable from one of the upstreams. It runs on the flow's reply
-// path, which reads on when it returns, and must not block. With passive
-// checks, any error makes it drain the socket's error queue, counting a
+// path, which reads on when it returns, and must not block. Any error makes
+// it drain the socket's error queue; with passive checks it counts a
 // failure for each upstream an ICMP error names.
 func (h *Handler) socketError(fl *Flow, err error) {
 	fh := &fl.health
+	// The queue is drained even without passive checks: a reload may
+	// have moved the flow here from a handler with them, and an unread
+	// queue makes epoll report the socket for ever.
+	var errs [maxErrQueue]udpio.ICMPError
+	n, qerr := udpio.ReadErrQueue(fl.conn, errs[:])
 	if hc := h.HealthChecks; hc != nil && hc.Passive != nil {
-		var errs [maxErrQueue]udpio.ICMPError
-		n, qerr := udpio.ReadErrQueue(fl.conn, errs[:])
 		for _, e := range errs[:n] {
 			u, reason := h.byAddr[e.Dest], icmpReason(e.Origin, e.Type, e.Code)
 			if u == nil || reason == "" {
@@ -270,12 +273,12 @@ func (h *Handler) socketError(fl *Flow, err error) {
 			}
 			h.passiveFailure(u, reason)
 		}
-		if n > 0 {
-			return
-		}
-		if qerr != nil {
-			err = fmt.Errorf("%w; reading the socket error queue: %w", err, qerr)
-		}
+	}
+	if n > 0 {
+		return
+	}
+	if qerr != nil {
+		err = fmt.Errorf("%w; reading the socket error queue: %w", err, qerr)
 	}
 	// An error the queue does not explain: log it once per flow.
 	if !fh.errLogged {

@@ -76,3 +76,26 @@ func TestIdentityNamesThePolicy(t *testing.T) {
 		t.Fatalf("round_robin and maglev handlers share identity %q", hs[0].identity)
 	}
 }
+
+// A flow that a reload moves to the next config's handler ends after that
+// config's idle timeout, not the one of the config it started in.
+func TestReloadShorterIdleTimeoutEndsMovedFlows(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		tr := trackHandlers(t)
+		a := startUpstream(t, "a")
+		lb := startBalancerOn(t, network, false, time.Minute, handlerConfig("flow", "", a))
+		cl := newClient(t, lb.addr)
+		cl.mustRoundTrip("before")
+		const idle = time.Second
+		if err := caddy.Load(testConfigOn(network, lb.addr, "", idle, handlerConfig("flow", "", a)), true); err != nil {
+			t.Fatalf("reload: %v", err)
+		}
+		cl.mustRoundTrip("after the reload")
+		h := tr.latest()
+		eventually(t, idle+fastHandoff+2*time.Second, "the flow to end after the new idle timeout", func() bool {
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			return len(h.flows) == 0 && h.Upstreams[0].host.Flows() == 0
+		})
+	})
+}

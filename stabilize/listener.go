@@ -6,6 +6,7 @@ import (
 	"reflect"
 	"strings"
 	"time"
+	"unsafe"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/mholt/caddy-l4/layer4"
@@ -46,6 +47,59 @@ func listenerOf(cx *layer4.Connection) (*fastudp.Front, *net.UDPConn) {
 		}
 	}
 	return front, nil
+}
+
+// listenerClosed reports whether the listener a flow arrived on is closed:
+// its caddy-l4 server has stopped, at a reload or on shutdown.
+func listenerClosed(cx *layer4.Connection) bool {
+	front, conn := listenerOf(cx)
+	switch {
+	case front != nil:
+		return front.Closed()
+	case conn != nil:
+		rc, err := conn.SyscallConn()
+		return err != nil || rc.Control(func(uintptr) {}) != nil
+	}
+	return false
+}
+
+// closeNoticeWait is how long a flow's closing notice is waited for.
+const closeNoticeWait = 10 * time.Second
+
+// takeCloseNotice works around caddy-l4 v0.1.2 (mholt/caddy-l4#462) when a
+// flow's Handle returns after its server stopped: caddy-l4 then closes
+// the flow's packetConn, which sends a notice to the server's loop, and
+// with the loop gone and the notice channel full, that goroutine would
+// park for good, with the flow's memory. Once the listener is closed (so
+// the loop is gone or going), a goroutine takes one notice off the channel,
+// found by reflection, or gives up after closeNoticeWait.
+func takeCloseNotice(cx *layer4.Connection) {
+	ch := closeNotices(cx)
+	if ch == nil || !listenerClosed(cx) {
+		return
+	}
+	go func() {
+		t := time.NewTimer(closeNoticeWait)
+		defer t.Stop()
+		select {
+		case <-ch:
+		case <-t.C:
+		}
+	}()
+}
+
+// closeNotices is the channel of caddy-l4's per-flow packetConn that its
+// Close sends the flow's notice on, or nil where cx is something else.
+func closeNotices(cx *layer4.Connection) <-chan string {
+	v := reflect.ValueOf(cx.Conn)
+	if v.Kind() != reflect.Pointer || v.Elem().Kind() != reflect.Struct {
+		return nil
+	}
+	f := v.Elem().FieldByName("closeCh")
+	if !f.IsValid() || f.Type() != reflect.TypeFor[chan string]() {
+		return nil
+	}
+	return *(*chan string)(unsafe.Pointer(f.UnsafeAddr()))
 }
 
 // listenerNetwork is the network of a listener that listenerOf found.

@@ -25,11 +25,11 @@ func init() {
 	caddy.RegisterNetwork(FastNetwork, listenFast)
 }
 
-func listenFast(_ context.Context, network, host, portRange string, portOffset uint, _ net.ListenConfig) (any, error) {
+func listenFast(ctx context.Context, network, host, portRange string, portOffset uint, _ net.ListenConfig) (any, error) {
 	start, _, _ := strings.Cut(portRange, "-")
 	port, err := strconv.ParseUint(start, 10, 16)
 	if err != nil {
 		return nil, fmt.Errorf("%s: port %q: %w", network, portRange, err)
 	}
-	return fastudp.Listen(net.JoinHostPort(host, strconv.FormatUint(port+uint64(portOffset), 10)))
+	return fastudp.Listen(net.JoinHostPort(host, strconv.FormatUint(port+uint64(portOffset), 10)), fastUDPReaders(ctx))
 }

@@ -2,7 +2,6 @@ package stabilize
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
@@ -108,6 +107,7 @@ type QUIC struct {
 	// for backend connections of clients that take no DATAGRAM frames
 	backendConfigNoDatagrams *quic.Config
 	holdsBackend             bool // a reference to the backend transport
+	processTicketKeys        bool // session tickets: the process's keys (certificate pair), not the tls app's
 	stats                    *quicStats
 }
 
@@ -254,13 +254,7 @@ func (q *QUIC) provisionServerTLS(ctx caddy.Context) error {
 			return fmt.Errorf("quic.certificate %q, key %q: %w", q.Certificate, q.Key, err)
 		}
 		q.tls = &tls.Config{Certificates: []tls.Certificate{cert}}
-		// Every handshake clones this config: one ticket key for all of
-		// them, so that clients can resume (and use 0-RTT).
-		var key [32]byte
-		if _, err := rand.Read(key[:]); err != nil {
-			return fmt.Errorf("quic: session ticket key: %w", err)
-		}
-		q.tls.SetSessionTicketKeys([][32]byte{key})
+		q.processTicketKeys = true
 		return nil
 	}
 	if len(q.ConnectionPolicies) == 0 {
@@ -313,6 +307,9 @@ func (q *QUIC) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error) 
 		}
 	}
 	cfg = cfg.Clone()
+	if q.processTicketKeys {
+		cfg.SetSessionTicketKeys(sessionTicketKeys(time.Now())) // quic_tickets.go
+	}
 	cfg.GetConfigForClient = nil
 	cfg.NextProtos = q.ALPN
 	if q.keylog != nil {

@@ -11,6 +11,12 @@ import (
 	"github.com/caddyserver/certmagic"
 )
 
+// terminatesQUIC tells whether the flags ask for QUIC termination: a
+// certificate, from files or for a domain.
+func (opts commandOptions) terminatesQUIC() bool {
+	return opts.Cert != "" || opts.Key != "" || opts.Domain != ""
+}
+
 // commandQUIC sets up QUIC termination for `caddy stabilize` when its
 // flags ask for it (a certificate, a domain, or quic/ upstreams), and
 // returns the tls app's config for --domain, or nil. Like the rest of the
@@ -20,7 +26,7 @@ func commandQUIC(opts commandOptions, h *Handler) (json.RawMessage, error) {
 	for _, u := range h.Upstreams {
 		quicUpstreams = quicUpstreams || strings.HasPrefix(u.Dial, "quic/")
 	}
-	wanted := opts.Cert != "" || opts.Key != "" || opts.Domain != ""
+	wanted := opts.terminatesQUIC()
 	switch {
 	case !wanted && (quicUpstreams || len(opts.ALPN) > 0 || opts.KeyLog != "" || opts.StatelessRetry || opts.Insecure || opts.InternalCerts):
 		return nil, errors.New("QUIC termination needs a certificate: --cert and --key, or --domain")

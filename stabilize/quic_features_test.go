@@ -302,11 +302,16 @@ func TestQUICMetricsAndAdmin(t *testing.T) {
 }
 
 // TestQUIC0RTT: a resuming client's 0-RTT data is accepted with allow_0rtt,
-// counted, and relayed; without it the client falls back to 1-RTT.
+// counted, and relayed; without it the client falls back to 1-RTT. With a
+// certificate pair, a ticket from before a reload still resumes after it.
 func TestQUIC0RTT(t *testing.T) {
 	forNetworks(t, func(t *testing.T, network string) {
-		for _, allow := range []bool{true, false} {
-			t.Run(map[bool]string{true: "on", false: "off"}[allow], func(t *testing.T) {
+		for _, tc := range []struct {
+			name          string
+			allow, reload bool
+		}{{"on", true, false}, {"off", false, false}, {"on after a reload", true, true}} {
+			t.Run(tc.name, func(t *testing.T) {
+				allow := tc.allow
 				tr := trackHandlers(t)
 				b := startQUICBackend(t, "a")
 				extra := map[string]any{}
@@ -320,6 +325,13 @@ func TestQUIC0RTT(t *testing.T) {
 				mustExchange(t, c, []byte("first"))
 				time.Sleep(100 * time.Millisecond) // the session ticket
 				_ = c.CloseWithError(0, "")
+				if tc.reload {
+					extra["max_idle_timeout"] = "20s" // a new config, new handler
+					cfg := testConfigOn(network, lb.addr, "", 30*time.Second, quicHandler(t, "", "", extra, b.dial()))
+					if err := caddy.Load(cfg, true); err != nil {
+						t.Fatal(err)
+					}
+				}
 
 				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 				defer cancel()

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/quic-go/quic-go"
 	"go.uber.org/zap"
 )
@@ -69,7 +70,7 @@ func (h *Handler) serveQUIC(c *quic.Conn) {
 		h.relayUDP(c, client)
 		return
 	}
-	u := h.pickQUIC(client)
+	u := h.pickQUIC(c, client)
 	if u == nil {
 		q.stats.failed[quicFailNoUpstream].Add(1)
 		_ = c.CloseWithError(QUICErrNoUpstream, "no upstream available")
@@ -81,13 +82,15 @@ func (h *Handler) serveQUIC(c *quic.Conn) {
 	defer u.host.quic.conns.Add(-1)
 	var b *quic.Conn
 	t, err := acquireBackendTransport()
-	if err == nil {
+	dialed := err == nil // else the failure is the balancer's own socket
+	if dialed {
 		defer releaseBackendTransport()
 		b, err = h.dialBackend(c, u, t)
 	}
 	if err != nil {
 		q.stats.failed[quicFailDial].Add(1)
-		if h.HealthChecks != nil && h.HealthChecks.Passive != nil {
+		// A dial the client's end cut short says nothing of the upstream.
+		if dialed && h.HealthChecks != nil && h.HealthChecks.Passive != nil && c.Context().Err() == nil {
 			h.passiveFailure(u, "QUIC dial: "+err.Error())
 		}
 		level := zap.DebugLevel
@@ -103,13 +106,30 @@ func (h *Handler) serveQUIC(c *quic.Conn) {
 	relayConns(c, b, &u.host.quic)
 }
 
-// pickQUIC asks the policy for an upstream for a client connection.
-func (h *Handler) pickQUIC(client netip.AddrPort) *Upstream {
+// pickQUIC asks the policy for an upstream for the client connection c
+// from client.
+func (h *Handler) pickQUIC(c *quic.Conn, client netip.AddrPort) *Upstream {
 	pool, _ := h.candidates()
 	if pool == nil {
 		return nil
 	}
-	return h.selector.Select(pool, &Request{Client: client})
+	return h.selector.Select(pool, &Request{Client: client, quic: c})
+}
+
+// quicReplacer expands the placeholders of a terminated connection, for a
+// maglev key: l4.conn.remote_addr, l4.conn.remote_ip and
+// l4.conn.local_addr, and the server name the client asked for,
+// l4.tls.server_name (or l4.quic.tls.server_name, as caddy-l4's quic
+// matcher calls it).
+func quicReplacer(c *quic.Conn, client netip.AddrPort) *caddy.Replacer {
+	repl := caddy.NewReplacer()
+	sni := c.ConnectionState().TLS.ServerName
+	repl.Set("l4.conn.remote_addr", client.String())
+	repl.Set("l4.conn.remote_ip", client.Addr().String())
+	repl.Set("l4.conn.local_addr", c.LocalAddr().String())
+	repl.Set("l4.tls.server_name", sni)
+	repl.Set("l4.quic.tls.server_name", sni)
+	return repl
 }
 
 // relayConns relays every stream and datagram between the client
@@ -269,7 +289,7 @@ func (h *Handler) relayUDP(c *quic.Conn, client netip.AddrPort) {
 	_, perFlow := h.router.(perFlowRouter)
 	var fixed *Upstream
 	if perFlow {
-		if fixed = h.pickQUIC(client); fixed == nil {
+		if fixed = h.pickQUIC(c, client); fixed == nil {
 			h.QUIC.stats.failed[quicFailNoUpstream].Add(1)
 			_ = c.CloseWithError(QUICErrNoUpstream, "no upstream available")
 			return
@@ -283,7 +303,7 @@ func (h *Handler) relayUDP(c *quic.Conn, client netip.AddrPort) {
 		if fixed != nil {
 			return fixed
 		}
-		return h.pickQUIC(client)
+		return h.pickQUIC(c, client)
 	}
 	dgram, err := net.ListenUDP(h.network, nil)
 	if err != nil {

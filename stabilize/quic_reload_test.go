@@ -33,3 +33,27 @@ func TestQUICReloadReleasesRemovedListener(t *testing.T) {
 		}
 	})
 }
+
+// TestQUICReloadTurnsOnTermination: a reload that adds QUIC termination to
+// a handler of the same granularity, policy and upstreams does not hand it
+// the old handler's flows, which would go on being balanced raw; a
+// client's next datagram goes to the new handler's QUIC transport, and
+// QUIC clients are served.
+func TestQUICReloadTurnsOnTermination(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		raw := startUpstream(t, "raw")
+		lb := startBalancerOn(t, network, false, 30*time.Second, handlerConfig(PerFlow, "round_robin", raw))
+		cl := newClient(t, lb.addr)
+		cl.mustRoundTrip("before")
+		if err := caddy.Load(testConfigOn(network, lb.addr, "", 30*time.Second, quicHandler(t, PerFlow, "round_robin", nil, raw.dial())), true); err != nil {
+			t.Fatal(err)
+		}
+		if name, _, err := cl.roundTrip([]byte("after"), 500*time.Millisecond); err == nil {
+			t.Fatalf("a raw datagram after the reload was balanced to %q", name)
+		}
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		if got := mustExchange(t, c, []byte("quic")); got != "raw" {
+			t.Fatalf("reply from %q", got)
+		}
+	})
+}

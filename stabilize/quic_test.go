@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/netip"
 	"runtime"
 	"slices"
 	"strings"
@@ -39,6 +41,39 @@ func TestQUICRoundRobin(t *testing.T) {
 			if got[b.name] != 10 {
 				t.Fatalf("connections per backend: %v, want 10 each", got)
 			}
+		}
+	})
+}
+
+// TestQUICMaglevServerName: a maglev key's placeholders expand for a
+// terminated connection: keyed by {l4.tls.server_name}, every connection
+// for one name goes to one backend, and the names spread over them.
+func TestQUICMaglevServerName(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		bs := []*quicBackend{startQUICBackend(t, "a"), startQUICBackend(t, "b"), startQUICBackend(t, "c")}
+		h := quicHandler(t, "", "", nil, bs[0].dial(), bs[1].dial(), bs[2].dial())
+		h["load_balancing"] = map[string]any{"selection": map[string]any{"policy": "maglev", "key": "{l4.tls.server_name}"}}
+		lb := startBalancerOn(t, network, false, 30*time.Second, h)
+		used := map[string]bool{}
+		for i := range 12 {
+			tlsConf := quicClientTLS(t)
+			tlsConf.ServerName = fmt.Sprintf("name%d.test", i)
+			tlsConf.InsecureSkipVerify = true // the test certificate is for localhost
+			var first string
+			for j := range 2 {
+				c := dialQUIC(t, lb.addr, nil, tlsConf)
+				name := mustExchange(t, c, []byte("hello"))
+				_ = c.CloseWithError(0, "")
+				if j == 0 {
+					first = name
+				} else if name != first {
+					t.Fatalf("%s: to %s, then to %s", tlsConf.ServerName, first, name)
+				}
+			}
+			used[first] = true
+		}
+		if len(used) < 2 {
+			t.Fatalf("12 server names all went to %v", used)
 		}
 	})
 }
@@ -429,6 +464,61 @@ func TestQUICPassiveDialFailure(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestQUICClientAbortIsNoDialFailure: a client that closes its connection
+// while the backend dial is under way ends that dial, which says nothing
+// about the upstream: it is no passive failure.
+func TestQUICClientAbortIsNoDialFailure(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		slow, dialing := startSlowUDPProxy(t, b.addr, 300*time.Millisecond)
+		h := quicHandler(t, "", "", nil, "quic/"+slow.String())
+		h["health_checks"] = map[string]any{"passive": map[string]any{"max_fails": 1, "fail_duration": "1m"}}
+		lb := startBalancerOn(t, network, false, 30*time.Second, h)
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		eventually(t, 5*time.Second, "the backend dial", func() bool { return dialing.Load() > 0 })
+		_ = c.CloseWithError(0, "") // before the backend leg can be up
+		time.Sleep(time.Second)
+		if !hostOf(t, slow).Healthy() {
+			t.Fatal("a client's abort marked its upstream down")
+		}
+		if name := mustExchange(t, dialQUIC(t, lb.addr, nil, quicClientTLS(t)), []byte("hi")); name != "a" {
+			t.Fatalf("relayed to %s", name)
+		}
+	})
+}
+
+// startSlowUDPProxy relays datagrams between to and one peer, each after
+// delay. It returns its address and the count of the peer's datagrams.
+func startSlowUDPProxy(t *testing.T, to netip.AddrPort, delay time.Duration) (netip.AddrPort, *atomic.Int64) {
+	t.Helper()
+	conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	got := new(atomic.Int64)
+	go func() {
+		var peer netip.AddrPort
+		buf := make([]byte, 65535)
+		for {
+			n, from, err := conn.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			dst := to
+			if from == to {
+				dst = peer
+			} else {
+				peer = from
+				got.Add(1)
+			}
+			b := bytes.Clone(buf[:n])
+			time.AfterFunc(delay, func() { _, _ = conn.WriteToUDPAddrPort(b, dst) })
+		}
+	}()
+	return conn.LocalAddr().(*net.UDPAddr).AddrPort(), got
 }
 
 // TestQUICRelayKeepsStreamIDs: a client stream has the same ID on the

@@ -22,10 +22,16 @@ import (
 // certificate from the tls app configured as tlsApp; pkiApp may be nil.
 func startQUICWithTLSApp(t *testing.T, network string, handler map[string]any, tlsApp, pkiApp any, storage string) *balancer {
 	t.Helper()
+	return startQUICWithTLSAppAt(t, listenAddr(t), network, handler, tlsApp, pkiApp, storage)
+}
+
+// startQUICWithTLSAppAt is startQUICWithTLSApp listening on addr.
+func startQUICWithTLSAppAt(t *testing.T, addr, network string, handler map[string]any, tlsApp, pkiApp any, storage string) *balancer {
+	t.Helper()
 	q := handler["quic"].(map[string]any)
 	delete(q, "certificate")
 	delete(q, "key")
-	b := &balancer{addr: listenAddr(t)}
+	b := &balancer{addr: addr}
 	var cfg map[string]any
 	if err := json.Unmarshal(testConfigOn(network, b.addr, "", 30*time.Second, handler), &cfg); err != nil {
 		t.Fatal(err)
@@ -101,8 +107,21 @@ func TestQUICCertificates(t *testing.T) {
 			p := newTestPKI(t)
 			lb := startQUICWithTLSApp(t, network, quicHandler(t, "", "", nil, b.dial()),
 				loadFilesApp(p), nil, t.TempDir())
-			c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+			tlsConf := quicClientTLS(t)
+			tlsConf.ClientSessionCache = tls.NewLRUClientSessionCache(4)
+			c := dialQUIC(t, lb.addr, nil, tlsConf)
 			mustExchange(t, c, []byte("loaded"))
+			time.Sleep(100 * time.Millisecond) // the session ticket
+			_ = c.CloseWithError(0, "")
+			// The tls app's session ticket keys outlive a reload, so the
+			// client resumes through the next config's handler.
+			reloaded := quicHandler(t, "", "", map[string]any{"max_idle_timeout": "20s"}, b.dial())
+			lb.addr = startQUICWithTLSAppAt(t, lb.addr, network, reloaded, loadFilesApp(p), nil, t.TempDir()).addr
+			c = dialQUIC(t, lb.addr, nil, tlsConf)
+			mustExchange(t, c, []byte("resumed"))
+			if !c.ConnectionState().TLS.DidResume {
+				t.Fatal("the client did not resume after a reload")
+			}
 		})
 	})
 }

@@ -8,8 +8,8 @@ import (
 // Reloads
 //
 // A config reload provisions the new handlers before it cleans up the old
-// ones. Handlers with the same identity (granularity and selection policy)
-// are one handler across configs: the new one inherits the old one's flow
+// ones. Handlers with the same identity (granularity, selection policy, and
+// whether they terminate QUIC) are one handler across configs: the new one inherits the old one's flow
 // affinity, and its fastudp flows (see Cleanup). The identity leaves out the
 // upstreams, so that adding or removing one keeps the others' flows; of
 // several handlers of one identity, an old one's successor is the new one
@@ -29,6 +29,9 @@ func (h *Handler) join() {
 		per = PerFlow
 	}
 	h.identity = "per=" + per + ";" + h.identity
+	if h.QUIC != nil {
+		h.identity = "quic;" + h.identity // never takes raw flows
+	}
 	if per != PerPacket {
 		a, _, _ := affinities.LoadOrNew(h.identity, newAffinity)
 		h.affinity = a.(*affinity)

@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 // adminDo makes an admin API request and fails the test unless it is OK.
@@ -154,6 +156,41 @@ func TestReloadMovesFlowsOffRemovedUpstream(t *testing.T) {
 		}
 		if n := c2.mustRoundTrip("still"); n != "b" {
 			t.Fatalf("flow on b moved to %s", n)
+		}
+	})
+}
+
+// goroutinesIn counts goroutines with a frame whose function name contains
+// fn.
+func goroutinesIn(fn string) int {
+	buf := make([]byte, 8<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	return strings.Count(string(buf), fn+"(")
+}
+
+// A reload ends the flows whose Handle runs (on udp/ every live flow, on
+// fastudp/ those younger than the hand-off): none of caddy-l4's per-flow
+// goroutines stays parked in its packetConn.Close, whose notice the
+// stopped server no longer reads (caddy-l4 v0.1.2, mholt/caddy-l4#462).
+func TestReloadLeavesNoParkedFlows(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		a := startUpstream(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, handlerConfig(PerFlow, "round_robin", a))
+		const flows = 40 // more than caddy-l4's notice channel holds (10)
+		for i := range flows {
+			newClient(t, lb.addr).mustRoundTrip(fmt.Sprint("flow ", i))
+		}
+		const parked = "layer4.(*packetConn).Close"
+		before := goroutinesIn(parked)
+		for i := range 2 {
+			cfg := testConfigOn(network, lb.addr, "", time.Duration(30+i)*time.Second, handlerConfig(PerFlow, "round_robin", a))
+			if err := caddy.Load(cfg, true); err != nil {
+				t.Fatal(err)
+			}
+		}
+		time.Sleep(time.Second) // what would park has parked by now
+		if n := goroutinesIn(parked) - before; n > 0 {
+			t.Fatalf("%d goroutines parked in caddy-l4's packetConn.Close after reloads with %d flows", n, flows)
 		}
 	})
 }

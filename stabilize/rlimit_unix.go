@@ -11,5 +11,5 @@ func fileLimit() uint64 {
 	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &l); err != nil {
 		return 1024
 	}
-	return l.Cur
+	return uint64(max(l.Cur, 0)) // int64 on the BSDs
 }

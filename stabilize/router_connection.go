@@ -96,7 +96,7 @@ func (r *perConnectionRouter) initial(fl *Flow, b, dcid []byte) *Upstream {
 	if u == nil {
 		return nil
 	}
-	r.cids.learn(dcid, keyOf(u.addr), fl.idleTimeout, false)
+	r.cids.learn(dcid, keyOf(u.addr), fl.idle(), false)
 	return r.stick(fl, u)
 }
 
@@ -140,7 +140,7 @@ func (r *perConnectionRouter) miss(fl *Flow, b, dcid []byte) *Upstream {
 		}
 	}
 	if dcid != nil {
-		r.cids.learn(dcid, keyOf(u.addr), fl.idleTimeout, false)
+		r.cids.learn(dcid, keyOf(u.addr), fl.idle(), false)
 	}
 	return u
 }
@@ -204,7 +204,7 @@ func (r *perConnectionRouter) observeReply(fl *Flow, u *Upstream, b []byte) {
 	switch typ, err := hdr.Type(); {
 	case err != nil:
 	case typ == quicwire.PacketTypeInitial, typ == quicwire.PacketTypeHandshake, typ == quicwire.PacketTypeRetry:
-		r.cids.learn(hdr.SCID, keyOf(u.addr), fl.idleTimeout, true)
+		r.cids.learn(hdr.SCID, keyOf(u.addr), fl.idle(), true)
 	}
 }
 

@@ -36,7 +36,7 @@ func newConnectionRouter(tb testing.TB, quicLB bool) (*perConnectionRouter, *Flo
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { _ = h.Cleanup() })
-	fl := &Flow{h: h, client: netip.MustParseAddrPort("127.0.0.1:40000"), idleTimeout: time.Minute}
+	fl := testFlow(h, netip.MustParseAddrPort("127.0.0.1:40000"))
 	fl.req = Request{Client: fl.client}
 	return h.router.(*perConnectionRouter), fl
 }
@@ -86,7 +86,7 @@ func TestConnectionRouteOrder(t *testing.T) {
 	}
 
 	// A QUIC-LB connection ID routes to its server from any flow.
-	other := &Flow{h: r.h, client: netip.MustParseAddrPort("127.0.0.1:40001"), idleTimeout: time.Minute}
+	other := testFlow(r.h, netip.MustParseAddrPort("127.0.0.1:40001"))
 	for i, u := range ups {
 		if got := r.route(other, shortHeader(quicLBCID(t, byte(i+1)))); got != u {
 			t.Errorf("QUIC-LB server ID %d routed to %s, want %s", i+1, got.Dial, u.Dial)
@@ -97,7 +97,7 @@ func TestConnectionRouteOrder(t *testing.T) {
 	// headers of a new flow (a rebinding) to it.
 	scid := []byte{0xaa, 0xbb, 0xcc, 0xdd}
 	r.observeReply(fl, ups[2], longHeader(2, []byte{9}, scid))
-	rebound := &Flow{h: r.h, client: netip.MustParseAddrPort("127.0.0.1:40002"), idleTimeout: time.Minute}
+	rebound := testFlow(r.h, netip.MustParseAddrPort("127.0.0.1:40002"))
 	if got := r.route(rebound, shortHeader(scid)); got != ups[2] {
 		t.Errorf("learned SCID routed to %v, want %s", got, ups[2].Dial)
 	}
@@ -150,7 +150,7 @@ func TestConnectionRouteDownUpstream(t *testing.T) {
 		t.Errorf("down datagrams %d, want 1", r.downSent.Load())
 	}
 	for i := range 6 {
-		f := &Flow{h: r.h, client: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.2"), uint16(1000+i)), idleTimeout: time.Minute}
+		f := testFlow(r.h, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.2"), uint16(1000+i)))
 		if got := r.route(f, longHeader(0, []byte{byte(i), 1, 2, 3, 4, 5, 6, 7}, nil)); got == down {
 			t.Errorf("Initial %d went to the down upstream", i)
 		}
@@ -361,4 +361,11 @@ func TestConnectionRouteKeyRotation(t *testing.T) {
 			}
 		}
 	}
+}
+
+// testFlow is a flow of client for h, with an idle timeout of a minute.
+func testFlow(h *Handler, client netip.AddrPort) *Flow {
+	fl := &Flow{h: h, client: client}
+	fl.idleTimeout.Store(int64(time.Minute))
+	return fl
 }

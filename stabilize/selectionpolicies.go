@@ -11,6 +11,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/mholt/caddy-l4/layer4"
+	"github.com/quic-go/quic-go"
 
 	"github.com/stabilize-lb/caddy-stabilize/stabilize/maglev"
 )
@@ -62,6 +63,7 @@ type Request struct {
 	Key []byte
 
 	cx     *layer4.Connection // for placeholders; may be nil
+	quic   *quic.Conn         // for placeholders of a terminated connection; may be nil
 	hash   uint64             // a hashing policy's key hash, once hashed
 	hashed bool
 }
@@ -94,10 +96,13 @@ func (r *Request) settle(sel Selector) {
 // Replace replaces the placeholders in s for the request's client
 // connection; without one it returns s.
 func (r *Request) Replace(s string) string {
-	if r.cx == nil {
-		return s
+	switch {
+	case r.cx != nil:
+		return r.cx.Replacer().ReplaceAll(s, "")
+	case r.quic != nil:
+		return quicReplacer(r.quic, r.Client).ReplaceAll(s, "") // quic_relay.go
 	}
-	return r.cx.Replacer().ReplaceAll(s, "")
+	return s
 }
 
 // RoundRobinSelection takes the upstreams in turn. In `per packet` mode
@@ -319,7 +324,10 @@ type MaglevSelection struct {
 	// What to hash, evaluated once per flow. `{l4.conn.remote_addr}` (the
 	// default) is the client's IP address and port; `{l4.conn.remote_ip}`
 	// is its IP address alone; any other placeholder or text is expanded
-	// with the connection's replacer.
+	// with the connection's replacer. For a terminated QUIC connection the
+	// placeholders are `{l4.conn.remote_addr}`, `{l4.conn.remote_ip}`,
+	// `{l4.conn.local_addr}` and `{l4.tls.server_name}`, the server name
+	// the client asked for.
 	Key string `json:"key,omitempty"`
 
 	table atomic.Pointer[maglevTable]

@@ -42,4 +42,27 @@ func TestQUICMarkdown(t *testing.T) {
 	if rows := strings.Count(md, "\n"); rows != 4 {
 		t.Errorf("%d lines, want 4:\n%s", rows, md)
 	}
+	// Over rounds, the ratios are the medians of each round's, not the
+	// ratios of the medians.
+	rs[1].HandshakesXDirect, rs[1].ThroughputXDirect = 0.6, 0.3
+	if md := quicMarkdown(rs); !strings.Contains(md, "| quic-relay | 500 | 0.60 | 100 | 0.30 |") {
+		t.Errorf("the round ratios are not shown:\n%s", md)
+	}
+}
+
+func TestQUICMedians(t *testing.T) {
+	direct := []quicResult{{Target: "quic-direct", HandshakesPerSec: 100, ThroughputMBps: 100},
+		{Target: "quic-direct", HandshakesPerSec: 200, ThroughputMBps: 400}, {Target: "quic-direct", HandshakesPerSec: 100, ThroughputMBps: 200}}
+	relay := []quicResult{{Target: "quic-relay", HandshakesPerSec: 50, ThroughputMBps: 60, CPUPerMBms: 5},
+		{Target: "quic-relay", HandshakesPerSec: 60, ThroughputMBps: 100, CPUPerMBms: 4}, {Target: "quic-relay", HandshakesPerSec: 70, ThroughputMBps: 80, CPUPerMBms: 6}}
+	r := quicMedians(relay, direct)
+	// Ratios by round: handshakes 0.5, 0.3, 0.7; throughput 0.6, 0.25, 0.4.
+	want := quicResult{Target: "quic-relay", Rounds: 3, HandshakesPerSec: 60, ThroughputMBps: 80, CPUPerMBms: 5,
+		HandshakesXDirect: 0.5, ThroughputXDirect: 0.4}
+	if r != want {
+		t.Errorf("quicMedians = %+v, want %+v", r, want)
+	}
+	if d := quicMedians(direct, direct); d.HandshakesXDirect != 1 || d.ThroughputXDirect != 1 {
+		t.Errorf("direct's own ratios: %+v", d)
+	}
 }

@@ -27,12 +27,12 @@ import (
 // QUIC termination (-mode quic): relaying to a quic/ upstream against a
 // direct quic-go connection to the same server, in the same run. Targets:
 // quic-direct (no balancer), quic-relay (udp/ listener) and quic-relay-fast
-// (fastudp/ listener). For each: handshakes per second (concurrent
-// connections, each with one stream exchange), bulk stream throughput (one
-// stream uploaded to the server), the balancer's CPU per handshake and per
-// MB, and its memory (RSS, and its Go heap after a garbage collection) and
-// goroutines before 1000 idle connections, with them, and after they have
-// closed.
+// (fastudp/ listener). First the balancer's memory (RSS, and its Go heap
+// after a garbage collection) and goroutines before 1000 idle connections,
+// with them, and after they have closed; then, in -rounds interleaved
+// rounds, for each target: handshakes per second (concurrent connections,
+// each with one stream exchange), bulk stream throughput (one stream
+// uploaded to the server), and the balancer's CPU per handshake and per MB.
 
 // quicBenchALPN is the ALPN of the bench's QUIC server.
 const quicBenchALPN = "stabilize-bench"
@@ -47,9 +47,13 @@ const (
 
 // quicResult is one target's figures; zero where they do not apply.
 type quicResult struct {
-	Target            string  `json:"target"`
-	HandshakesPerSec  float64 `json:"handshakes_per_sec"`
-	ThroughputMBps    float64 `json:"throughput_mb_per_sec"`
+	Target           string  `json:"target"`
+	HandshakesPerSec float64 `json:"handshakes_per_sec"`
+	ThroughputMBps   float64 `json:"throughput_mb_per_sec"`
+	// Medians over the rounds of each round's ratio to quic-direct.
+	HandshakesXDirect float64 `json:"handshakes_x_direct,omitempty"`
+	ThroughputXDirect float64 `json:"throughput_x_direct,omitempty"`
+	Rounds            int     `json:"rounds,omitempty"`
 	CPUPerHandshakeMs float64 `json:"cpu_ms_per_handshake,omitempty"`
 	CPUPerMBms        float64 `json:"cpu_ms_per_mb,omitempty"`
 	KBPerIdleConn     float64 `json:"kb_per_idle_connection,omitempty"`
@@ -83,6 +87,7 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 		defer func() { _ = unpinProcess(os.Getpid()) }()
 	}
 	certFile, keyFile, cert, err := quicecho.SelfSigned()
+	defer quicecho.RemoveSelfSigned()
 	if err != nil {
 		return err
 	}
@@ -108,72 +113,68 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 			return err
 		}
 	}
-	var results []quicResult
-	for _, t := range []string{"quic-direct", "quic-relay", "quic-relay-fast"} {
-		if ctx.Err() != nil {
-			return ctx.Err()
+	// The balancers run through every round, pinned once; each round
+	// measures every target, direct first, so that its ratios compare
+	// figures taken moments apart.
+	targets := []string{"quic-direct", "quic-relay", "quic-relay-fast"}
+	bals := map[string]*balancer{}
+	defer func() {
+		for _, b := range bals {
+			stopIf(b)
 		}
-		target, b := ln.Addr().String(), (*balancer)(nil)
-		if t != "quic-direct" {
-			network := "udp"
-			if t == "quic-relay-fast" {
-				network = "fastudp"
-			}
-			if b, err = env.startQUICBalancer(ctx, t, network, ln.Addr().String(), certFile, keyFile, clientTLS); err != nil {
+	}()
+	for _, t := range targets[1:] {
+		network := "udp"
+		if t == "quic-relay-fast" {
+			network = "fastudp"
+		}
+		b, err := env.startQUICBalancer(ctx, t, network, ln.Addr().String(), certFile, keyFile, clientTLS)
+		if err != nil {
+			return err
+		}
+		bals[t] = b
+		if split {
+			if err := pinProcess(b.cmd.Process.Pid, 1); err != nil {
 				return err
 			}
-			if split {
-				if err := pinProcess(b.cmd.Process.Pid, 1); err != nil {
-					stopIf(b)
-					return err
-				}
-			}
-			target = b.addr
 		}
+	}
+	// Memory first, on fresh balancers: a bulk upload leaves heap that the
+	// runtime returns to the system only later, during the readings.
+	idle := map[string]quicResult{}
+	for _, t := range targets[1:] {
 		r := quicResult{Target: t}
-		fmt.Printf("%-16s handshakes… ", t)
-		cpu0 := cpuOf(b)
-		var prof chan error
-		if b != nil && o.quicProfile != "" {
-			prof = make(chan error, 1)
-			go func() { prof <- b.cpuProfile(ctx, o.duration, filepath.Join(o.quicProfile, t+"-handshakes.pprof")) }()
-		}
-		n := quicHandshakes(ctx, target, clientTLS, o.duration)
-		r.HandshakesPerSec = float64(n) / o.duration.Seconds()
-		if b != nil && n > 0 {
-			r.CPUPerHandshakeMs = 1000 * (b.cpuSeconds() - cpu0) / float64(n)
-		}
-		if prof != nil {
-			if err := <-prof; err != nil {
-				stopIf(b)
-				return fmt.Errorf("%s: CPU profile: %w", t, err)
-			}
-		}
-		fmt.Printf("%.0f/s; bulk… ", r.HandshakesPerSec)
-		cpu0 = cpuOf(b)
-		elapsed, err := quicBulk(ctx, target, clientTLS, bulk)
-		if err != nil {
-			stopIf(b)
-			return fmt.Errorf("%s: bulk: %w", t, err)
-		}
-		mb := float64(bulk) / 1e6
-		r.ThroughputMBps = mb / elapsed.Seconds()
-		if b != nil {
-			r.CPUPerMBms = 1000 * (b.cpuSeconds() - cpu0) / mb
-		}
-		fmt.Printf("%.0f MB/s", r.ThroughputMBps)
-		if b != nil && o.quicIdle > 0 {
-			fmt.Printf("; %d idle connections… ", o.quicIdle)
-			if err := measureQUICIdle(ctx, b, target, clientTLS, o.quicIdle, &r, o.quicProfile); err != nil {
-				stopIf(b)
+		if o.quicIdle > 0 {
+			fmt.Printf("%-16s %d idle connections… ", t, o.quicIdle)
+			if err := measureQUICIdle(ctx, bals[t], bals[t].addr, clientTLS, o.quicIdle, &r, o.quicProfile); err != nil {
 				return fmt.Errorf("%s: idle connections: %w", t, err)
 			}
-			fmt.Printf("%.1f kB each; heap %d → %d → %d kB, goroutines %d → %d → %d",
+			fmt.Printf("%.1f kB each; heap %d → %d → %d kB, goroutines %d → %d → %d\n",
 				r.KBPerIdleConn, r.GoBase.HeapInuseKB, r.GoIdle.HeapInuseKB, r.GoAfterClose.HeapInuseKB,
 				r.GoBase.Goroutines, r.GoIdle.Goroutines, r.GoAfterClose.Goroutines)
 		}
-		fmt.Println()
-		stopIf(b)
+		idle[t] = r
+	}
+	rounds := make(map[string][]quicResult, len(targets))
+	for round := range o.rounds {
+		for _, t := range targets {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			r, err := measureQUICRound(ctx, o, t, bals[t], ln.Addr().String(), clientTLS, bulk, round == 0)
+			if err != nil {
+				return err
+			}
+			rounds[t] = append(rounds[t], r)
+		}
+	}
+	var results []quicResult
+	for _, t := range targets {
+		r, m := idle[t], quicMedians(rounds[t], rounds[targets[0]])
+		r.Target = t
+		r.Rounds, r.HandshakesPerSec, r.ThroughputMBps = m.Rounds, m.HandshakesPerSec, m.ThroughputMBps
+		r.HandshakesXDirect, r.ThroughputXDirect = m.HandshakesXDirect, m.ThroughputXDirect
+		r.CPUPerHandshakeMs, r.CPUPerMBms = m.CPUPerHandshakeMs, m.CPUPerMBms
 		results = append(results, r)
 	}
 	md := quicCoresNote[o.quicCores] + "\n\n" + quicMarkdown(results)
@@ -184,6 +185,65 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 	js, _ := json.MarshalIndent(results, "", "\t")
 	return errors.Join(os.WriteFile(filepath.Join(o.out, "quic.json"), js, 0o644),
 		os.WriteFile(filepath.Join(o.out, "quic.md"), []byte(md), 0o644))
+}
+
+// measureQUICRound measures target t once: handshakes for -duration, then
+// the bulk upload, and the balancer b's CPU for each (b is nil for
+// quic-direct). With profile, it writes b's CPU profile of the handshakes.
+func measureQUICRound(ctx context.Context, o *options, t string, b *balancer, server string, clientTLS *tls.Config, bulk int64, profile bool) (quicResult, error) {
+	target := server
+	if b != nil {
+		target = b.addr
+	}
+	r := quicResult{Target: t}
+	fmt.Printf("%-16s handshakes… ", t)
+	cpu0 := cpuOf(b)
+	var prof chan error
+	if b != nil && profile && o.quicProfile != "" {
+		prof = make(chan error, 1)
+		go func() { prof <- b.cpuProfile(ctx, o.duration, filepath.Join(o.quicProfile, t+"-handshakes.pprof")) }()
+	}
+	n := quicHandshakes(ctx, target, clientTLS, o.duration)
+	r.HandshakesPerSec = float64(n) / o.duration.Seconds()
+	if b != nil && n > 0 {
+		r.CPUPerHandshakeMs = 1000 * (b.cpuSeconds() - cpu0) / float64(n)
+	}
+	if prof != nil {
+		if err := <-prof; err != nil {
+			return r, fmt.Errorf("%s: CPU profile: %w", t, err)
+		}
+	}
+	fmt.Printf("%.0f/s; bulk… ", r.HandshakesPerSec)
+	cpu0 = cpuOf(b)
+	elapsed, err := quicBulk(ctx, target, clientTLS, bulk)
+	if err != nil {
+		return r, fmt.Errorf("%s: bulk: %w", t, err)
+	}
+	mb := float64(bulk) / 1e6
+	r.ThroughputMBps = mb / elapsed.Seconds()
+	if b != nil {
+		r.CPUPerMBms = 1000 * (b.cpuSeconds() - cpu0) / mb
+	}
+	fmt.Printf("%.0f MB/s\n", r.ThroughputMBps)
+	return r, nil
+}
+
+// quicMedians is a target's figures over its rounds: medians, and the
+// medians of each round's ratios to direct (rs[i] and direct[i] are the
+// same round's).
+func quicMedians(rs, direct []quicResult) quicResult {
+	r := quicResult{Target: rs[0].Target, Rounds: len(rs)}
+	var hs, mbps, cpuHS, cpuMB, hsX, mbpsX []float64
+	for i, x := range rs {
+		hs, mbps = append(hs, x.HandshakesPerSec), append(mbps, x.ThroughputMBps)
+		cpuHS, cpuMB = append(cpuHS, x.CPUPerHandshakeMs), append(cpuMB, x.CPUPerMBms)
+		hsX = append(hsX, x.HandshakesPerSec/direct[i].HandshakesPerSec)
+		mbpsX = append(mbpsX, x.ThroughputMBps/direct[i].ThroughputMBps)
+	}
+	r.HandshakesPerSec, r.ThroughputMBps = median(hs), median(mbps)
+	r.CPUPerHandshakeMs, r.CPUPerMBms = median(cpuHS), median(cpuMB)
+	r.HandshakesXDirect, r.ThroughputXDirect = median(hsX), median(mbpsX)
+	return r
 }
 
 // measureQUICIdle reads the balancer's memory and goroutines before n
@@ -227,7 +287,7 @@ func measureQUICIdle(ctx context.Context, b *balancer, target string, clientTLS 
 	}
 	var err error
 	r.RSSBaseKB = b.rssKB("VmRSS")
-	if r.GoBase, err = stats(""); err != nil {
+	if r.GoBase, err = stats("base"); err != nil {
 		return err
 	}
 	conns, err := quicIdle(ctx, target, clientTLS, n)
@@ -286,8 +346,11 @@ func quicMarkdown(rs []quicResult) string {
 		return strings.Join(parts, " → ")
 	}
 	for i, r := range rs {
-		fmt.Fprintf(&sb, "| %s | %.0f | %.2f | %.0f | %.2f |", r.Target, r.HandshakesPerSec, r.HandshakesPerSec/direct.HandshakesPerSec,
-			r.ThroughputMBps, r.ThroughputMBps/direct.ThroughputMBps)
+		hsX, mbpsX := r.HandshakesXDirect, r.ThroughputXDirect
+		if hsX == 0 || mbpsX == 0 { // one round, or figures from before rounds
+			hsX, mbpsX = r.HandshakesPerSec/direct.HandshakesPerSec, r.ThroughputMBps/direct.ThroughputMBps
+		}
+		fmt.Fprintf(&sb, "| %s | %.0f | %.2f | %.0f | %.2f |", r.Target, r.HandshakesPerSec, hsX, r.ThroughputMBps, mbpsX)
 		if i == 0 { // direct: no balancer
 			sb.WriteString(" | | | | | | |\n")
 			continue

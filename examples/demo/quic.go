@@ -21,6 +21,7 @@ import (
 // Stabilize's client did, go round the servers: 3 each.
 func runQUIC(ctx context.Context, o options) error {
 	certFile, keyFile, cert, err := quicecho.SelfSigned()
+	defer quicecho.RemoveSelfSigned()
 	if err != nil {
 		return err
 	}

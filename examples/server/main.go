@@ -105,6 +105,7 @@ func serveQUIC(addrs []string, certFile, keyFile, quicLB string) error {
 	var cert tls.Certificate
 	if certFile == "" {
 		certFile, _, cert, err = quicecho.SelfSigned()
+		defer quicecho.RemoveSelfSigned()
 		log.Printf("self-signed certificate: %s", certFile)
 	} else {
 		cert, err = tls.LoadX509KeyPair(certFile, keyFile)

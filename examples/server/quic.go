@@ -7,6 +7,7 @@ import (
 	"syscall"
 
 	"github.com/stabilize-lb/caddy-stabilize/examples/internal/h3echo"
+	"github.com/stabilize-lb/caddy-stabilize/examples/internal/quicecho"
 	"github.com/stabilize-lb/caddy-stabilize/stabilize/quiclb"
 )
 
@@ -25,6 +26,7 @@ func parseQUICLB(quicLB string) (*quiclb.Config, error) {
 // serveH3 runs HTTP/3 servers on addrs, with QUIC-LB connection IDs if
 // quicLB is a configuration, until SIGINT or SIGTERM.
 func serveH3(addrs []string, quicLB string) error {
+	defer quicecho.RemoveSelfSigned() // the servers' certificate
 	cfg, err := parseQUICLB(quicLB)
 	if err != nil {
 		return err

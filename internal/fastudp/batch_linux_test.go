@@ -61,7 +61,7 @@ func (r *recorder) snapshot() ([]string, []int) {
 // their order, while datagrams of other endpoints interleave with them;
 // the endpoint is warmed for each datagram before it is delivered.
 func TestDeliverBatch(t *testing.T) {
-	f, err := Listen("127.0.0.1:0")
+	f, err := Listen("127.0.0.1:0", 1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,18 +128,16 @@ func waitFor(t *testing.T, cond func() bool) {
 }
 
 // With several readers, each client's datagrams reach its endpoint, in
-// order, whichever socket the kernel picks for it.
+// order, whichever socket the kernel picks for it; and so they do after a
+// later config adds readers or takes them away.
 func TestReaders(t *testing.T) {
-	t.Setenv(ReadersEnv, "2")
-	f, err := Listen("127.0.0.1:0")
+	const key = "127.0.0.1:0"
+	f, err := Listen(key, 2)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
 	s := f.Socket()
-	if len(s.conns) != 2 {
-		t.Fatalf("%d sockets, want 2", len(s.conns))
-	}
 	to := s.Conn().LocalAddr().(*net.UDPAddr)
 	const clients, n = 40, 20
 	eps := make([]*recorder, clients)
@@ -154,23 +152,38 @@ func TestReaders(t *testing.T) {
 		eps[i] = &recorder{}
 		s.Register(c.LocalAddr().(*net.UDPAddr).AddrPort(), eps[i])
 	}
-	for j := range n {
-		for i, c := range conns {
-			if _, err := c.Write(fmt.Appendf(nil, "%d-%d", i, j)); err != nil {
-				t.Fatal(err)
+	sent := 0
+	for _, readers := range []int{2, 3, 1} {
+		g, err := Listen(key, readers) // the next config's
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer g.Close()
+		if g.Socket() != s {
+			t.Fatal("a second Listen of the address opened another socket")
+		}
+		if got := s.Readers(); got != readers {
+			t.Fatalf("%d readers, want %d", got, readers)
+		}
+		for j := sent; j < sent+n; j++ {
+			for i, c := range conns {
+				if _, err := c.Write(fmt.Appendf(nil, "%d-%d", i, j)); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		sent += n
+		for i, ep := range eps {
+			waitFor(t, func() bool { got, _ := ep.snapshot(); return len(got) >= sent })
+			got, _ := ep.snapshot()
+			for j := range sent {
+				if want := fmt.Sprintf("%d-%d", i, j); got[j] != want {
+					t.Fatalf("%d readers: client %d: datagram %d is %q, want %q (all: %q)", readers, i, j, got[j], want, got)
+				}
 			}
 		}
 	}
-	for i, ep := range eps {
-		waitFor(t, func() bool { got, _ := ep.snapshot(); return len(got) >= n })
-		got, _ := ep.snapshot()
-		for j := range n {
-			if want := fmt.Sprintf("%d-%d", i, j); got[j] != want {
-				t.Fatalf("client %d: datagram %d is %q, want %q (all: %q)", i, j, got[j], want, got)
-			}
-		}
-	}
-	// Another process may bind the port too (SO_REUSEPORT), but a
+	// Another socket with SO_REUSEPORT may bind the port too, but a
 	// plain socket may not.
 	if c, err := net.ListenUDP("udp", to); err == nil {
 		c.Close()
@@ -178,10 +191,11 @@ func TestReaders(t *testing.T) {
 	}
 }
 
-// An invalid reader count is refused, naming the variable and the value.
+// An invalid reader count is refused, naming the value.
 func TestReadersInvalid(t *testing.T) {
-	t.Setenv(ReadersEnv, "0")
-	if _, err := Listen("127.0.0.1:0"); err == nil || !strings.Contains(err.Error(), `STABILIZE_FASTUDP_READERS "0"`) {
-		t.Fatalf("got %v, want an error naming %s and its value", err, ReadersEnv)
+	for _, n := range []int{0, -1, MaxReaders + 1} {
+		if _, err := Listen("127.0.0.1:0", n); err == nil || !strings.Contains(err.Error(), fmt.Sprintf("%d readers", n)) {
+			t.Fatalf("%d readers: got %v, want an error naming the value", n, err)
+		}
 	}
 }

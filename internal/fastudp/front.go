@@ -57,6 +57,17 @@ func (f *Front) Close() error {
 // LocalAddr is the socket's address.
 func (f *Front) LocalAddr() net.Addr { return f.s.conn.LocalAddr() }
 
+// Closed reports whether the front is closed: the caddy-l4 server that
+// read it has stopped.
+func (f *Front) Closed() bool {
+	select {
+	case <-f.closed:
+		return true
+	default:
+		return false
+	}
+}
+
 // Unwrap returns the socket, as Caddy's own listener wrappers do.
 func (f *Front) Unwrap() net.PacketConn { return f.s.conn }
 

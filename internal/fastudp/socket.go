@@ -12,8 +12,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -78,11 +76,12 @@ const (
 
 // Socket is one UDP socket of the fast network.
 type Socket struct {
-	key   string
-	conn  *net.UDPConn   // the first reader's; replies leave through it
-	conns []*net.UDPConn // one per reader
-	done  chan struct{}  // closed once every reader has returned
-	refs  int            // under registryMu
+	key     string
+	conn    *net.UDPConn   // the first reader's; replies leave through it
+	conns   []*net.UDPConn // one per reader, under registryMu
+	serving sync.WaitGroup // the readers
+	done    chan struct{}  // closed once every reader has returned
+	refs    int            // under registryMu
 
 	mu     sync.Mutex
 	fronts []*Front // open ones, newest last
@@ -99,18 +98,33 @@ var (
 	registry   = make(map[string]*Socket) // by the address asked for
 )
 
+// MaxReaders is the most readers a socket may have.
+const MaxReaders = 64
+
 // Listen returns a new Front of the socket at addr ("host:port"), opening
-// the socket if no config uses it yet.
-func Listen(addr string) (*Front, error) {
+// the socket if no config uses it yet. The socket gets readers sockets,
+// each with its own reader, on the same address (SO_REUSEPORT; Linux only,
+// elsewhere one): the kernel spreads clients over them by a hash of their
+// address, so each stays on one. An open socket gains or loses readers to
+// match; its flows go on, whichever reader gets them.
+func Listen(addr string, readers int) (*Front, error) {
+	if !udpio.HasReusePort {
+		readers = 1
+	}
+	if readers < 1 || readers > MaxReaders {
+		return nil, fmt.Errorf("%d readers: want 1 to %d", readers, MaxReaders)
+	}
 	registryMu.Lock()
 	defer registryMu.Unlock()
 	s := registry[addr]
 	if s == nil {
 		var err error
-		if s, err = open(addr); err != nil {
+		if s, err = open(addr, readers); err != nil {
 			return nil, err
 		}
 		registry[addr] = s
+	} else if err := s.resize(readers); err != nil {
+		return nil, err
 	}
 	s.refs++
 	f := &Front{s: s, queue: make(chan *queued, newClientQueue), closed: make(chan struct{})}
@@ -131,82 +145,79 @@ func Sockets() []*Socket {
 	return list
 }
 
-func open(addr string) (*Socket, error) {
-	n, err := Readers()
-	if err != nil {
-		return nil, err
-	}
-	conns, err := listen(addr, n)
+func open(addr string, readers int) (*Socket, error) {
+	first, err := listen(addr)
 	if err != nil {
 		return nil, err
 	}
 	s := &Socket{
-		key:   addr,
-		conn:  conns[0],
-		conns: conns,
-		done:  make(chan struct{}),
-		eps:   make(map[netip.AddrPort]Endpoint),
+		key:  addr,
+		conn: first,
+		done: make(chan struct{}),
+		eps:  make(map[netip.AddrPort]Endpoint),
 	}
-	batches := make([]*udpio.Batch, len(conns))
-	for i, c := range conns {
-		udpio.GrowBuffers(c, socketBuffer)
-		if batches[i], err = udpio.NewBatch(c, batchSize, BufferSize); err != nil {
-			s.closeConns()
-			return nil, err
-		}
+	if err := s.serveConn(first); err != nil {
+		_ = first.Close()
+		return nil, err
 	}
-	var serving sync.WaitGroup
-	for _, b := range batches {
-		serving.Go(func() { s.serve(b) })
+	if err := s.resize(readers); err != nil {
+		s.closeConns()
+		return nil, err
 	}
 	go func() {
-		serving.Wait()
+		s.serving.Wait()
 		close(s.done)
 	}()
 	go s.reap()
 	return s, nil
 }
 
-// listen opens n sockets at addr: one, or n with SO_REUSEPORT, among which
-// the kernel spreads the clients by a hash of their address and port, so
-// that each client stays on one.
-func listen(addr string, n int) ([]*net.UDPConn, error) {
+// listen opens a socket at addr, with SO_REUSEPORT where there is one, so
+// that readers can be added on the same address.
+func listen(addr string) (*net.UDPConn, error) {
 	var lc net.ListenConfig
-	if n > 1 {
+	if udpio.HasReusePort {
 		lc.Control = udpio.ReusePort
 	}
-	var conns []*net.UDPConn
-	for range n {
-		pc, err := lc.ListenPacket(context.Background(), "udp", addr)
-		if err != nil {
-			for _, c := range conns {
-				_ = c.Close()
-			}
-			return nil, err
-		}
-		conns = append(conns, pc.(*net.UDPConn))
-		addr = pc.LocalAddr().String() // the port the first got, for port 0
+	pc, err := lc.ListenPacket(context.Background(), "udp", addr)
+	if err != nil {
+		return nil, err
 	}
-	return conns, nil
+	return pc.(*net.UDPConn), nil
 }
 
-// ReadersEnv is the environment variable that sets how many sockets, each
-// with its own reader, a fastudp address opens; see Readers.
-const ReadersEnv = "STABILIZE_FASTUDP_READERS"
+// serveConn starts a reader on c, one of the socket's; under registryMu
+// once the socket is open.
+func (s *Socket) serveConn(c *net.UDPConn) error {
+	udpio.GrowBuffers(c, socketBuffer)
+	b, err := udpio.NewBatch(c, batchSize, BufferSize)
+	if err != nil {
+		return err
+	}
+	s.conns = append(s.conns, c)
+	s.serving.Go(func() { s.serve(b) })
+	return nil
+}
 
-// Readers is how many SO_REUSEPORT sockets and readers each fastudp
-// address has: $STABILIZE_FASTUDP_READERS, 1 to 64, or 1 (Linux only;
-// elsewhere 1).
-func Readers() (int, error) {
-	v := os.Getenv(ReadersEnv)
-	if v == "" || !udpio.HasReusePort {
-		return 1, nil
+// resize opens or closes readers until the socket has n; the first, which
+// replies leave through, stays. Under registryMu once the socket is open.
+func (s *Socket) resize(n int) error {
+	for len(s.conns) > n {
+		last := len(s.conns) - 1
+		_ = s.conns[last].Close()
+		s.conns = s.conns[:last]
 	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n < 1 || n > 64 {
-		return 0, fmt.Errorf("%s %q: want a number of readers from 1 to 64", ReadersEnv, v)
+	for len(s.conns) < n {
+		c, err := listen(s.conn.LocalAddr().String()) // the port the first got, for port 0
+		if err != nil {
+			return fmt.Errorf("adding a reader: %w", err)
+		}
+		if err := s.serveConn(c); err != nil {
+			_ = c.Close()
+			return fmt.Errorf("adding a reader: %w", err)
+		}
 	}
-	return n, nil
+	return nil
 }
 
 func (s *Socket) closeConns() {
@@ -254,8 +265,12 @@ func (s *Socket) Open() bool {
 // Key is the address the socket was asked for.
 func (s *Socket) Key() string { return s.key }
 
-// Readers are the sockets, one per reader; the first is Conn.
-func (s *Socket) Readers() []*net.UDPConn { return s.conns }
+// Readers is how many sockets, each with a reader, the socket has.
+func (s *Socket) Readers() int {
+	registryMu.Lock()
+	defer registryMu.Unlock()
+	return len(s.conns)
+}
 
 // Conn is the socket. Writes to it go to clients.
 func (s *Socket) Conn() *net.UDPConn { return s.conn }

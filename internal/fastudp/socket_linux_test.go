@@ -8,7 +8,7 @@ import (
 )
 
 func TestSocketBuffers(t *testing.T) {
-	f, err := Listen("127.0.0.1:0")
+	f, err := Listen("127.0.0.1:0", 1)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -211,6 +211,15 @@ func SelfSigned() (certFile, keyFile string, cert tls.Certificate, err error) {
 	return certFile, keyFile, cert, err
 }
 
+// RemoveSelfSigned removes the files SelfSigned wrote, if it did: programs
+// call it on their way out, so no certificate is left in the temporary
+// directory.
+func RemoveSelfSigned() {
+	if certDir != "" {
+		_ = os.RemoveAll(certDir)
+	}
+}
+
 func writeSelfSigned() (string, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
