@@ -44,10 +44,15 @@
 // when the socket is full. On Linux the flow sockets stay out of Go's
 // netpoller (udpio.Socket): only the reactor's epoll set watches them, so a
 // reply costs one epoll event, not a second one in the runtime's set, and
-// the data path's raw system calls touch no poll descriptor. Settings of
-// a fastudp socket belong to its address, not to a handler, so they live in
-// the stabilize app (app.go): fastudp_readers, the socket's SO_REUSEPORT
-// readers.
+// the data path's raw system calls touch no poll descriptor. With many
+// flows, whose memory has gone cold in the CPU's cache, both directions
+// read the state of a batch's flows once before relaying the first
+// (fastudp.Warmer, the reactor's readyFlows), so that the cache misses
+// overlap; a Flow keeps what every datagram reads in its first lines, and
+// a connected socket sends without an address, on its cached route.
+// Settings of a fastudp socket belong to its address, not to a handler, so
+// they live in the stabilize app (app.go): fastudp_readers, the socket's
+// SO_REUSEPORT readers.
 //
 // # QUIC termination
 //

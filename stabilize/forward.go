@@ -71,7 +71,7 @@ func (fl *Flow) send1(b []byte, u *Upstream) {
 		n := copy(buf[:], fl.header)
 		b = buf[:n+copy(buf[n:], b)]
 	}
-	switch err := fl.send.SendTo(b, u.addr); {
+	switch err := fl.send.SendTo(b, fl.sendAddr(u)); {
 	case err == nil:
 		u.host.datagramsSent.Add(1)
 		u.host.bytesSent.Add(uint64(len(b)))

@@ -32,7 +32,7 @@ func (fl *Flow) queue(sb *sendBatch, b []byte, u *Upstream) {
 		fl.flush(sb)
 	}
 	sb.ups[sb.q.Len()] = u
-	sb.q.Add(b, u.addr, fl.send.Family())
+	sb.q.Add(b, fl.sendAddr(u), fl.send.Family())
 }
 
 // flush sends sb's datagrams with sendmmsg, counts them, and empties sb. A

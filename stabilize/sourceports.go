@@ -75,11 +75,11 @@ func releasePort(k portKey, p uint16) {
 // connection is the state of a `per flow` flow's connected socket. fl.mu
 // is held.
 type connection struct {
+	peer     netip.AddrPort // its upstream; invalid before the first
 	connects bool           // the socket is connected to the flow's upstream
 	bound    bool           // the socket has been bound
-	src      netip.Addr     // its source address
 	port     uint16         // its source port
-	peer     netip.AddrPort // its upstream; invalid before the first
+	src      netip.Addr     // its source address
 }
 
 // connects says whether h's flows connect their sockets to their upstream:
@@ -133,6 +133,16 @@ func (fl *Flow) connectTo(u *Upstream, sb *sendBatch) bool {
 		return false
 	}
 	return true
+}
+
+// sendAddr is the address to send fl's datagrams for u to: none when the
+// socket is connected to u, so that the kernel uses the socket's cached
+// route instead of looking one up for every datagram. fl.mu is held.
+func (fl *Flow) sendAddr(u *Upstream) netip.AddrPort {
+	if fl.connection.connects {
+		return netip.AddrPort{} // connectTo has connected it to u
+	}
+	return u.addr
 }
 
 // connect binds and connects fl's socket, or puts a new one in its place,

@@ -10,11 +10,13 @@ import (
 	"time"
 )
 
-// recorder is a BatchEndpoint that records what it gets, and how.
+// recorder is a BatchEndpoint and Warmer that records what it gets, and
+// how.
 type recorder struct {
 	mu      sync.Mutex
 	got     []string
 	calls   []int // datagrams per call
+	warms   int   // Warm calls before the latest delivery
 	hold    chan struct{}
 	holding bool
 }
@@ -23,8 +25,17 @@ func (r *recorder) Deliver(b []byte, _ bool, _ int64) {
 	r.DeliverBatch([]Datagram{{B: b}}, 0)
 }
 
+func (r *recorder) Warm() {
+	r.mu.Lock()
+	r.warms++
+	r.mu.Unlock()
+}
+
 func (r *recorder) DeliverBatch(ds []Datagram, _ int64) {
 	r.mu.Lock()
+	if r.warms < len(r.got)+len(ds) {
+		r.calls = append(r.calls, -1) // delivered before Warm: fails the test
+	}
 	for _, d := range ds {
 		r.got = append(r.got, string(d.B))
 	}
@@ -47,7 +58,8 @@ func (r *recorder) snapshot() ([]string, []int) {
 }
 
 // A read batch's datagrams of one endpoint reach it in one DeliverBatch, in
-// their order, while datagrams of other endpoints interleave with them.
+// their order, while datagrams of other endpoints interleave with them;
+// the endpoint is warmed for each datagram before it is delivered.
 func TestDeliverBatch(t *testing.T) {
 	f, err := Listen("127.0.0.1:0", 1)
 	if err != nil {
@@ -96,6 +108,9 @@ func TestDeliverBatch(t *testing.T) {
 		}
 		if !slices.Equal(got, want) {
 			t.Errorf("endpoint %d got %q, want %q", c, got, want)
+		}
+		if slices.Contains(calls, -1) {
+			t.Errorf("endpoint %d got datagrams before Warm: %v", c, calls)
 		}
 		if last := calls[len(calls)-1]; last != n {
 			t.Errorf("endpoint %d got its batch in calls of %v datagrams, want the last of %d", c, calls, n)

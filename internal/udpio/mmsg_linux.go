@@ -97,8 +97,9 @@ func NewSendQueue(size int) *SendQueue {
 // Len is the number of queued datagrams.
 func (q *SendQueue) Len() int { return q.n }
 
-// Add queues b, to be sent to to from a socket of the given family. An empty
-// b is a valid, empty datagram.
+// Add queues b, to be sent to to from a socket of the given family, or to
+// the socket's connected peer if to is invalid. An empty b is a valid,
+// empty datagram.
 func (q *SendQueue) Add(b []byte, to netip.AddrPort, family int) {
 	i := q.n
 	q.iovs[i].Base = unsafe.SliceData(b)
@@ -203,10 +204,15 @@ func addrPort(sa *unix.RawSockaddrInet6) netip.AddrPort {
 }
 
 // putSockaddr stores ap in sa for a socket of the given family, and returns
-// the address length, 0 when an IPv4 socket cannot reach ap: the send then
-// fails (EDESTADDRREQ) instead of reaching a wrong address.
+// the address length; 0, no address, when ap is invalid: the send goes to
+// the socket's connected peer, which skips the kernel's route lookup, or
+// when an IPv4 socket cannot reach ap: the send then fails instead of
+// reaching a wrong address.
 func putSockaddr(sa *unix.RawSockaddrInet6, family int, ap netip.AddrPort) uint32 {
 	*sa = unix.RawSockaddrInet6{} // no stale bytes: GSO runs compare whole addresses
+	if !ap.IsValid() {
+		return 0
+	}
 	if family == unix.AF_INET {
 		if !ap.Addr().Is4() {
 			return 0

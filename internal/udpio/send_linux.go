@@ -1,6 +1,7 @@
 package udpio
 
 import (
+	"net"
 	"net/netip"
 	"syscall"
 	"unsafe"
@@ -10,46 +11,87 @@ import (
 
 // Sender sends datagrams from one socket without ever blocking: a datagram
 // the socket's buffer cannot take is dropped with ErrWouldBlock. One
-// goroutine at a time may use a Sender; it allocates nothing per send.
+// goroutine at a time may use a Sender; it allocates nothing per send. A
+// Socket's sends make the system call directly, with what they need on the
+// stack, so that a flow's send touches no memory but the Sender's two words
+// and the Socket's.
 type Sender struct {
-	rc     syscall.RawConn
+	sock   *Socket    // or
+	raw    *rawSender // for any other syscall.Conn
 	family int
+}
 
+// rawSender sends through a RawConn.
+type rawSender struct {
+	rc    syscall.RawConn
 	b     []byte
 	sa    unix.RawSockaddrInet6
 	salen uint32
 	errno syscall.Errno
-	sendf func(fd uintptr) bool // s.send, bound once
+	sendf func(fd uintptr) bool // send, bound once
 
-	q        *SendQueue
-	from, to int
-	sent     int
-	segment  int                   // of a GSO send; 0: sendmmsg
-	sendqf   func(fd uintptr) bool // s.sendQueued, bound once
+	q                       *SendQueue
+	from, to, sent, segment int
+	sendqf                  func(fd uintptr) bool // sendQueued, bound once
 }
 
 // NewSender returns a Sender for conn.
 func NewSender(conn syscall.Conn) (*Sender, error) {
+	s := new(Sender)
+	return s, s.Init(conn)
+}
+
+// Init sets s up to send on conn, for a Sender kept by value.
+func (s *Sender) Init(conn syscall.Conn) error {
+	if sock, ok := conn.(*Socket); ok {
+		*s = Sender{sock: sock, family: sock.Family()}
+		return nil
+	}
 	rc, err := conn.SyscallConn()
 	if err != nil {
-		return nil, err
+		return err
 	}
-	s := &Sender{rc: rc, family: Family(rc)}
-	s.sendf = s.send
-	s.sendqf = s.sendQueued
-	return s, nil
+	r := &rawSender{rc: rc}
+	r.sendf = r.send
+	r.sendqf = r.sendQueued
+	*s = Sender{raw: r, family: Family(rc)}
+	return nil
+}
+
+// Warm loads the Socket's state into the CPU's cache, ahead of a send.
+func (s *Sender) Warm() {
+	if s.sock != nil {
+		s.sock.refs.Load()
+	}
 }
 
 // Family is the socket's address family, for SendQueue.Add.
 func (s *Sender) Family() int { return s.family }
 
-func (s *Sender) sendQueued(fd uintptr) bool {
-	if s.segment > 0 {
-		s.sent, s.errno = s.to-s.from, s.q.SendGSO(fd, s.from, s.to, s.segment)
-	} else {
-		s.sent, s.errno = s.q.Send(fd, s.from, s.to)
+// SendTo sends b to to, or to the socket's connected peer if to is
+// invalid.
+func (s *Sender) SendTo(b []byte, to netip.AddrPort) error {
+	if s.sock == nil {
+		return s.raw.sendTo(b, s.family, to)
 	}
-	return true // never wait for the socket
+	var sa unix.RawSockaddrInet6
+	salen := putSockaddr(&sa, s.family, to)
+	if !s.sock.acquire() {
+		return net.ErrClosed
+	}
+	errno := sendto(uintptr(s.sock.fd), b, &sa, salen)
+	s.sock.release()
+	return errnoErr(errno)
+}
+
+// sendto sends b from fd to sa, or to the connected peer when salen is 0.
+func sendto(fd uintptr, b []byte, sa *unix.RawSockaddrInet6, salen uint32) syscall.Errno {
+	if salen == 0 {
+		sa = nil // with a name of length 0, sendto fails
+	}
+	_, _, errno := unix.RawSyscall6(unix.SYS_SENDTO, fd, uintptr(unsafe.Pointer(unsafe.SliceData(b))),
+		uintptr(len(b)), unix.MSG_DONTWAIT, uintptr(unsafe.Pointer(sa)), uintptr(salen))
+	return errno
 }
 
 // SendQueued sends q's datagrams from from up to to, as SendQueue.NextRun
@@ -57,43 +99,69 @@ func (s *Sender) sendQueued(fd uintptr) bool {
 // datagram of segment-byte segments. It returns how many the socket took
 // (GSO: all or none); none if it could take none now (ErrWouldBlock).
 func (s *Sender) SendQueued(q *SendQueue, from, to, segment int) (int, error) {
-	s.q, s.from, s.to, s.segment = q, from, to, segment
-	err := s.rc.Write(s.sendqf)
-	s.q = nil
-	if err == nil {
-		err = s.err()
+	if s.sock == nil {
+		return s.raw.sendQueuedTo(q, from, to, segment)
 	}
-	if err != nil {
+	if !s.sock.acquire() {
+		return 0, net.ErrClosed
+	}
+	sent, errno := q.send(uintptr(s.sock.fd), from, to, segment)
+	s.sock.release()
+	if err := errnoErr(errno); err != nil {
 		return 0, err
 	}
-	return s.sent, nil
+	return sent, nil
 }
 
-// err is the error of the last system call.
-func (s *Sender) err() error {
+// send sends the queued datagrams from from up to to on fd, as SendQueued.
+func (q *SendQueue) send(fd uintptr, from, to, segment int) (int, syscall.Errno) {
+	if segment > 0 {
+		return to - from, q.SendGSO(fd, from, to, segment)
+	}
+	return q.Send(fd, from, to)
+}
+
+// errnoErr is the error of a system call's errno.
+func errnoErr(errno syscall.Errno) error {
 	switch {
-	case s.errno == unix.EAGAIN:
+	case errno == unix.EAGAIN:
 		return ErrWouldBlock
-	case s.errno != 0:
-		return s.errno
+	case errno != 0:
+		return errno
 	}
 	return nil
 }
 
-func (s *Sender) send(fd uintptr) bool {
-	_, _, s.errno = unix.RawSyscall6(unix.SYS_SENDTO, fd, uintptr(unsafe.Pointer(unsafe.SliceData(s.b))),
-		uintptr(len(s.b)), unix.MSG_DONTWAIT, uintptr(unsafe.Pointer(&s.sa)), uintptr(s.salen))
-	return true // never wait for the socket
-}
-
-// SendTo sends b to to.
-func (s *Sender) SendTo(b []byte, to netip.AddrPort) error {
-	s.b = b
-	s.salen = putSockaddr(&s.sa, s.family, to)
-	err := s.rc.Write(s.sendf)
-	s.b = nil
+func (r *rawSender) sendTo(b []byte, family int, to netip.AddrPort) error {
+	r.b = b
+	r.salen = putSockaddr(&r.sa, family, to)
+	err := r.rc.Write(r.sendf)
+	r.b = nil
 	if err != nil {
 		return err
 	}
-	return s.err()
+	return errnoErr(r.errno)
+}
+
+func (r *rawSender) send(fd uintptr) bool {
+	r.errno = sendto(fd, r.b, &r.sa, r.salen)
+	return true // never wait for the socket
+}
+
+func (r *rawSender) sendQueuedTo(q *SendQueue, from, to, segment int) (int, error) {
+	r.q, r.from, r.to, r.segment = q, from, to, segment
+	err := r.rc.Write(r.sendqf)
+	r.q = nil
+	if err == nil {
+		err = errnoErr(r.errno)
+	}
+	if err != nil {
+		return 0, err
+	}
+	return r.sent, nil
+}
+
+func (r *rawSender) sendQueued(fd uintptr) bool {
+	r.sent, r.errno = r.q.send(fd, r.from, r.to, r.segment)
+	return true // never wait for the socket
 }

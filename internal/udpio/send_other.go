@@ -15,7 +15,19 @@ type Sender struct {
 }
 
 // NewSender returns a Sender for conn.
-func NewSender(conn *net.UDPConn) (*Sender, error) { return &Sender{conn: conn}, nil }
+func NewSender(conn *net.UDPConn) (*Sender, error) {
+	s := new(Sender)
+	return s, s.Init(conn)
+}
+
+// Init sets s up to send on conn, for a Sender kept by value.
+func (s *Sender) Init(conn *net.UDPConn) error {
+	s.conn = conn
+	return nil
+}
+
+// Warm does nothing here.
+func (*Sender) Warm() {}
 
 // SendTo sends b to to.
 func (s *Sender) SendTo(b []byte, to netip.AddrPort) error {

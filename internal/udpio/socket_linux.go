@@ -25,8 +25,9 @@ import (
 // number that the kernel has handed to another socket. After Close, calls
 // report net.ErrClosed.
 type Socket struct {
-	fd        int
 	refs      atomic.Uint64 // calls in progress, plus socketClosing once Close began
+	fd        int
+	family    int
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -67,7 +68,7 @@ func NewSocket(family int) (*Socket, error) {
 			return nil, os.NewSyscallError("setsockopt IPV6_V6ONLY", err)
 		}
 	}
-	return &Socket{fd: fd}, nil
+	return &Socket{fd: fd, family: family}, nil
 }
 
 // NewBound returns a UDP socket bound to local, a port the kernel picks on
@@ -94,6 +95,9 @@ func NewBound(family int, local netip.Addr) (*Socket, error) {
 // FD is the socket's descriptor, for a caller that orders its use with
 // Close itself (the reply reactor).
 func (s *Socket) FD() int { return s.fd }
+
+// Family is the socket's address family.
+func (s *Socket) Family() int { return s.family }
 
 // Close closes the socket, at once or when the call in progress returns.
 func (s *Socket) Close() error {

@@ -122,3 +122,64 @@ func TestSocketCloseDuringCall(t *testing.T) {
 		t.Errorf("a second Close: %v, want net.ErrClosed", err)
 	}
 }
+
+// A connected Socket's Sender sends to its peer when given no address:
+// alone, with sendmmsg and with GSO. An unconnected one refuses.
+func TestSenderConnectedPeer(t *testing.T) {
+	peer, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	peerAddr := peer.LocalAddr().(*net.UDPAddr).AddrPort()
+	s, err := NewUnbound(unix.AF_INET)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := Connect(s, netip.MustParseAddrPort("127.0.0.1:0"), peerAddr); err != nil {
+		t.Fatal(err)
+	}
+	var snd Sender
+	if err := snd.Init(s); err != nil {
+		t.Fatal(err)
+	}
+	if err := snd.SendTo([]byte("one"), netip.AddrPort{}); err != nil {
+		t.Fatalf("SendTo without an address: %v", err)
+	}
+	q := NewSendQueue(4)
+	for _, b := range []string{"two", "three"} { // different sizes: sendmmsg
+		q.Add([]byte(b), netip.AddrPort{}, snd.Family())
+	}
+	if n, err := snd.SendQueued(q, 0, 2, 0); n != 2 || err != nil {
+		t.Fatalf("sendmmsg without addresses: %d sent, %v", n, err)
+	}
+	q.Reset()
+	for _, b := range []string{"four", "five"} { // one size: GSO
+		q.Add([]byte(b), netip.AddrPort{}, snd.Family())
+	}
+	if n, err := snd.SendQueued(q, 0, 2, 4); n != 2 || err != nil {
+		t.Fatalf("GSO without an address: %d sent, %v", n, err)
+	}
+	buf := make([]byte, 64)
+	_ = peer.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for _, want := range []string{"one", "two", "three", "four", "five"} {
+		n, _, err := peer.ReadFromUDPAddrPort(buf)
+		if err != nil || string(buf[:n]) != want {
+			t.Fatalf("peer read %q, %v; want %q", buf[:n], err, want)
+		}
+	}
+
+	u, err := NewBound(unix.AF_INET, netip.MustParseAddr("127.0.0.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	var usnd Sender
+	if err := usnd.Init(u); err != nil {
+		t.Fatal(err)
+	}
+	if err := usnd.SendTo([]byte("x"), netip.AddrPort{}); !errors.Is(err, unix.EDESTADDRREQ) {
+		t.Errorf("unconnected SendTo without an address: %v, want EDESTADDRREQ", err)
+	}
+}
