@@ -258,24 +258,7 @@ func TestReloadUnderNewClientsLeavesNoParkedFlows(t *testing.T) {
 		a := startUpstream(t, "a")
 		const idle = time.Second // shorter than fastHandoff
 		lb := startBalancerOn(t, network, false, idle, handlerConfig(PerFlow, "round_robin", a))
-		raddr, err := net.ResolveUDPAddr("udp", lb.addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var stop atomic.Bool
-		var wg sync.WaitGroup
-		for range 3 {
-			wg.Go(func() {
-				for !stop.Load() {
-					c, err := net.DialUDP("udp", nil, raddr)
-					if err != nil {
-						continue
-					}
-					_, _ = c.Write([]byte("new client"))
-					_ = c.Close()
-				}
-			})
-		}
+		stop := newClientsFlood(t, lb.addr, 3)
 		for i := range 3 {
 			time.Sleep(200 * time.Millisecond)
 			cfg := testConfigOn(network, lb.addr, "", idle+time.Duration(i+1)*time.Millisecond, handlerConfig(PerFlow, "round_robin", a))
@@ -283,8 +266,7 @@ func TestReloadUnderNewClientsLeavesNoParkedFlows(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		stop.Store(true)
-		wg.Wait()
+		stop()
 		time.Sleep(idle + time.Second) // every flow has ended
 		// The live server may still be taking notices of its flows.
 		deadline := time.Now().Add(10 * time.Second)
@@ -308,25 +290,7 @@ func TestReloadUnderNewClientsEndsOldFlows(t *testing.T) {
 		a := startUpstream(t, "a")
 		const idle = 10 * time.Second
 		lb := startBalancerOn(t, network, false, idle, handlerConfig(PerFlow, "round_robin", a))
-		raddr, err := net.ResolveUDPAddr("udp", lb.addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var stop atomic.Bool
-		var wg sync.WaitGroup
-		defer func() { stop.Store(true); wg.Wait() }()
-		for range 2 {
-			wg.Go(func() {
-				for !stop.Load() {
-					c, err := net.DialUDP("udp", nil, raddr)
-					if err != nil {
-						continue
-					}
-					_, _ = c.Write([]byte("new client"))
-					_ = c.Close()
-				}
-			})
-		}
+		defer newClientsFlood(t, lb.addr, 2)()
 		for i := range 3 {
 			time.Sleep(200 * time.Millisecond)
 			old := tr.latest()
@@ -354,4 +318,30 @@ func TestReloadUnderNewClientsEndsOldFlows(t *testing.T) {
 			}
 		}
 	})
+}
+
+// newClientsFlood sends one datagram from a new client socket after
+// another to addr, from workers goroutines, until the returned stop is
+// called.
+func newClientsFlood(t *testing.T, addr string, workers int) (stop func()) {
+	t.Helper()
+	raddr, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stopped atomic.Bool
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for !stopped.Load() {
+				c, err := net.DialUDP("udp", nil, raddr)
+				if err != nil {
+					continue
+				}
+				_, _ = c.Write([]byte("new client"))
+				_ = c.Close()
+			}
+		})
+	}
+	return func() { stopped.Store(true); wg.Wait() }
 }
