@@ -132,7 +132,9 @@ func (q *SendQueue) SendGSO(fd uintptr, from, to, size int) syscall.Errno {
 	msg.Iov = &q.iovs[from]
 	msg.SetIovlen(to - from)
 	msg.Control = &cmsg[0]
-	msg.SetControllen(len(cmsg))
+	// CMSG_SPACE: where the buffer is longer (386), a 32-bit process's
+	// padding would read as a second, malformed header: EINVAL.
+	msg.SetControllen(unix.CmsgSpace(2))
 	_, _, errno := unix.RawSyscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&msg)), unix.MSG_DONTWAIT)
 	return errno
 }
