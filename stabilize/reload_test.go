@@ -309,7 +309,10 @@ func TestReloadUnderNewClientsEndsOldFlows(t *testing.T) {
 				}
 				return n
 			}
-			deadline := time.Now().Add(3 * time.Second)
+			// Well within the idle timeout, which would end them anyway;
+			// the flood's new flows compete for the source-port lock,
+			// slowly under the race detector.
+			deadline := time.Now().Add(idle - 2*time.Second)
 			for open() > 0 && time.Now().Before(deadline) {
 				time.Sleep(50 * time.Millisecond)
 			}
