@@ -101,10 +101,7 @@ func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow,
 		id:       flowIDs.Add(1),
 		req:      Request{Client: client, cx: cx},
 	}
-	if err := fl.send.Init(conn); err != nil {
-		_ = conn.Close()
-		return nil, err
-	}
+	fl.send.Init(conn)
 	fl.cx.Store(cx)
 	fl.connection.connects = connects
 	if front != nil {

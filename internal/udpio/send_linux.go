@@ -9,53 +9,27 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Sender sends datagrams from one socket without ever blocking: a datagram
-// the socket's buffer cannot take is dropped with ErrWouldBlock. One
-// goroutine at a time may use a Sender; it allocates nothing per send. A
-// Socket's sends make the system call directly, with what they need on the
-// stack, so that a flow's send touches no memory but the Sender's two words
-// and the Socket's.
+// Sender sends datagrams from one Socket without ever blocking: a
+// datagram the socket's buffer cannot take is dropped with ErrWouldBlock.
+// One goroutine at a time may use a Sender; it allocates nothing per send.
+// Sends make the system call directly, with what they need on the stack,
+// so that a flow's send touches no memory but the Sender's two words and
+// the Socket's.
 type Sender struct {
-	sock   *Socket    // or
-	raw    *rawSender // for any other syscall.Conn
+	sock   *Socket
 	family int
 }
 
-// rawSender sends through a RawConn.
-type rawSender struct {
-	rc    syscall.RawConn
-	b     []byte
-	sa    unix.RawSockaddrInet6
-	salen uint32
-	errno syscall.Errno
-	sendf func(fd uintptr) bool // send, bound once
-
-	q                       *SendQueue
-	from, to, sent, segment int
-	sendqf                  func(fd uintptr) bool // sendQueued, bound once
-}
-
-// NewSender returns a Sender for conn.
-func NewSender(conn syscall.Conn) (*Sender, error) {
+// NewSender returns a Sender for sock.
+func NewSender(sock *Socket) *Sender {
 	s := new(Sender)
-	return s, s.Init(conn)
+	s.Init(sock)
+	return s
 }
 
-// Init sets s up to send on conn, for a Sender kept by value.
-func (s *Sender) Init(conn syscall.Conn) error {
-	if sock, ok := conn.(*Socket); ok {
-		*s = Sender{sock: sock, family: sock.Family()}
-		return nil
-	}
-	rc, err := conn.SyscallConn()
-	if err != nil {
-		return err
-	}
-	r := &rawSender{rc: rc}
-	r.sendf = r.send
-	r.sendqf = r.sendQueued
-	*s = Sender{raw: r, family: Family(rc)}
-	return nil
+// Init sets s up to send on sock, for a Sender kept by value.
+func (s *Sender) Init(sock *Socket) {
+	*s = Sender{sock: sock, family: sock.Family()}
 }
 
 // Warm loads the Socket's state into the CPU's cache, ahead of a send.
@@ -71,9 +45,6 @@ func (s *Sender) Family() int { return s.family }
 // SendTo sends b to to, or to the socket's connected peer if to is
 // invalid.
 func (s *Sender) SendTo(b []byte, to netip.AddrPort) error {
-	if s.sock == nil {
-		return s.raw.sendTo(b, s.family, to)
-	}
 	var sa unix.RawSockaddrInet6
 	salen := putSockaddr(&sa, s.family, to)
 	if !s.sock.acquire() {
@@ -99,9 +70,6 @@ func sendto(fd uintptr, b []byte, sa *unix.RawSockaddrInet6, salen uint32) sysca
 // datagram of segment-byte segments. It returns how many the socket took
 // (GSO: all or none); none if it could take none now (ErrWouldBlock).
 func (s *Sender) SendQueued(q *SendQueue, from, to, segment int) (int, error) {
-	if s.sock == nil {
-		return s.raw.sendQueuedTo(q, from, to, segment)
-	}
 	if !s.sock.acquire() {
 		return 0, net.ErrClosed
 	}
@@ -130,38 +98,4 @@ func errnoErr(errno syscall.Errno) error {
 		return errno
 	}
 	return nil
-}
-
-func (r *rawSender) sendTo(b []byte, family int, to netip.AddrPort) error {
-	r.b = b
-	r.salen = putSockaddr(&r.sa, family, to)
-	err := r.rc.Write(r.sendf)
-	r.b = nil
-	if err != nil {
-		return err
-	}
-	return errnoErr(r.errno)
-}
-
-func (r *rawSender) send(fd uintptr) bool {
-	r.errno = sendto(fd, r.b, &r.sa, r.salen)
-	return true // never wait for the socket
-}
-
-func (r *rawSender) sendQueuedTo(q *SendQueue, from, to, segment int) (int, error) {
-	r.q, r.from, r.to, r.segment = q, from, to, segment
-	err := r.rc.Write(r.sendqf)
-	r.q = nil
-	if err == nil {
-		err = errnoErr(r.errno)
-	}
-	if err != nil {
-		return 0, err
-	}
-	return r.sent, nil
-}
-
-func (r *rawSender) sendQueued(fd uintptr) bool {
-	r.sent, r.errno = r.q.send(fd, r.from, r.to, r.segment)
-	return true // never wait for the socket
 }

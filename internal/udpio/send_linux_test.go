@@ -53,18 +53,14 @@ func TestSenderDropsWhenBufferFull(t *testing.T) {
 	var sent, blocked int
 	var sendErr error
 	inNetns(t, func() {
-		conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		conn, err := NewBound(unix.AF_INET, netip.MustParseAddr("127.0.0.1"))
 		if err != nil {
 			sendErr = err
 			return
 		}
 		defer conn.Close()
 		_ = conn.SetWriteBuffer(4096)
-		s, err := NewSender(conn)
-		if err != nil {
-			sendErr = err
-			return
-		}
+		s := NewSender(conn)
 		to := netip.MustParseAddrPort("127.0.0.1:9")
 		b := make([]byte, 1000)
 		for range 200 { // at 8 kbit/s, 200 kB would take minutes to drain
@@ -144,15 +140,12 @@ func TestBatchEverySize(t *testing.T) {
 // An IPv4 socket asked to send to an IPv6 address fails the send; it never
 // panics or reaches a wrong address.
 func TestSenderIPv6FromIPv4Socket(t *testing.T) {
-	conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	conn, err := NewBound(unix.AF_INET, netip.MustParseAddr("127.0.0.1"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	s, err := NewSender(conn)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := NewSender(conn)
 	if err := s.SendTo([]byte("x"), netip.MustParseAddrPort("[2001:db8::1]:9")); err == nil {
 		t.Fatal("an IPv4 socket sent to an IPv6 address")
 	}

@@ -15,16 +15,10 @@ type Sender struct {
 }
 
 // NewSender returns a Sender for conn.
-func NewSender(conn *net.UDPConn) (*Sender, error) {
-	s := new(Sender)
-	return s, s.Init(conn)
-}
+func NewSender(conn *net.UDPConn) *Sender { return &Sender{conn: conn} }
 
 // Init sets s up to send on conn, for a Sender kept by value.
-func (s *Sender) Init(conn *net.UDPConn) error {
-	s.conn = conn
-	return nil
-}
+func (s *Sender) Init(conn *net.UDPConn) { s.conn = conn }
 
 // Warm does nothing here.
 func (*Sender) Warm() {}
