@@ -20,7 +20,7 @@ func TestFlowLayout(t *testing.T) {
 		{"forward", [][2]uintptr{{0, conn + unsafe.Offsetof(fl.connection.connects) + 1}},
 			[]uintptr{lastActive, unsafe.Offsetof(fl.closed), health}},
 		{"reply", [][2]uintptr{{unsafe.Offsetof(fl.h), unsafe.Offsetof(fl.h) + 8}, {health, unsafe.Offsetof(fl.out) + 8}},
-			[]uintptr{lastActive, health, unsafe.Offsetof(fl.fd), unsafe.Offsetof(fl.client) + unsafe.Sizeof(fl.client) - 8}}, // client.Port()
+			[]uintptr{lastActive, health, unsafe.Offsetof(fl.fd), unsafe.Offsetof(fl.outFamily), unsafe.Offsetof(fl.client) + unsafe.Sizeof(fl.client) - 8}}, // client.Port()
 	} {
 		for _, start := range []uintptr{0, 32} {
 			loaded := make(map[uintptr]bool)

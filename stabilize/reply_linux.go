@@ -227,7 +227,7 @@ func (r *replyReactor) readyFlows() []*Flow {
 		// to client, wherever the object starts in a line.
 		fl.lastActive.Load()
 		fl.health.since.Load()
-		warm += fl.fd + int(fl.client.Port())
+		warm += fl.fd + fl.outFamily + int(fl.client.Port())
 	}
 	r.mu.Unlock()
 	r.warm = warm
