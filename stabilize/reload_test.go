@@ -348,3 +348,48 @@ func newClientsFlood(t *testing.T, addr string, workers int) (stop func()) {
 	}
 	return func() { stopped.Store(true); wg.Wait() }
 }
+
+// A reload that ends a flow (here the policy changes, so the flow has no
+// successor) ends it at once: a datagram that arrives while its Handle
+// wakes, or on fastudp/ through the socket, finds a closed flow, not a
+// closed socket, and is no write_error.
+func TestReloadEndedFlowCountsNoWriteErrors(t *testing.T) {
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		tr := trackHandlers(t)
+		a := startUpstream(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, handlerConfig(per, "round_robin", a))
+		const clients = 20
+		var stop atomic.Bool
+		var wg sync.WaitGroup
+		defer func() { stop.Store(true); wg.Wait() }()
+		cls := make([]*client, clients)
+		for i := range cls {
+			cls[i] = newClient(t, lb.addr)
+			cls[i].mustRoundTrip(fmt.Sprint("open ", i))
+		}
+		// No replies: on udp/ those that find the old listener closed
+		// are write errors too.
+		a.silent.Store(true)
+		for _, cl := range cls {
+			wg.Go(func() {
+				for !stop.Load() {
+					_, _ = cl.conn.Write([]byte("during the reload"))
+					time.Sleep(200 * time.Microsecond)
+				}
+			})
+		}
+		time.Sleep(50 * time.Millisecond)
+		old := tr.latest()
+		if err := caddy.Load(testConfigOn(network, lb.addr, "", 30*time.Second, handlerConfig(per, "random", a)), true); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(500 * time.Millisecond)
+		stop.Store(true)
+		wg.Wait()
+		if n := old.Drops()[dropWriteError.String()]; n > 0 {
+			t.Fatalf("the old handler counted %d write_error drops for datagrams of its ending flows", n)
+		}
+		a.silent.Store(false)
+		newClient(t, lb.addr).mustRoundTrip("after the reload")
+	})
+}

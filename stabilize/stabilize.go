@@ -272,18 +272,11 @@ func (h *Handler) Cleanup() error {
 	for _, fl := range flows {
 		if next != nil && fl.moveTo(next) {
 			h.forget(fl)
-			fl.wakeHandle()
-			continue
+		} else {
+			// Closed, not just its socket: a datagram that arrives
+			// before its Handle wakes finds a closed flow, no write_error.
+			fl.closeFor(h)
 		}
-		if fl.detached.Load() {
-			fl.close()
-			continue
-		}
-		// Under fl.mu, so that no forward or connect is using the socket
-		// as it closes; Handle, woken, ends the flow.
-		fl.mu.Lock()
-		fl.closeSocket()
-		fl.mu.Unlock()
 		fl.wakeHandle()
 	}
 	for _, u := range h.Upstreams {
