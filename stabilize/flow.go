@@ -231,8 +231,10 @@ func (fl *Flow) detach() bool {
 	}
 	fl.detached.Store(true)
 	fl.releaseConn()
-	if fl.handler().closing.Load() {
-		fl.close() // Cleanup may have missed it
+	if h := fl.handler(); h.closing.Load() {
+		// Cleanup may have missed it. Only as h's: a Cleanup may have
+		// moved it on since.
+		fl.closeFor(h)
 	}
 	return true
 }

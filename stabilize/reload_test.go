@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -391,5 +392,99 @@ func TestReloadEndedFlowCountsNoWriteErrors(t *testing.T) {
 		}
 		a.silent.Store(false)
 		newClient(t, lb.addr).mustRoundTrip("after the reload")
+	})
+}
+
+// Reloads in quick succession, under live traffic from flows of every age
+// (young ones whose Handle still reads them, and ones crossing the fastudp
+// hand-off), leave no flow half-closed: every client's round trips go on
+// once the reloads stop, and only the last handler has flows, all open, as
+// many as the fastudp socket has endpoints and the upstreams count.
+func TestBackToBackReloadsLeaveNoHalfClosedFlows(t *testing.T) {
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		tr := trackHandlers(t)
+		a, b := startUpstream(t, "a"), startUpstream(t, "b")
+		const idle = 30 * time.Second
+		lb := startBalancerOn(t, network, false, idle, handlerConfig(per, "", a, b))
+		var (
+			stop    atomic.Bool
+			wg      sync.WaitGroup
+			mu      sync.Mutex
+			clients []*client
+		)
+		defer func() { stop.Store(true); wg.Wait() }()
+		wg.Go(func() { // a new client every 100 ms, each in a loop of round trips
+			for i := 0; i < 30 && !stop.Load(); i++ {
+				cl := newClient(t, lb.addr)
+				mu.Lock()
+				clients = append(clients, cl)
+				mu.Unlock()
+				wg.Go(func() {
+					for j := 0; !stop.Load(); j++ {
+						_, _, _ = cl.roundTrip(fmt.Appendf(nil, "c%d-%d", i, j), 100*time.Millisecond)
+						time.Sleep(5 * time.Millisecond)
+					}
+				})
+				time.Sleep(100 * time.Millisecond)
+			}
+		})
+		for i := range 10 {
+			time.Sleep(250 * time.Millisecond)
+			second := []*testUpstream{a, b}
+			if i%2 == 0 {
+				second = second[:1] // b's flows end
+			}
+			for _, ups := range [][]*testUpstream{{a, b}, second} {
+				if err := caddy.Load(testConfigOn(network, lb.addr, "", idle, handlerConfig(per, "", ups...)), true); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		stop.Store(true)
+		wg.Wait()
+		for i, cl := range clients {
+			eventually(t, 3*time.Second, fmt.Sprintf("client %d's round trip after the reloads", i), func() bool {
+				_, _, err := cl.roundTrip(fmt.Appendf(nil, "after-%d", i), 200*time.Millisecond)
+				return err == nil
+			})
+		}
+		last := tr.latest()
+		tr.mu.Lock()
+		hs := slices.Clone(tr.hs)
+		tr.mu.Unlock()
+		for _, w := range hs {
+			h := w.Value()
+			if h == nil || h == last {
+				continue
+			}
+			h.mu.Lock()
+			n := len(h.flows)
+			h.mu.Unlock()
+			if n > 0 {
+				t.Errorf("a replaced handler still has %d flows", n)
+			}
+		}
+		last.mu.Lock()
+		defer last.mu.Unlock()
+		open, onUpstreams := 0, int64(0)
+		for fl := range last.flows {
+			if !fl.closed.Load() {
+				open++
+			}
+		}
+		for _, u := range last.Upstreams {
+			onUpstreams += u.host.Flows()
+		}
+		if open != len(last.flows) || open < len(clients) {
+			t.Errorf("the last handler has %d flows, %d of them open, for %d clients", len(last.flows), open, len(clients))
+		}
+		if network == FastNetwork {
+			if n := fastSocketAt(t, lb.addr).Endpoints(); n != open {
+				t.Errorf("the fastudp socket has %d endpoints for %d open flows", n, open)
+			}
+		}
+		if per != PerPacket && onUpstreams != int64(open) {
+			t.Errorf("the upstreams count %d flows, the handler has %d open", onUpstreams, open)
+		}
 	})
 }
