@@ -32,18 +32,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	fl.handling.Store(true)
 	defer fl.handling.Store(false)
 	for first := true; ; first = false {
-		switch {
-		case !first && h.closing.Load():
-			// Cleanup wakes the Handle calls of the flows it finds, but
-			// this flow may have opened after it looked, or started
-			// waiting after the wake: end it now, not at caddy-l4's idle
-			// timeout, on a listener that has closed.
-			_ = cx.SetReadDeadline(time.Unix(1, 0))
-		case fl.fast != nil:
-			// Once the flow is registered, its datagrams bypass caddy-l4, so
-			// nothing more can queue up for this Handle: stop waiting soon.
-			_ = cx.SetReadDeadline(time.Now().Add(fastHandoff))
-		}
+		h.readDeadline(cx, fl.fast != nil, first)
 		// Wait for a datagram without holding a buffer: a zero-length read
 		// returns once one has arrived and leaves it for the next read.
 		start := time.Now()
@@ -70,6 +59,24 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 			return fmt.Errorf("reading client flow: %w", err)
 		}
 		h.forwardNext(fl, cx)
+	}
+}
+
+// readDeadline sets the deadline of Handle's next wait for a datagram of
+// cx. On a fast socket (handoff) it is fastHandoff away: once the flow is
+// registered, its datagrams bypass caddy-l4, so nothing more can queue up
+// for this Handle. Once h is closing it is past, except for the flow's
+// first datagram: Cleanup wakes the Handle calls it finds, but this one may
+// have started after it looked, or begun waiting after the wake; it ends
+// now, not at caddy-l4's idle timeout on a listener that has closed. The
+// hand-off is set before closing is looked at, and Cleanup sets closing
+// before it wakes, so a wake always wins over a hand-off.
+func (h *Handler) readDeadline(cx *layer4.Connection, handoff, first bool) {
+	if handoff {
+		_ = cx.SetReadDeadline(time.Now().Add(fastHandoff))
+	}
+	if !first && h.closing.Load() {
+		_ = cx.SetReadDeadline(time.Unix(1, 0))
 	}
 }
 

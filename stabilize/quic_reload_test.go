@@ -2,6 +2,8 @@ package stabilize
 
 import (
 	"fmt"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -56,4 +58,65 @@ func TestQUICReloadTurnsOnTermination(t *testing.T) {
 			t.Fatalf("reply from %q", got)
 		}
 	})
+}
+
+// TestQUICReloadEndsHandleAtOnce: a reload wakes every Handle of the old
+// terminating handler, and the fastudp hand-off deadline that a Handle
+// sets as it begins, or after each datagram, does not override the wake:
+// none of them waits on for the hand-off's two seconds. Under a flood of
+// new clients some Handle calls are still setting up when the reload wakes
+// them (their registration with the socket waits behind others'), so the
+// test follows each one that waits for a datagram after the wake.
+func TestQUICReloadEndsHandleAtOnce(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		tr := trackHandlers(t)
+		a := startUpstream(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, a.dial()))
+		defer newClientsFlood(t, lb.addr, 2)() // a Handle starts for each
+		for i := range 3 {
+			time.Sleep(300 * time.Millisecond)
+			old := tr.latest()
+			if err := caddy.Load(testConfigOn(network, lb.addr, "", 30*time.Second, quicHandler(t, "", "", nil, a.dial())), true); err != nil {
+				t.Fatal(err)
+			}
+			reading := func() int {
+				old.quicHeld.mu.Lock()
+				defer old.quicHeld.mu.Unlock()
+				return len(old.quicHeld.flows)
+			}
+			waiting := make(map[string]time.Time) // since when each Handle waits
+			for deadline := time.Now().Add(10 * time.Second); reading() > 0; {
+				now := time.Now()
+				if now.After(deadline) {
+					t.Fatalf("reload %d: %d flows still read by the old handler", i+1, reading())
+				}
+				for _, id := range quicHandlesWaiting(old) {
+					since, ok := waiting[id]
+					if !ok {
+						waiting[id] = now
+					} else if now.Sub(since) > fastHandoff/2 {
+						t.Fatalf("reload %d: a Handle of the old handler waits for a datagram %v after the wake",
+							i+1, now.Sub(since).Round(time.Millisecond))
+					}
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+		}
+	})
+}
+
+// quicHandlesWaiting returns the goroutine IDs of h's handleQUIC calls that
+// wait in caddy-l4's read for a datagram.
+func quicHandlesWaiting(h *Handler) []string {
+	buf := make([]byte, 64<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	recv := fmt.Sprintf("handleQUIC(%p,", h)
+	var ids []string
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if strings.Contains(g, recv) && strings.Contains(g, "layer4.(*packetConn).Read(") {
+			id, _, _ := strings.Cut(strings.TrimPrefix(g, "goroutine "), " ")
+			ids = append(ids, id)
+		}
+	}
+	return ids
 }

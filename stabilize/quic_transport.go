@@ -182,11 +182,8 @@ func (h *Handler) handleQUIC(cx *layer4.Connection) error {
 		ep.lastActive.Store(time.Now().UnixNano())
 		ep.sock.Register(client, ep)
 	}
-	for {
-		if front != nil {
-			// Once registered, the client's datagrams bypass caddy-l4.
-			_ = cx.SetReadDeadline(time.Now().Add(fastHandoff))
-		}
+	for first := true; ; first = false {
+		h.readDeadline(cx, front != nil, first) // handle.go
 		p := quicPacketPool.Get().(*quicPacket)
 		start := time.Now()
 		n, err := cx.Read(p.buf[:])
