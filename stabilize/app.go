@@ -30,7 +30,8 @@ type App struct {
 	// each client stays on one. More readers use more CPUs for the
 	// datagrams of established flows. 1 to 64; default 1, which measures
 	// best on two CPUs. Linux only; elsewhere 1. A reload that changes it
-	// adds or closes readers of open addresses, and their flows go on.
+	// adds or closes readers of open addresses, and their flows go on; a
+	// config that fails to start leaves the running one's readers.
 	FastUDPReaders int `json:"fastudp_readers,omitempty"`
 }
 

@@ -31,5 +31,14 @@ func listenFast(ctx context.Context, network, host, portRange string, portOffset
 	if err != nil {
 		return nil, fmt.Errorf("%s: port %q: %w", network, portRange, err)
 	}
-	return fastudp.Listen(net.JoinHostPort(host, strconv.FormatUint(port+uint64(portOffset), 10)), fastUDPReaders(ctx))
+	front, err := fastudp.Listen(net.JoinHostPort(host, strconv.FormatUint(port+uint64(portOffset), 10)), fastUDPReaders(ctx))
+	if err != nil {
+		return nil, err
+	}
+	// caddy-l4 closes its listeners when its config stops, but not those
+	// of a config that fails to start: that one's front closes with its
+	// config too, and the socket goes back to the running config's
+	// readers. A second Close does nothing.
+	context.AfterFunc(ctx, func() { _ = front.Close() })
+	return front, nil
 }

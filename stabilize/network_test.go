@@ -1,13 +1,17 @@
 package stabilize
 
 import (
+	"encoding/json"
 	"fmt"
+	"net"
 	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
 )
 
 // A flow whose datagrams bypass caddy-l4 outlives caddy-l4's idle timeout
@@ -95,4 +99,47 @@ func TestDualStackListener(t *testing.T) {
 			}
 		}
 	})
+}
+
+// A config that resizes a fastudp socket's readers (fastudp_readers) and
+// then fails to start leaves the socket as the running config had it: its
+// front closes, the readers go back to the running config's count, and
+// the socket closes once that config stops.
+func TestFastReadersRollBackAfterFailedStart(t *testing.T) {
+	if !udpio.HasReusePort {
+		t.Skip("one reader without SO_REUSEPORT")
+	}
+	a := startUpstream(t, "a")
+	addr := localAddr(freeUDPPort(t))
+	running := withStabilizeApp(t, testConfigOn(FastNetwork, addr, "", 30*time.Second, handlerConfig(PerFlow, "", a)),
+		map[string]any{"fastudp_readers": 2})
+	if err := caddy.Load(running, true); err != nil {
+		t.Fatal(err)
+	}
+	cl := newClient(t, addr)
+	cl.mustRoundTrip("before")
+
+	busy, err := net.Listen("tcp", "127.0.0.1:0") // the failing config's second address
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	var doc map[string]any
+	if err := json.Unmarshal(testConfigOn(FastNetwork, addr, "", 30*time.Second, handlerConfig(PerFlow, "", a)), &doc); err != nil {
+		t.Fatal(err)
+	}
+	srv := doc["apps"].(map[string]any)["layer4"].(map[string]any)["servers"].(map[string]any)["srv0"].(map[string]any)
+	srv["listen"] = []string{FastNetwork + "/" + addr, "tcp/" + busy.Addr().String()}
+	failing, _ := json.Marshal(doc)
+	if err := caddy.Load(withStabilizeApp(t, failing, map[string]any{"fastudp_readers": 4}), true); err == nil {
+		t.Fatal("a config listening on a busy address started")
+	}
+	s := fastSocketAt(t, addr)
+	eventually(t, 2*time.Second, "the readers back at the running config's 2", func() bool { return s.Readers() == 2 })
+	cl.mustRoundTrip("after the failed start")
+
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 2*time.Second, "the socket to close with the running config", func() bool { return !s.Open() })
 }

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net"
 	"slices"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -191,11 +190,35 @@ func TestReaders(t *testing.T) {
 	}
 }
 
-// An invalid reader count is refused, naming the value.
-func TestReadersInvalid(t *testing.T) {
-	for _, n := range []int{0, -1, MaxReaders + 1} {
-		if _, err := Listen("127.0.0.1:0", n); err == nil || !strings.Contains(err.Error(), fmt.Sprintf("%d readers", n)) {
-			t.Fatalf("%d readers: got %v, want an error naming the value", n, err)
+// A reader count out of range, which the stabilize app refuses, is only
+// clamped; a closed front's socket goes back to the readers of its newest
+// open front.
+func TestReadersClampedAndRestored(t *testing.T) {
+	for n, want := range map[int]int{0: 1, -1: 1, MaxReaders + 1: MaxReaders} {
+		f, err := Listen("127.0.0.1:0", n)
+		if err != nil {
+			t.Fatalf("%d readers: %v", n, err)
 		}
+		if got := f.Socket().Readers(); got != want {
+			t.Errorf("%d readers: the socket has %d, want %d", n, got, want)
+		}
+		f.Close()
+	}
+	running, err := Listen("127.0.0.1:0", 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer running.Close()
+	s := running.Socket()
+	failed, err := Listen(s.Key(), 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := s.Readers(); got != 4 {
+		t.Fatalf("%d readers, want the newest front's 4", got)
+	}
+	failed.Close()
+	if got := s.Readers(); got != 2 {
+		t.Fatalf("%d readers after the newest front closed, want the remaining one's 2", got)
 	}
 }

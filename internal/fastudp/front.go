@@ -10,6 +10,7 @@ import (
 // reads the datagrams of unregistered clients from.
 type Front struct {
 	s         *Socket
+	readers   int // the socket's readers that the front's config asked for
 	queue     chan *queued
 	closed    chan struct{}
 	closeOnce sync.Once
@@ -38,6 +39,7 @@ func (f *Front) WriteTo(b []byte, addr net.Addr) (int, error) {
 // Close detaches this config from the socket, which closes once no config
 // uses it.
 func (f *Front) Close() error {
+	var err error
 	f.closeOnce.Do(func() {
 		s := f.s
 		s.mu.Lock()
@@ -49,9 +51,9 @@ func (f *Front) Close() error {
 		}
 		s.mu.Unlock()
 		close(f.closed)
-		s.release()
+		err = s.release()
 	})
-	return nil
+	return err
 }
 
 // LocalAddr is the socket's address.

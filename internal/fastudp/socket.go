@@ -107,13 +107,16 @@ const MaxReaders = 64
 // each with its own reader, on the same address (SO_REUSEPORT; Linux only,
 // elsewhere one): the kernel spreads clients over them by a hash of their
 // address, so each stays on one. An open socket gains or loses readers to
-// match; its flows go on, whichever reader gets them.
+// match; its flows go on, whichever reader gets them. When the front
+// closes, the socket goes back to the readers of its newest open front,
+// so that a config that failed to start leaves the running one's.
+//
+// The caller validates readers (the stabilize app names the setting);
+// values outside 1 to MaxReaders are only clamped here, defensively.
 func Listen(addr string, readers int) (*Front, error) {
+	readers = min(max(readers, 1), MaxReaders)
 	if !udpio.HasReusePort {
 		readers = 1
-	}
-	if readers < 1 || readers > MaxReaders {
-		return nil, fmt.Errorf("%d readers: want 1 to %d", readers, MaxReaders)
 	}
 	registryMu.Lock()
 	defer registryMu.Unlock()
@@ -124,11 +127,15 @@ func Listen(addr string, readers int) (*Front, error) {
 			return nil, err
 		}
 		registry[addr] = s
-	} else if err := s.resize(readers); err != nil {
-		return nil, err
+	} else {
+		had := len(s.conns)
+		if err := s.resize(readers); err != nil {
+			_ = s.resize(had) // closing readers does not fail
+			return nil, err
+		}
 	}
 	s.refs++
-	f := &Front{s: s, queue: make(chan *queued, newClientQueue), closed: make(chan struct{})}
+	f := &Front{s: s, readers: readers, queue: make(chan *queued, newClientQueue), closed: make(chan struct{})}
 	s.mu.Lock()
 	s.fronts = append(s.fronts, f)
 	s.mu.Unlock()
@@ -248,18 +255,22 @@ func (s *Socket) closeConns() {
 }
 
 // release drops one reference; the last closes the socket and its
-// endpoints, which have no way to their clients any more.
-func (s *Socket) release() {
+// endpoints, which have no way to their clients any more. Otherwise the
+// socket goes back to the readers of its newest open front.
+func (s *Socket) release() error {
 	registryMu.Lock()
-	s.refs--
-	last := s.refs == 0
-	if last {
-		delete(registry, s.key)
+	if s.refs--; s.refs > 0 {
+		defer registryMu.Unlock()
+		s.mu.Lock()
+		readers := len(s.conns) // when the others are closing too
+		if len(s.fronts) > 0 {
+			readers = s.fronts[len(s.fronts)-1].readers
+		}
+		s.mu.Unlock()
+		return s.resize(readers)
 	}
+	delete(registry, s.key)
 	registryMu.Unlock()
-	if !last {
-		return
-	}
 	s.closeConns()
 	<-s.done
 	s.epMu.RLock()
@@ -271,6 +282,7 @@ func (s *Socket) release() {
 	for _, ep := range eps {
 		ep.Close()
 	}
+	return nil
 }
 
 // Open reports whether a config still listens on the socket.
