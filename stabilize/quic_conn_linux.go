@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/quic-go/quic-go"
 	"golang.org/x/net/ipv4"
@@ -188,17 +189,53 @@ func sendMsg(sock *quicSocket, b, oob []byte, to netip.AddrPort) error {
 }
 
 // zoneID is the interface index of an IPv6 link-local address's zone, or
-// 0 without one.
+// 0 without one. It is looked up once a zoneTTL, not for every write: the
+// lookup asks the kernel for every interface and allocates.
 func zoneID(zone string) uint32 {
 	if zone == "" {
 		return 0
 	}
+	now := time.Now().UnixNano()
+	zones.RLock()
+	z, ok := zones.m[zone]
+	zones.RUnlock()
+	if ok && now-z.at < int64(zoneTTL) {
+		return z.index
+	}
+	z = zoneIndex{index: lookupZone(zone), at: now}
+	zones.Lock()
+	zones.m[zone] = z // one per interface name or index
+	zones.Unlock()
+	return z.index
+}
+
+// lookupZone asks the kernel for the interface index of zone, a name or a
+// number.
+func lookupZone(zone string) uint32 {
 	if ifi, err := net.InterfaceByName(zone); err == nil {
 		return uint32(ifi.Index)
 	}
 	n, _ := strconv.ParseUint(zone, 10, 32)
 	return uint32(n)
 }
+
+// zones caches zoneID's lookups, by zone.
+var zones = struct {
+	sync.RWMutex
+	m map[string]zoneIndex
+}{m: make(map[string]zoneIndex)}
+
+// zoneIndex is an interface index and when it was looked up, in Unix
+// nanoseconds.
+type zoneIndex struct {
+	index uint32
+	at    int64
+}
+
+// zoneTTL is how long a zone's index is trusted: an interface that is
+// removed and added again gets another index. Go's net package caches its
+// own for as long.
+const zoneTTL = time.Minute
 
 func (s *quicSend) send(fd uintptr) bool {
 	_, s.err = unix.SendmsgN(int(fd), s.b, s.oob, s.to, unix.MSG_DONTWAIT)

@@ -287,3 +287,21 @@ func TestQUICConnHasGSO(t *testing.T) {
 		}
 	}
 }
+
+// TestZoneIDCached: a write to a link-local IPv6 client finds its zone's
+// interface index as net.InterfaceByName does, but from a cache, without
+// asking the kernel (and allocating) for every datagram.
+func TestZoneIDCached(t *testing.T) {
+	lo, err := net.InterfaceByName("lo")
+	if err != nil {
+		t.Skipf("no loopback interface: %v", err)
+	}
+	for zone, want := range map[string]uint32{"": 0, "lo": uint32(lo.Index), "4242": 4242} {
+		if got := zoneID(zone); got != want {
+			t.Errorf("zone %q: index %d, want %d", zone, got, want)
+		}
+	}
+	if allocs := testing.AllocsPerRun(100, func() { zoneID("lo") }); allocs != 0 {
+		t.Fatalf("%.1f allocations per lookup of a known zone, want 0", allocs)
+	}
+}
