@@ -37,7 +37,7 @@ var DefaultALPN = []string{"h3"}
 const (
 	defaultQUICReplyTimeout = 5 * time.Second
 	defaultQUICDialTimeout  = 5 * time.Second
-	quicKeepAlive           = 15 * time.Second // or half the idle timeout
+	quicKeepAlive           = 15 * time.Second // of backend legs, or half the idle timeout
 )
 
 // QUIC configures QUIC termination. Its certificate comes from Caddy's tls
@@ -69,7 +69,9 @@ type QUIC struct {
 	StatelessRetry bool `json:"stateless_retry,omitempty"`
 
 	// How long a connection may be idle before it is closed. Default: 30s
-	// (quic-go's).
+	// (quic-go's). The client's leg idles out unless the client keeps it
+	// alive; the backend's leg is kept alive by the relay, so a relayed
+	// connection lives as long as its client's leg.
 	MaxIdleTimeout caddy.Duration `json:"max_idle_timeout,omitempty"`
 
 	// Accepts 0-RTT data from resuming clients. 0-RTT data can be
@@ -213,15 +215,17 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 	}
 	tracer := q.tracer()
 	q.config = &quic.Config{
-		// The client's leg lives as long as the backend's: the relay
-		// closes it when the backend's leg idles out.
-		KeepAlivePeriod: quicKeepAlive,
 		MaxIdleTimeout:  time.Duration(q.MaxIdleTimeout),
 		Allow0RTT:       q.Allow0RTT,
 		EnableDatagrams: true,
 		Tracer:          tracer,
 	}
 	q.backendConfig = &quic.Config{
+		// A relayed connection lives as long as the client's leg, which
+		// idles out unless the client keeps it alive; the relay keeps the
+		// backend's leg alive, so that it idles out only when the backend
+		// is gone.
+		KeepAlivePeriod: quicKeepAlive,
 		EnableDatagrams: true,
 		MaxIdleTimeout:  time.Duration(q.MaxIdleTimeout),
 		Tracer:          tracer,

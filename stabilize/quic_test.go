@@ -553,3 +553,27 @@ func TestQUICRelayKeepsStreamIDs(t *testing.T) {
 		}
 	})
 }
+
+// TestQUICClientKeepAlive: a client that keeps its idle connection alive
+// with PINGs keeps its relayed connection, whose backend leg the relay
+// keeps alive, longer than max_idle_timeout.
+func TestQUICClientKeepAlive(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		lb := startBalancerOn(t, network, false, 30*time.Second,
+			quicHandler(t, "", "", map[string]any{"max_idle_timeout": "1s"}, b.dial()))
+		c := dialQUIC(t, lb.addr, &quic.Config{EnableDatagrams: true, KeepAlivePeriod: 300 * time.Millisecond}, quicClientTLS(t))
+		mustExchange(t, c, []byte("hi"))
+		select {
+		case <-c.Context().Done():
+			t.Fatalf("a client sending keep-alives lost its idle connection: %v", context.Cause(c.Context()))
+		case <-time.After(4 * time.Second):
+		}
+		if name := mustExchange(t, c, []byte("still there")); name != "a" {
+			t.Fatalf("reply from %s", name)
+		}
+		if n := b.conns.Load(); n != 1 {
+			t.Fatalf("the backend accepted %d connections, want 1", n)
+		}
+	})
+}
