@@ -255,6 +255,17 @@ func (b *quicBackend) serveConn(c *quic.Conn) {
 			case "die":
 				_ = c.CloseWithError(0x99, "backend says bye")
 				return
+			case "wait stop":
+				// A backend that does not write until it has to: it
+				// watches its stream's send side, as quic-go suggests.
+				<-s.Context().Done()
+				var se *quic.StreamError
+				if errors.As(context.Cause(s.Context()), &se) && se.Remote {
+					b.mu.Lock()
+					b.stops = append(b.stops, se.ErrorCode)
+					b.mu.Unlock()
+				}
+				return
 			case "stream id":
 				_, _ = fmt.Fprint(s, int64(s.StreamID()))
 				_ = s.Close()

@@ -223,6 +223,7 @@ type sendSide interface {
 	io.Writer
 	Close() error
 	CancelWrite(quic.StreamErrorCode)
+	Context() context.Context // ends when the peer sends STOP_SENDING, among others
 }
 
 // recvSide is the receiving half of a stream.
@@ -238,6 +239,15 @@ var relayBufferPool = sync.Pool{New: func() any { return new([32 << 10]byte) }}
 // RESET_STREAM on src as one on dst, and a STOP_SENDING on dst as one on
 // src, each with its error code.
 func pipe(dst sendSide, src recvSide, bytes *atomic.Uint64) {
+	// A STOP_SENDING on dst stops src at once, even while it waits for
+	// data: a peer that writes only when it has to hears of it.
+	stop := context.AfterFunc(dst.Context(), func() {
+		var se *quic.StreamError
+		if errors.As(context.Cause(dst.Context()), &se) && se.Remote {
+			src.CancelRead(se.ErrorCode)
+		}
+	})
+	defer stop()
 	buf := relayBufferPool.Get().(*[32 << 10]byte)
 	defer relayBufferPool.Put(buf)
 	for {

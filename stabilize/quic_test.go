@@ -577,3 +577,23 @@ func TestQUICClientKeepAlive(t *testing.T) {
 		}
 	})
 }
+
+// TestQUICStopSendingIdleBackend: a client's STOP_SENDING reaches a
+// backend that is not writing, but waits on its stream's send side.
+func TestQUICStopSendingIdleBackend(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b, _, c := startQUICRelay(t, network)
+		s, err := c.OpenStreamSync(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = s.Write([]byte("wait stop"))
+		_ = s.Close()
+		time.Sleep(200 * time.Millisecond) // the request reaches the backend
+		s.CancelRead(44)
+		eventually(t, 5*time.Second, "the backend to see STOP_SENDING 44", func() bool {
+			_, stops, _, _ := b.snapshot()
+			return slices.Contains(stops, 44)
+		})
+	})
+}
