@@ -232,8 +232,12 @@ type recvSide interface {
 	CancelRead(quic.StreamErrorCode)
 }
 
-// relayBufferPool holds the buffers of pipe.
-var relayBufferPool = sync.Pool{New: func() any { return new([32 << 10]byte) }}
+// The buffers of pipe: a stream waiting for data holds a small one, and
+// takes a large one once a read fills the small one.
+var (
+	smallRelayBuffers = sync.Pool{New: func() any { return new([1 << 10]byte) }}
+	relayBuffers      = sync.Pool{New: func() any { return new([32 << 10]byte) }}
+)
 
 // pipe copies src to dst, passing on the end of the stream: FIN as FIN, a
 // RESET_STREAM on src as one on dst, and a STOP_SENDING on dst as one on
@@ -248,16 +252,29 @@ func pipe(dst sendSide, src recvSide, bytes *atomic.Uint64) {
 		}
 	})
 	defer stop()
-	buf := relayBufferPool.Get().(*[32 << 10]byte)
-	defer relayBufferPool.Put(buf)
+	small := smallRelayBuffers.Get().(*[1 << 10]byte)
+	var large *[32 << 10]byte
+	defer func() {
+		if large != nil {
+			relayBuffers.Put(large)
+		} else {
+			smallRelayBuffers.Put(small)
+		}
+	}()
+	buf := small[:]
 	for {
-		n, err := src.Read(buf[:])
+		n, err := src.Read(buf)
 		if n > 0 {
 			if _, werr := dst.Write(buf[:n]); werr != nil {
 				src.CancelRead(streamErrorCode(werr))
 				return
 			}
 			bytes.Add(uint64(n))
+		}
+		if n == len(buf) && large == nil { // more is coming: a large buffer
+			large = relayBuffers.Get().(*[32 << 10]byte)
+			smallRelayBuffers.Put(small)
+			buf = large[:]
 		}
 		switch {
 		case err == io.EOF:
@@ -357,17 +374,18 @@ func (h *Handler) udpRequest(s recvSide, reply sendSide, pick func() *Upstream) 
 			reply.CancelWrite(code)
 		}
 	}
-	buf := make([]byte, maxUDPPayload+1)
-	n, err := io.ReadFull(s, buf)
+	// The buffer grows with the data: a stream waiting for its first
+	// byte holds none.
+	req, err := io.ReadAll(io.LimitReader(s, maxUDPPayload+1))
+	n := len(req)
 	switch {
-	case err == nil:
-		fail(QUICErrRequestTooLarge)
-		return
-	case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
-	default:
+	case err != nil:
 		if reply != nil {
 			reply.CancelWrite(streamErrorCode(err))
 		}
+		return
+	case n > maxUDPPayload:
+		fail(QUICErrRequestTooLarge)
 		return
 	}
 	u := pick()
@@ -381,7 +399,7 @@ func (h *Handler) udpRequest(s recvSide, reply sendSide, pick func() *Upstream) 
 		return
 	}
 	defer conn.Close()
-	if _, err := conn.WriteToUDPAddrPort(buf[:n], u.addr); err != nil {
+	if _, err := conn.WriteToUDPAddrPort(req, u.addr); err != nil {
 		fail(QUICErrStreamRelay)
 		return
 	}
@@ -394,8 +412,10 @@ func (h *Handler) udpRequest(s recvSide, reply sendSide, pick func() *Upstream) 
 	}
 	deadline := time.Now().Add(time.Duration(h.QUIC.ReplyTimeout))
 	_ = conn.SetReadDeadline(deadline)
+	buf := udpReplyBuffers.Get().(*[1 << 16]byte)
+	defer udpReplyBuffers.Put(buf)
 	for {
-		m, from, err := conn.ReadFromUDPAddrPort(buf)
+		m, from, err := conn.ReadFromUDPAddrPort(buf[:])
 		if err != nil {
 			reply.CancelWrite(QUICErrReplyTimeout)
 			return
@@ -412,6 +432,10 @@ func (h *Handler) udpRequest(s recvSide, reply sendSide, pick func() *Upstream) 
 		return
 	}
 }
+
+// udpReplyBuffers holds the buffers of udp/ replies: any UDP datagram
+// fits.
+var udpReplyBuffers = sync.Pool{New: func() any { return new([1 << 16]byte) }}
 
 // udpDatagramsUp sends each DATAGRAM frame of c as a datagram upstream.
 func (h *Handler) udpDatagramsUp(c *quic.Conn, conn *net.UDPConn, pick func() *Upstream) {
