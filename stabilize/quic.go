@@ -80,6 +80,8 @@ type QUIC struct {
 
 	// With udp/ upstreams: how long a request stream waits for its reply
 	// datagram; without one the stream is reset with error code 0x5354.
+	// With passive health checks, a request without a reply within their
+	// reply_timeout, or within this one if shorter, is a failure.
 	// Default: 5s.
 	ReplyTimeout caddy.Duration `json:"reply_timeout,omitempty"`
 

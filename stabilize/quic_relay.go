@@ -4,11 +4,9 @@ import (
 	"context"
 	"errors"
 	"io"
-	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/quic-go/quic-go"
@@ -20,7 +18,8 @@ import (
 // resets it sends, when the other side of the relay gave none.
 const (
 	// QUICErrNoUpstream closes a client connection that no upstream could
-	// take: none is healthy, or the backend connection failed.
+	// take: none is healthy, the backend connection failed, or, with udp/
+	// upstreams, a reload left none.
 	QUICErrNoUpstream quic.ApplicationErrorCode = 0x5350
 	// QUICErrUpstreamGone closes a client connection whose backend
 	// connection ended without an application close (idle timeout, crash,
@@ -33,7 +32,8 @@ const (
 	// UDP datagram (65,507 bytes).
 	QUICErrRequestTooLarge quic.StreamErrorCode = 0x5353
 	// QUICErrReplyTimeout resets a udp/ request stream that got no reply
-	// within reply_timeout.
+	// within reply_timeout, or an ICMP error (port, host or network
+	// unreachable) instead.
 	QUICErrReplyTimeout quic.StreamErrorCode = 0x5354
 )
 
@@ -50,8 +50,9 @@ type quicHostStats struct {
 // Conns is the number of live QUIC connections relayed to the host.
 func (h *Host) QUICConns() int64 { return h.quic.conns.Load() }
 
-// serveQUIC relays one client connection, accepted by a transport of h.
-func (h *Handler) serveQUIC(c *quic.Conn) {
+// serveQUIC relays one client connection, accepted by h from the
+// transport t.
+func (h *Handler) serveQUIC(t *quicTransport, c *quic.Conn) {
 	q := h.QUIC
 	select {
 	case <-c.HandshakeComplete():
@@ -67,7 +68,7 @@ func (h *Handler) serveQUIC(c *quic.Conn) {
 	}
 	client := addrPort(c.RemoteAddr())
 	if q.udp {
-		h.relayUDP(c, client)
+		h.relayUDP(t, c, client)
 		return
 	}
 	u := h.pickQUIC(c, client)
@@ -81,11 +82,11 @@ func (h *Handler) serveQUIC(c *quic.Conn) {
 	defer u.host.flows.Add(-1)
 	defer u.host.quic.conns.Add(-1)
 	var b *quic.Conn
-	t, err := acquireBackendTransport()
+	bt, err := acquireBackendTransport()
 	dialed := err == nil // else the failure is the balancer's own socket
 	if dialed {
 		defer releaseBackendTransport()
-		b, err = h.dialBackend(c, u, t)
+		b, err = h.dialBackend(c, u, bt)
 	}
 	if err != nil {
 		q.stats.failed[quicFailDial].Add(1)
@@ -306,174 +307,6 @@ func relayDatagrams(from, to *quic.Conn) {
 			return
 		}
 		_ = to.SendDatagram(b) // unreliable: lost if too large, or if to takes none
-	}
-}
-
-// relayUDP serves a client connection from udp/ upstreams: each stream is
-// one request datagram, answered by one reply datagram, and each DATAGRAM
-// frame is one datagram each way.
-func (h *Handler) relayUDP(c *quic.Conn, client netip.AddrPort) {
-	_, perFlow := h.router.(perFlowRouter)
-	var fixed *Upstream
-	if perFlow {
-		if fixed = h.pickQUIC(c, client); fixed == nil {
-			h.QUIC.stats.failed[quicFailNoUpstream].Add(1)
-			_ = c.CloseWithError(QUICErrNoUpstream, "no upstream available")
-			return
-		}
-		fixed.host.flows.Add(1)
-		fixed.host.quic.conns.Add(1)
-		defer fixed.host.flows.Add(-1)
-		defer fixed.host.quic.conns.Add(-1)
-	}
-	pick := func() *Upstream {
-		if fixed != nil {
-			return fixed
-		}
-		return h.pickQUIC(c, client)
-	}
-	dgram, err := net.ListenUDP(h.network, nil)
-	if err != nil {
-		_ = c.CloseWithError(QUICErrNoUpstream, "no socket")
-		return
-	}
-	ctx := c.Context()
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		<-ctx.Done()
-		_ = dgram.Close()
-	})
-	wg.Go(func() { h.udpDatagramsUp(c, dgram, pick) })
-	wg.Go(func() { h.udpDatagramsDown(c, dgram) })
-	wg.Go(func() {
-		for {
-			s, err := c.AcceptUniStream(ctx)
-			if err != nil {
-				return
-			}
-			go h.udpRequest(s, nil, pick)
-		}
-	})
-	for {
-		s, err := c.AcceptStream(ctx)
-		if err != nil {
-			break
-		}
-		go h.udpRequest(s, s, pick)
-	}
-	wg.Wait()
-}
-
-// udpRequest sends the stream's data as one datagram to an upstream and,
-// when reply is not nil, writes the one reply datagram back and ends the
-// stream.
-func (h *Handler) udpRequest(s recvSide, reply sendSide, pick func() *Upstream) {
-	fail := func(code quic.StreamErrorCode) {
-		s.CancelRead(code)
-		if reply != nil {
-			reply.CancelWrite(code)
-		}
-	}
-	// The buffer grows with the data: a stream waiting for its first
-	// byte holds none.
-	req, err := io.ReadAll(io.LimitReader(s, maxUDPPayload+1))
-	n := len(req)
-	switch {
-	case err != nil:
-		if reply != nil {
-			reply.CancelWrite(streamErrorCode(err))
-		}
-		return
-	case n > maxUDPPayload:
-		fail(QUICErrRequestTooLarge)
-		return
-	}
-	u := pick()
-	if u == nil {
-		fail(QUICErrStreamRelay)
-		return
-	}
-	conn, err := net.ListenUDP(h.network, nil)
-	if err != nil {
-		fail(QUICErrStreamRelay)
-		return
-	}
-	defer conn.Close()
-	if _, err := conn.WriteToUDPAddrPort(req, u.addr); err != nil {
-		fail(QUICErrStreamRelay)
-		return
-	}
-	u.host.quic.streams.Add(1)
-	u.host.quic.bytesUp.Add(uint64(n))
-	u.host.datagramsSent.Add(1)
-	u.host.bytesSent.Add(uint64(n))
-	if reply == nil {
-		return
-	}
-	deadline := time.Now().Add(time.Duration(h.QUIC.ReplyTimeout))
-	_ = conn.SetReadDeadline(deadline)
-	buf := udpReplyBuffers.Get().(*[1 << 16]byte)
-	defer udpReplyBuffers.Put(buf)
-	for {
-		m, from, err := conn.ReadFromUDPAddrPort(buf[:])
-		if err != nil {
-			reply.CancelWrite(QUICErrReplyTimeout)
-			return
-		}
-		if addrPortUnmap(from) != u.addr {
-			continue
-		}
-		u.host.quic.bytesDown.Add(uint64(m))
-		u.host.datagramsReceived.Add(1)
-		u.host.bytesReceived.Add(uint64(m))
-		if _, err := reply.Write(buf[:m]); err == nil {
-			_ = reply.Close()
-		}
-		return
-	}
-}
-
-// udpReplyBuffers holds the buffers of udp/ replies: any UDP datagram
-// fits.
-var udpReplyBuffers = sync.Pool{New: func() any { return new([1 << 16]byte) }}
-
-// udpDatagramsUp sends each DATAGRAM frame of c as a datagram upstream.
-func (h *Handler) udpDatagramsUp(c *quic.Conn, conn *net.UDPConn, pick func() *Upstream) {
-	ctx := c.Context()
-	for {
-		b, err := c.ReceiveDatagram(ctx)
-		if err != nil {
-			return
-		}
-		if u := pick(); u != nil {
-			if _, err := conn.WriteToUDPAddrPort(b, u.addr); err == nil {
-				u.host.datagramsSent.Add(1)
-				u.host.bytesSent.Add(uint64(len(b)))
-			}
-		}
-	}
-}
-
-// udpDatagramsDown sends each datagram from an upstream to c as a
-// DATAGRAM frame.
-func (h *Handler) udpDatagramsDown(c *quic.Conn, conn *net.UDPConn) {
-	buf := make([]byte, maxUDPPayload)
-	for {
-		n, from, err := conn.ReadFromUDPAddrPort(buf)
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			continue
-		}
-		u := h.byAddr[addrPortUnmap(from)]
-		if u == nil {
-			h.drop(dropUnknownSource)
-			continue
-		}
-		u.host.datagramsReceived.Add(1)
-		u.host.bytesReceived.Add(uint64(n))
-		_ = c.SendDatagram(buf[:n])
 	}
 }
 
