@@ -147,8 +147,16 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 	if !q.udp && h.Per == PerPacket {
 		return fmt.Errorf("per %q: quic/ upstreams are picked once per client connection", h.Per)
 	}
-	if !q.udp && len(h.LocalAddresses) > 0 {
-		return fmt.Errorf("local_addresses %v: backend QUIC connections leave from one socket of their own", h.LocalAddresses)
+	if !q.udp {
+		// udp/ upstreams honour them (quic_udp.go).
+		switch {
+		case len(h.LocalAddresses) > 0:
+			return fmt.Errorf("local_addresses %v: backend QUIC connections leave from one socket of their own", h.LocalAddresses)
+		case h.ReadBuffer > 0:
+			return fmt.Errorf("read_buffer %d: backend QUIC connections leave from one socket of their own, which quic-go sizes", h.ReadBuffer)
+		case h.WriteBuffer > 0:
+			return fmt.Errorf("write_buffer %d: backend QUIC connections leave from one socket of their own, which quic-go sizes", h.WriteBuffer)
+		}
 	}
 	if len(q.ALPN) == 0 {
 		q.ALPN = DefaultALPN

@@ -2,19 +2,17 @@ package stabilize
 
 import (
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/quic-go/quic-go"
 	"go.uber.org/zap"
-
-	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
 )
 
 // udp/ upstreams behind QUIC termination
@@ -25,7 +23,8 @@ import (
 // datagram goes back on the stream, then FIN. Each DATAGRAM frame is one
 // datagram each way, through one socket per connection. Every request
 // follows the listener transport's current handler, the newest config's:
-// its upstreams, granularity and health checks.
+// its upstreams, granularity, health checks, local_addresses and buffer
+// sizes.
 
 // udpRelay is a client connection relayed to udp/ upstreams.
 type udpRelay struct {
@@ -34,8 +33,9 @@ type udpRelay struct {
 	client netip.AddrPort
 
 	mu    sync.Mutex
-	fixed *Upstream // per flow: the connection's upstream, counted in its host
-	req   Request   // per flow: the policy's request for the connection
+	fixed *Upstream     // per flow: the connection's upstream, counted in its host
+	req   Request       // per flow: the policy's request for the connection
+	src   [2]netip.Addr // the connection's IPv6 and IPv4 local_addresses, once taken
 }
 
 // relayUDP serves the client connection c, accepted by h from the
@@ -52,7 +52,7 @@ func (h *Handler) relayUDP(t *quicTransport, c *quic.Conn, client netip.AddrPort
 			return
 		}
 	}
-	dgram, err := cur.udpSocket(netip.AddrPort{})
+	dgram, err := cur.udpSocket(r.local(cur, first.addr), netip.AddrPort{})
 	if err != nil {
 		cur.warnOnce(dropSocketUnavailable, "cannot relay to udp/ upstreams", zap.Error(err))
 		_ = c.CloseWithError(QUICErrNoUpstream, "no socket")
@@ -135,21 +135,50 @@ func (r *udpRelay) release() {
 	r.mu.Unlock()
 }
 
-// udpSocket opens a socket to udp/ upstreams: connected to peer when it
-// is valid, with ICMP errors reported in full for passive health checks.
-func (h *Handler) udpSocket(peer netip.AddrPort) (*net.UDPConn, error) {
-	if !peer.IsValid() {
-		return net.ListenUDP(h.network, nil)
+// local returns the connection's local address towards peer: one of h's
+// local_addresses of peer's family, taken in turn on first use and kept;
+// none (the kernel's choice) without local_addresses.
+func (r *udpRelay) local(h *Handler, peer netip.AddrPort) netip.Addr {
+	is4 := peer.Addr().Unmap().Is4()
+	locals := h.localsOf(is4)
+	if len(locals) == 0 {
+		return netip.Addr{}
 	}
-	conn, err := net.DialUDP(h.network, nil, net.UDPAddrFromAddrPort(peer))
+	i := 0
+	if is4 {
+		i = 1
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !slices.Contains(locals, r.src[i]) { // none yet, or a reload changed them
+		r.src[i] = locals[int(h.nextLocal.Add(1))%len(locals)]
+	}
+	return r.src[i]
+}
+
+// udpSocket opens a socket to udp/ upstreams, from local when it is valid,
+// with read_buffer and write_buffer; connected to peer when it is valid,
+// with ICMP errors reported in full for passive health checks.
+func (h *Handler) udpSocket(local netip.Addr, peer netip.AddrPort) (*net.UDPConn, error) {
+	var laddr *net.UDPAddr
+	if local.IsValid() {
+		laddr = net.UDPAddrFromAddrPort(netip.AddrPortFrom(local, 0))
+	}
+	var conn *net.UDPConn
+	var err error
+	prepare := h.sizeSocket
+	if peer.IsValid() {
+		conn, err = net.DialUDP(h.network, laddr, net.UDPAddrFromAddrPort(peer))
+		prepare = h.prepareSocket
+	} else {
+		conn, err = net.ListenUDP(h.network, laddr)
+	}
 	if err != nil {
 		return nil, err // names the addresses
 	}
-	if hc := h.HealthChecks; hc != nil && hc.Passive != nil {
-		if err := udpio.EnableICMPErrors(conn); err != nil {
-			_ = conn.Close()
-			return nil, fmt.Errorf("enabling ICMP error reports for passive health checks: %w", err)
-		}
+	if err := prepare(conn); err != nil {
+		_ = conn.Close()
+		return nil, err
 	}
 	return conn, nil
 }
@@ -182,7 +211,7 @@ func (r *udpRelay) request(s recvSide, reply sendSide) {
 		fail(QUICErrStreamRelay)
 		return
 	}
-	conn, err := h.udpSocket(u.addr)
+	conn, err := h.udpSocket(r.local(h, u.addr), u.addr)
 	if err != nil {
 		h.drop(dropSocketUnavailable)
 		h.warnOnce(dropSocketUnavailable, "cannot open a socket to a udp/ upstream",

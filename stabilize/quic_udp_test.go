@@ -172,3 +172,34 @@ func datagramExchange(t *testing.T, c *quic.Conn, msg string) string {
 	}
 	return ""
 }
+
+// TestQUICUDPLocalAddress: requests and DATAGRAM frames to udp/ upstreams
+// leave from local_addresses, one per connection, in turn, per packet and
+// per flow.
+func TestQUICUDPLocalAddress(t *testing.T) {
+	forPaths(t, quicUDPPers, func(t *testing.T, network, per string) {
+		u := startUpstream(t, "a")
+		h := quicHandler(t, per, "", nil, u.dial())
+		locals := []string{"127.0.0.2", "127.0.0.3"}
+		h["local_addresses"] = locals
+		lb := startBalancerOn(t, network, false, 30*time.Second, h)
+		for i := range 2 {
+			c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+			for j := range 2 {
+				mustExchange(t, c, []byte(fmt.Sprint("request ", i, j)))
+			}
+			if reply := datagramExchange(t, c, "datagram"); reply != "a|datagram" {
+				t.Fatalf("DATAGRAM frame: reply %q", reply)
+			}
+		}
+		u.mu.Lock()
+		defer u.mu.Unlock()
+		srcs := map[string]int{}
+		for src, n := range u.sources {
+			srcs[src.Addr().String()] += n
+		}
+		if len(srcs) != 2 || srcs[locals[0]] < 3 || srcs[locals[1]] < 3 {
+			t.Fatalf("datagrams by source address: %v, want 3 or more from each of %v, none from elsewhere", srcs, locals)
+		}
+	})
+}
