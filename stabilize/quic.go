@@ -36,7 +36,7 @@ var DefaultALPN = []string{"h3"}
 // Defaults of the quic block.
 const (
 	defaultQUICReplyTimeout = 5 * time.Second
-	defaultQUICDialTimeout  = 5 * time.Second
+	defaultQUICDialTimeout  = 5 * time.Second  // or half the idle timeout
 	quicKeepAlive           = 15 * time.Second // of backend legs, or half the idle timeout
 )
 
@@ -71,7 +71,8 @@ type QUIC struct {
 	// How long a connection may be idle before it is closed. Default: 30s
 	// (quic-go's). The client's leg idles out unless the client keeps it
 	// alive; the backend's leg is kept alive by the relay, so a relayed
-	// connection lives as long as its client's leg.
+	// connection lives as long as its client's leg. A backend dial gives
+	// up after 5s, or half this if shorter.
 	MaxIdleTimeout caddy.Duration `json:"max_idle_timeout,omitempty"`
 
 	// Accepts 0-RTT data from resuming clients. 0-RTT data can be
@@ -110,8 +111,9 @@ type QUIC struct {
 	backendConfig *quic.Config // for backend connections
 	// for backend connections of clients that take no DATAGRAM frames
 	backendConfigNoDatagrams *quic.Config
-	holdsBackend             bool // a reference to the backend transport
-	processTicketKeys        bool // session tickets: the process's keys (certificate pair), not the tls app's
+	dialTimeout              time.Duration // of backend connections
+	holdsBackend             bool          // a reference to the backend transport
+	processTicketKeys        bool          // session tickets: the process's keys (certificate pair), not the tls app's
 	stats                    *quicStats
 }
 
@@ -239,6 +241,12 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 		EnableDatagrams: true,
 		MaxIdleTimeout:  time.Duration(q.MaxIdleTimeout),
 		Tracer:          tracer,
+	}
+	// The client's leg is idle while its backend's is dialed: the dial
+	// gives up in time for the client to hear why.
+	q.dialTimeout = defaultQUICDialTimeout
+	if idle := time.Duration(q.MaxIdleTimeout); idle > 0 {
+		q.dialTimeout = min(q.dialTimeout, idle/2)
 	}
 	q.backendConfigNoDatagrams = q.backendConfig.Clone()
 	q.backendConfigNoDatagrams.EnableDatagrams = false
