@@ -314,3 +314,11 @@ func relayDatagrams(from, to *quic.Conn) {
 func addrPortUnmap(ap netip.AddrPort) netip.AddrPort {
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
+
+// Interface guards
+var (
+	_ sendSide = (*quic.Stream)(nil)
+	_ sendSide = (*quic.SendStream)(nil)
+	_ recvSide = (*quic.Stream)(nil)
+	_ recvSide = (*quic.ReceiveStream)(nil)
+)

@@ -176,19 +176,7 @@ func TestQUICRelayDatagrams(t *testing.T) {
 				}
 				for i := range 5 {
 					msg := fmt.Sprint("datagram ", i)
-					got := ""
-					for try := 0; try < 5 && got == ""; try++ {
-						if err := c.SendDatagram([]byte(msg)); err != nil {
-							t.Fatal(err)
-						}
-						ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-						d, err := c.ReceiveDatagram(ctx)
-						cancel()
-						if err == nil {
-							got = string(d)
-						}
-					}
-					if got != "a|"+msg {
+					if got := datagramExchange(t, c, msg); got != "a|"+msg {
 						t.Fatalf("datagram %q: reply %q", msg, got)
 					}
 				}
@@ -301,20 +289,8 @@ func TestQUICBackendDies(t *testing.T) {
 		if _, err := io.ReadAll(s); err == nil || isTimeout(err) {
 			t.Fatalf("a stream in flight when the backend died: %v, want the connection's close", err)
 		}
-		select {
-		case <-c.Context().Done():
-		case <-time.After(10 * time.Second):
-			t.Fatal("the client's connection hangs after its backend died")
-		}
-		var ae *quic.ApplicationError
-		if !errors.As(context.Cause(c.Context()), &ae) || ae.ErrorCode != QUICErrUpstreamGone {
-			t.Fatalf("closed with %v, want code %#x", context.Cause(c.Context()), QUICErrUpstreamGone)
-		}
-		c = dialQUIC(t, lb.addr, nil, quicClientTLS(t))
-		<-c.Context().Done()
-		if !errors.As(context.Cause(c.Context()), &ae) || ae.ErrorCode != QUICErrNoUpstream {
-			t.Fatalf("closed with %v, want code %#x", context.Cause(c.Context()), QUICErrNoUpstream)
-		}
+		waitClosedWith(t, c, 10*time.Second, QUICErrUpstreamGone) // never a hang
+		waitClosedWith(t, dialQUIC(t, lb.addr, nil, quicClientTLS(t)), 10*time.Second, QUICErrNoUpstream)
 		if n := h.QUIC.stats.failed[quicFailDial].Load(); n != 1 {
 			t.Fatalf("backend dial failures counted: %d, want 1", n)
 		}

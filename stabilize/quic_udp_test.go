@@ -1,14 +1,11 @@
 package stabilize
 
 import (
-	"context"
-	"errors"
 	"fmt"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/quic-go/quic-go"
 )
 
 // udp/ upstreams behind QUIC termination: each client stream is one request
@@ -140,37 +137,11 @@ func TestQUICUDPReloadRemovesUpstream(t *testing.T) {
 			t.Fatal(err)
 		}
 		_, _ = quicExchange(c, []byte("to quic/"))
-		select {
-		case <-c.Context().Done():
-		case <-time.After(5 * time.Second):
-			t.Fatal("a udp/ connection lives on after a reload to quic/ upstreams")
-		}
-		var ae *quic.ApplicationError
-		if !errors.As(context.Cause(c.Context()), &ae) || ae.ErrorCode != QUICErrNoUpstream {
-			t.Fatalf("closed with %v, want code %#x", context.Cause(c.Context()), QUICErrNoUpstream)
-		}
+		waitClosedWith(t, c, 5*time.Second, QUICErrNoUpstream)
 		if name := mustExchange(t, dialQUIC(t, lb.addr, nil, quicClientTLS(t)), []byte("new")); name != "q" {
 			t.Fatalf("a new connection went to %s", name)
 		}
 	})
-}
-
-// datagramExchange sends msg in a DATAGRAM frame, retrying a few times,
-// and returns the reply frame's data.
-func datagramExchange(t *testing.T, c *quic.Conn, msg string) string {
-	t.Helper()
-	for range 5 {
-		if err := c.SendDatagram([]byte(msg)); err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		d, err := c.ReceiveDatagram(ctx)
-		cancel()
-		if err == nil {
-			return string(d)
-		}
-	}
-	return ""
 }
 
 // TestQUICUDPLocalAddress: requests and DATAGRAM frames to udp/ upstreams
