@@ -32,10 +32,11 @@ type udpRelay struct {
 	t      *quicTransport // whose current handler picks the upstreams
 	client netip.AddrPort
 
-	mu    sync.Mutex
-	fixed *Upstream     // per flow: the connection's upstream, counted in its host
-	req   Request       // per flow: the policy's request for the connection
-	src   [2]netip.Addr // the connection's IPv6 and IPv4 local_addresses, once taken
+	mu     sync.Mutex
+	fixed  *Upstream     // per flow: the connection's upstream, counted in its host
+	req    Request       // per flow: the policy's request for the connection
+	src    [2]netip.Addr // the connection's IPv6 and IPv4 local_addresses, once taken
+	closed bool          // the connection has ended: no more picks
 }
 
 // relayUDP serves the client connection c, accepted by h from the
@@ -97,6 +98,9 @@ func (r *udpRelay) pick() (*Handler, *Upstream) {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.closed {
+		return h, nil // a request that outlived the connection
+	}
 	if _, perFlow := h.router.(perFlowRouter); !perFlow {
 		r.setFixed(nil) // after a reload from per flow
 		return h, h.pickQUIC(r.c, r.client)
@@ -132,6 +136,7 @@ func (r *udpRelay) setFixed(u *Upstream) {
 func (r *udpRelay) release() {
 	r.mu.Lock()
 	r.setFixed(nil)
+	r.closed = true
 	r.mu.Unlock()
 }
 
