@@ -68,7 +68,8 @@
 // the newest handler serves its new connections. Each accepted connection
 // is relayed (quic_relay.go) to one backend connection on a quic/ upstream
 // picked by the policy from Handler.candidates, or stream by stream to udp/
-// upstreams. Backend connections share one transport (quic_backend.go) and
+// upstreams (quic_udp.go), picked through the transport's current handler,
+// so that reloads and health apply to open connections. Backend connections share one transport (quic_backend.go) and
 // resume TLS sessions kept per upstream host and TLS settings
 // (quic_sessions.go).
 //

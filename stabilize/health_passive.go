@@ -31,7 +31,9 @@ type PassiveHealthChecks struct {
 	// flow watches its oldest unanswered datagram; a failure is noticed
 	// between 1 and 2 reply_timeouts after it is due. A reply longer than
 	// the reply buffer (dropped as `reply_too_large`) fails the watched
-	// datagram at once, with that reason. At least 10ms. Default: 0 (off).
+	// datagram at once, with that reason. Behind QUIC termination, each
+	// request to a udp/ upstream is watched, up to the quic block's
+	// reply_timeout if that is shorter. At least 10ms. Default: 0 (off).
 	ReplyTimeout caddy.Duration `json:"reply_timeout,omitempty"`
 
 	// Failures within fail_duration that mark the upstream down. Default: 1.
@@ -222,10 +224,23 @@ func (h *Handler) sweepReplies(ctx context.Context) {
 
 // Sockets
 
-// prepareSocket sets up a new upstream-facing socket: buffer sizes, and
-// reporting of ICMP errors for passive health checks. The kernel may cap
-// the buffer sizes (net.core.rmem_max, wmem_max).
+// prepareSocket sets up a new upstream-facing socket: buffer sizes
+// (sizeSocket), and reporting of ICMP errors for passive health checks.
 func (h *Handler) prepareSocket(conn udpio.Conn) error {
+	if err := h.sizeSocket(conn); err != nil {
+		return err
+	}
+	if hc := h.HealthChecks; hc != nil && hc.Passive != nil {
+		if err := udpio.EnableICMPErrors(conn); err != nil {
+			return fmt.Errorf("enabling ICMP error reports for passive health checks: %w", err)
+		}
+	}
+	return nil
+}
+
+// sizeSocket sets an upstream-facing socket's buffer sizes, read_buffer
+// and write_buffer. The kernel may cap them (net.core.rmem_max, wmem_max).
+func (h *Handler) sizeSocket(conn udpio.Conn) error {
 	if h.ReadBuffer > 0 {
 		if err := conn.SetReadBuffer(h.ReadBuffer); err != nil {
 			return fmt.Errorf("setting read_buffer %d: %w", h.ReadBuffer, err)
@@ -234,11 +249,6 @@ func (h *Handler) prepareSocket(conn udpio.Conn) error {
 	if h.WriteBuffer > 0 {
 		if err := conn.SetWriteBuffer(h.WriteBuffer); err != nil {
 			return fmt.Errorf("setting write_buffer %d: %w", h.WriteBuffer, err)
-		}
-	}
-	if hc := h.HealthChecks; hc != nil && hc.Passive != nil {
-		if err := udpio.EnableICMPErrors(conn); err != nil {
-			return fmt.Errorf("enabling ICMP error reports for passive health checks: %w", err)
 		}
 	}
 	return nil

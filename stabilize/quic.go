@@ -36,8 +36,8 @@ var DefaultALPN = []string{"h3"}
 // Defaults of the quic block.
 const (
 	defaultQUICReplyTimeout = 5 * time.Second
-	defaultQUICDialTimeout  = 5 * time.Second
-	quicKeepAlive           = 15 * time.Second // or half the idle timeout
+	defaultQUICDialTimeout  = 5 * time.Second  // or half the idle timeout
+	quicKeepAlive           = 15 * time.Second // of backend legs, or half the idle timeout
 )
 
 // QUIC configures QUIC termination. Its certificate comes from Caddy's tls
@@ -69,7 +69,10 @@ type QUIC struct {
 	StatelessRetry bool `json:"stateless_retry,omitempty"`
 
 	// How long a connection may be idle before it is closed. Default: 30s
-	// (quic-go's).
+	// (quic-go's). The client's leg idles out unless the client keeps it
+	// alive; the backend's leg is kept alive by the relay, so a relayed
+	// connection lives as long as its client's leg. A backend dial gives
+	// up after 5s, or half this if shorter.
 	MaxIdleTimeout caddy.Duration `json:"max_idle_timeout,omitempty"`
 
 	// Accepts 0-RTT data from resuming clients. 0-RTT data can be
@@ -78,6 +81,8 @@ type QUIC struct {
 
 	// With udp/ upstreams: how long a request stream waits for its reply
 	// datagram; without one the stream is reset with error code 0x5354.
+	// With passive health checks, a request without a reply within their
+	// reply_timeout, or within this one if shorter, is a failure.
 	// Default: 5s.
 	ReplyTimeout caddy.Duration `json:"reply_timeout,omitempty"`
 
@@ -106,8 +111,9 @@ type QUIC struct {
 	backendConfig *quic.Config // for backend connections
 	// for backend connections of clients that take no DATAGRAM frames
 	backendConfigNoDatagrams *quic.Config
-	holdsBackend             bool // a reference to the backend transport
-	processTicketKeys        bool // session tickets: the process's keys (certificate pair), not the tls app's
+	dialTimeout              time.Duration // of backend connections
+	holdsBackend             bool          // a reference to the backend transport
+	processTicketKeys        bool          // session tickets: the process's keys (certificate pair), not the tls app's
 	stats                    *quicStats
 }
 
@@ -143,8 +149,16 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 	if !q.udp && h.Per == PerPacket {
 		return fmt.Errorf("per %q: quic/ upstreams are picked once per client connection", h.Per)
 	}
-	if !q.udp && len(h.LocalAddresses) > 0 {
-		return fmt.Errorf("local_addresses %v: backend QUIC connections leave from one socket of their own", h.LocalAddresses)
+	if !q.udp {
+		// udp/ upstreams honour them (quic_udp.go).
+		switch {
+		case len(h.LocalAddresses) > 0:
+			return fmt.Errorf("local_addresses %v: backend QUIC connections leave from one socket of their own", h.LocalAddresses)
+		case h.ReadBuffer > 0:
+			return fmt.Errorf("read_buffer %d: backend QUIC connections leave from one socket of their own, which quic-go sizes", h.ReadBuffer)
+		case h.WriteBuffer > 0:
+			return fmt.Errorf("write_buffer %d: backend QUIC connections leave from one socket of their own, which quic-go sizes", h.WriteBuffer)
+		}
 	}
 	if len(q.ALPN) == 0 {
 		q.ALPN = DefaultALPN
@@ -213,18 +227,26 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 	}
 	tracer := q.tracer()
 	q.config = &quic.Config{
-		// The client's leg lives as long as the backend's: the relay
-		// closes it when the backend's leg idles out.
-		KeepAlivePeriod: quicKeepAlive,
 		MaxIdleTimeout:  time.Duration(q.MaxIdleTimeout),
 		Allow0RTT:       q.Allow0RTT,
 		EnableDatagrams: true,
 		Tracer:          tracer,
 	}
 	q.backendConfig = &quic.Config{
+		// A relayed connection lives as long as the client's leg, which
+		// idles out unless the client keeps it alive; the relay keeps the
+		// backend's leg alive, so that it idles out only when the backend
+		// is gone.
+		KeepAlivePeriod: quicKeepAlive,
 		EnableDatagrams: true,
 		MaxIdleTimeout:  time.Duration(q.MaxIdleTimeout),
 		Tracer:          tracer,
+	}
+	// The client's leg is idle while its backend's is dialed: the dial
+	// gives up in time for the client to hear why.
+	q.dialTimeout = defaultQUICDialTimeout
+	if idle := time.Duration(q.MaxIdleTimeout); idle > 0 {
+		q.dialTimeout = min(q.dialTimeout, idle/2)
 	}
 	q.backendConfigNoDatagrams = q.backendConfig.Clone()
 	q.backendConfigNoDatagrams.EnableDatagrams = false

@@ -71,7 +71,7 @@ func (h *Handler) dialBackend(c *quic.Conn, u *Upstream, t *backendTransport) (*
 	if tlsConf == nil { // the client negotiated one of quic.alpn
 		return nil, fmt.Errorf("ALPN %q: not in quic.alpn", alpn)
 	}
-	ctx, cancel := context.WithTimeout(c.Context(), defaultQUICDialTimeout)
+	ctx, cancel := context.WithTimeout(c.Context(), h.QUIC.dialTimeout)
 	defer cancel()
 	conf := h.QUIC.backendConfig
 	if !c.ConnectionState().SupportsDatagrams.Remote {

@@ -255,6 +255,17 @@ func (b *quicBackend) serveConn(c *quic.Conn) {
 			case "die":
 				_ = c.CloseWithError(0x99, "backend says bye")
 				return
+			case "wait stop":
+				// A backend that does not write until it has to: it
+				// watches its stream's send side, as quic-go suggests.
+				<-s.Context().Done()
+				var se *quic.StreamError
+				if errors.As(context.Cause(s.Context()), &se) && se.Remote {
+					b.mu.Lock()
+					b.stops = append(b.stops, se.ErrorCode)
+					b.mu.Unlock()
+				}
+				return
 			case "stream id":
 				_, _ = fmt.Fprint(s, int64(s.StreamID()))
 				_ = s.Close()
@@ -412,4 +423,37 @@ func mustExchange(t testing.TB, c *quic.Conn, data []byte) string {
 		t.Fatalf("exchange of %d bytes: reply of %d bytes does not echo it", len(data), len(reply))
 	}
 	return string(name)
+}
+
+// datagramExchange sends msg in a DATAGRAM frame, retrying a few times,
+// and returns the reply frame's data.
+func datagramExchange(t *testing.T, c *quic.Conn, msg string) string {
+	t.Helper()
+	for range 5 {
+		if err := c.SendDatagram([]byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		d, err := c.ReceiveDatagram(ctx)
+		cancel()
+		if err == nil {
+			return string(d)
+		}
+	}
+	return ""
+}
+
+// waitClosedWith fails the test unless c closes within the time, with
+// the application error code.
+func waitClosedWith(t *testing.T, c *quic.Conn, within time.Duration, code quic.ApplicationErrorCode) {
+	t.Helper()
+	select {
+	case <-c.Context().Done():
+	case <-time.After(within):
+		t.Fatalf("the connection is still open after %v, want a close with code %#x", within, code)
+	}
+	var ae *quic.ApplicationError
+	if !errors.As(context.Cause(c.Context()), &ae) || ae.ErrorCode != code {
+		t.Fatalf("closed with %v, want code %#x", context.Cause(c.Context()), code)
+	}
 }

@@ -4,11 +4,9 @@ import (
 	"context"
 	"errors"
 	"io"
-	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/quic-go/quic-go"
@@ -20,7 +18,8 @@ import (
 // resets it sends, when the other side of the relay gave none.
 const (
 	// QUICErrNoUpstream closes a client connection that no upstream could
-	// take: none is healthy, or the backend connection failed.
+	// take: none is healthy, the backend connection failed, or, with udp/
+	// upstreams, a reload left none.
 	QUICErrNoUpstream quic.ApplicationErrorCode = 0x5350
 	// QUICErrUpstreamGone closes a client connection whose backend
 	// connection ended without an application close (idle timeout, crash,
@@ -33,7 +32,8 @@ const (
 	// UDP datagram (65,507 bytes).
 	QUICErrRequestTooLarge quic.StreamErrorCode = 0x5353
 	// QUICErrReplyTimeout resets a udp/ request stream that got no reply
-	// within reply_timeout.
+	// within reply_timeout, or an ICMP error (port, host or network
+	// unreachable) instead.
 	QUICErrReplyTimeout quic.StreamErrorCode = 0x5354
 )
 
@@ -50,8 +50,9 @@ type quicHostStats struct {
 // Conns is the number of live QUIC connections relayed to the host.
 func (h *Host) QUICConns() int64 { return h.quic.conns.Load() }
 
-// serveQUIC relays one client connection, accepted by a transport of h.
-func (h *Handler) serveQUIC(c *quic.Conn) {
+// serveQUIC relays one client connection, accepted by h from the
+// transport t.
+func (h *Handler) serveQUIC(t *quicTransport, c *quic.Conn) {
 	q := h.QUIC
 	select {
 	case <-c.HandshakeComplete():
@@ -67,7 +68,7 @@ func (h *Handler) serveQUIC(c *quic.Conn) {
 	}
 	client := addrPort(c.RemoteAddr())
 	if q.udp {
-		h.relayUDP(c, client)
+		h.relayUDP(t, c, client)
 		return
 	}
 	u := h.pickQUIC(c, client)
@@ -81,11 +82,11 @@ func (h *Handler) serveQUIC(c *quic.Conn) {
 	defer u.host.flows.Add(-1)
 	defer u.host.quic.conns.Add(-1)
 	var b *quic.Conn
-	t, err := acquireBackendTransport()
+	bt, err := acquireBackendTransport()
 	dialed := err == nil // else the failure is the balancer's own socket
 	if dialed {
 		defer releaseBackendTransport()
-		b, err = h.dialBackend(c, u, t)
+		b, err = h.dialBackend(c, u, bt)
 	}
 	if err != nil {
 		q.stats.failed[quicFailDial].Add(1)
@@ -223,6 +224,7 @@ type sendSide interface {
 	io.Writer
 	Close() error
 	CancelWrite(quic.StreamErrorCode)
+	Context() context.Context // ends when the peer sends STOP_SENDING, among others
 }
 
 // recvSide is the receiving half of a stream.
@@ -231,23 +233,49 @@ type recvSide interface {
 	CancelRead(quic.StreamErrorCode)
 }
 
-// relayBufferPool holds the buffers of pipe.
-var relayBufferPool = sync.Pool{New: func() any { return new([32 << 10]byte) }}
+// The buffers of pipe: a stream waiting for data holds a small one, and
+// takes a large one once a read fills the small one.
+var (
+	smallRelayBuffers = sync.Pool{New: func() any { return new([1 << 10]byte) }}
+	relayBuffers      = sync.Pool{New: func() any { return new([32 << 10]byte) }}
+)
 
 // pipe copies src to dst, passing on the end of the stream: FIN as FIN, a
 // RESET_STREAM on src as one on dst, and a STOP_SENDING on dst as one on
 // src, each with its error code.
 func pipe(dst sendSide, src recvSide, bytes *atomic.Uint64) {
-	buf := relayBufferPool.Get().(*[32 << 10]byte)
-	defer relayBufferPool.Put(buf)
+	// A STOP_SENDING on dst stops src at once, even while it waits for
+	// data: a peer that writes only when it has to hears of it.
+	stop := context.AfterFunc(dst.Context(), func() {
+		var se *quic.StreamError
+		if errors.As(context.Cause(dst.Context()), &se) && se.Remote {
+			src.CancelRead(se.ErrorCode)
+		}
+	})
+	defer stop()
+	small := smallRelayBuffers.Get().(*[1 << 10]byte)
+	var large *[32 << 10]byte
+	defer func() {
+		if large != nil {
+			relayBuffers.Put(large)
+		} else {
+			smallRelayBuffers.Put(small)
+		}
+	}()
+	buf := small[:]
 	for {
-		n, err := src.Read(buf[:])
+		n, err := src.Read(buf)
 		if n > 0 {
 			if _, werr := dst.Write(buf[:n]); werr != nil {
 				src.CancelRead(streamErrorCode(werr))
 				return
 			}
 			bytes.Add(uint64(n))
+		}
+		if n == len(buf) && large == nil { // more is coming: a large buffer
+			large = relayBuffers.Get().(*[32 << 10]byte)
+			smallRelayBuffers.Put(small)
+			buf = large[:]
 		}
 		switch {
 		case err == io.EOF:
@@ -282,168 +310,15 @@ func relayDatagrams(from, to *quic.Conn) {
 	}
 }
 
-// relayUDP serves a client connection from udp/ upstreams: each stream is
-// one request datagram, answered by one reply datagram, and each DATAGRAM
-// frame is one datagram each way.
-func (h *Handler) relayUDP(c *quic.Conn, client netip.AddrPort) {
-	_, perFlow := h.router.(perFlowRouter)
-	var fixed *Upstream
-	if perFlow {
-		if fixed = h.pickQUIC(c, client); fixed == nil {
-			h.QUIC.stats.failed[quicFailNoUpstream].Add(1)
-			_ = c.CloseWithError(QUICErrNoUpstream, "no upstream available")
-			return
-		}
-		fixed.host.flows.Add(1)
-		fixed.host.quic.conns.Add(1)
-		defer fixed.host.flows.Add(-1)
-		defer fixed.host.quic.conns.Add(-1)
-	}
-	pick := func() *Upstream {
-		if fixed != nil {
-			return fixed
-		}
-		return h.pickQUIC(c, client)
-	}
-	dgram, err := net.ListenUDP(h.network, nil)
-	if err != nil {
-		_ = c.CloseWithError(QUICErrNoUpstream, "no socket")
-		return
-	}
-	ctx := c.Context()
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		<-ctx.Done()
-		_ = dgram.Close()
-	})
-	wg.Go(func() { h.udpDatagramsUp(c, dgram, pick) })
-	wg.Go(func() { h.udpDatagramsDown(c, dgram) })
-	wg.Go(func() {
-		for {
-			s, err := c.AcceptUniStream(ctx)
-			if err != nil {
-				return
-			}
-			go h.udpRequest(s, nil, pick)
-		}
-	})
-	for {
-		s, err := c.AcceptStream(ctx)
-		if err != nil {
-			break
-		}
-		go h.udpRequest(s, s, pick)
-	}
-	wg.Wait()
-}
-
-// udpRequest sends the stream's data as one datagram to an upstream and,
-// when reply is not nil, writes the one reply datagram back and ends the
-// stream.
-func (h *Handler) udpRequest(s recvSide, reply sendSide, pick func() *Upstream) {
-	fail := func(code quic.StreamErrorCode) {
-		s.CancelRead(code)
-		if reply != nil {
-			reply.CancelWrite(code)
-		}
-	}
-	buf := make([]byte, maxUDPPayload+1)
-	n, err := io.ReadFull(s, buf)
-	switch {
-	case err == nil:
-		fail(QUICErrRequestTooLarge)
-		return
-	case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
-	default:
-		if reply != nil {
-			reply.CancelWrite(streamErrorCode(err))
-		}
-		return
-	}
-	u := pick()
-	if u == nil {
-		fail(QUICErrStreamRelay)
-		return
-	}
-	conn, err := net.ListenUDP(h.network, nil)
-	if err != nil {
-		fail(QUICErrStreamRelay)
-		return
-	}
-	defer conn.Close()
-	if _, err := conn.WriteToUDPAddrPort(buf[:n], u.addr); err != nil {
-		fail(QUICErrStreamRelay)
-		return
-	}
-	u.host.quic.streams.Add(1)
-	u.host.quic.bytesUp.Add(uint64(n))
-	u.host.datagramsSent.Add(1)
-	u.host.bytesSent.Add(uint64(n))
-	if reply == nil {
-		return
-	}
-	deadline := time.Now().Add(time.Duration(h.QUIC.ReplyTimeout))
-	_ = conn.SetReadDeadline(deadline)
-	for {
-		m, from, err := conn.ReadFromUDPAddrPort(buf)
-		if err != nil {
-			reply.CancelWrite(QUICErrReplyTimeout)
-			return
-		}
-		if addrPortUnmap(from) != u.addr {
-			continue
-		}
-		u.host.quic.bytesDown.Add(uint64(m))
-		u.host.datagramsReceived.Add(1)
-		u.host.bytesReceived.Add(uint64(m))
-		if _, err := reply.Write(buf[:m]); err == nil {
-			_ = reply.Close()
-		}
-		return
-	}
-}
-
-// udpDatagramsUp sends each DATAGRAM frame of c as a datagram upstream.
-func (h *Handler) udpDatagramsUp(c *quic.Conn, conn *net.UDPConn, pick func() *Upstream) {
-	ctx := c.Context()
-	for {
-		b, err := c.ReceiveDatagram(ctx)
-		if err != nil {
-			return
-		}
-		if u := pick(); u != nil {
-			if _, err := conn.WriteToUDPAddrPort(b, u.addr); err == nil {
-				u.host.datagramsSent.Add(1)
-				u.host.bytesSent.Add(uint64(len(b)))
-			}
-		}
-	}
-}
-
-// udpDatagramsDown sends each datagram from an upstream to c as a
-// DATAGRAM frame.
-func (h *Handler) udpDatagramsDown(c *quic.Conn, conn *net.UDPConn) {
-	buf := make([]byte, maxUDPPayload)
-	for {
-		n, from, err := conn.ReadFromUDPAddrPort(buf)
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			continue
-		}
-		u := h.byAddr[addrPortUnmap(from)]
-		if u == nil {
-			h.drop(dropUnknownSource)
-			continue
-		}
-		u.host.datagramsReceived.Add(1)
-		u.host.bytesReceived.Add(uint64(n))
-		_ = c.SendDatagram(buf[:n])
-	}
-}
-
 // addrPortUnmap is ap with its address unmapped.
 func addrPortUnmap(ap netip.AddrPort) netip.AddrPort {
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
+
+// Interface guards
+var (
+	_ sendSide = (*quic.Stream)(nil)
+	_ sendSide = (*quic.SendStream)(nil)
+	_ recvSide = (*quic.Stream)(nil)
+	_ recvSide = (*quic.ReceiveStream)(nil)
+)

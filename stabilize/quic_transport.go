@@ -141,7 +141,7 @@ func (t *quicTransport) accept() {
 			return
 		}
 		h := t.cur.Load()
-		go h.serveQUIC(c)
+		go h.serveQUIC(t, c)
 	}
 }
 

@@ -26,21 +26,29 @@ func (r perPacketRouter) route(fl *Flow, _ []byte) *Upstream {
 type perFlowRouter struct{ h *Handler }
 
 func (r perFlowRouter) route(fl *Flow, _ []byte) *Upstream {
-	u := fl.upstream
+	u := r.h.stick(fl.upstream, &fl.req)
+	if u != nil && u != fl.upstream {
+		fl.assign(u)
+	}
+	return u
+}
+
+// stick is the per flow rule, for a flow or a QUIC connection on u (nil
+// before its first pick): u while it is healthy, else the policy's pick
+// for req among the candidates; when every upstream is down and h fails
+// open, u stays. It returns nil when no upstream can take the flow.
+func (h *Handler) stick(u *Upstream, req *Request) *Upstream {
 	if u != nil && u.healthy() {
 		return u
 	}
-	pool, allDown := r.h.candidates()
+	pool, allDown := h.candidates()
 	switch {
 	case pool == nil:
 		return nil
 	case allDown && u != nil:
 		return u
 	}
-	if u = r.h.selector.Select(pool, &fl.req); u != nil {
-		fl.assign(u)
-	}
-	return u
+	return h.selector.Select(pool, req)
 }
 
 // Interface guards

@@ -63,12 +63,13 @@ type Handler struct {
 	// version. Default: off.
 	ProxyProtocol string `json:"proxy_protocol,omitempty"`
 
-	// The receive buffer size of each upstream-facing socket, in bytes.
-	// Default: the system's.
+	// The receive buffer size of each upstream-facing socket, in bytes,
+	// including those of `udp/` upstreams behind QUIC termination.
+	// Default: the system's. Not with `quic/` upstreams.
 	ReadBuffer int `json:"read_buffer,omitempty"`
 
 	// The send buffer size of each upstream-facing socket, in bytes.
-	// Default: the system's.
+	// Default: the system's. Not with `quic/` upstreams.
 	WriteBuffer int `json:"write_buffer,omitempty"`
 
 	// The most client flows this handler keeps at once; a new flow over the
@@ -85,8 +86,10 @@ type Handler struct {
 	// each upstream's over those of its address family. Each source address
 	// has its own ephemeral ports, so in `per packet` mode, where every flow
 	// holds a port of its own, they multiply how many flows fit. Default:
-	// the address the routing picks for each upstream. Not with `quic/`
-	// upstreams, whose connections all leave from one socket.
+	// the address the routing picks for each upstream. Behind QUIC
+	// termination each client connection takes one, in turn, for its
+	// requests to `udp/` upstreams. Not with `quic/` upstreams, whose
+	// connections all leave from one socket.
 	LocalAddresses []string `json:"local_addresses,omitempty"`
 
 	// Terminates the clients' QUIC connections and relays their streams
