@@ -31,10 +31,11 @@ import (
 // the transport when caddy-l4 hands it a flow of the listener
 // (transportFor), unless a handler of a newer config has. A handler that is
 // cleaned up passes its claim to its likeliest successor on the listener
-// (quicSuccessor), which holds the transport until its own flows arrive:
-// on fastudp/ the clients' endpoints then expire (quicConn.unclaimed), so
-// that their next datagrams pass through caddy-l4 and claim it; on udp/ the
-// first datagram through the new config's socket does.
+// (quicSuccessor), which serves the transport until a flow arrives. Unless
+// the successor is the one new handler of the same config, on fastudp/ the
+// clients' endpoints then expire (quicConn.unclaimed), so that their next
+// datagrams pass through caddy-l4 and claim it; on udp/ the first datagram
+// through the new config's socket does.
 type quicTransport struct {
 	key  string
 	conn *quicConn
@@ -278,13 +279,13 @@ func (h *Handler) quicLeave() {
 	h.quicHeld.mu.Unlock()
 	for key, t := range held {
 		t.conn.listenerGone() // caddy-l4 has closed this config's listeners
-		next := h.quicSuccessor(key)
+		next, sure := h.quicSuccessor(key)
 		if next == nil || !next.adoptTransport(key, t) {
 			_, _ = quicTransports.Delete(key) // next holds a reference of its own, or none is left
 		}
-		// Unless a newer handler has claimed it, next serves it until a
-		// flow of the listener tells.
-		if next != nil && t.cur.CompareAndSwap(h, next) {
+		// Unless a newer handler has claimed it, next serves it; if it
+		// may not be the listener's, until a flow of the listener tells.
+		if next != nil && t.cur.CompareAndSwap(h, next) && !sure {
 			t.conn.unclaimed.Store(true)
 		}
 	}
@@ -293,16 +294,15 @@ func (h *Handler) quicLeave() {
 
 // quicSuccessor returns the handler likeliest to serve the listener of
 // h's transport at key after h: of the live QUIC handlers whose config
-// listens on key, one with h's config, else the one that shares the most
-// upstreams with h, then has its identity, the newest of equals; nil if
-// none. (A handler that a flow of the listener has reached has claimed the
-// transport already.)
-func (h *Handler) quicSuccessor(key string) *Handler {
+// listens on key, the one with h's config, else the one that shares the
+// most upstreams with h, then has its identity, the newest of equals; nil
+// if none. sure says it is the only one with h's config. (A handler that a
+// flow of the listener has reached has claimed the transport already.)
+func (h *Handler) quicSuccessor(key string) (next *Handler, sure bool) {
 	quicLive.Lock()
 	hs := slices.Clone(quicLive.hs)
 	quicLive.Unlock()
-	var next *Handler
-	best := -1
+	best, same := -1, 0
 	for _, g := range hs {
 		if g.ctx.Err() != nil || !g.listensOn(key) {
 			continue // a config that is going away, as h's is
@@ -318,12 +318,13 @@ func (h *Handler) quicSuccessor(key string) *Handler {
 		}
 		if h.quicHeld.conf != "" && g.quicHeld.conf == h.quicHeld.conf {
 			score += 1 << 20
+			same++
 		}
 		if score >= best {
 			next, best = g, score
 		}
 	}
-	return next
+	return next, same == 1
 }
 
 // adoptTransport takes over a reference to t, unless h holds one already.
