@@ -2,45 +2,14 @@ package stabilize
 
 import (
 	"crypto/tls"
-	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/caddyserver/caddy/v2"
 )
-
-// loadQUICServers loads a config with one layer4 server on network per
-// handler, each on a port of its own, and returns their addresses.
-func loadQUICServers(t *testing.T, network string, handlers ...map[string]any) []string {
-	t.Helper()
-	servers := map[string]any{}
-	var addrs []string
-	for i, h := range handlers {
-		addr := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
-		addrs = append(addrs, addr)
-		servers[fmt.Sprintf("srv%d", i)] = map[string]any{
-			"listen":       []string{network + "/" + addr},
-			"idle_timeout": "30s",
-			"routes":       []any{map[string]any{"handle": []any{h}}},
-		}
-	}
-	cfg, err := json.Marshal(map[string]any{
-		"admin":   map[string]any{"disabled": true},
-		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
-		"apps":    map[string]any{"layer4": map[string]any{"servers": servers}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := caddy.Load(cfg, true); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = caddy.Stop() })
-	return addrs
-}
 
 // TestQUICActiveHealthBackendTLS: the active checks of quic/ upstreams
 // share a prober, and its verdict, only under the same backend TLS
@@ -59,23 +28,23 @@ func TestQUICActiveHealthBackendTLS(t *testing.T) {
 			h["health_checks"] = map[string]any{"active": map[string]any{"interval": "200ms", "timeout": "150ms"}}
 			return h
 		}
-		host := hostOf
-		loadQUICServers(t, network, handler(nil, true))
-		eventually(t, 5*time.Second, "the upstream down (unknown CA)", func() bool { return !host(t, b.addr).Healthy() })
+		startServers(t, network, "", handler(nil, true))
+		eventually(t, 5*time.Second, "the upstream down (unknown CA)", func() bool { return !hostOf(t, b.addr).Healthy() })
 
 		// The reload trusts the CA.
-		loadQUICServers(t, network, handler(nil, false))
+		startServers(t, network, "", handler(nil, false))
 		eventually(t, 3*time.Second, "the upstream up after a reload that trusts its CA", func() bool {
-			return host(t, b.addr).Healthy()
+			return hostOf(t, b.addr).Healthy()
 		})
 
-		// Three handlers, three verifications, three verdicts.
+		// Four handlers, four verifications, four verdicts.
 		otherPKI, err := makeTestPKI() // another CA
 		if err != nil {
 			t.Fatal(err)
 		}
+		t.Cleanup(func() { _ = os.RemoveAll(filepath.Dir(otherPKI.caFile)) })
 		other := otherPKI.caFile
-		loadQUICServers(t, network,
+		startServers(t, network, "",
 			handler(nil, false),
 			handler(nil, true),
 			handler(map[string]any{"tls_insecure_skip_verify": true}, true),
@@ -90,7 +59,7 @@ func TestQUICActiveHealthBackendTLS(t *testing.T) {
 		})
 		eventually(t, 5*time.Second, "four verdicts", func() bool {
 			got = got[:0]
-			for _, s := range host(t, b.addr).ActiveChecks() {
+			for _, s := range hostOf(t, b.addr).ActiveChecks() {
 				verify := s.Checks[strings.LastIndexByte(s.Checks, ' ')+1:]
 				verify = strings.TrimRight(verify, "0123456789")
 				got = append(got, fmt.Sprintf("%s: %v", verify, s.Healthy))
@@ -98,7 +67,7 @@ func TestQUICActiveHealthBackendTLS(t *testing.T) {
 			slices.Sort(got)
 			return slices.Equal(got, want)
 		})
-		for _, s := range host(t, b.addr).ActiveChecks() {
+		for _, s := range hostOf(t, b.addr).ActiveChecks() {
 			if !strings.Contains(s.Checks, " quic alpn="+testALPN+" sni=127.0.0.1 ") {
 				t.Errorf("checks %q: no ALPN or server name", s.Checks)
 			}
