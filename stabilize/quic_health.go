@@ -69,12 +69,18 @@ func rootsName(pool *x509.CertPool) string {
 	defer rootPools.Unlock()
 	rootPools.known = slices.DeleteFunc(rootPools.known, func(r namedRoots) bool { return r.pool.Value() == nil })
 	for _, r := range rootPools.known {
-		if p := r.pool.Value(); p == pool || p.Equal(pool) {
+		if p := r.pool.Value(); p == pool {
 			return r.name
 		}
 	}
-	rootPools.last++
-	name := "pool-" + strconv.FormatUint(rootPools.last, 10)
+	var name string
+	if i := slices.IndexFunc(rootPools.known, func(r namedRoots) bool { return r.pool.Value().Equal(pool) }); i >= 0 {
+		name = rootPools.known[i].name
+	} else {
+		rootPools.last++
+		name = "pool-" + strconv.FormatUint(rootPools.last, 10)
+	}
+	// Every pool is kept, so that a name lasts while any of its pools does.
 	rootPools.known = append(rootPools.known, namedRoots{pool: weak.Make(pool), name: name})
 	return name
 }
