@@ -48,8 +48,8 @@ type quicTransport struct {
 // quicTransports holds the terminating transports, by listener.
 var quicTransports = caddy.NewUsagePool()
 
-// quicLive is the live handlers with a quic block, oldest first: a
-// handler's transports pass to the newest other one when it is cleaned up.
+// quicLive is the live handlers with a quic block, oldest first: those a
+// handler's transports may pass to when it is cleaned up (quicSuccessor).
 var quicLive = struct {
 	sync.Mutex
 	hs []*Handler
