@@ -64,9 +64,10 @@
 // its connection. On Linux it gives quic-go its fast path
 // (quic_conn_linux.go): batched reads, writes with GSO and ECN, and Don't
 // Fragment on every socket writes go out of, for path-MTU discovery. The
-// transport lives in a UsagePool keyed by the listener;
-// the newest handler serves its new connections. Each accepted connection
-// is relayed (quic_relay.go) to one backend connection on a quic/ upstream
+// transport lives in a UsagePool keyed by the listener; the handler that
+// the listener's flows reach serves its new connections (after a reload,
+// until one has, the old handler's likeliest successor). Each accepted
+// connection is relayed (quic_relay.go) to one backend connection on a quic/ upstream
 // picked by the policy from Handler.candidates, or stream by stream to udp/
 // upstreams (quic_udp.go), picked through the transport's current handler,
 // so that reloads and health apply to open connections. Backend connections share one transport (quic_backend.go) and

@@ -140,7 +140,7 @@ func (h *Host) ActiveChecks() []ActiveCheckStatus {
 	var out []ActiveCheckStatus
 	hh.mu.Lock()
 	for _, p := range hh.probers {
-		out = append(out, ActiveCheckStatus{Checks: p.check.String(), Healthy: !p.down.Load(), LastCheck: p.lastCheck.Load()})
+		out = append(out, ActiveCheckStatus{Checks: p.String(), Healthy: !p.down.Load(), LastCheck: p.lastCheck.Load()})
 	}
 	hh.mu.Unlock()
 	slices.SortFunc(out, func(a, b ActiveCheckStatus) int { return strings.Compare(a.Checks, b.Checks) })
@@ -207,7 +207,7 @@ func (h *Handler) provisionHealthChecks() error {
 	for _, u := range h.Upstreams {
 		u.passiveChecks = hc.Passive != nil
 		if hc.active != nil {
-			key := hc.active.key(u.addr)
+			key := hc.active.key(u)
 			p, err := acquireProber(key, hc.active, u, h.logger)
 			if err != nil {
 				return fmt.Errorf("health_checks.active: upstream %q: %w", u.Dial, err)

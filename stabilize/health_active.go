@@ -141,10 +141,10 @@ func (c *activeCheck) String() string {
 		c.probe, c.Expect, c.ExpectExact, c.ExpectPrefix, c.Port, time.Duration(c.Interval), time.Duration(c.Timeout), c.Passes, c.Fails)
 }
 
-// key identifies the prober of upstream addr under these checks: handlers
+// key identifies the prober of upstream u under these checks: handlers
 // whose checks give the same key share one prober and its verdict.
-func (c *activeCheck) key(addr netip.AddrPort) string {
-	return addr.String() + " " + c.String() + c.quicKey()
+func (c *activeCheck) key(u *Upstream) string {
+	return u.addr.String() + " " + c.String() + c.quicString(u.serverName)
 }
 
 // probers holds the running probers, keyed by activeCheck.key. A prober
@@ -172,6 +172,11 @@ type prober struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 }
+
+// String is the canonical form of the prober's checks, with what decides
+// a QUIC handshake's verdict (ALPN, server name, verification): as its key,
+// without the address.
+func (p *prober) String() string { return p.check.String() + p.check.quicString(p.name) }
 
 // acquireProber returns the prober of u under check c, starting it if no
 // handler runs it yet. The caller releases it with probers.Delete(key).
@@ -366,4 +371,7 @@ func quoteReply(b []byte) string {
 }
 
 // Interface guards
-var _ caddy.Destructor = (*prober)(nil)
+var (
+	_ caddy.Destructor = (*prober)(nil)
+	_ fmt.Stringer     = (*prober)(nil)
+)

@@ -559,7 +559,7 @@ func testHealthSurvivesReload(t *testing.T, network string) {
 	if !ua.host.Healthy() {
 		t.Error("a is reported down with no active checks left")
 	}
-	if _, ok := probers.References(ua.prober.check.key(ua.addr)); ok {
+	if _, ok := probers.References(ua.prober.check.key(ua)); ok {
 		t.Error("the prober runs on with no handler holding it")
 	}
 }

@@ -238,6 +238,7 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(fastDroppedDatagramsDesc, prometheus.CounterValue, float64(queueFull), s.Key(), "queue_full")
 		ch <- prometheus.MustNewConstMetric(fastDroppedDatagramsDesc, prometheus.CounterValue, float64(truncated), s.Key(), "truncated")
 	}
+	collectQUICTransports(ch) // quic_metrics.go
 }
 
 // collectHost sends the metrics of one upstream.

@@ -7,6 +7,7 @@ import (
 	"io"
 	"maps"
 	"math"
+	"net"
 	"net/http"
 	"slices"
 	"testing"
@@ -591,6 +592,48 @@ func TestMetricsActiveHealthChecks(t *testing.T) {
 		}
 		if got := m.get(t, mHealthy, "upstream", aAddr); got != 1 {
 			t.Errorf("healthy{a} = %v, want 1", got)
+		}
+	})
+}
+
+// TestQUICDroppedDatagramsMetric: the datagrams a terminating transport
+// drops are counted per listener and reason, read at scrape time, and
+// carried over a reload with the transport: a send to a client address
+// the listener socket cannot reach (write_error), and datagrams that found
+// the queue to quic-go full (queue_full; counted where the queue is full,
+// which a test cannot make quic-go fall behind to, so added here).
+func TestQUICDroppedDatagramsMetric(t *testing.T) {
+	const m = "caddy_stabilize_quic_dropped_datagrams_total"
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "a")
+		h := quicHandler(t, "", "", nil, b.dial())
+		lb := startBalancerOn(t, network, true, 30*time.Second, h)
+		mustExchange(t, dialQUIC(t, lb.addr, nil, quicClientTLS(t)), []byte("hi"))
+		key := network + "/" + lb.addr
+		var tr *quicTransport
+		quicTransports.Range(func(k, v any) bool {
+			if k == key {
+				tr = v.(*quicTransport)
+			}
+			return tr == nil
+		})
+		if tr == nil {
+			t.Fatalf("no transport %s", key)
+		}
+		fams := scrape(t, lb.admin)
+		if q, w := fams.get(t, m, "listener", key, "reason", "queue_full"), fams.get(t, m, "listener", key, "reason", "write_error"); q != 0 || w != 0 {
+			t.Fatalf("queue_full %v, write_error %v before any drop", q, w)
+		}
+		_, _ = tr.conn.WriteTo([]byte("x"), &net.UDPAddr{IP: net.IPv6loopback, Port: 9}) // an IPv4 socket
+		tr.conn.queueFull.Add(3)
+		if err := caddy.Load(testConfigOn(network, lb.addr, lb.admin, 30*time.Second, h), true); err != nil {
+			t.Fatal(err)
+		}
+		fams = settle(func() metricFamilies { return scrape(t, lb.admin) }, func(f metricFamilies) bool {
+			return len(f.series(m, "listener", key)) == 2
+		})
+		if q, w := fams.get(t, m, "listener", key, "reason", "queue_full"), fams.get(t, m, "listener", key, "reason", "write_error"); q != 3 || w != 1 {
+			t.Fatalf("after a reload: queue_full %v, write_error %v, want 3 and 1", q, w)
 		}
 	})
 }

@@ -58,8 +58,8 @@ var quicCaddyfileOptions = []caddyfileOption{
 	{name: "tls_server_name", args: "<name>",
 		doc:   "quic/ upstreams: the server name to send and verify (default: the upstream's host)",
 		parse: setText(func(h *Handler) *string { return &quicOf(h).TLSServerName })},
-	{name: "tls_trust_pool", args: "<module> [<arguments...>]", variadic: true,
-		doc:   "quic/ upstreams: the CAs to trust, a tls.ca_pool.source module such as file <pem_files...>",
+	{name: "tls_trust_pool", args: "<module> [<arguments...>]", block: []string{"[<the module's options>]"}, variadic: true,
+		doc:   "quic/ upstreams: the CAs to trust, a tls.ca_pool.source module such as file <pem_files...> or inline { trust_der <base64> }",
 		parse: (*caddyfileParser).quicTrustPool},
 }
 
@@ -128,13 +128,15 @@ func (p *caddyfileParser) quicConnectionPolicy(_ []string) error {
 	return nil
 }
 
-// quicTrustPool parses `tls_trust_pool <module> [<arguments...>]`, as
-// reverse_proxy does: the module parses its arguments.
+// quicTrustPool parses `tls_trust_pool <module> [<arguments...>] [{ … }]`,
+// as reverse_proxy does: the module parses its arguments and its block.
+// The dispenser is on the last argument.
 func (p *caddyfileParser) quicTrustPool(args []string) error {
 	id := "tls.ca_pool.source." + args[0]
-	d := caddyfile.NewDispenser(p.toks)
-	d.Next() // on the module's name, as UnmarshalModule wants
-	unm, err := caddyfile.UnmarshalModule(d, id)
+	for range len(args) - 1 {
+		p.d.Prev() // back to the module's name, as UnmarshalModule wants
+	}
+	unm, err := caddyfile.UnmarshalModule(p.d, id)
 	if err != nil {
 		return fmt.Errorf("stabilize: %s %q: %w", p.opt.name, args[0], err) // err names the line
 	}

@@ -44,6 +44,11 @@ type quicConn struct {
 	queueFull   atomic.Uint64 // datagrams dropped: quic-go lagged behind
 	writeErrors atomic.Uint64 // datagrams to clients lost: the send failed
 
+	// No flow has reached a handler since the transport passed to a new
+	// config's: endpoints expire, so that the next datagrams pass through
+	// caddy-l4 to the handler of the listener (quicTransport.claim).
+	unclaimed atomic.Bool
+
 	fromAddr netip.AddrPort // ReadBatch's reader only: the last client read,
 	addr     *net.UDPAddr   // and its address, returned again for it
 }
@@ -353,9 +358,9 @@ func (e *quicEndpoint) Deliver(b []byte, truncated bool, now int64) {
 }
 
 // Expired says the client has been idle for the listener's idle timeout,
-// or the transport has closed.
+// the transport has closed, or it waits for a handler's claim.
 func (e *quicEndpoint) Expired(now int64) bool {
-	return now-e.lastActive.Load() > int64(e.idle) || e.conn.isClosed()
+	return now-e.lastActive.Load() > int64(e.idle) || e.conn.isClosed() || e.conn.unclaimed.Load()
 }
 
 // Close unregisters the endpoint.

@@ -14,9 +14,12 @@ import (
 //	caddy_stabilize_upstream_quic_connections{upstream}               gauge
 //	caddy_stabilize_upstream_quic_streams_total{upstream}             counter
 //	caddy_stabilize_upstream_quic_stream_bytes_total{upstream,direction} counter
+//	caddy_stabilize_quic_dropped_datagrams_total{listener,reason}     counter
 //
 // Handler counts belong to the handler instance that accepted the
-// connection, as the other handler counters do.
+// connection, as the other handler counters do. Dropped datagrams belong to
+// the listener's transport, which outlives reloads: `listener` is its
+// network/address, as in the layer4 server's listen.
 var (
 	quicAcceptedDesc = newMetricDesc("quic_connections_accepted_total",
 		"Client QUIC connections whose handshake completed.", "handler")
@@ -35,12 +38,15 @@ var (
 		"QUIC streams relayed to and from the upstream (udp/ upstreams: requests).", "upstream")
 	upstreamQUICBytesDesc = newMetricDesc("upstream_quic_stream_bytes_total",
 		"Stream bytes relayed per upstream: direction to_upstream or from_upstream.", "upstream", "direction")
+	quicDroppedDesc = newMetricDesc("quic_dropped_datagrams_total",
+		"Datagrams of a listener's terminating QUIC transport dropped, by reason: queue_full (from clients: quic-go lagged behind), write_error (to clients: the send failed); quic-go's loss recovery resends. Cumulative across config reloads.",
+		"listener", "reason")
 )
 
 // quicDescs are the descriptions of the QUIC metrics.
 var quicDescs = []*prometheus.Desc{
 	quicAcceptedDesc, quicActiveDesc, quicFailedDesc, quicRetriesDesc, quic0RTTDesc,
-	upstreamQUICConnsDesc, upstreamQUICStreamsDesc, upstreamQUICBytesDesc,
+	upstreamQUICConnsDesc, upstreamQUICStreamsDesc, upstreamQUICBytesDesc, quicDroppedDesc,
 }
 
 // collectQUIC sends the QUIC metrics of a handler with a quic block.
@@ -69,4 +75,18 @@ func collectQUICHost(ch chan<- prometheus.Metric, addr string, host *Host) {
 	ch <- prometheus.MustNewConstMetric(upstreamQUICStreamsDesc, prometheus.CounterValue, float64(q.streams.Load()), addr)
 	ch <- prometheus.MustNewConstMetric(upstreamQUICBytesDesc, prometheus.CounterValue, float64(q.bytesUp.Load()), addr, directionToUpstream)
 	ch <- prometheus.MustNewConstMetric(upstreamQUICBytesDesc, prometheus.CounterValue, float64(q.bytesDown.Load()), addr, directionFromUpstream)
+}
+
+// collectQUICTransports sends the dropped datagrams of every terminating
+// transport.
+func collectQUICTransports(ch chan<- prometheus.Metric) {
+	var ts []*quicTransport
+	quicTransports.Range(func(_, v any) bool {
+		ts = append(ts, v.(*quicTransport))
+		return true
+	})
+	for _, t := range ts {
+		ch <- prometheus.MustNewConstMetric(quicDroppedDesc, prometheus.CounterValue, float64(t.conn.queueFull.Load()), t.key, "queue_full")
+		ch <- prometheus.MustNewConstMetric(quicDroppedDesc, prometheus.CounterValue, float64(t.conn.writeErrors.Load()), t.key, "write_error")
+	}
 }

@@ -1,13 +1,18 @@
 package stabilize
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
+	"net"
+	"net/netip"
 	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/quic-go/quic-go"
 )
 
 // TestQUICReloadReleasesRemovedListener: a reload that moves the
@@ -119,4 +124,134 @@ func quicHandlesWaiting(h *Handler) []string {
 		}
 	}
 	return ids
+}
+
+// TestQUICReloadTwoListeners: with two listeners, each terminating QUIC in
+// a handler of its own, a reload gives each listener's transport to the
+// new handler of that listener: new connections on A, from a client the
+// listener already knows (on fastudp/ its datagrams bypass caddy-l4) or a
+// new one, get A's upstreams and ALPN; connections opened before the
+// reloads go on. "upstreams": the handlers differ in their upstreams;
+// "alpn": they share them and differ in ALPN; "changed": each reload
+// changes A's ALPN, so that only A's flows tell its new handler: on
+// fastudp/ the known client's endpoint expires and its next datagram
+// passes through caddy-l4, on udp/ the first datagram through the new
+// listener socket does (the kernel may hash a client to the old one).
+func TestQUICReloadTwoListeners(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		sameUps bool
+		alpnA   []string // A's ALPN at the start, then after each reload (the last repeats)
+		alpnB   string
+	}{
+		{name: "upstreams", alpnA: []string{testALPN}, alpnB: testALPN},
+		{name: "alpn", sameUps: true, alpnA: []string{"proto-a"}, alpnB: "proto-b"},
+		{name: "changed", sameUps: true, alpnA: []string{"proto-a", "proto-c", "proto-a"}, alpnB: "proto-b"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			forNetworks(t, func(t *testing.T, network string) {
+				testQUICReloadTwoListeners(t, network, tc.sameUps, tc.alpnA, tc.alpnB)
+			})
+		})
+	}
+}
+
+func testQUICReloadTwoListeners(t *testing.T, network string, sameUps bool, alpnsA []string, alpnB string) {
+	all := []string{testALPN, "proto-a", "proto-b", "proto-c"}
+	ba, bb := startQUICBackend(t, "a", all...), startQUICBackend(t, "b", all...)
+	upsA, upsB := []string{ba.dial()}, []string{bb.dial()}
+	if sameUps {
+		upsA = []string{ba.dial(), bb.dial()}
+		upsB = upsA
+	}
+	addrA := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
+	addrB := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
+	alpn := map[string]string{addrB: alpnB}
+	load := func(alpnA string) {
+		t.Helper()
+		alpn[addrA] = alpnA
+		server := func(addr string, ups []string) map[string]any {
+			return map[string]any{
+				"listen":       []string{network + "/" + addr},
+				"idle_timeout": "30s",
+				"routes": []any{map[string]any{"handle": []any{
+					quicHandler(t, "", "first", map[string]any{"alpn": []string{alpn[addr]}}, ups...),
+				}}},
+			}
+		}
+		cfg, err := json.Marshal(map[string]any{
+			"admin":   map[string]any{"disabled": true},
+			"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
+			"apps": map[string]any{"layer4": map[string]any{"servers": map[string]any{
+				"srvA": server(addrA, upsA), "srvB": server(addrB, upsB),
+			}}},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := caddy.Load(cfg, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dial := func(tr *quic.Transport, addr string) (*quic.Conn, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c, err := tr.Dial(ctx, net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)),
+			quicClientTLS(t, alpn[addr]), &quic.Config{EnableDatagrams: true})
+		if err == nil {
+			t.Cleanup(func() { _ = c.CloseWithError(0, "") })
+		}
+		return c, err
+	}
+	load(alpnsA[0])
+	t.Cleanup(func() { _ = caddy.Stop() })
+	clients := map[string]*quic.Transport{}
+	before := map[string]*quic.Conn{}
+	for _, addr := range []string{addrA, addrB} {
+		clients[addr] = newClientTransport(t)
+		c, err := dial(clients[addr], addr)
+		if err != nil {
+			t.Fatalf("dialing %s: %v", addr, err)
+		}
+		mustExchange(t, c, []byte("before"))
+		before[addr] = c
+	}
+	for reload := range 3 {
+		changed := len(alpnsA) > 1
+		load(alpnsA[min(reload+1, len(alpnsA)-1)])
+		if changed && network == "udp" {
+			// A new client's first datagram through the new socket
+			// claims A; the kernel may hash a few to the old one.
+			ok := false
+			for range 16 {
+				if _, err := dial(newClientTransport(t), addrA); err == nil {
+					ok = true
+					break
+				}
+			}
+			if !ok {
+				t.Fatalf("reload %d: 16 new clients of %s failed with ALPN %s", reload, addrA, alpn[addrA])
+			}
+		} else if changed {
+			time.Sleep(1500 * time.Millisecond) // the endpoints' reap interval, and more
+		}
+		for _, addr := range []string{addrA, addrB} {
+			for _, tr := range []*quic.Transport{clients[addr], newClientTransport(t)} {
+				c, err := dial(tr, addr)
+				if err != nil {
+					t.Fatalf("reload %d: a new connection to %s (ALPN %s): %v", reload, addr, alpn[addr], err)
+				}
+				if got := c.ConnectionState().TLS.NegotiatedProtocol; got != alpn[addr] {
+					t.Fatalf("reload %d: a new connection to %s negotiated %q, want %q", reload, addr, got, alpn[addr])
+				}
+				if !sameUps {
+					want := map[string]string{addrA: "a", addrB: "b"}[addr]
+					if got := mustExchange(t, c, []byte("after")); got != want {
+						t.Fatalf("reload %d: a new connection to listener %s reached backend %s, want %s", reload, addr, got, want)
+					}
+				}
+			}
+			mustExchange(t, before[addr], []byte("still"))
+		}
+	}
 }

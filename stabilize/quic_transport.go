@@ -3,6 +3,7 @@ package stabilize
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -22,8 +23,19 @@ import (
 // quicTransport is the one terminating quic.Transport of a listener, fed by
 // every flow of the handlers that terminate QUIC on it. It lives in a
 // UsagePool, keyed by the listener, so a config reload keeps its
-// connections: the newest handler (cur) picks the upstreams and TLS config
-// of new connections; connections already relayed go on.
+// connections: the handler that serves the listener (cur) picks the
+// upstreams and TLS config of new connections; connections already relayed
+// go on.
+//
+// Which handler serves a listener only its flows tell: a handler claims
+// the transport when caddy-l4 hands it a flow of the listener
+// (transportFor), unless a handler of a newer config has. A handler that is
+// cleaned up passes its claim to its likeliest successor on the listener
+// (quicSuccessor), which serves the transport until a flow arrives. Unless
+// the successor is the one new handler of the same config, on fastudp/ the
+// clients' endpoints then expire (quicConn.unclaimed), so that their next
+// datagrams pass through caddy-l4 and claim it; on udp/ the first datagram
+// through the new config's socket does.
 type quicTransport struct {
 	key  string
 	conn *quicConn
@@ -36,8 +48,8 @@ type quicTransport struct {
 // quicTransports holds the terminating transports, by listener.
 var quicTransports = caddy.NewUsagePool()
 
-// quicLive is the live handlers with a quic block, oldest first: a
-// handler's transports pass to the newest other one when it is cleaned up.
+// quicLive is the live handlers with a quic block, oldest first: those a
+// handler's transports may pass to when it is cleaned up (quicSuccessor).
 var quicLive = struct {
 	sync.Mutex
 	hs []*Handler
@@ -49,10 +61,15 @@ type quicHolds struct {
 	mu    sync.Mutex
 	m     map[string]*quicTransport
 	flows map[*layer4.Connection]struct{}
+	seq   uint64 // the order of quicJoin: a newer config's handlers have higher ones
+	conf  string // the handler's config, as JSON: a successor with the same serves the same
 }
 
+// quicSeq numbers the QUIC handlers in the order they are provisioned.
+var quicSeq atomic.Uint64
+
 // transportFor returns the transport of cx's listener, opening it on the
-// first flow, and makes h the handler of its new connections.
+// first flow, and has h claim it.
 func (h *Handler) transportFor(cx *layer4.Connection, network string, out *net.UDPConn) (*quicTransport, error) {
 	key := network + "/" + cx.LocalAddr().String()
 	h.quicHeld.mu.Lock()
@@ -62,7 +79,7 @@ func (h *Handler) transportFor(cx *layer4.Connection, network string, out *net.U
 	}
 	h.quicHeld.flows[cx] = struct{}{}
 	if t := h.quicHeld.m[key]; t != nil {
-		t.cur.Store(h)
+		t.claim(h)
 		if out != nil {
 			t.conn.setOut(out, network == "udp") // a udp/ listener's socket changes on reloads
 		}
@@ -76,12 +93,31 @@ func (h *Handler) transportFor(cx *layer4.Connection, network string, out *net.U
 		return nil, err
 	}
 	t := v.(*quicTransport)
-	t.cur.Store(h)
+	t.claim(h)
 	if out != nil {
 		t.conn.setOut(out, network == "udp")
 	}
 	h.quicHeld.m[key] = t
 	return t, nil
+}
+
+// claim makes h, which a flow of the listener has reached, the handler of
+// t's new connections, unless a live handler of a newer config is: during a
+// reload both configs' listeners take flows for a moment.
+func (t *quicTransport) claim(h *Handler) {
+	for {
+		cur := t.cur.Load()
+		if cur == h {
+			break
+		}
+		if cur != nil && cur.ctx.Context != h.ctx.Context && cur.quicHeld.seq > h.quicHeld.seq && !cur.closing.Load() {
+			return
+		}
+		if t.cur.CompareAndSwap(cur, h) {
+			break
+		}
+	}
+	t.conn.unclaimed.Store(false)
 }
 
 // errQUICHandlerGone: a flow reached a handler already cleaned up.
@@ -213,24 +249,20 @@ func (h *Handler) forgetQUICFlow(cx *layer4.Connection) {
 func (h *Handler) quicJoin() {
 	h.quicHeld.m = make(map[string]*quicTransport)
 	h.quicHeld.flows = make(map[*layer4.Connection]struct{})
+	h.quicHeld.seq = quicSeq.Add(1)
+	if conf, err := json.Marshal(h); err == nil {
+		h.quicHeld.conf = string(conf)
+	}
 	quicLive.Lock()
 	quicLive.hs = append(quicLive.hs, h)
 	quicLive.Unlock()
 }
 
-// quicLeave hands h's transports to the newest live QUIC handler of
-// another config, which then serves their new connections, or releases
-// them.
+// quicLeave passes each of h's transports to its successor on the
+// listener (quicSuccessor), or releases it.
 func (h *Handler) quicLeave() {
 	quicLive.Lock()
 	quicLive.hs = slices.DeleteFunc(quicLive.hs, func(g *Handler) bool { return g == h })
-	var next *Handler
-	for _, g := range slices.Backward(quicLive.hs) {
-		if g.ctx.Context != h.ctx.Context && g.ctx.Err() == nil {
-			next = g
-			break
-		}
-	}
 	quicLive.Unlock()
 	h.quicHeld.mu.Lock()
 	held := h.quicHeld.m
@@ -244,12 +276,52 @@ func (h *Handler) quicLeave() {
 	h.quicHeld.mu.Unlock()
 	for key, t := range held {
 		t.conn.listenerGone() // caddy-l4 has closed this config's listeners
-		if next != nil && next.listensOn(key) && next.adoptTransport(key, t) {
-			continue
+		next, sure := h.quicSuccessor(key)
+		if next == nil || !next.adoptTransport(key, t) {
+			_, _ = quicTransports.Delete(key) // next holds a reference of its own, or none is left
 		}
-		_, _ = quicTransports.Delete(key)
+		// Unless a newer handler has claimed it, next serves it; if it
+		// may not be the listener's, until a flow of the listener tells.
+		if next != nil && t.cur.CompareAndSwap(h, next) && !sure {
+			t.conn.unclaimed.Store(true)
+		}
 	}
 	h.QUIC.cleanup()
+}
+
+// quicSuccessor returns the handler likeliest to serve the listener of
+// h's transport at key after h: of the live QUIC handlers whose config
+// listens on key, the one with h's config, else the one that shares the
+// most upstreams with h, then has its identity, the newest of equals; nil
+// if none. sure says it is the only one with h's config. (A handler that a
+// flow of the listener has reached has claimed the transport already.)
+func (h *Handler) quicSuccessor(key string) (next *Handler, sure bool) {
+	quicLive.Lock()
+	hs := slices.Clone(quicLive.hs)
+	quicLive.Unlock()
+	best, same := -1, 0
+	for _, g := range hs {
+		if g.ctx.Err() != nil || !g.listensOn(key) {
+			continue // a config that is going away, as h's is
+		}
+		score := 0
+		for addr := range h.byAddr {
+			if g.byAddr[addr] != nil {
+				score += 2
+			}
+		}
+		if g.identity == h.identity {
+			score++
+		}
+		if h.quicHeld.conf != "" && g.quicHeld.conf == h.quicHeld.conf {
+			score += 1 << 20
+			same++
+		}
+		if score >= best {
+			next, best = g, score
+		}
+	}
+	return next, same == 1
 }
 
 // adoptTransport takes over a reference to t, unless h holds one already.
@@ -259,7 +331,6 @@ func (h *Handler) adoptTransport(key string, t *quicTransport) bool {
 	if h.quicHeld.m == nil {
 		return false // cleaned up meanwhile
 	}
-	t.cur.Store(h)
 	if _, ok := h.quicHeld.m[key]; ok {
 		return false
 	}
