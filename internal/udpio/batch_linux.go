@@ -9,12 +9,27 @@ import (
 )
 
 // Batch reads up to a batch of datagrams from a socket with one recvmmsg.
+// With UDP GRO on (EnableGRO), the kernel may hand it several datagrams of
+// one sender in one message, which it splits again: Read and Message see
+// every datagram as it was sent.
 type Batch struct {
-	rc    syscall.RawConn
-	m     *Msgs
-	recvf func(fd uintptr) bool // b.recv, bound once
-	n     int
-	errno syscall.Errno
+	rc      syscall.RawConn
+	m       *Msgs
+	recvf   func(fd uintptr) bool // b.recv, bound once
+	n       int
+	errno   syscall.Errno
+	bufSize int
+
+	// With GRO:
+	mem       []byte     // the mapping of m's buffers
+	ds        []datagram // the last Read's datagrams
+	coalesced int        // how many of them came coalesced
+}
+
+// datagram is a datagram of a message that may hold several.
+type datagram struct {
+	msg, off, len int32
+	truncated     bool
 }
 
 // NewBatch returns a reader of up to size datagrams of up to bufSize bytes
@@ -24,9 +39,45 @@ func NewBatch(conn *net.UDPConn, size, bufSize int) (*Batch, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &Batch{rc: rc, m: NewMsgs(size, bufSize)}
+	b := &Batch{rc: rc, m: NewMsgs(size, bufSize), bufSize: bufSize}
 	b.recvf = b.recv
 	return b, nil
+}
+
+// EnableGRO turns UDP GRO on for the socket, before the first Read: the
+// kernel may then deliver a burst of one sender's datagrams of one size
+// (sent with UDP GSO, or coalesced on arrival) as one, which costs the
+// receiver one message instead of one per datagram. Each message then has a
+// 64 KiB buffer for a whole burst (mapped, backed by memory only once a
+// burst reaches that far), and the longest datagram delivered whole is
+// still bufSize. It reports whether the system has UDP GRO; without it the
+// batch stays as it was.
+func (b *Batch) EnableGRO() bool {
+	if b.mem != nil {
+		return true
+	}
+	m, mem, err := newGROMsgs(b.m.Len())
+	if err != nil {
+		return false
+	}
+	var serr error
+	if err := b.rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_UDP, unix.UDP_GRO, 1)
+	}); err != nil || serr != nil {
+		_ = unix.Munmap(mem)
+		return false
+	}
+	b.m, b.mem = m, mem
+	b.ds = make([]datagram, 0, m.Len()*maxSegments)
+	return true
+}
+
+// Close frees the batch's buffers once it is no longer read.
+func (b *Batch) Close() {
+	if b.mem != nil {
+		_ = unix.Munmap(b.mem)
+		b.mem, b.m = nil, nil
+	}
 }
 
 func (b *Batch) recv(fd uintptr) bool {
@@ -42,9 +93,47 @@ func (b *Batch) Read() (int, error) {
 	if b.errno != 0 {
 		return 0, b.errno
 	}
-	return b.n, nil
+	if b.mem == nil {
+		return b.n, nil
+	}
+	return b.split(), nil
 }
+
+// split lists the datagrams of the messages read: a coalesced message's
+// segments, all of the reported size but the last, which may be shorter;
+// and returns how many there are.
+func (b *Batch) split() int {
+	b.ds, b.coalesced = b.ds[:0], 0
+	for i := range b.n {
+		size, truncated := int(b.m.hdrs[i].len), b.m.hdrs[i].hdr.Flags&unix.MSG_TRUNC != 0
+		seg := b.m.segment(i)
+		if seg <= 0 || seg >= size {
+			b.ds = append(b.ds, datagram{int32(i), 0, int32(size), truncated})
+			continue
+		}
+		for off := 0; off < size; off += seg {
+			n := min(seg, size-off)
+			b.ds = append(b.ds, datagram{int32(i), int32(off), int32(n), truncated && off+n == size})
+			b.coalesced++
+		}
+	}
+	return len(b.ds)
+}
+
+// Coalesced is how many datagrams of the last Read the kernel had
+// coalesced (UDP GRO).
+func (b *Batch) Coalesced() int { return b.coalesced }
 
 // Message returns datagram i of the last Read: its source, unmapped, its
 // bytes and whether it was cut short.
-func (b *Batch) Message(i int) (netip.AddrPort, []byte, bool) { return b.m.Message(i) }
+func (b *Batch) Message(i int) (netip.AddrPort, []byte, bool) {
+	if b.mem == nil {
+		return b.m.Message(i)
+	}
+	d := b.ds[i]
+	data := b.m.bufs[d.msg][d.off : d.off+d.len : d.off+d.len]
+	if len(data) > b.bufSize {
+		return addrPort(&b.m.names[d.msg]), data[:b.bufSize], true
+	}
+	return addrPort(&b.m.names[d.msg]), data, d.truncated
+}

@@ -22,6 +22,12 @@ func NewBatch(conn *net.UDPConn, _ int, bufSize int) (*Batch, error) {
 	return &Batch{conn: conn, buf: make([]byte, bufSize+1)}, nil
 }
 
+// EnableGRO reports that UDP GRO is Linux-only.
+func (b *Batch) EnableGRO() bool { return false }
+
+// Close does nothing: the buffer is the Go heap's.
+func (b *Batch) Close() {}
+
 // Read waits for a datagram.
 func (b *Batch) Read() (int, error) {
 	n, src, err := b.conn.ReadFromUDPAddrPort(b.buf)
@@ -32,6 +38,9 @@ func (b *Batch) Read() (int, error) {
 	b.src = Unmap(src)
 	return 1, nil
 }
+
+// Coalesced is 0: without UDP GRO, no datagram comes coalesced.
+func (b *Batch) Coalesced() int { return 0 }
 
 // Message returns the datagram of the last Read.
 func (b *Batch) Message(int) (netip.AddrPort, []byte, bool) {
