@@ -212,11 +212,10 @@ func ownPort(addr string) (string, error) {
 // once the socket is open.
 func (s *Socket) serveConn(c *net.UDPConn) error {
 	udpio.GrowBuffers(c, socketBuffer)
-	b, err := udpio.NewBatch(c, batchSize, BufferSize)
+	b, err := udpio.NewGROBatch(c, batchSize, BufferSize) // without UDP GRO, as before
 	if err != nil {
 		return err
 	}
-	b.EnableGRO() // where the system has none, the socket reads as before
 	s.conns = append(s.conns, c)
 	s.serving.Go(func() { s.serve(b) })
 	return nil

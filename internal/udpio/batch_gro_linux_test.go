@@ -35,12 +35,16 @@ func newGROPair(t testing.TB, size, bufSize int, gro bool) *groPair {
 	}
 	t.Cleanup(func() { _ = p.tx.Close() })
 	p.txRC, _ = p.tx.SyscallConn()
-	if p.in, err = NewBatch(p.rx, size, bufSize); err != nil {
+	newBatch := NewBatch
+	if gro {
+		newBatch = NewGROBatch
+	}
+	if p.in, err = newBatch(p.rx, size, bufSize); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(p.in.Close)
-	if gro && !p.in.EnableGRO() {
-		t.Fatal("UDP GRO is not available")
+	if p.in.GRO() != gro {
+		t.Fatalf("UDP GRO is %v, want %v", p.in.GRO(), gro)
 	}
 	p.to = p.rx.LocalAddr().(*net.UDPAddr).AddrPort()
 	return p

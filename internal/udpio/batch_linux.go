@@ -9,7 +9,7 @@ import (
 )
 
 // Batch reads up to a batch of datagrams from a socket with one recvmmsg.
-// With UDP GRO on (EnableGRO), the kernel may hand it several datagrams of
+// With UDP GRO on (NewGROBatch), the kernel may hand it several datagrams of
 // one sender in one message, which it splits again: Read and Message see
 // every datagram as it was sent.
 type Batch struct {
@@ -35,28 +35,38 @@ type datagram struct {
 // NewBatch returns a reader of up to size datagrams of up to bufSize bytes
 // per call; a longer datagram is reported truncated.
 func NewBatch(conn *net.UDPConn, size, bufSize int) (*Batch, error) {
+	return newBatch(conn, size, bufSize, false)
+}
+
+// NewGROBatch is NewBatch with UDP GRO on for the socket, where the system
+// has it: the kernel may then deliver a burst of one sender's datagrams of
+// one size (sent with UDP GSO, or coalesced on arrival) as one, which costs
+// the receiver one message instead of one per datagram, and the batch
+// splits it again. Each message has a 64 KiB buffer for a whole burst
+// (mapped, backed by memory only as far as bursts reach); the longest
+// datagram returned whole is still bufSize. Without UDP GRO it is NewBatch.
+func NewGROBatch(conn *net.UDPConn, size, bufSize int) (*Batch, error) {
+	return newBatch(conn, size, bufSize, true)
+}
+
+func newBatch(conn *net.UDPConn, size, bufSize int, gro bool) (*Batch, error) {
 	rc, err := conn.SyscallConn()
 	if err != nil {
 		return nil, err
 	}
-	b := &Batch{rc: rc, m: NewMsgs(size, bufSize), bufSize: bufSize}
+	b := &Batch{rc: rc, bufSize: bufSize}
 	b.recvf = b.recv
+	if gro && b.enableGRO(size) {
+		return b, nil
+	}
+	b.m = NewMsgs(size, bufSize)
 	return b, nil
 }
 
-// EnableGRO turns UDP GRO on for the socket, before the first Read: the
-// kernel may then deliver a burst of one sender's datagrams of one size
-// (sent with UDP GSO, or coalesced on arrival) as one, which costs the
-// receiver one message instead of one per datagram. Each message then has a
-// 64 KiB buffer for a whole burst (mapped, backed by memory only once a
-// burst reaches that far), and the longest datagram delivered whole is
-// still bufSize. It reports whether the system has UDP GRO; without it the
-// batch stays as it was.
-func (b *Batch) EnableGRO() bool {
-	if b.mem != nil {
-		return true
-	}
-	m, mem, err := newGROMsgs(b.m.Len())
+// enableGRO turns UDP GRO on for the socket and gives the batch its
+// messages, or reports that the system has no UDP GRO.
+func (b *Batch) enableGRO(size int) bool {
+	m, mem, err := newGROMsgs(size)
 	if err != nil {
 		return false
 	}
@@ -68,9 +78,12 @@ func (b *Batch) EnableGRO() bool {
 		return false
 	}
 	b.m, b.mem = m, mem
-	b.ds = make([]datagram, 0, m.Len()*maxSegments)
+	b.ds = make([]datagram, 0, size*maxSegments)
 	return true
 }
+
+// GRO reports whether UDP GRO is on for the batch's socket.
+func (b *Batch) GRO() bool { return b.mem != nil }
 
 // Close frees the batch's buffers once it is no longer read.
 func (b *Batch) Close() {

@@ -22,8 +22,13 @@ func NewBatch(conn *net.UDPConn, _ int, bufSize int) (*Batch, error) {
 	return &Batch{conn: conn, buf: make([]byte, bufSize+1)}, nil
 }
 
-// EnableGRO reports that UDP GRO is Linux-only.
-func (b *Batch) EnableGRO() bool { return false }
+// NewGROBatch is NewBatch: UDP GRO is Linux-only.
+func NewGROBatch(conn *net.UDPConn, size, bufSize int) (*Batch, error) {
+	return NewBatch(conn, size, bufSize)
+}
+
+// GRO reports that UDP GRO is off: it is Linux-only.
+func (b *Batch) GRO() bool { return false }
 
 // Close does nothing: the buffer is the Go heap's.
 func (b *Batch) Close() {}
