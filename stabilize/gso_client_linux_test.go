@@ -37,22 +37,16 @@ func TestGSOClient(t *testing.T) {
 			eventually(t, 2*time.Second, "the burst", func() bool { return int(a.got.Load()+b.got.Load()) >= len(want) })
 		}
 		time.Sleep(20 * time.Millisecond) // nothing more
-		got := append(a.recorded(), b.recorded()...)
-		if per == PerPacket {
-			if a.got.Load() == 0 || b.got.Load() == 0 {
-				t.Errorf("per packet: %d and %d datagrams, want both upstreams used", a.got.Load(), b.got.Load())
-			}
-			got = alternate(a, b)
-		} else if a.got.Load() != 0 && b.got.Load() != 0 {
-			t.Errorf("per %s: %d and %d datagrams, want one upstream", per, a.got.Load(), b.got.Load())
+		ra, rb := a.recorded(), b.recorded()
+		if len(ra) < len(rb) {
+			ra, rb = rb, ra // ra: the first datagram's upstream
 		}
-		if len(got) != len(want) {
-			t.Fatalf("upstreams got %d datagrams, want %d", len(got), len(want))
-		}
-		for i := range got {
-			if !bytes.Equal(got[i], want[i]) {
-				t.Fatalf("datagram %d: %.24q… (%d bytes), want %.24q… (%d bytes)", i, got[i], len(got[i]), want[i], len(want[i]))
-			}
+		if per == PerPacket { // round robin: every other datagram each, in order
+			sameDatagrams(t, ra, everyOther(want, 0))
+			sameDatagrams(t, rb, everyOther(want, 1))
+		} else {
+			sameDatagrams(t, ra, want)
+			sameDatagrams(t, rb, nil)
 		}
 		if network == FastNetwork {
 			if n := fastSocketAt(t, lb.addr).Coalesced(); n < uint64(len(want)) {
@@ -62,23 +56,26 @@ func TestGSOClient(t *testing.T) {
 	})
 }
 
-// alternate merges what two upstreams recorded by round robin, starting
-// with the one that got more: of an odd number, the first.
-func alternate(a, b *rawUpstream) [][]byte {
-	lists := [][][]byte{a.recorded(), b.recorded()}
-	turn := 0
-	if len(lists[0]) < len(lists[1]) {
-		turn = 1
-	}
+// everyOther is ds[from], ds[from+2] and so on.
+func everyOther(ds [][]byte, from int) [][]byte {
 	var out [][]byte
-	for len(lists[0])+len(lists[1]) > 0 {
-		if len(lists[turn]) > 0 {
-			out = append(out, lists[turn][0])
-			lists[turn] = lists[turn][1:]
-		}
-		turn = 1 - turn
+	for i := from; i < len(ds); i += 2 {
+		out = append(out, ds[i])
 	}
 	return out
+}
+
+// sameDatagrams fails t unless an upstream got exactly want, in order.
+func sameDatagrams(t *testing.T, got, want [][]byte) {
+	t.Helper()
+	if len(got) != len(want) {
+		t.Fatalf("an upstream got %d datagrams, want %d", len(got), len(want))
+	}
+	for i := range got {
+		if !bytes.Equal(got[i], want[i]) {
+			t.Fatalf("datagram %d: %.24q… (%d bytes), want %.24q… (%d bytes)", i, got[i], len(got[i]), want[i], len(want[i]))
+		}
+	}
 }
 
 // sendGSO sends ds from c, a connected socket, as one UDP GSO datagram of
