@@ -15,7 +15,8 @@
 //     delivers the flow's datagrams to it directly (Flow is its
 //     fastudp.Endpoint), bypassing caddy-l4's per-datagram dispatch; after
 //     two seconds Handle returns and the socket's reaper ends the flow when
-//     it goes idle.
+//     it goes idle. The socket reads with UDP GRO, and splits a client's
+//     coalesced burst into the datagrams sent before delivering any.
 //
 // Both call Flow.forwardBatch (forward.go), the one place that checks
 // truncation, asks the handler's router for an upstream, prepends the PROXY

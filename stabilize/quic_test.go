@@ -99,16 +99,20 @@ func TestQUICUDPUpstreams(t *testing.T) {
 }
 
 // TestQUICRelaySizes relays bidirectional streams of 1 byte to 1 MiB both
-// ways.
+// ways. The quic-go client sends with UDP GSO: on fastudp/ the socket reads
+// its bursts coalesced (UDP GRO) and splits them for the transport.
 func TestQUICRelaySizes(t *testing.T) {
 	forNetworks(t, func(t *testing.T, network string) {
-		_, _, c := startQUICRelay(t, network)
+		_, lb, c := startQUICRelay(t, network)
 		for _, n := range []int{1, 100, 1200, 1500, 64 << 10, 1 << 20} {
 			data := make([]byte, n)
 			_, _ = rand.Read(data)
 			if name := mustExchange(t, c, data); name != "a" {
 				t.Fatalf("reply from %q", name)
 			}
+		}
+		if network == FastNetwork && fastSocketAt(t, lb.addr).Coalesced() == 0 {
+			t.Error("no datagram of the client's read coalesced: UDP GRO is off")
 		}
 	})
 }

@@ -36,6 +36,7 @@ type options struct {
 	quicProfile  string
 	quicIdle     int
 	quicCores    string
+	quicCaddyB   string
 }
 
 // maxFlows is the most flows a load may have: the sweep goes to 100,000.
@@ -71,6 +72,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&o.nginxBin, "nginx", "nginx", "nginx binary for the nginx target; skipped when missing or without the stream module")
 	fs.StringVar(&o.nginxWorkers, "nginx-workers", "auto", "nginx worker_processes")
 	fs.StringVar(&o.quicCores, "quic-cores", "shared", "quic: `shared`: every process on every CPU; split: the load generator and the server on CPU 0, the balancer on CPU 1, as when the balancer has a machine of its own")
+	fs.StringVar(&o.quicCaddyB, "quic-caddy-b", "", "quic: A/B: also measure this second Caddy `binary`'s relay targets, as <target>-b, in the same rounds (the two builds' order alternating by round)")
 	fs.IntVar(&o.quicIdle, "quic-idle", 1000, "quic: idle connections for the memory and goroutine readings; 0: none")
 	fs.StringVar(&o.quicProfile, "quic-profile", "", "quic: write the balancer's CPU profile of the first round's handshakes, and its heap profile and goroutines before the idle connections, with them and after they closed, to `folder`/<target>-*")
 	fs.BoolVar(&o.quick, "quick", false, "smoke run (~20 s): duration 1s, warmup 300ms, 2 rounds, payload 64; sweep: flows 1,10,100,1000, 1 round. Explicit flags win")

@@ -117,6 +117,9 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 	// measures every target, direct first, so that its ratios compare
 	// figures taken moments apart.
 	targets := []string{"quic-direct", "quic-relay", "quic-relay-fast"}
+	if o.quicCaddyB != "" {
+		targets = append(targets, "quic-relay-b", "quic-relay-fast-b")
+	}
 	bals := map[string]*balancer{}
 	defer func() {
 		for _, b := range bals {
@@ -124,11 +127,14 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 		}
 	}()
 	for _, t := range targets[1:] {
-		network := "udp"
-		if t == "quic-relay-fast" {
+		network, binary := "udp", env.caddy
+		if strings.HasPrefix(t, "quic-relay-fast") {
 			network = "fastudp"
 		}
-		b, err := env.startQUICBalancer(ctx, t, network, ln.Addr().String(), certFile, keyFile, clientTLS)
+		if strings.HasSuffix(t, "-b") {
+			binary = o.quicCaddyB
+		}
+		b, err := env.startQUICBalancer(ctx, t, network, binary, ln.Addr().String(), certFile, keyFile, clientTLS)
 		if err != nil {
 			return err
 		}
@@ -157,7 +163,11 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 	}
 	rounds := make(map[string][]quicResult, len(targets))
 	for round := range o.rounds {
-		for _, t := range targets {
+		order := targets
+		if o.quicCaddyB != "" && round%2 == 1 { // B's targets first
+			order = []string{targets[0], targets[3], targets[4], targets[1], targets[2]}
+		}
+		for _, t := range order {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
@@ -177,7 +187,11 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 		r.CPUPerHandshakeMs, r.CPUPerMBms = m.CPUPerHandshakeMs, m.CPUPerMBms
 		results = append(results, r)
 	}
-	md := quicCoresNote[o.quicCores] + "\n\n" + quicMarkdown(results)
+	md := quicCoresNote[o.quicCores] + "\n\n" + quicMarkdown(results) + "\nPeak RSS (VmHWM) after the rounds:"
+	for _, t := range targets[1:] {
+		md += fmt.Sprintf(" %s %.1f MB;", t, float64(bals[t].rssKB("VmHWM"))/1024)
+	}
+	md = strings.TrimSuffix(md, ";") + ".\n"
 	fmt.Print("\n" + md)
 	if err := os.MkdirAll(o.out, 0o755); err != nil {
 		return err
@@ -213,7 +227,7 @@ func measureQUICRound(ctx context.Context, o *options, t string, b *balancer, se
 			return r, fmt.Errorf("%s: CPU profile: %w", t, err)
 		}
 	}
-	fmt.Printf("%.0f/s; bulk… ", r.HandshakesPerSec)
+	fmt.Printf("%.0f/s (CPU %.2f ms each); bulk… ", r.HandshakesPerSec, r.CPUPerHandshakeMs)
 	cpu0 = cpuOf(b)
 	elapsed, err := quicBulk(ctx, target, clientTLS, bulk)
 	if err != nil {
@@ -224,7 +238,7 @@ func measureQUICRound(ctx context.Context, o *options, t string, b *balancer, se
 	if b != nil {
 		r.CPUPerMBms = 1000 * (b.cpuSeconds() - cpu0) / mb
 	}
-	fmt.Printf("%.0f MB/s\n", r.ThroughputMBps)
+	fmt.Printf("%.0f MB/s (CPU %.2f ms/MB)\n", r.ThroughputMBps, r.CPUPerMBms)
 	return r, nil
 }
 
@@ -483,9 +497,10 @@ func quicIdle(ctx context.Context, target string, tlsConf *tls.Config, n int) ([
 	return conns, nil
 }
 
-// startQUICBalancer starts Caddy terminating QUIC on network in front of
-// the server at upstream, and waits until a handshake through it works.
-func (e *benchEnv) startQUICBalancer(ctx context.Context, t, network, upstream, certFile, keyFile string, clientTLS *tls.Config) (*balancer, error) {
+// startQUICBalancer starts the Caddy binary terminating QUIC on network in
+// front of the server at upstream, and waits until a handshake through it
+// works.
+func (e *benchEnv) startQUICBalancer(ctx context.Context, t, network, binary, upstream, certFile, keyFile string, clientTLS *tls.Config) (*balancer, error) {
 	port, err := freeUDPPort()
 	if err != nil {
 		return nil, err
@@ -522,7 +537,7 @@ func (e *benchEnv) startQUICBalancer(ctx context.Context, t, network, upstream, 
 	if err := os.WriteFile(cfgPath, js, 0o644); err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(e.caddy, "run", "--config", cfgPath)
+	cmd := exec.Command(binary, "run", "--config", cfgPath)
 	cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
 	b, err := launch(cmd, listen, port, dir)
 	if err != nil {

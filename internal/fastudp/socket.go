@@ -92,6 +92,7 @@ type Socket struct {
 
 	queueFull atomic.Uint64 // datagrams of new clients dropped: queue full
 	truncated atomic.Uint64 // datagrams of unregistered clients cut short
+	coalesced atomic.Uint64 // datagrams read coalesced (UDP GRO) and split
 }
 
 var (
@@ -218,7 +219,7 @@ func ownPort(addr string) (string, error) {
 // once the socket is open.
 func (s *Socket) serveConn(c *net.UDPConn) error {
 	udpio.GrowBuffers(c, socketBuffer)
-	b, err := udpio.NewBatch(c, batchSize, BufferSize)
+	b, err := udpio.NewGROBatch(c, batchSize, BufferSize) // without UDP GRO, as before
 	if err != nil {
 		return err
 	}
@@ -314,6 +315,11 @@ func (s *Socket) Drops() (queueFull, truncated uint64) {
 	return s.queueFull.Load(), s.truncated.Load()
 }
 
+// Coalesced is how many datagrams the kernel delivered coalesced (UDP GRO:
+// a client's burst of one size read as one), which the socket split again
+// before delivery.
+func (s *Socket) Coalesced() uint64 { return s.coalesced.Load() }
+
 // Register delivers client's datagrams to ep from now on.
 func (s *Socket) Register(client netip.AddrPort, ep Endpoint) {
 	s.epMu.Lock()
@@ -341,12 +347,13 @@ func (s *Socket) Endpoints() int {
 // serve reads datagrams in batches until the socket closes. It looks up a
 // batch's endpoints under one read lock and delivers outside it, so that a
 // slow endpoint never holds up registration. A BatchEndpoint gets all its
-// datagrams of a batch in one call, in their order.
+// datagrams of a batch in one call, in their order. With UDP GRO a read
+// batch may hold more datagrams than messages: eps and ds grow to the most
+// seen.
 func (s *Socket) serve(b *udpio.Batch) {
-	var (
-		eps [batchSize]Endpoint
-		ds  [batchSize]Datagram
-	)
+	defer b.Close()
+	eps := make([]Endpoint, batchSize)
+	ds := make([]Datagram, 0, batchSize)
 	for {
 		n, err := b.Read()
 		if err != nil {
@@ -356,10 +363,21 @@ func (s *Socket) serve(b *udpio.Batch) {
 			continue
 		}
 		now := time.Now().UnixNano()
+		if n > len(eps) {
+			eps, ds = make([]Endpoint, n), make([]Datagram, 0, n)
+		}
+		if c := b.Coalesced(); c > 0 {
+			s.coalesced.Add(uint64(c))
+		}
+		var last netip.AddrPort
 		s.epMu.RLock()
 		for i := range n {
 			src, _, _ := b.Message(i)
-			eps[i] = s.eps[src]
+			if i == 0 || src != last { // a coalesced burst's datagrams share their source
+				eps[i], last = s.eps[src], src
+			} else {
+				eps[i] = eps[i-1]
+			}
 		}
 		s.epMu.RUnlock()
 		for _, ep := range eps[:n] {

@@ -22,6 +22,17 @@ func NewBatch(conn *net.UDPConn, _ int, bufSize int) (*Batch, error) {
 	return &Batch{conn: conn, buf: make([]byte, bufSize+1)}, nil
 }
 
+// NewGROBatch is NewBatch: UDP GRO is Linux-only.
+func NewGROBatch(conn *net.UDPConn, size, bufSize int) (*Batch, error) {
+	return NewBatch(conn, size, bufSize)
+}
+
+// GRO reports that UDP GRO is off: it is Linux-only.
+func (b *Batch) GRO() bool { return false }
+
+// Close does nothing: the buffer is the Go heap's.
+func (b *Batch) Close() {}
+
 // Read waits for a datagram.
 func (b *Batch) Read() (int, error) {
 	n, src, err := b.conn.ReadFromUDPAddrPort(b.buf)
@@ -32,6 +43,9 @@ func (b *Batch) Read() (int, error) {
 	b.src = Unmap(src)
 	return 1, nil
 }
+
+// Coalesced is 0: without UDP GRO, no datagram comes coalesced.
+func (b *Batch) Coalesced() int { return 0 }
 
 // Message returns the datagram of the last Read.
 func (b *Batch) Message(int) (netip.AddrPort, []byte, bool) {

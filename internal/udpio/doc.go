@@ -1,10 +1,10 @@
 // Package udpio is the platform code of stabilize's UDP sockets, split by
 // mechanism as quic-go splits its sys_conn files: batched receive and send
-// (recvmmsg, sendmmsg), non-blocking sends, the error queue that reports ICMP
-// errors, socket options, and upstream-facing sockets outside Go's netpoller
-// (Socket). On Linux
-// every call is non-blocking and allocation-free; elsewhere it falls back to
-// one datagram per call through package net.
+// (recvmmsg, with UDP GRO where asked; sendmmsg), non-blocking sends, the
+// error queue that reports ICMP errors, socket options, and upstream-facing
+// sockets outside Go's netpoller (Socket). On Linux every call is
+// non-blocking and allocation-free; elsewhere it falls back to one datagram
+// per call through package net.
 package udpio
 
 import (
