@@ -30,7 +30,7 @@ func TestCIDTableSweepBatches(t *testing.T) {
 	fillCIDTable(tb, maxConnectionIDs-live, time.Minute)
 	var cid [8]byte
 	for i := range live {
-		binary.BigEndian.PutUint64(cid[:], uint64(1<<40+i))
+		binary.BigEndian.PutUint64(cid[:], 1<<40+uint64(i))
 		tb.learn(cid[:], addrKey{port: 2}, time.Hour, false)
 	}
 	if n := tb.len(); n != maxConnectionIDs {
@@ -52,7 +52,7 @@ func TestCIDTableSweepBatches(t *testing.T) {
 		t.Errorf("%d entries after the sweep, want the %d live ones", n, live)
 	}
 	for i := range live {
-		binary.BigEndian.PutUint64(cid[:], uint64(1<<40+i))
+		binary.BigEndian.PutUint64(cid[:], 1<<40+uint64(i))
 		if got, ok := tb.lookup(cid[:]); !ok || got.port != 2 {
 			t.Fatalf("live entry %d: %v, %v", i, got, ok)
 		}
