@@ -1,6 +1,7 @@
 package stabilize
 
 import (
+	"hash/maphash"
 	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -16,7 +17,9 @@ import (
 //   - an Initial or 0-RTT packet goes where its DCID was routed before
 //     (a retransmission, or the Initial after a Retry), or to the server
 //     whose QUIC-LB server ID it carries, or else where the policy picks
-//     with the DCID as the key; the DCID is remembered;
+//     with the DCID as the key; the DCID is remembered. Only an Initial of
+//     the flow's current connection may carry a server's ID the balancer
+//     has not seen: it follows the 4-tuple;
 //   - any other QUIC packet is routed by its DCID: a QUIC-LB decode, then
 //     the connection IDs learned from the servers' long-header replies,
 //     then the client's 4-tuple as `per flow` does, then the policy;
@@ -58,7 +61,7 @@ func (r *perConnectionRouter) route(fl *Flow, b []byte) *Upstream {
 	case err != nil, typ == quicwire.PacketTypeVersionNegotiation:
 		return r.byFlow(fl, b)
 	case typ == quicwire.PacketTypeInitial, typ == quicwire.PacketType0RTT:
-		return r.initial(fl, b, hdr.DCID)
+		return r.initial(fl, b, hdr.DCID, hdr.SCID)
 	}
 	return r.byDCID(fl, b, hdr.DCID)
 }
@@ -69,18 +72,25 @@ func (r *perConnectionRouter) byFlow(fl *Flow, b []byte) *Upstream {
 }
 
 // initial routes a client's Initial or 0-RTT packet b and remembers its
-// DCID. A DCID of a length the servers choose, on a flow routed before, is
-// a server's connection ID the balancer has not seen: a client may switch
-// to one from a NEW_CONNECTION_ID frame while it still acknowledges
-// Initials.
-func (r *perConnectionRouter) initial(fl *Flow, b, dcid []byte) *Upstream {
+// DCID. An unknown DCID is a new connection's, picked by the policy, unless
+// the packet belongs to the flow's current connection, the one whose first
+// Initial the policy sent to the flow's upstream: the same client SCID. A
+// DCID of a length the servers choose is then its server's, one the
+// balancer has not seen: quic-go clients switch to one from a
+// NEW_CONNECTION_ID frame while they still acknowledge Initials, and a
+// reply another balancer relayed, or one the full table could not learn,
+// teaches nothing. It goes by the 4-tuple. A client opens each connection
+// from one socket with an SCID of its own; with zero-length SCIDs, one
+// connection at a time, whose Initial may be taken for the previous one's.
+func (r *perConnectionRouter) initial(fl *Flow, b, dcid, scid []byte) *Upstream {
 	if u := r.learned(dcid); u != nil && u.healthy() {
 		return r.stick(fl, u)
 	}
 	if u := r.decode(fl, dcid, true); u != nil && u.healthy() {
 		return r.stick(fl, u)
 	}
-	if fl.upstream != nil && r.cids.serverLen(len(dcid)) {
+	conn := connectionOf(scid)
+	if fl.upstream != nil && r.cids.serverLen(len(dcid)) && fl.connSCID == conn {
 		return r.miss(fl, b, dcid)
 	}
 	pool, _ := r.h.candidates()
@@ -97,8 +107,19 @@ func (r *perConnectionRouter) initial(fl *Flow, b, dcid []byte) *Upstream {
 		return nil
 	}
 	r.cids.learn(dcid, keyOf(u.addr), fl.idle(), false)
-	return r.stick(fl, u)
+	r.stick(fl, u)
+	fl.connSCID = conn
+	return u
 }
+
+// connectionOf names the connection of a client's SCID on its flow, never
+// 0; Flow.connSCID holds it.
+func connectionOf(scid []byte) uint64 {
+	return maphash.Bytes(scidSeed, scid) | 1
+}
+
+// scidSeed seeds connectionOf.
+var scidSeed = maphash.MakeSeed()
 
 // byDCID routes a packet by its DCID: dcid of a long header, or nil for the
 // short header b, whose DCID length QUIC-LB or the table knows.
@@ -183,10 +204,12 @@ func (r *perConnectionRouter) learned(cid []byte) *Upstream {
 }
 
 // stick makes u the flow's upstream, for the 4-tuple fallback, and
-// returns it.
+// returns it. With a new upstream, the flow has no current connection
+// (see initial) until the policy picks for one.
 func (r *perConnectionRouter) stick(fl *Flow, u *Upstream) *Upstream {
 	if fl.upstream != u {
 		fl.assign(u)
+		fl.connSCID = 0
 	}
 	return u
 }
