@@ -15,6 +15,13 @@ func TestFlowLimitRefusedMemory(t *testing.T) {
 	forNetworks(t, func(t *testing.T, network string) {
 		const flows, batch = 1500, 100
 		const maxPerFlow = 8 << 10 // bytes of heap per refused flow: 13-14 KiB with a buffer each
+		const inRefuse = "stabilize.(*Handler).refuse"
+		before := goroutinesIn(inRefuse)
+		t.Cleanup(func() { // after Caddy stops: the next test counts them
+			if !waitUntil(5*time.Second, func() bool { return goroutinesIn(inRefuse) <= before }) {
+				t.Errorf("%d refused flows still read after Caddy stopped", goroutinesIn(inRefuse)-before)
+			}
+		})
 		_, lb, hd := startWithOne(t, network, PerFlow, map[string]any{"max_flows": 1})
 		newClient(t, lb.addr).mustRoundTrip("admitted")
 		base := heapInuse()
