@@ -1,6 +1,7 @@
 package stabilize
 
 import (
+	"encoding/binary"
 	"hash/maphash"
 	"math/bits"
 	"net/netip"
@@ -15,7 +16,9 @@ import (
 )
 
 // cidTable is what `per connection` has learned: the upstream of each QUIC
-// connection ID a client's Initial or a server's long-header reply carried.
+// connection ID a client's Initial or a server's long-header reply carried,
+// and of each client connection (address, port and SCID) the policy picked
+// for.
 // It outlives reloads in the cidTables UsagePool, keyed by the handler's
 // identity, and holds addresses, not upstreams. An entry expires when it
 // has not been used for its flow's idle timeout; the table holds at most
@@ -48,11 +51,16 @@ type cidShard struct {
 }
 
 // cidKey is a connection ID as a map key: lookups copy the ID into it on
-// the stack, so they allocate nothing.
+// the stack, so they allocate nothing. n is its length, or clientConnection.
 type cidKey struct {
 	n uint8
 	b [quicwire.MaxConnIDLenV1]byte
 }
+
+// clientConnection is the n of a client connection's key, whose b starts
+// with a keyed hash of its address, port and SCID: no connection ID has
+// that length.
+const clientConnection = 0xff
 
 type cidEntry struct {
 	upstream addrKey
@@ -143,7 +151,7 @@ func (t *cidTable) sweep(now int64) (held int) {
 
 // shard returns the shard of k.
 func (t *cidTable) shard(k *cidKey) *cidShard {
-	return &t.shards[maphash.Bytes(t.seed, k.b[:k.n])%cidShards]
+	return &t.shards[maphash.Bytes(t.seed, k.b[:])%cidShards]
 }
 
 // cidKeyOf returns cid as a key; ok is false for an empty or over-long CID.
@@ -156,12 +164,33 @@ func cidKeyOf(cid []byte) (k cidKey, ok bool) {
 	return k, true
 }
 
+// clientKey returns the key of the connection of client with SCID scid; ok
+// is false for an over-long SCID.
+func (t *cidTable) clientKey(client netip.AddrPort, scid []byte) (k cidKey, ok bool) {
+	if len(scid) > quicwire.MaxConnIDLenV1 {
+		return k, false
+	}
+	var b [18 + quicwire.MaxConnIDLenV1]byte
+	a := keyOf(client)
+	copy(b[:16], a.ip[:])
+	b[16], b[17] = byte(a.port>>8), byte(a.port)
+	n := copy(b[18:], scid)
+	k.n = clientConnection
+	binary.LittleEndian.PutUint64(k.b[:], maphash.Bytes(t.seed, b[:18+n]))
+	return k, true
+}
+
 // lookup returns the upstream learned for cid, marking it used.
 func (t *cidTable) lookup(cid []byte) (addrKey, bool) {
 	k, ok := cidKeyOf(cid)
 	if !ok {
 		return addrKey{}, false
 	}
+	return t.find(k)
+}
+
+// find returns the upstream of k, marking it used.
+func (t *cidTable) find(k cidKey) (addrKey, bool) {
 	s := t.shard(&k)
 	s.mu.RLock()
 	e := s.m[k]
@@ -190,6 +219,12 @@ func (t *cidTable) learn(cid []byte, upstream addrKey, ttl time.Duration, server
 			}
 		}
 	}
+	t.put(k, upstream, ttl)
+}
+
+// put remembers that k belongs to upstream for ttl after its last use,
+// unless the table is full.
+func (t *cidTable) put(k cidKey, upstream addrKey, ttl time.Duration) {
 	s := t.shard(&k)
 	s.mu.RLock()
 	e := s.m[k]
@@ -242,6 +277,11 @@ func (t *cidTable) shortestServerLen() int {
 // len is the number of entries.
 func (t *cidTable) len() int {
 	return int(t.n.Load())
+}
+
+// full reports whether the table learns nothing more.
+func (t *cidTable) full() bool {
+	return t.n.Load() >= maxConnectionIDs
 }
 
 // Interface guards

@@ -49,7 +49,6 @@ type Flow struct {
 	idleTimeout atomic.Int64                      // nanoseconds: caddy-l4's, of the flow's listener in its handler's config
 	req         Request                           // what the policy picks for
 	lbScratch   quiclb.Scratch                    // per connection: QUIC-LB decodes without a pool
-	connSCID    uint64                            // per connection, with mu held: see perConnectionRouter.initial
 	detached    atomic.Bool                       // the socket's reaper, not Handle, ends the flow
 	handling    atomic.Bool                       // Handle is reading the flow
 	closeOnce   sync.Once

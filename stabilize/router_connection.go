@@ -1,7 +1,6 @@
 package stabilize
 
 import (
-	"hash/maphash"
 	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -17,12 +16,13 @@ import (
 //   - an Initial or 0-RTT packet goes where its DCID was routed before
 //     (a retransmission, or the Initial after a Retry), or to the server
 //     whose QUIC-LB server ID it carries, or else where the policy picks
-//     with the DCID as the key; the DCID is remembered. Only an Initial of
-//     the flow's current connection may carry a server's ID the balancer
-//     has not seen: it follows the 4-tuple;
+//     with the DCID as the key; the DCID and the client's connection (its
+//     address, port and SCID) are remembered. A DCID of the servers'
+//     length that nothing routes goes where its connection went;
 //   - any other QUIC packet is routed by its DCID: a QUIC-LB decode, then
 //     the connection IDs learned from the servers' long-header replies,
-//     then the client's 4-tuple as `per flow` does, then the policy;
+//     then (long headers) the client's connection, then the client's
+//     4-tuple as `per flow` does, then the policy;
 //   - Version Negotiation, unknown versions and datagrams that are not
 //     QUIC are routed as `per flow` routes them.
 //
@@ -51,7 +51,7 @@ func (r *perConnectionRouter) route(fl *Flow, b []byte) *Upstream {
 		if len(b) < 2 {
 			return r.byFlow(fl, b)
 		}
-		return r.byDCID(fl, b, nil)
+		return r.byDCID(fl, b, nil, nil)
 	}
 	hdr, err := quicwire.ParseLong(b)
 	if err != nil {
@@ -63,7 +63,7 @@ func (r *perConnectionRouter) route(fl *Flow, b []byte) *Upstream {
 	case typ == quicwire.PacketTypeInitial, typ == quicwire.PacketType0RTT:
 		return r.initial(fl, b, hdr.DCID, hdr.SCID)
 	}
-	return r.byDCID(fl, b, hdr.DCID)
+	return r.byDCID(fl, b, hdr.DCID, hdr.SCID)
 }
 
 // byFlow routes as `per flow` does.
@@ -72,16 +72,15 @@ func (r *perConnectionRouter) byFlow(fl *Flow, b []byte) *Upstream {
 }
 
 // initial routes a client's Initial or 0-RTT packet b and remembers its
-// DCID. An unknown DCID is a new connection's, picked by the policy, unless
-// the packet belongs to the flow's current connection, the one whose first
-// Initial the policy sent to the flow's upstream: the same client SCID. A
-// DCID of a length the servers choose is then its server's, one the
-// balancer has not seen: quic-go clients switch to one from a
-// NEW_CONNECTION_ID frame while they still acknowledge Initials, and a
-// reply another balancer relayed, or one the full table could not learn,
-// teaches nothing. It goes by the 4-tuple. A client opens each connection
-// from one socket with an SCID of its own; with zero-length SCIDs, one
-// connection at a time, whose Initial may be taken for the previous one's.
+// DCID and its connection. An unknown DCID is a new connection's, picked by
+// the policy, unless the client's connection is known, by its address,
+// port and SCID: then a DCID of a length the servers choose is its
+// server's, one the balancer has not seen (quic-go clients switch to one
+// from a NEW_CONNECTION_ID frame while they still acknowledge Initials, and
+// a reply another balancer relayed teaches nothing). A client may open
+// several connections from one socket, each with an SCID of its own, or,
+// with zero-length SCIDs, one at a time: its next connection's Initial
+// follows the last one's when its random DCID has the servers' length.
 func (r *perConnectionRouter) initial(fl *Flow, b, dcid, scid []byte) *Upstream {
 	if u := r.learned(dcid); u != nil && u.healthy() {
 		return r.stick(fl, u)
@@ -89,9 +88,13 @@ func (r *perConnectionRouter) initial(fl *Flow, b, dcid, scid []byte) *Upstream 
 	if u := r.decode(fl, dcid, true); u != nil && u.healthy() {
 		return r.stick(fl, u)
 	}
-	conn := connectionOf(scid)
-	if fl.upstream != nil && r.cids.serverLen(len(dcid)) && fl.connSCID == conn {
-		return r.miss(fl, b, dcid)
+	if r.cids.serverLen(len(dcid)) {
+		if u := r.connection(fl, dcid, scid); u != nil && u.healthy() {
+			return r.stick(fl, u)
+		}
+		if fl.upstream != nil && r.cids.full() {
+			return r.miss(fl, b, dcid) // as `per flow`, learning nothing
+		}
 	}
 	pool, _ := r.h.candidates()
 	if pool == nil {
@@ -107,23 +110,30 @@ func (r *perConnectionRouter) initial(fl *Flow, b, dcid, scid []byte) *Upstream 
 		return nil
 	}
 	r.cids.learn(dcid, keyOf(u.addr), fl.idle(), false)
-	r.stick(fl, u)
-	fl.connSCID = conn
-	return u
+	if k, ok := r.cids.clientKey(fl.client, scid); ok {
+		r.cids.put(k, keyOf(u.addr), fl.idle())
+	}
+	return r.stick(fl, u)
 }
 
-// connectionOf names the connection of a client's SCID on its flow, never
-// 0; Flow.connSCID holds it.
-func connectionOf(scid []byte) uint64 {
-	return maphash.Bytes(scidSeed, scid) | 1
+// connection returns the upstream of the client's connection with SCID
+// scid on fl, and learns dcid, which its packet carries, for it; or nil.
+func (r *perConnectionRouter) connection(fl *Flow, dcid, scid []byte) *Upstream {
+	k, ok := r.cids.clientKey(fl.client, scid)
+	if !ok {
+		return nil
+	}
+	a, ok := r.cids.find(k)
+	if !ok || r.byKey[a] == nil {
+		return nil
+	}
+	r.cids.learn(dcid, a, fl.idle(), false)
+	return r.byKey[a]
 }
 
-// scidSeed seeds connectionOf.
-var scidSeed = maphash.MakeSeed()
-
-// byDCID routes a packet by its DCID: dcid of a long header, or nil for the
-// short header b, whose DCID length QUIC-LB or the table knows.
-func (r *perConnectionRouter) byDCID(fl *Flow, b, dcid []byte) *Upstream {
+// byDCID routes a packet by its DCID: dcid and scid of a long header, or
+// nil for the short header b, whose DCID length QUIC-LB or the table knows.
+func (r *perConnectionRouter) byDCID(fl *Flow, b, dcid, scid []byte) *Upstream {
 	var u *Upstream
 	if dcid == nil {
 		u = r.shortDecode(fl, b)
@@ -133,7 +143,9 @@ func (r *perConnectionRouter) byDCID(fl *Flow, b, dcid []byte) *Upstream {
 			}
 		}
 	} else if u = r.decode(fl, dcid, false); u == nil {
-		u = r.learned(dcid)
+		if u = r.learned(dcid); u == nil {
+			u = r.connection(fl, dcid, scid)
+		}
 	}
 	if u == nil {
 		return r.miss(fl, b, dcid)
@@ -204,12 +216,10 @@ func (r *perConnectionRouter) learned(cid []byte) *Upstream {
 }
 
 // stick makes u the flow's upstream, for the 4-tuple fallback, and
-// returns it. With a new upstream, the flow has no current connection
-// (see initial) until the policy picks for one.
+// returns it.
 func (r *perConnectionRouter) stick(fl *Flow, u *Upstream) *Upstream {
 	if fl.upstream != u {
 		fl.assign(u)
-		fl.connSCID = 0
 	}
 	return u
 }
@@ -234,7 +244,7 @@ func (r *perConnectionRouter) observeReply(fl *Flow, u *Upstream, b []byte) {
 // The `per connection` metrics; see metrics.go.
 var (
 	connectionIDsDesc = newMetricDesc("connection_ids",
-		"Connection IDs a per connection handler has learned (client Initial DCIDs and server-chosen SCIDs), shared by the handlers of its identity across reloads.",
+		"Connection IDs a per connection handler has learned (client Initial DCIDs and server-chosen SCIDs), and client connections (address, port and SCID), shared by the handlers of its identity across reloads.",
 		"handler")
 	connectionIDMissesDesc = newMetricDesc("connection_id_misses_total",
 		"QUIC packets other than Initial and 0-RTT that a per connection handler routed by neither QUIC-LB nor a learned connection ID, but by the client's address. Starts from zero at each config reload.",

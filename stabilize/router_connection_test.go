@@ -377,9 +377,10 @@ func testFlow(h *Handler, client netip.AddrPort) *Flow {
 // TestConnectionRouteNewConnections: several QUIC connections from one
 // client socket, one flow. A new connection's Initial goes where the policy
 // picks, although its fresh DCID has the length of the servers' connection
-// IDs; an Initial of the flow's current connection (the same client SCID)
-// whose DCID the balancer has not seen follows the 4-tuple: a server's ID
-// from a NEW_CONNECTION_ID frame, or one the full table could not learn.
+// IDs; a long header of a known connection (the same client SCID) whose
+// DCID the balancer has not seen, a server's ID from a NEW_CONNECTION_ID
+// frame, goes to that connection's server, also while another connection
+// of the socket is in its handshake; with the table full, to the flow's.
 func TestConnectionRouteNewConnections(t *testing.T) {
 	r, fl := newConnectionRouter(t, false)
 	ups := r.h.Upstreams
@@ -410,6 +411,30 @@ func TestConnectionRouteNewConnections(t *testing.T) {
 	for _, u := range ups {
 		if picks[u] != 4 {
 			t.Errorf("12 new connections from one socket, round robin over 3 upstreams: %s got %d", u.Dial, picks[u])
+		}
+	}
+
+	// Two connections in their handshakes at once: the Initial and
+	// Handshake packets of each, to IDs the balancer has not seen, go to
+	// its server.
+	a, c := []byte{0x5c, 0xa0, 0, 0}, []byte{0x5c, 0xc0, 0, 0}
+	ua := r.route(fl, initial(400, a))
+	uc := r.route(fl, initial(401, c))
+	if ua == uc {
+		t.Fatalf("round robin sent two new connections to %s", ua.Dial)
+	}
+	for i, conn := range []struct {
+		scid []byte
+		u    *Upstream
+	}{{a, ua}, {c, uc}, {a, ua}} {
+		for _, typ := range []byte{0, 2} { // Initial, Handshake
+			dcid := []byte{0xef, byte(i), typ, 3, 4, 5, 6, 7}
+			if got := r.route(fl, longHeader(typ, dcid, conn.scid)); got != conn.u {
+				t.Errorf("connection %x: type %d packet to %x went to %s, want %s", conn.scid, typ, dcid, upstreamName(got), conn.u.Dial)
+			}
+			if got := r.route(fl, shortHeader(dcid)); got != conn.u {
+				t.Errorf("connection %x: short header to %x went to %s, want %s", conn.scid, dcid, upstreamName(got), conn.u.Dial)
+			}
 		}
 	}
 
