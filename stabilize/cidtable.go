@@ -51,16 +51,12 @@ type cidShard struct {
 }
 
 // cidKey is a connection ID as a map key: lookups copy the ID into it on
-// the stack, so they allocate nothing. n is its length, or clientConnection.
+// the stack, so they allocate nothing.
 type cidKey struct {
-	n uint8
-	b [quicwire.MaxConnIDLenV1]byte
+	n      uint8
+	client bool // a client connection's: b holds a hash of its address, port and SCID
+	b      [quicwire.MaxConnIDLenV1]byte
 }
-
-// clientConnection is the n of a client connection's key, whose b starts
-// with a keyed hash of its address, port and SCID: no connection ID has
-// that length.
-const clientConnection = 0xff
 
 type cidEntry struct {
 	upstream addrKey
@@ -151,7 +147,7 @@ func (t *cidTable) sweep(now int64) (held int) {
 
 // shard returns the shard of k.
 func (t *cidTable) shard(k *cidKey) *cidShard {
-	return &t.shards[maphash.Bytes(t.seed, k.b[:])%cidShards]
+	return &t.shards[maphash.Bytes(t.seed, k.b[:k.n])%cidShards]
 }
 
 // cidKeyOf returns cid as a key; ok is false for an empty or over-long CID.
@@ -175,22 +171,21 @@ func (t *cidTable) clientKey(client netip.AddrPort, scid []byte) (k cidKey, ok b
 	copy(b[:16], a.ip[:])
 	b[16], b[17] = byte(a.port>>8), byte(a.port)
 	n := copy(b[18:], scid)
-	k.n = clientConnection
+	k.n, k.client = 8, true
 	binary.LittleEndian.PutUint64(k.b[:], maphash.Bytes(t.seed, b[:18+n]))
 	return k, true
 }
 
 // lookup returns the upstream learned for cid, marking it used.
 func (t *cidTable) lookup(cid []byte) (addrKey, bool) {
-	k, ok := cidKeyOf(cid)
+	return t.find(cidKeyOf(cid))
+}
+
+// find returns the upstream of k, if ok, marking it used.
+func (t *cidTable) find(k cidKey, ok bool) (addrKey, bool) {
 	if !ok {
 		return addrKey{}, false
 	}
-	return t.find(k)
-}
-
-// find returns the upstream of k, marking it used.
-func (t *cidTable) find(k cidKey) (addrKey, bool) {
 	s := t.shard(&k)
 	s.mu.RLock()
 	e := s.m[k]
@@ -254,7 +249,7 @@ func (t *cidTable) shortLookup(b []byte) (addrKey, bool) {
 		if len(b) < 1+n {
 			break
 		}
-		if addr, ok := t.lookup(b[1 : 1+n]); ok {
+		if addr, ok := t.find(cidKeyOf(b[1 : 1+n])); ok {
 			return addr, true
 		}
 	}

@@ -119,11 +119,7 @@ func (r *perConnectionRouter) initial(fl *Flow, b, dcid, scid []byte) *Upstream 
 // connection returns the upstream of the client's connection with SCID
 // scid on fl, and learns dcid, which its packet carries, for it; or nil.
 func (r *perConnectionRouter) connection(fl *Flow, dcid, scid []byte) *Upstream {
-	k, ok := r.cids.clientKey(fl.client, scid)
-	if !ok {
-		return nil
-	}
-	a, ok := r.cids.find(k)
+	a, ok := r.cids.find(r.cids.clientKey(fl.client, scid))
 	if !ok || r.byKey[a] == nil {
 		return nil
 	}
