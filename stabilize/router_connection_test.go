@@ -457,9 +457,10 @@ func upstreamName(u *Upstream) string {
 	return u.Dial
 }
 
-// initialServer is an upstream that answers each client Initial as a QUIC
-// server does, with an Initial to the client's SCID from a connection ID
-// of its own, 8 octets that start with its index.
+// initialServer is an upstream that answers each client Initial and
+// Handshake packet as a QUIC server does, with one of the same type to the
+// client's SCID from a connection ID of its own: 8 octets that start with
+// its index.
 type initialServer struct {
 	conn  *net.UDPConn
 	index byte
@@ -486,23 +487,47 @@ func startInitialServer(t *testing.T, index byte) *initialServer {
 				return
 			}
 			hdr, err := quicwire.ParseLong(buf[:n])
-			if err != nil {
+			if err != nil || len(hdr.DCID) < 8 {
 				continue
 			}
-			if typ, err := hdr.Type(); err != nil || typ != quicwire.PacketTypeInitial {
+			typ, err := hdr.Type()
+			if err != nil || typ != quicwire.PacketTypeInitial && typ != quicwire.PacketTypeHandshake {
 				continue
 			}
 			scid := append([]byte{index}, hdr.DCID[:7]...)
-			_, _ = conn.WriteToUDPAddrPort(longHeader(0, hdr.SCID, scid), from)
+			_, _ = conn.WriteToUDPAddrPort(longHeader(buf[0]>>4&3, hdr.SCID, scid), from)
 		}
 	}()
 	return s
 }
 
+// exchangeLongHeader sends c a long header of type typ and returns the index of the
+// server that answered.
+func exchangeLongHeader(t *testing.T, c *client, typ byte, dcid, scid []byte) byte {
+	t.Helper()
+	if _, err := c.conn.Write(longHeader(typ, dcid, scid)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.conn.SetReadDeadline(time.Now().Add(2 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	n, err := c.conn.Read(c.buf)
+	if err != nil {
+		t.Fatalf("connection %x: no reply to type %d: %v", scid, typ, err)
+	}
+	hdr, err := quicwire.ParseLong(c.buf[:n])
+	if err != nil || !bytes.Equal(hdr.DCID, scid) || len(hdr.SCID) != 8 {
+		t.Fatalf("connection %x: reply %x", scid, c.buf[:n])
+	}
+	return hdr.SCID[0]
+}
+
 // TestConnectionNewConnectionsOneSocket opens twelve QUIC connections
 // (their Initials, answered by servers that choose 8-octet connection IDs)
 // from one client socket through `per connection` with round robin: each
-// server gets four, as from twelve sockets.
+// server gets four, as from twelve sockets. Then two connections in their
+// handshakes at once send Handshake packets to connection IDs the balancer
+// has not seen: each reaches its own server.
 func TestConnectionNewConnectionsOneSocket(t *testing.T) {
 	forNetworks(t, func(t *testing.T, network string) {
 		var list []any
@@ -517,26 +542,23 @@ func TestConnectionNewConnectionsOneSocket(t *testing.T) {
 		c := newClient(t, lb.addr)
 		got := map[byte]int{}
 		for i := range 12 {
-			scid := []byte{0x5c, byte(i), 0, 0}
-			if _, err := c.conn.Write(longHeader(0, []byte{0xd0, byte(i), 1, 2, 3, 4, 5, 6}, scid)); err != nil {
-				t.Fatal(err)
-			}
-			if err := c.conn.SetReadDeadline(time.Now().Add(2 * time.Second)); err != nil {
-				t.Fatal(err)
-			}
-			n, err := c.conn.Read(c.buf)
-			if err != nil {
-				t.Fatalf("connection %d: no reply: %v", i, err)
-			}
-			hdr, err := quicwire.ParseLong(c.buf[:n])
-			if err != nil || !bytes.Equal(hdr.DCID, scid) || len(hdr.SCID) != 8 {
-				t.Fatalf("connection %d: reply %x", i, c.buf[:n])
-			}
-			got[hdr.SCID[0]]++
+			got[exchangeLongHeader(t, c, 0, []byte{0xd0, byte(i), 1, 2, 3, 4, 5, 6}, []byte{0x5c, byte(i), 0, 0})]++
 		}
 		for i := range byte(3) {
 			if got[i] != 4 {
 				t.Errorf("12 new connections from one socket, round robin over 3 servers: server %d got %d (%v)", i, got[i], got)
+			}
+		}
+
+		a, b := []byte{0x5c, 0xa0, 0, 0}, []byte{0x5c, 0xb0, 0, 0}
+		sa := exchangeLongHeader(t, c, 0, []byte{0xd0, 0xa0, 1, 2, 3, 4, 5, 6}, a)
+		sb := exchangeLongHeader(t, c, 0, []byte{0xd0, 0xb0, 1, 2, 3, 4, 5, 6}, b)
+		for i, conn := range []struct {
+			scid   []byte
+			server byte
+		}{{a, sa}, {b, sb}, {a, sa}} {
+			if got := exchangeLongHeader(t, c, 2, []byte{0xee, byte(i), 2, 3, 4, 5, 6, 7}, conn.scid); got != conn.server {
+				t.Errorf("connection %x: a Handshake packet to a new ID reached server %d, not its server %d", conn.scid, got, conn.server)
 			}
 		}
 	})
