@@ -1,6 +1,8 @@
 package stabilize
 
 import (
+	"encoding/binary"
+	"hash/maphash"
 	"math/bits"
 	"net/netip"
 	"sync"
@@ -8,30 +10,52 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"golang.org/x/sys/cpu"
 
 	"github.com/stabilize-lb/caddy-stabilize/internal/quicwire"
 )
 
 // cidTable is what `per connection` has learned: the upstream of each QUIC
-// connection ID a client's Initial or a server's long-header reply carried.
+// connection ID a client's Initial or a server's long-header reply carried,
+// and of each client connection (address, port and SCID) the policy picked
+// for.
 // It outlives reloads in the cidTables UsagePool, keyed by the handler's
 // identity, and holds addresses, not upstreams. An entry expires when it
 // has not been used for its flow's idle timeout; the table holds at most
 // maxConnectionIDs entries and learns no more while full.
+//
+// The entries are spread over shards by a keyed hash, each with its own
+// lock, so that the janitor's sweep holds a write lock over the expired
+// entries of one shard at a time: a lookup on a fastudp reader waits for
+// the deletion of about maxConnectionIDs/cidShards entries at most, not
+// for a walk of the table.
 type cidTable struct {
-	mu sync.RWMutex
-	m  map[cidKey]*cidEntry
+	shards [cidShards]cidShard
+	seed   maphash.Seed
+	n      atomic.Int64 // entries
 
 	lengths atomic.Uint32 // bit n: a server chose a CID of n octets
 	now     atomic.Int64  // unix nanos, updated by the janitor
 	done    chan struct{} // closed by Destruct; ends the janitor
 }
 
+// cidShards is the number of shards of a table: at the cap, one holds
+// about 1,000 entries.
+const cidShards = 256
+
+// cidShard is a table's share of the entries, on cache lines of its own.
+type cidShard struct {
+	mu sync.RWMutex
+	m  map[cidKey]*cidEntry
+	_  cpu.CacheLinePad
+}
+
 // cidKey is a connection ID as a map key: lookups copy the ID into it on
 // the stack, so they allocate nothing.
 type cidKey struct {
-	n uint8
-	b [quicwire.MaxConnIDLenV1]byte
+	n      uint8
+	client bool // a client connection's: b holds a hash of its address, port and SCID
+	b      [quicwire.MaxConnIDLenV1]byte
 }
 
 type cidEntry struct {
@@ -59,7 +83,10 @@ var cidTables = caddy.NewUsagePool()
 // newCIDTable returns a table whose janitor expires entries until the last
 // handler of its identity is cleaned up.
 func newCIDTable() (caddy.Destructor, error) {
-	t := &cidTable{m: make(map[cidKey]*cidEntry), done: make(chan struct{})}
+	t := &cidTable{seed: maphash.MakeSeed(), done: make(chan struct{})}
+	for i := range t.shards {
+		t.shards[i].m = make(map[cidKey]*cidEntry)
+	}
 	t.now.Store(time.Now().UnixNano())
 	go t.janitor()
 	return t, nil
@@ -85,15 +112,42 @@ func (t *cidTable) janitor() {
 	}
 }
 
-// sweep drops the entries idle longer than their TTL as of now.
-func (t *cidTable) sweep(now int64) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	for k, e := range t.m {
-		if now-e.used.Load() > e.ttl {
-			delete(t.m, k)
+// sweep drops the entries idle longer than their TTL as of now, one shard
+// at a time: it finds them under the shard's read lock, which lookups
+// share, and takes the write lock only to delete them. It returns the most
+// entries it deleted under one write lock.
+func (t *cidTable) sweep(now int64) (held int) {
+	expired := func(e *cidEntry) bool { return e != nil && now-e.used.Load() > e.ttl }
+	var keys []cidKey
+	for i := range t.shards {
+		s := &t.shards[i]
+		keys = keys[:0]
+		s.mu.RLock()
+		for k, e := range s.m {
+			if expired(e) {
+				keys = append(keys, k)
+			}
 		}
+		s.mu.RUnlock()
+		if len(keys) == 0 {
+			continue
+		}
+		held = max(held, len(keys))
+		s.mu.Lock()
+		for _, k := range keys {
+			if expired(s.m[k]) { // unless used or learned again meanwhile
+				delete(s.m, k)
+				t.n.Add(-1)
+			}
+		}
+		s.mu.Unlock()
 	}
+	return held
+}
+
+// shard returns the shard of k.
+func (t *cidTable) shard(k *cidKey) *cidShard {
+	return &t.shards[maphash.Bytes(t.seed, k.b[:k.n])%cidShards]
 }
 
 // cidKeyOf returns cid as a key; ok is false for an empty or over-long CID.
@@ -106,15 +160,36 @@ func cidKeyOf(cid []byte) (k cidKey, ok bool) {
 	return k, true
 }
 
+// clientKey returns the key of the connection of client with SCID scid; ok
+// is false for an over-long SCID.
+func (t *cidTable) clientKey(client netip.AddrPort, scid []byte) (k cidKey, ok bool) {
+	if len(scid) > quicwire.MaxConnIDLenV1 {
+		return k, false
+	}
+	var b [18 + quicwire.MaxConnIDLenV1]byte
+	a := keyOf(client)
+	copy(b[:16], a.ip[:])
+	b[16], b[17] = byte(a.port>>8), byte(a.port)
+	n := copy(b[18:], scid)
+	k.n, k.client = 8, true
+	binary.LittleEndian.PutUint64(k.b[:], maphash.Bytes(t.seed, b[:18+n]))
+	return k, true
+}
+
 // lookup returns the upstream learned for cid, marking it used.
 func (t *cidTable) lookup(cid []byte) (addrKey, bool) {
-	k, ok := cidKeyOf(cid)
+	return t.find(cidKeyOf(cid))
+}
+
+// find returns the upstream of k, if ok, marking it used.
+func (t *cidTable) find(k cidKey, ok bool) (addrKey, bool) {
 	if !ok {
 		return addrKey{}, false
 	}
-	t.mu.RLock()
-	e := t.m[k]
-	t.mu.RUnlock()
+	s := t.shard(&k)
+	s.mu.RLock()
+	e := s.m[k]
+	s.mu.RUnlock()
 	if e == nil {
 		return addrKey{}, false
 	}
@@ -139,20 +214,31 @@ func (t *cidTable) learn(cid []byte, upstream addrKey, ttl time.Duration, server
 			}
 		}
 	}
-	t.mu.RLock()
-	e := t.m[k]
-	t.mu.RUnlock()
+	t.put(k, upstream, ttl)
+}
+
+// put remembers that k belongs to upstream for ttl after its last use,
+// unless the table is full.
+func (t *cidTable) put(k cidKey, upstream addrKey, ttl time.Duration) {
+	s := t.shard(&k)
+	s.mu.RLock()
+	e := s.m[k]
+	s.mu.RUnlock()
 	if e != nil && e.upstream == upstream {
 		e.used.Store(t.now.Load())
 		return
 	}
 	e = &cidEntry{upstream: upstream, ttl: int64(ttl)}
 	e.used.Store(t.now.Load())
-	t.mu.Lock()
-	if _, replace := t.m[k]; replace || len(t.m) < maxConnectionIDs {
-		t.m[k] = e
+	s.mu.Lock()
+	if _, replace := s.m[k]; replace {
+		s.m[k] = e
+	} else if t.n.Add(1) <= maxConnectionIDs {
+		s.m[k] = e
+	} else {
+		t.n.Add(-1) // full
 	}
-	t.mu.Unlock()
+	s.mu.Unlock()
 }
 
 // shortLookup returns the upstream of a short-header packet b by the
@@ -163,7 +249,7 @@ func (t *cidTable) shortLookup(b []byte) (addrKey, bool) {
 		if len(b) < 1+n {
 			break
 		}
-		if addr, ok := t.lookup(b[1 : 1+n]); ok {
+		if addr, ok := t.find(cidKeyOf(b[1 : 1+n])); ok {
 			return addr, true
 		}
 	}
@@ -185,9 +271,12 @@ func (t *cidTable) shortestServerLen() int {
 
 // len is the number of entries.
 func (t *cidTable) len() int {
-	t.mu.RLock()
-	defer t.mu.RUnlock()
-	return len(t.m)
+	return int(t.n.Load())
+}
+
+// full reports whether the table learns nothing more.
+func (t *cidTable) full() bool {
+	return t.n.Load() >= maxConnectionIDs
 }
 
 // Interface guards

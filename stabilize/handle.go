@@ -109,12 +109,16 @@ func (h *Handler) refuse(cx *layer4.Connection, reason dropReason) {
 	}()
 	front, _ := listenerOf(cx)
 	idle := h.listenerIdleTimeout(listenerNetwork(front), cx.LocalAddr())
-	buf := datagramPool.Get().(*[maxProxyHeader + ListenerBufferSize]byte)
-	defer datagramPool.Put(buf)
 	for {
+		// Wait without a buffer, as Handle does, and take one only to
+		// consume the datagram: a flood of refused flows holds none.
 		start := time.Now()
-		_, err := cx.Read(buf[:ListenerBufferSize])
-		if err != nil && !emptyDatagram(err, time.Since(start), idle) {
+		_, err := cx.Read(nil)
+		if err == nil {
+			buf := datagramPool.Get().(*[maxProxyHeader + ListenerBufferSize]byte)
+			_, _ = cx.Read(buf[:ListenerBufferSize])
+			datagramPool.Put(buf)
+		} else if !emptyDatagram(err, time.Since(start), idle) {
 			return
 		}
 		h.drop(reason)

@@ -16,10 +16,13 @@ import (
 //   - an Initial or 0-RTT packet goes where its DCID was routed before
 //     (a retransmission, or the Initial after a Retry), or to the server
 //     whose QUIC-LB server ID it carries, or else where the policy picks
-//     with the DCID as the key; the DCID is remembered;
+//     with the DCID as the key; the DCID and the client's connection (its
+//     address, port and SCID) are remembered. A DCID of the servers'
+//     length that nothing routes goes where its connection went;
 //   - any other QUIC packet is routed by its DCID: a QUIC-LB decode, then
 //     the connection IDs learned from the servers' long-header replies,
-//     then the client's 4-tuple as `per flow` does, then the policy;
+//     then (long headers) the client's connection, then the client's
+//     4-tuple as `per flow` does, then the policy;
 //   - Version Negotiation, unknown versions and datagrams that are not
 //     QUIC are routed as `per flow` routes them.
 //
@@ -48,7 +51,7 @@ func (r *perConnectionRouter) route(fl *Flow, b []byte) *Upstream {
 		if len(b) < 2 {
 			return r.byFlow(fl, b)
 		}
-		return r.byDCID(fl, b, nil)
+		return r.byDCID(fl, b, nil, nil)
 	}
 	hdr, err := quicwire.ParseLong(b)
 	if err != nil {
@@ -58,9 +61,9 @@ func (r *perConnectionRouter) route(fl *Flow, b []byte) *Upstream {
 	case err != nil, typ == quicwire.PacketTypeVersionNegotiation:
 		return r.byFlow(fl, b)
 	case typ == quicwire.PacketTypeInitial, typ == quicwire.PacketType0RTT:
-		return r.initial(fl, b, hdr.DCID)
+		return r.initial(fl, b, hdr.DCID, hdr.SCID)
 	}
-	return r.byDCID(fl, b, hdr.DCID)
+	return r.byDCID(fl, b, hdr.DCID, hdr.SCID)
 }
 
 // byFlow routes as `per flow` does.
@@ -69,19 +72,29 @@ func (r *perConnectionRouter) byFlow(fl *Flow, b []byte) *Upstream {
 }
 
 // initial routes a client's Initial or 0-RTT packet b and remembers its
-// DCID. A DCID of a length the servers choose, on a flow routed before, is
-// a server's connection ID the balancer has not seen: a client may switch
-// to one from a NEW_CONNECTION_ID frame while it still acknowledges
-// Initials.
-func (r *perConnectionRouter) initial(fl *Flow, b, dcid []byte) *Upstream {
+// DCID and its connection. An unknown DCID is a new connection's, picked by
+// the policy, unless the client's connection is known, by its address,
+// port and SCID: then a DCID of a length the servers choose is its
+// server's, one the balancer has not seen (quic-go clients switch to one
+// from a NEW_CONNECTION_ID frame while they still acknowledge Initials, and
+// a reply another balancer relayed teaches nothing). A client may open
+// several connections from one socket, each with an SCID of its own, or,
+// with zero-length SCIDs, one at a time: its next connection's Initial
+// follows the last one's when its random DCID has the servers' length.
+func (r *perConnectionRouter) initial(fl *Flow, b, dcid, scid []byte) *Upstream {
 	if u := r.learned(dcid); u != nil && u.healthy() {
 		return r.stick(fl, u)
 	}
 	if u := r.decode(fl, dcid, true); u != nil && u.healthy() {
 		return r.stick(fl, u)
 	}
-	if fl.upstream != nil && r.cids.serverLen(len(dcid)) {
-		return r.miss(fl, b, dcid)
+	if r.cids.serverLen(len(dcid)) {
+		if u := r.connection(fl, dcid, scid); u != nil && u.healthy() {
+			return r.stick(fl, u)
+		}
+		if fl.upstream != nil && r.cids.full() {
+			return r.miss(fl, b, dcid) // as `per flow`, learning nothing
+		}
 	}
 	pool, _ := r.h.candidates()
 	if pool == nil {
@@ -97,12 +110,26 @@ func (r *perConnectionRouter) initial(fl *Flow, b, dcid []byte) *Upstream {
 		return nil
 	}
 	r.cids.learn(dcid, keyOf(u.addr), fl.idle(), false)
+	if k, ok := r.cids.clientKey(fl.client, scid); ok {
+		r.cids.put(k, keyOf(u.addr), fl.idle())
+	}
 	return r.stick(fl, u)
 }
 
-// byDCID routes a packet by its DCID: dcid of a long header, or nil for the
-// short header b, whose DCID length QUIC-LB or the table knows.
-func (r *perConnectionRouter) byDCID(fl *Flow, b, dcid []byte) *Upstream {
+// connection returns the upstream of the client's connection with SCID
+// scid on fl, and learns dcid, which its packet carries, for it; or nil.
+func (r *perConnectionRouter) connection(fl *Flow, dcid, scid []byte) *Upstream {
+	a, ok := r.cids.find(r.cids.clientKey(fl.client, scid))
+	if !ok || r.byKey[a] == nil {
+		return nil
+	}
+	r.cids.learn(dcid, a, fl.idle(), false)
+	return r.byKey[a]
+}
+
+// byDCID routes a packet by its DCID: dcid and scid of a long header, or
+// nil for the short header b, whose DCID length QUIC-LB or the table knows.
+func (r *perConnectionRouter) byDCID(fl *Flow, b, dcid, scid []byte) *Upstream {
 	var u *Upstream
 	if dcid == nil {
 		u = r.shortDecode(fl, b)
@@ -112,7 +139,9 @@ func (r *perConnectionRouter) byDCID(fl *Flow, b, dcid []byte) *Upstream {
 			}
 		}
 	} else if u = r.decode(fl, dcid, false); u == nil {
-		u = r.learned(dcid)
+		if u = r.learned(dcid); u == nil {
+			u = r.connection(fl, dcid, scid)
+		}
 	}
 	if u == nil {
 		return r.miss(fl, b, dcid)
@@ -211,7 +240,7 @@ func (r *perConnectionRouter) observeReply(fl *Flow, u *Upstream, b []byte) {
 // The `per connection` metrics; see metrics.go.
 var (
 	connectionIDsDesc = newMetricDesc("connection_ids",
-		"Connection IDs a per connection handler has learned (client Initial DCIDs and server-chosen SCIDs), shared by the handlers of its identity across reloads.",
+		"Connection IDs a per connection handler has learned (client Initial DCIDs and server-chosen SCIDs), and client connections (address, port and SCID), shared by the handlers of its identity across reloads.",
 		"handler")
 	connectionIDMissesDesc = newMetricDesc("connection_id_misses_total",
 		"QUIC packets other than Initial and 0-RTT that a per connection handler routed by neither QUIC-LB nor a learned connection ID, but by the client's address. Starts from zero at each config reload.",

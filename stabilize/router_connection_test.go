@@ -1,15 +1,19 @@
 package stabilize
 
 import (
+	"bytes"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 
+	"github.com/stabilize-lb/caddy-stabilize/internal/quicwire"
 	"github.com/stabilize-lb/caddy-stabilize/stabilize/quiclb"
 )
 
@@ -368,4 +372,194 @@ func testFlow(h *Handler, client netip.AddrPort) *Flow {
 	fl := &Flow{h: h, client: client}
 	fl.idleTimeout.Store(int64(time.Minute))
 	return fl
+}
+
+// TestConnectionRouteNewConnections: several QUIC connections from one
+// client socket, one flow. A new connection's Initial goes where the policy
+// picks, although its fresh DCID has the length of the servers' connection
+// IDs; a long header of a known connection (the same client SCID) whose
+// DCID the balancer has not seen, a server's ID from a NEW_CONNECTION_ID
+// frame, goes to that connection's server, also while another connection
+// of the socket is in its handshake; with the table full, to the flow's.
+func TestConnectionRouteNewConnections(t *testing.T) {
+	r, fl := newConnectionRouter(t, false)
+	ups := r.h.Upstreams
+	serverCID := func(u *Upstream, i int) []byte {
+		return []byte{byte(slices.Index(ups, u)), byte(i), 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc}
+	}
+	initial := func(i int, scid []byte) []byte {
+		return longHeader(0, []byte{0xd0, byte(i), 1, 2, 3, 4, 5, 6}, scid)
+	}
+
+	// Twelve connections, each answered by its server's Initial, which
+	// teaches the balancer the servers' CID length, 8: round robin spreads
+	// them evenly. Each connection's later Initials, to its server's CID
+	// or to one from a NEW_CONNECTION_ID frame, stay on its server.
+	picks := map[*Upstream]int{}
+	for i := range 12 {
+		scid := []byte{0x5c, byte(i), 0, 0}
+		u := r.route(fl, initial(i, scid))
+		picks[u]++
+		r.observeReply(fl, u, longHeader(0, scid, serverCID(u, i)))
+		announced := []byte{0xee, byte(i), 2, 3, 4, 5, 6, 7}
+		for _, dcid := range [][]byte{serverCID(u, i), announced} {
+			if got := r.route(fl, longHeader(0, dcid, scid)); got != u {
+				t.Fatalf("connection %d: Initial to %x went to %s, not %s", i, dcid, upstreamName(got), u.Dial)
+			}
+		}
+	}
+	for _, u := range ups {
+		if picks[u] != 4 {
+			t.Errorf("12 new connections from one socket, round robin over 3 upstreams: %s got %d", u.Dial, picks[u])
+		}
+	}
+
+	// Two connections in their handshakes at once: the Initial and
+	// Handshake packets of each, to IDs the balancer has not seen, go to
+	// its server.
+	a, c := []byte{0x5c, 0xa0, 0, 0}, []byte{0x5c, 0xc0, 0, 0}
+	ua := r.route(fl, initial(400, a))
+	uc := r.route(fl, initial(401, c))
+	if ua == uc {
+		t.Fatalf("round robin sent two new connections to %s", ua.Dial)
+	}
+	for i, conn := range []struct {
+		scid []byte
+		u    *Upstream
+	}{{a, ua}, {c, uc}, {a, ua}} {
+		for _, typ := range []byte{0, 2} { // Initial, Handshake
+			dcid := []byte{0xef, byte(i), typ, 3, 4, 5, 6, 7}
+			if got := r.route(fl, longHeader(typ, dcid, conn.scid)); got != conn.u {
+				t.Errorf("connection %x: type %d packet to %x went to %s, want %s", conn.scid, typ, dcid, upstreamName(got), conn.u.Dial)
+			}
+			if got := r.route(fl, shortHeader(dcid)); got != conn.u {
+				t.Errorf("connection %x: short header to %x went to %s, want %s", conn.scid, dcid, upstreamName(got), conn.u.Dial)
+			}
+		}
+	}
+
+	// With the table full, the server's reply teaches nothing: the
+	// connection's next Initial, to the server's CID, follows the flow.
+	fillCIDTable(r.cids, maxConnectionIDs, time.Minute)
+	scid := []byte{0x5c, 0xfc, 0, 0}
+	u := r.route(fl, initial(300, scid))
+	r.observeReply(fl, u, longHeader(0, scid, serverCID(u, 300)))
+	if got := r.route(fl, longHeader(0, serverCID(u, 300), scid)); got != u {
+		t.Errorf("with the table full, the Initial to its server's CID went to %s, want the flow's %s", upstreamName(got), u.Dial)
+	}
+}
+
+// upstreamName is u's dial address, or "none".
+func upstreamName(u *Upstream) string {
+	if u == nil {
+		return "none"
+	}
+	return u.Dial
+}
+
+// initialServer is an upstream that answers each client Initial and
+// Handshake packet as a QUIC server does, with one of the same type to the
+// client's SCID from a connection ID of its own: 8 octets that start with
+// its index.
+type initialServer struct {
+	conn  *net.UDPConn
+	index byte
+}
+
+func startInitialServer(t *testing.T, index byte) *initialServer {
+	t.Helper()
+	conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &initialServer{conn: conn, index: index}
+	done := make(chan struct{})
+	t.Cleanup(func() {
+		_ = conn.Close()
+		<-done
+	})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := conn.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			hdr, err := quicwire.ParseLong(buf[:n])
+			if err != nil || len(hdr.DCID) < 8 {
+				continue
+			}
+			typ, err := hdr.Type()
+			if err != nil || typ != quicwire.PacketTypeInitial && typ != quicwire.PacketTypeHandshake {
+				continue
+			}
+			scid := append([]byte{index}, hdr.DCID[:7]...)
+			_, _ = conn.WriteToUDPAddrPort(longHeader(buf[0]>>4&3, hdr.SCID, scid), from)
+		}
+	}()
+	return s
+}
+
+// exchangeLongHeader sends c a long header of type typ and returns the index of the
+// server that answered.
+func exchangeLongHeader(t *testing.T, c *client, typ byte, dcid, scid []byte) byte {
+	t.Helper()
+	if _, err := c.conn.Write(longHeader(typ, dcid, scid)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.conn.SetReadDeadline(time.Now().Add(2 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	n, err := c.conn.Read(c.buf)
+	if err != nil {
+		t.Fatalf("connection %x: no reply to type %d: %v", scid, typ, err)
+	}
+	hdr, err := quicwire.ParseLong(c.buf[:n])
+	if err != nil || !bytes.Equal(hdr.DCID, scid) || len(hdr.SCID) != 8 {
+		t.Fatalf("connection %x: reply %x", scid, c.buf[:n])
+	}
+	return hdr.SCID[0]
+}
+
+// TestConnectionNewConnectionsOneSocket opens twelve QUIC connections
+// (their Initials, answered by servers that choose 8-octet connection IDs)
+// from one client socket through `per connection` with round robin: each
+// server gets four, as from twelve sockets. Then two connections in their
+// handshakes at once send Handshake packets to connection IDs the balancer
+// has not seen: each reaches its own server.
+func TestConnectionNewConnectionsOneSocket(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		var list []any
+		for i := range 3 {
+			s := startInitialServer(t, byte(i))
+			list = append(list, map[string]any{"dial": "udp/" + s.conn.LocalAddr().String()})
+		}
+		lb := startBalancerOn(t, network, false, 30*time.Second, map[string]any{
+			"handler": "stabilize", "upstreams": list, "per": PerConnection,
+			"load_balancing": map[string]any{"selection": map[string]any{"policy": "round_robin"}},
+		})
+		c := newClient(t, lb.addr)
+		got := map[byte]int{}
+		for i := range 12 {
+			got[exchangeLongHeader(t, c, 0, []byte{0xd0, byte(i), 1, 2, 3, 4, 5, 6}, []byte{0x5c, byte(i), 0, 0})]++
+		}
+		for i := range byte(3) {
+			if got[i] != 4 {
+				t.Errorf("12 new connections from one socket, round robin over 3 servers: server %d got %d (%v)", i, got[i], got)
+			}
+		}
+
+		a, b := []byte{0x5c, 0xa0, 0, 0}, []byte{0x5c, 0xb0, 0, 0}
+		sa := exchangeLongHeader(t, c, 0, []byte{0xd0, 0xa0, 1, 2, 3, 4, 5, 6}, a)
+		sb := exchangeLongHeader(t, c, 0, []byte{0xd0, 0xb0, 1, 2, 3, 4, 5, 6}, b)
+		for i, conn := range []struct {
+			scid   []byte
+			server byte
+		}{{a, sa}, {b, sb}, {a, sa}} {
+			if got := exchangeLongHeader(t, c, 2, []byte{0xee, byte(i), 2, 3, 4, 5, 6, 7}, conn.scid); got != conn.server {
+				t.Errorf("connection %x: a Handshake packet to a new ID reached server %d, not its server %d", conn.scid, got, conn.server)
+			}
+		}
+	})
 }
