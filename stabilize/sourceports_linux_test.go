@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"sync"
 	"testing"
 	"time"
 
@@ -266,4 +267,46 @@ func flowOf(t *testing.T, h *Handler, cl *client) *Flow {
 	}
 	t.Fatalf("no flow of client %v", addr)
 	return nil
+}
+
+// TestParallelFlowsOwnPorts opens flows from many goroutines at once, per
+// flow over two upstreams: ports are reserved under the table's lock but
+// bound and connected outside it, and still no two flows share a source
+// port towards one upstream: every flow gets its own replies, and each
+// upstream sees one source per flow.
+func TestParallelFlowsOwnPorts(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		const goroutines, each = 32, 8
+		u0, u1 := startUpstream(t, "u0"), startUpstream(t, "u1")
+		lb := startBalancerOn(t, network, false, 30*time.Second, handlerConfig(PerFlow, "round_robin", u0, u1))
+		clients := make([]*client, goroutines*each)
+		for i := range clients {
+			clients[i] = newClient(t, lb.addr)
+		}
+		var wg sync.WaitGroup
+		errs := make(chan error, len(clients))
+		for g := range goroutines {
+			wg.Go(func() {
+				for i := g * each; i < (g+1)*each; i++ {
+					if _, _, err := clients[i].roundTrip(fmt.Append(nil, "flow-", i), 2*time.Second); err != nil {
+						errs <- fmt.Errorf("flow %d: %w", i, err)
+					}
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+		sources := 0
+		for _, u := range []*testUpstream{u0, u1} {
+			u.mu.Lock()
+			sources += len(u.sources)
+			u.mu.Unlock()
+		}
+		if sources != len(clients) {
+			t.Errorf("the upstreams saw %d sources, want one per flow: %d", sources, len(clients))
+		}
+	})
 }
