@@ -176,12 +176,13 @@ func (fl *Flow) connect(u *Upstream) error {
 		}
 		return nil
 	}
-	lo, hi := portRange()
-	size := int(hi-lo) + 1
-	for range size {
-		p, ok := reserveNextPort(k, lo, hi)
-		if !ok {
-			break
+	for tries := 1; ; tries++ {
+		p, lo, hi, ok := reserveNextPort(k)
+		if !ok || tries > int(hi-lo)+1 {
+			if ok {
+				unreservePort(k, p)
+			}
+			return fmt.Errorf("no free source port from %s to %s in %d-%d", src, u.addr, lo, hi)
 		}
 		local := netip.AddrPortFrom(src, p)
 		replacing := c.bound
@@ -213,7 +214,6 @@ func (fl *Flow) connect(u *Upstream) error {
 		}
 		return nil
 	}
-	return fmt.Errorf("no free source port from %s to %s in %d-%d", src, u.addr, lo, hi)
 }
 
 // connected records that fl's socket now holds the 4-tuple of k and port p,
@@ -243,16 +243,6 @@ func (fl *Flow) watch() error {
 	return nil
 }
 
-// portRange is the range of source ports, read from the system once.
-func portRange() (lo, hi uint16) {
-	sourcePorts.Lock()
-	defer sourcePorts.Unlock()
-	if sourcePorts.lo == 0 {
-		sourcePorts.lo, sourcePorts.hi = udpio.LocalPortRange()
-	}
-	return sourcePorts.lo, sourcePorts.hi
-}
-
 // reservePort takes port p towards k's upstream if it is free there.
 func reservePort(k portKey, p uint16) bool {
 	sourcePorts.Lock()
@@ -264,13 +254,18 @@ func reservePort(k portKey, p uint16) bool {
 	return true
 }
 
-// reserveNextPort takes the next free port of lo-hi towards k's upstream,
-// from where the previous search for k ended; false if none is free.
-func reserveNextPort(k portKey, lo, hi uint16) (uint16, bool) {
+// reserveNextPort takes the next free source port towards k's upstream,
+// from where the previous search for k ended, and returns it and the range
+// of source ports, read from the system once; false if none is free.
+func reserveNextPort(k portKey) (p, lo, hi uint16, ok bool) {
 	sourcePorts.Lock()
 	defer sourcePorts.Unlock()
+	if sourcePorts.lo == 0 {
+		sourcePorts.lo, sourcePorts.hi = udpio.LocalPortRange()
+	}
+	lo, hi = sourcePorts.lo, sourcePorts.hi
 	s := sourcePorts.sets[k]
-	p := lo
+	p = lo
 	if s != nil {
 		p = s.next
 	}
@@ -281,11 +276,11 @@ func reserveNextPort(k portKey, lo, hi uint16) (uint16, bool) {
 		if s == nil || !s.has(p) {
 			takePort(k, p)
 			sourcePorts.sets[k].next = p + 1
-			return p, true
+			return p, lo, hi, true
 		}
 		p++
 	}
-	return 0, false
+	return 0, lo, hi, false
 }
 
 // unreservePort undoes a reservation whose system call failed.
