@@ -176,8 +176,9 @@ func (fl *Flow) connect(u *Upstream) error {
 		}
 		return nil
 	}
+	var from uint16 // where the search starts: 0, where the last one for k ended
 	for tries := 1; ; tries++ {
-		p, lo, hi, ok := reserveNextPort(k)
+		p, lo, hi, ok := reserveNextPort(k, from)
 		if !ok || tries > int(hi-lo)+1 {
 			if ok {
 				unreservePort(k, p)
@@ -196,7 +197,8 @@ func (fl *Flow) connect(u *Upstream) error {
 			unreservePort(k, p)
 		}
 		if udpio.IsAddrInUse(err) {
-			continue // held by a socket that does not share it
+			from = p + 1 // held by a socket that does not share it
+			continue
 		}
 		c.bound = true // even a failed connect may have bound the socket
 		if err != nil {
@@ -255,9 +257,10 @@ func reservePort(k portKey, p uint16) bool {
 }
 
 // reserveNextPort takes the next free source port towards k's upstream,
-// from where the previous search for k ended, and returns it and the range
-// of source ports, read from the system once; false if none is free.
-func reserveNextPort(k portKey) (p, lo, hi uint16, ok bool) {
+// from port from, or if it is 0 from where the previous search for k ended,
+// and returns it and the range of source ports, read from the system once;
+// false if none is free.
+func reserveNextPort(k portKey, from uint16) (p, lo, hi uint16, ok bool) {
 	sourcePorts.Lock()
 	defer sourcePorts.Unlock()
 	if sourcePorts.lo == 0 {
@@ -265,9 +268,13 @@ func reserveNextPort(k portKey) (p, lo, hi uint16, ok bool) {
 	}
 	lo, hi = sourcePorts.lo, sourcePorts.hi
 	s := sourcePorts.sets[k]
-	p = lo
-	if s != nil {
+	switch {
+	case from != 0:
+		p = from
+	case s != nil:
 		p = s.next
+	default:
+		p = lo
 	}
 	for range int(hi-lo) + 1 {
 		if p < lo || p > hi {

@@ -310,3 +310,43 @@ func TestParallelFlowsOwnPorts(t *testing.T) {
 		}
 	})
 }
+
+// TestPortHeldElsewhere holds the first source port with a socket that does
+// not share it (no SO_REUSEADDR): per flow, the flows' sockets skip it and
+// take the next ports, and every flow gets its replies. In a network
+// namespace with twenty ephemeral ports.
+func TestPortHeldElsewhere(t *testing.T) {
+	const lo, hi = 40000, 40019
+	if !inNetns(t, lo, hi) {
+		return
+	}
+	forNetworks(t, func(t *testing.T, network string) {
+		held, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: lo})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer held.Close()
+		u := startUpstreamAt(t, "u", "127.0.0.1:30000") // outside the ephemeral ports
+		lb := startBalancerOn(t, network, false, 30*time.Second, handlerConfig(PerFlow, "", u))
+		raddr := net.UDPAddrFromAddrPort(netip.MustParseAddrPort(lb.addr))
+		for i := range 3 {
+			// From ports outside the ephemeral ones, which the flows need.
+			conn, err := net.DialUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 20000 + i}, raddr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			cl := &client{t: t, conn: conn, buf: make([]byte, 2048)}
+			if _, _, err := cl.roundTrip(fmt.Append(nil, "flow-", i), 2*time.Second); err != nil {
+				t.Fatalf("flow %d: %v", i, err)
+			}
+		}
+		u.mu.Lock()
+		defer u.mu.Unlock()
+		for src := range u.sources {
+			if p := src.Port(); p <= lo || p > hi {
+				t.Errorf("a flow from port %d, want one of %d-%d", p, lo+1, hi)
+			}
+		}
+	})
+}
