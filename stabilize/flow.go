@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/mholt/caddy-l4/layer4"
@@ -92,6 +93,11 @@ func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow,
 		h.logger.Warn("replies go through caddy-l4's blocking cx.Write: the listener's socket is out of reach",
 			zap.Stringer("listener", cx.LocalAddr()))
 	}
+	li, err := h.listenerInfo(front, out, cx.LocalAddr())
+	if err != nil {
+		_ = conn.Close()
+		return nil, err
+	}
 	fl := &Flow{
 		h:        h,
 		client:   client,
@@ -107,9 +113,9 @@ func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow,
 	if front != nil {
 		fl.fast = front.Socket()
 	}
-	fl.idleTimeout.Store(int64(h.listenerIdleTimeout(listenerNetwork(front), cx.LocalAddr())))
+	fl.idleTimeout.Store(int64(li.idle))
 	fl.header = h.proxyHeader(fl)
-	if err := fl.startReplies(); err != nil {
+	if err := fl.startReplies(li); err != nil {
 		fl.stopReplies()
 		return nil, err
 	}
@@ -127,6 +133,47 @@ func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow,
 		fl.fast.Register(client, fl)
 	}
 	return fl, nil
+}
+
+// listenerInfo is what the flows of a handler on one listener share, found
+// for the first and kept for the others.
+type listenerInfo struct {
+	idle      time.Duration   // the listener's idle timeout in h's config
+	outRC     syscall.RawConn // of the listener's socket, if known
+	outFamily int             // of the listener's socket, if known
+}
+
+type listenerKey struct {
+	network string
+	addr    netip.AddrPort
+	out     *net.UDPConn
+}
+
+// listenerInfo returns what h's flows on a listener share: front and out
+// are the listener's (listenerOf) and local its address.
+func (h *Handler) listenerInfo(front *fastudp.Front, out *net.UDPConn, local net.Addr) (*listenerInfo, error) {
+	k := listenerKey{listenerNetwork(front), addrPort(local), out}
+	h.mu.Lock()
+	li := h.listeners[k]
+	h.mu.Unlock()
+	if li != nil {
+		return li, nil
+	}
+	li = &listenerInfo{idle: h.listenerIdleTimeout(k.network, local)}
+	if out != nil {
+		rc, err := out.SyscallConn()
+		if err != nil {
+			return nil, err
+		}
+		li.outRC, li.outFamily = rc, udpio.Family(rc)
+	}
+	h.mu.Lock()
+	if h.listeners == nil {
+		h.listeners = make(map[listenerKey]*listenerInfo)
+	}
+	h.listeners[k] = li
+	h.mu.Unlock()
+	return li, nil
 }
 
 // proxyHeader is the PROXY protocol header h sends before each of fl's

@@ -29,7 +29,7 @@ func listenerOf(cx *layer4.Connection) (*fastudp.Front, *net.UDPConn) {
 	if v.Kind() != reflect.Struct {
 		return nil, nil
 	}
-	f := v.FieldByName("PacketConn")
+	f := packetConnField.of(v)
 	if !f.IsValid() || !f.CanInterface() {
 		return nil, nil
 	}
@@ -123,7 +123,7 @@ func closeNotices(cx *layer4.Connection) <-chan string {
 	if v.Kind() != reflect.Pointer || v.Elem().Kind() != reflect.Struct {
 		return nil
 	}
-	f := v.Elem().FieldByName("closeCh")
+	f := closeChField.of(v.Elem())
 	if !f.IsValid() || f.Type() != reflect.TypeFor[chan string]() {
 		return nil
 	}

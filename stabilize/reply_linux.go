@@ -137,18 +137,14 @@ func newReplyReactor() (*replyReactor, error) {
 	return r, nil
 }
 
-// startReplies registers fl's socket with a reactor.
-func (fl *Flow) startReplies() error {
+// startReplies registers fl's socket with a reactor, which sends the
+// replies out of li's listener socket.
+func (fl *Flow) startReplies(li *listenerInfo) error {
 	r, err := reactorFor()
 	if err != nil {
 		return err
 	}
-	if fl.out != nil {
-		if fl.outRC, err = fl.out.SyscallConn(); err != nil {
-			return err
-		}
-		fl.outFamily = udpio.Family(fl.outRC)
-	}
+	fl.outRC, fl.outFamily = li.outRC, li.outFamily
 	fd := fl.conn.FD()
 	fl.reactor, fl.fd = r, fd
 	r.mu.Lock()

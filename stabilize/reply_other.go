@@ -19,7 +19,7 @@ type replyState struct {
 
 // startReplies starts a goroutine that relays fl's replies. A datagram
 // longer than the buffer is reported truncated.
-func (fl *Flow) startReplies() error {
+func (fl *Flow) startReplies(*listenerInfo) error {
 	fl.done.Add(1)
 	go func() {
 		defer fl.done.Done()

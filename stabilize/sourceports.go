@@ -49,7 +49,7 @@ type portSet struct {
 
 func (s *portSet) has(p uint16) bool { return s.used[p/64]&(1<<(p%64)) != 0 }
 
-// take marks p used. sourcePorts is locked.
+// takePort marks p used. sourcePorts is locked.
 func takePort(k portKey, p uint16) {
 	s := sourcePorts.sets[k]
 	if s == nil {
@@ -75,11 +75,12 @@ func releasePort(k portKey, p uint16) {
 // connection is the state of a `per flow` flow's connected socket. fl.mu
 // is held.
 type connection struct {
-	peer     netip.AddrPort // its upstream; invalid before the first
-	connects bool           // the socket is connected to the flow's upstream
-	bound    bool           // the socket has been bound
-	port     uint16         // its source port
-	src      netip.Addr     // its source address
+	peer      netip.AddrPort // its upstream; invalid before the first
+	unwatched bool           // a new socket the reply reactor does not watch yet
+	connects  bool           // the socket is connected to the flow's upstream
+	bound     bool           // the socket has been bound
+	port      uint16         // its source port
+	src       netip.Addr     // its source address
 }
 
 // connects says whether h's flows connect their sockets to their upstream:
@@ -119,7 +120,7 @@ func (h *Handler) family() int {
 // cannot go is dropped and counted. fl.mu is held.
 func (fl *Flow) connectTo(u *Upstream, sb *sendBatch) bool {
 	c := &fl.connection
-	if !c.connects || c.peer == u.addr {
+	if !c.connects || c.peer == u.addr && !c.unwatched {
 		return true
 	}
 	if sb != nil {
@@ -147,86 +148,153 @@ func (fl *Flow) sendAddr(u *Upstream) netip.AddrPort {
 
 // connect binds and connects fl's socket, or puts a new one in its place,
 // so that it sends to u from a source port no other flow uses towards u.
+// The port is reserved in sourcePorts before the system calls, which run
+// without the lock, so that flows are set up in parallel; a reservation
+// whose call fails is undone. fl.mu is held.
 func (fl *Flow) connect(u *Upstream) error {
 	if fl.closed.Load() {
 		return net.ErrClosed
 	}
 	c := &fl.connection
+	if c.unwatched && c.peer == u.addr {
+		return fl.watch() // connected, but not watched for replies yet
+	}
 	src, err := fl.h.sourceFor(c, u.addr)
 	if err != nil {
 		return err
 	}
-	sourcePorts.Lock()
-	defer sourcePorts.Unlock()
-	if sourcePorts.lo == 0 {
-		sourcePorts.lo, sourcePorts.hi = udpio.LocalPortRange()
-	}
 	k := portKey{src, u.addr}
-	if c.peer.IsValid() && c.src == src {
-		// Moving to another upstream: keep the port if it is free there.
-		if s := sourcePorts.sets[k]; s == nil || !s.has(c.port) {
-			if err := udpio.Reconnect(fl.conn, u.addr); err != nil {
-				return fmt.Errorf("reconnecting to %s: %w", u.addr, err)
+	if c.peer.IsValid() && c.src == src && reservePort(k, c.port) {
+		// Moving to another upstream, where the port is free: keep it.
+		if err := udpio.Reconnect(fl.conn, u.addr); err != nil {
+			unreservePort(k, c.port)
+			return fmt.Errorf("reconnecting to %s: %w", u.addr, err)
+		}
+		fl.connected(k, c.port)
+		if c.unwatched {
+			return fl.watch()
+		}
+		return nil
+	}
+	var from uint16 // where the search starts: 0, where the last one for k ended
+	for tries := 1; ; tries++ {
+		p, lo, hi, ok := reserveNextPort(k, from)
+		if !ok || tries > int(hi-lo)+1 {
+			if ok {
+				unreservePort(k, p)
 			}
-			takePort(k, c.port)
-			releasePort(portKey{c.src, c.peer}, c.port)
-			c.peer = u.addr
-			return nil
-		}
-	}
-	lo, hi := sourcePorts.lo, sourcePorts.hi
-	size := int(hi-lo) + 1
-	s := sourcePorts.sets[k]
-	p := lo
-	if s != nil {
-		p = s.next
-	}
-	for range size {
-		if p < lo || p > hi {
-			p = lo
-		}
-		if s != nil && s.has(p) {
-			p++
-			continue
+			return fmt.Errorf("no free source port from %s to %s in %d-%d", src, u.addr, lo, hi)
 		}
 		local := netip.AddrPortFrom(src, p)
 		replacing := c.bound
 		if replacing {
-			err = udpio.Replace(fl.conn, local, u.addr)
+			// A new socket, set up like the one it replaces.
+			err = fl.replace(local, u.addr)
 		} else {
 			err = udpio.Connect(fl.conn, local, u.addr)
 		}
+		if err != nil {
+			unreservePort(k, p)
+		}
 		if udpio.IsAddrInUse(err) {
-			p++ // held by a socket that does not share it
+			from = p + 1 // held by a socket that does not share it
 			continue
 		}
 		c.bound = true // even a failed connect may have bound the socket
 		if err != nil {
 			if udpio.IsAddrNotAvail(err) {
+				sourcePorts.Lock()
 				delete(sourcePorts.sources, u.addr) // renumbered: look it up again
+				sourcePorts.Unlock()
 			}
 			return fmt.Errorf("connecting from %s to %s: %w", local, u.addr, err)
 		}
-		// The table first: the socket holds this 4-tuple from now on.
-		takePort(k, p)
-		sourcePorts.sets[k].next = p + 1
-		if c.peer.IsValid() {
-			releasePort(portKey{c.src, c.peer}, c.port)
-		}
-		c.src, c.port, c.peer = src, p, u.addr
-		if replacing {
-			// A new socket behind the descriptor: set it up like the one it
-			// replaced, and register it with the reply reactor again.
-			if err := fl.h.prepareSocket(fl.conn); err != nil {
-				return err
-			}
-			if err := fl.rearm(); err != nil {
-				return err
-			}
+		fl.connected(k, p)
+		if replacing || c.unwatched {
+			// Closing the replaced socket took it off the reply reactor.
+			return fl.watch()
 		}
 		return nil
 	}
-	return fmt.Errorf("no free source port from %s to %s in %d-%d", src, u.addr, lo, hi)
+}
+
+// connected records that fl's socket now holds the 4-tuple of k and port p,
+// which connect reserved, and frees the one it held. fl.mu is held.
+func (fl *Flow) connected(k portKey, p uint16) {
+	c := &fl.connection
+	if c.peer.IsValid() {
+		sourcePorts.Lock()
+		releasePort(portKey{c.src, c.peer}, c.port)
+		sourcePorts.Unlock()
+	}
+	c.src, c.port, c.peer = k.src, p, k.peer
+}
+
+// watch registers fl's socket with its reply reactor again, after a new
+// socket took its descriptor. Until that succeeds the flow is not
+// connected for forwarding (connectTo): its datagrams are dropped, counted,
+// and the next one tries again, as replies to a socket the reactor does not
+// watch would never be read. fl.mu is held.
+func (fl *Flow) watch() error {
+	c := &fl.connection
+	if err := fl.rearm(); err != nil {
+		c.unwatched = true
+		return fmt.Errorf("watching the new socket for replies: %w", err)
+	}
+	c.unwatched = false
+	return nil
+}
+
+// reservePort takes port p towards k's upstream if it is free there.
+func reservePort(k portKey, p uint16) bool {
+	sourcePorts.Lock()
+	defer sourcePorts.Unlock()
+	if s := sourcePorts.sets[k]; s != nil && s.has(p) {
+		return false
+	}
+	takePort(k, p)
+	return true
+}
+
+// reserveNextPort takes the next free source port towards k's upstream,
+// from port from, or if it is 0 from where the previous search for k ended,
+// and returns it and the range of source ports, read from the system once;
+// false if none is free.
+func reserveNextPort(k portKey, from uint16) (p, lo, hi uint16, ok bool) {
+	sourcePorts.Lock()
+	defer sourcePorts.Unlock()
+	if sourcePorts.lo == 0 {
+		sourcePorts.lo, sourcePorts.hi = udpio.LocalPortRange()
+	}
+	lo, hi = sourcePorts.lo, sourcePorts.hi
+	s := sourcePorts.sets[k]
+	switch {
+	case from != 0:
+		p = from
+	case s != nil:
+		p = s.next
+	default:
+		p = lo
+	}
+	for range int(hi-lo) + 1 {
+		if p < lo || p > hi {
+			p = lo
+		}
+		if s == nil || !s.has(p) {
+			takePort(k, p)
+			sourcePorts.sets[k].next = p + 1
+			return p, lo, hi, true
+		}
+		p++
+	}
+	return 0, lo, hi, false
+}
+
+// unreservePort undoes a reservation whose system call failed.
+func unreservePort(k portKey, p uint16) {
+	sourcePorts.Lock()
+	releasePort(k, p)
+	sourcePorts.Unlock()
 }
 
 // sourceFor picks the source address of a connection to peer: the

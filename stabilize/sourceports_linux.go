@@ -25,6 +25,12 @@ func (h *Handler) newBound(local netip.Addr) (upstreamConn, error) {
 	return udpio.NewBound(family, local)
 }
 
+// replace puts a new socket, bound to local, connected to peer and set up
+// for h, in place of fl's.
+func (fl *Flow) replace(local, peer netip.AddrPort) error {
+	return udpio.Replace(fl.conn, local, peer, func(s *udpio.Socket) error { return fl.h.prepareSocket(s) })
+}
+
 // rearm watches the flow's socket again after udpio.Replace put a new one
 // behind its descriptor: closing the old one took it off the reactor.
 func (fl *Flow) rearm() error {

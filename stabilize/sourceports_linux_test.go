@@ -6,8 +6,11 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // netnsEnv marks a test process run in a network namespace of its own.
@@ -145,4 +148,205 @@ func btoi(b bool) int {
 		return 1
 	}
 	return 0
+}
+
+// TestReplacedSocketWatched moves a flow to an upstream towards which
+// another flow holds its source port, so the flow gets a new socket, while
+// the reply reactor cannot watch it: the reactor's epoll descriptor stands
+// for another file for a while. The flow's datagrams are dropped and
+// counted until the reactor watches the new socket, then its replies
+// arrive; a flow that forwarded on a socket the reactor did not watch
+// would never see a reply. Per flow only: it alone connects its sockets.
+// In a child process, as it swaps a reactor's descriptor.
+func TestReplacedSocketWatched(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		if !inChild(t) {
+			return
+		}
+		u0, u1 := startUpstream(t, "u0"), startUpstream(t, "u1")
+		handler := handlerConfig(PerFlow, "round_robin", u0, u1)
+		handler["health_checks"] = map[string]any{"active": map[string]any{
+			"send": "PING", "expect_prefix": "u", "interval": "100ms", "fails": 1}}
+		tr := trackHandlers(t)
+		lb := startBalancerOn(t, network, false, 30*time.Second, handler)
+		h := tr.latest()
+
+		// A flow on u0 whose source port a flow on u1 holds.
+		clients := make([]*client, 6)
+		names := make([]string, len(clients))
+		for i := range clients {
+			clients[i] = newClient(t, lb.addr)
+			names[i] = clients[i].mustRoundTrip(fmt.Sprint("open-", i))
+		}
+		var moving *client
+		var fl *Flow
+		for i, cl := range clients {
+			if names[i] != "u0" {
+				continue
+			}
+			f := flowOf(t, h, cl)
+			f.mu.Lock()
+			c := f.connection
+			f.mu.Unlock()
+			sourcePorts.Lock()
+			s := sourcePorts.sets[portKey{c.src, u1.addr}]
+			taken := s != nil && s.has(c.port)
+			sourcePorts.Unlock()
+			if taken {
+				moving, fl = cl, f
+				break
+			}
+		}
+		if fl == nil {
+			t.Fatal("no flow on u0 whose source port is taken towards u1")
+		}
+
+		// The reactor's descriptor stands for another file: adding a
+		// socket to it fails.
+		epfd := fl.reactor.epfd
+		saved, err := unix.Dup(epfd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		other, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Dup3(other, epfd, unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+		_ = unix.Close(other)
+		restored := false
+		restore := func() {
+			if !restored {
+				restored = true
+				if err := unix.Dup3(saved, epfd, unix.O_CLOEXEC); err != nil {
+					t.Fatal(err)
+				}
+				_ = unix.Close(saved)
+			}
+		}
+		defer restore()
+
+		u0.silent.Store(true)
+		up0 := h.byAddr[u0.addr]
+		eventually(t, 2*time.Second, "u0 to be marked down", func() bool { return !up0.healthy() })
+		before := h.drops[dropSocketUnavailable].Load()
+		for i := range 3 {
+			if _, _, err := moving.roundTrip(fmt.Append(nil, "unwatched-", i), 200*time.Millisecond); err == nil {
+				t.Fatalf("datagram %d: a reply, though the reactor cannot watch the flow's new socket", i)
+			}
+		}
+		if n := h.drops[dropSocketUnavailable].Load() - before; n != 3 {
+			t.Errorf("%d datagrams counted as socket_unavailable, want 3", n)
+		}
+		if got := u1.gotPayload("unwatched-1") + u1.gotPayload("unwatched-2"); got != 0 {
+			t.Errorf("u1 got %d datagrams sent on a socket whose replies nobody reads", got)
+		}
+
+		restore()
+		for i := range 3 {
+			name, _, err := moving.roundTrip(fmt.Append(nil, "watched-", i), 2*time.Second)
+			if err != nil || name != "u1" {
+				t.Fatalf("datagram %d after the reactor can watch again: reply from %q, %v; want one from u1", i, name, err)
+			}
+		}
+	})
+}
+
+// flowOf returns h's flow of the client.
+func flowOf(t *testing.T, h *Handler, cl *client) *Flow {
+	t.Helper()
+	addr := cl.conn.LocalAddr().(*net.UDPAddr).AddrPort()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for fl := range h.flows {
+		if fl.client == addr {
+			return fl
+		}
+	}
+	t.Fatalf("no flow of client %v", addr)
+	return nil
+}
+
+// TestParallelFlowsOwnPorts opens flows from many goroutines at once, per
+// flow over two upstreams: ports are reserved under the table's lock but
+// bound and connected outside it, and still no two flows share a source
+// port towards one upstream: every flow gets its own replies, and each
+// upstream sees one source per flow.
+func TestParallelFlowsOwnPorts(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		const goroutines, each = 32, 8
+		u0, u1 := startUpstream(t, "u0"), startUpstream(t, "u1")
+		lb := startBalancerOn(t, network, false, 30*time.Second, handlerConfig(PerFlow, "round_robin", u0, u1))
+		clients := make([]*client, goroutines*each)
+		for i := range clients {
+			clients[i] = newClient(t, lb.addr)
+		}
+		var wg sync.WaitGroup
+		errs := make(chan error, len(clients))
+		for g := range goroutines {
+			wg.Go(func() {
+				for i := g * each; i < (g+1)*each; i++ {
+					if _, _, err := clients[i].roundTrip(fmt.Append(nil, "flow-", i), 2*time.Second); err != nil {
+						errs <- fmt.Errorf("flow %d: %w", i, err)
+					}
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+		sources := 0
+		for _, u := range []*testUpstream{u0, u1} {
+			u.mu.Lock()
+			sources += len(u.sources)
+			u.mu.Unlock()
+		}
+		if sources != len(clients) {
+			t.Errorf("the upstreams saw %d sources, want one per flow: %d", sources, len(clients))
+		}
+	})
+}
+
+// TestPortHeldElsewhere holds the first source port with a socket that does
+// not share it (no SO_REUSEADDR): per flow, the flows' sockets skip it and
+// take the next ports, and every flow gets its replies. In a network
+// namespace with twenty ephemeral ports.
+func TestPortHeldElsewhere(t *testing.T) {
+	const lo, hi = 40000, 40019
+	if !inNetns(t, lo, hi) {
+		return
+	}
+	forNetworks(t, func(t *testing.T, network string) {
+		held, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: lo})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer held.Close()
+		u := startUpstreamAt(t, "u", "127.0.0.1:30000") // outside the ephemeral ports
+		lb := startBalancerOn(t, network, false, 30*time.Second, handlerConfig(PerFlow, "", u))
+		raddr := net.UDPAddrFromAddrPort(netip.MustParseAddrPort(lb.addr))
+		for i := range 3 {
+			// From ports outside the ephemeral ones, which the flows need.
+			conn, err := net.DialUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 20000 + i}, raddr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			cl := &client{t: t, conn: conn, buf: make([]byte, 2048)}
+			if _, _, err := cl.roundTrip(fmt.Append(nil, "flow-", i), 2*time.Second); err != nil {
+				t.Fatalf("flow %d: %v", i, err)
+			}
+		}
+		u.mu.Lock()
+		defer u.mu.Unlock()
+		for src := range u.sources {
+			if p := src.Port(); p <= lo || p > hi {
+				t.Errorf("a flow from port %d, want one of %d-%d", p, lo+1, hi)
+			}
+		}
+	})
 }

@@ -24,5 +24,10 @@ func (h *Handler) newBound(local netip.Addr) (upstreamConn, error) {
 	return net.ListenUDP(h.network, laddr)
 }
 
+// replace is Linux-only (udpio.Connected).
+func (fl *Flow) replace(local, peer netip.AddrPort) error {
+	return udpio.Replace(fl.conn, local, peer, nil)
+}
+
 // rearm is needed only where sockets are replaced: on Linux.
 func (*Flow) rearm() error { return nil }

@@ -128,6 +128,8 @@ type Handler struct {
 	perIP  map[netip.Addr]int // flows by client address, with MaxFlowsPerIP
 	// refused flows being read; Cleanup ends them, see refuse
 	refusing map[*layer4.Connection]struct{}
+	// what the flows on each listener share; see flow.go
+	listeners map[listenerKey]*listenerInfo
 
 	quicHeld quicHolds // terminating transports; see quic_transport.go
 }

@@ -3,11 +3,13 @@ package udpio
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"strconv"
 	"strings"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -23,70 +25,84 @@ const Connected = true
 // so the caller must never connect two sockets to one peer from one
 // address and port.
 func NewUnbound(family int) (*Socket, error) {
-	s, err := NewSocket(family)
+	s, err := NewSocket(family) // dual-stack already
 	if err != nil {
 		return nil, err
 	}
-	if err := reusable(s.fd, family); err != nil {
+	if err := reuseAddr(s.fd); err != nil {
 		_ = s.Close()
 		return nil, err
 	}
 	return s, nil
 }
 
-func reusable(fd, family int) error {
-	if family == unix.AF_INET6 {
-		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0); err != nil {
-			return os.NewSyscallError("setsockopt IPV6_V6ONLY", err)
-		}
-	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
-		return os.NewSyscallError("setsockopt SO_REUSEADDR", err)
-	}
-	return nil
+func reuseAddr(fd int) error {
+	return os.NewSyscallError("setsockopt SO_REUSEADDR", unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1))
 }
 
-// Connect binds conn, a socket from NewUnbound, to local and connects it to
+// Connect binds s, a socket from NewUnbound, to local and connects it to
 // peer. A local port another socket holds without SO_REUSEADDR fails with
 // an error that is syscall.EADDRINUSE.
-func Connect(conn syscall.Conn, local, peer netip.AddrPort) error {
-	return control(conn, func(fd int, family int) error {
-		if err := unix.Bind(fd, sockaddr(family, local)); err != nil {
-			return os.NewSyscallError("bind", err)
-		}
-		return connectFD(fd, family, peer)
-	})
+func Connect(s *Socket, local, peer netip.AddrPort) error {
+	if !s.acquire() {
+		return net.ErrClosed
+	}
+	defer s.release()
+	if err := sockaddrCall(unix.SYS_BIND, s.fd, s.family, local); err != nil {
+		return os.NewSyscallError("bind", err)
+	}
+	return os.NewSyscallError("connect", sockaddrCall(unix.SYS_CONNECT, s.fd, s.family, peer))
 }
 
-// Reconnect connects conn, bound and connected, to another peer, from the
+// Reconnect connects s, bound and connected, to another peer, from the
 // same address and port.
-func Reconnect(conn syscall.Conn, peer netip.AddrPort) error {
-	return control(conn, func(fd int, family int) error { return connectFD(fd, family, peer) })
+func Reconnect(s *Socket, peer netip.AddrPort) error {
+	if !s.acquire() {
+		return net.ErrClosed
+	}
+	defer s.release()
+	return os.NewSyscallError("connect", sockaddrCall(unix.SYS_CONNECT, s.fd, s.family, peer))
 }
 
 // Replace puts a new socket, bound to local and connected to peer, in
-// place of conn's, keeping conn's descriptor number: datagrams waiting in
-// the old socket are lost, and an epoll set that watched the old socket
-// must add the descriptor again. Options set on the old socket are not
-// carried over.
-func Replace(conn syscall.Conn, local, peer netip.AddrPort) error {
-	return control(conn, func(old int, family int) error {
-		fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return os.NewSyscallError("socket", err)
-		}
-		defer unix.Close(fd)
-		if err := reusable(fd, family); err != nil {
+// place of s's, keeping s's descriptor number: datagrams waiting in the
+// old socket are lost, and an epoll set that watched the old socket must
+// add the descriptor again. Options set on the old socket are not carried
+// over: setup, if not nil, sets the new socket up before it takes the old
+// one's place, so that s never stands for a socket set up halfway.
+func Replace(s *Socket, local, peer netip.AddrPort, setup func(*Socket) error) error {
+	if !s.acquire() {
+		return net.ErrClosed
+	}
+	defer s.release()
+	n, err := NewUnbound(s.family)
+	if err != nil {
+		return err
+	}
+	defer n.Close()
+	if err := Connect(n, local, peer); err != nil {
+		return err
+	}
+	if setup != nil {
+		if err := setup(n); err != nil {
 			return err
 		}
-		if err := unix.Bind(fd, sockaddr(family, local)); err != nil {
-			return os.NewSyscallError("bind", err)
-		}
-		if err := connectFD(fd, family, peer); err != nil {
-			return err
-		}
-		return os.NewSyscallError("dup3", unix.Dup3(fd, old, unix.O_CLOEXEC))
-	})
+	}
+	return os.NewSyscallError("dup3", unix.Dup3(n.fd, s.fd, unix.O_CLOEXEC))
+}
+
+// sockaddrCall makes the system call trap (bind or connect) on fd with the
+// address ap, for a socket of the family, without allocating.
+func sockaddrCall(trap uintptr, fd, family int, ap netip.AddrPort) error {
+	if family == unix.AF_INET {
+		ap = Unmap(ap)
+	}
+	var sa unix.RawSockaddrInet6
+	n := putSockaddr(&sa, family, ap)
+	if _, _, errno := unix.Syscall(trap, uintptr(fd), uintptr(unsafe.Pointer(&sa)), uintptr(n)); errno != 0 {
+		return errno
+	}
+	return nil
 }
 
 // Source returns the local address the kernel's routing picks for sending
@@ -100,8 +116,8 @@ func Source(family int, peer netip.AddrPort) (netip.Addr, error) {
 	if family == unix.AF_INET6 {
 		_ = unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0)
 	}
-	if err := connectFD(fd, family, peer); err != nil {
-		return netip.Addr{}, err
+	if err := sockaddrCall(unix.SYS_CONNECT, fd, family, peer); err != nil {
+		return netip.Addr{}, os.NewSyscallError("connect", err)
 	}
 	sa, err := unix.Getsockname(fd)
 	if err != nil {
@@ -134,33 +150,6 @@ func LocalPortRange() (lo, hi uint16) {
 		return lo, hi
 	}
 	return uint16(l), uint16(h)
-}
-
-// control runs fn on conn's descriptor and family.
-func control(conn syscall.Conn, fn func(fd, family int) error) error {
-	rc, err := conn.SyscallConn()
-	if err != nil {
-		return err
-	}
-	family := Family(rc)
-	var ferr error
-	if err := rc.Control(func(fd uintptr) { ferr = fn(int(fd), family) }); err != nil {
-		return err
-	}
-	return ferr
-}
-
-func connectFD(fd, family int, peer netip.AddrPort) error {
-	return os.NewSyscallError("connect", unix.Connect(fd, sockaddr(family, peer)))
-}
-
-// sockaddr is ap for a socket of the family; an IPv4 address on an IPv6
-// socket is mapped.
-func sockaddr(family int, ap netip.AddrPort) unix.Sockaddr {
-	if family == unix.AF_INET {
-		return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().Unmap().As4()}
-	}
-	return &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
 }
 
 // IsAddrInUse reports whether err says a local address and port is taken.

@@ -25,7 +25,9 @@ func Connect(syscall.Conn, netip.AddrPort, netip.AddrPort) error { return errUns
 func Reconnect(syscall.Conn, netip.AddrPort) error { return errUnsupported }
 
 // Replace is Linux-only.
-func Replace(syscall.Conn, netip.AddrPort, netip.AddrPort) error { return errUnsupported }
+func Replace(syscall.Conn, netip.AddrPort, netip.AddrPort, func(syscall.Conn) error) error {
+	return errUnsupported
+}
 
 // Source is Linux-only.
 func Source(int, netip.AddrPort) (netip.Addr, error) { return netip.Addr{}, errUnsupported }

@@ -85,7 +85,7 @@ func NewBound(family int, local netip.Addr) (*Socket, error) {
 			local = netip.IPv6Unspecified()
 		}
 	}
-	if err := unix.Bind(s.fd, sockaddr(family, netip.AddrPortFrom(local, 0))); err != nil {
+	if err := sockaddrCall(unix.SYS_BIND, s.fd, family, netip.AddrPortFrom(local, 0)); err != nil {
 		_ = s.Close()
 		return nil, os.NewSyscallError("bind", err)
 	}
