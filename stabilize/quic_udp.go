@@ -21,10 +21,12 @@ import (
 // sent as one datagram, from a socket of its own connected to the
 // upstream, so that the kernel reports ICMP errors to it; the one reply
 // datagram goes back on the stream, then FIN. Each DATAGRAM frame is one
-// datagram each way, through one socket per connection. Every request
-// follows the listener transport's current handler, the newest config's:
-// its upstreams, granularity, health checks, local_addresses and buffer
-// sizes.
+// datagram each way, through one socket per connection and address
+// family. Every request and DATAGRAM frame follows the listener
+// transport's current handler, the newest config's: its upstreams,
+// granularity, health checks, local_addresses and buffer sizes; a
+// DATAGRAM socket that a reload left with another local address or other
+// buffer sizes is replaced.
 
 // udpRelay is a client connection relayed to udp/ upstreams.
 type udpRelay struct {
@@ -45,28 +47,16 @@ type udpRelay struct {
 func (h *Handler) relayUDP(t *quicTransport, c *quic.Conn, client netip.AddrPort) {
 	r := &udpRelay{c: c, t: t, client: client, req: Request{Client: client, quic: c}}
 	defer r.release()
-	cur, first := h, h.Upstreams[0]
 	if _, perFlow := h.router.(perFlowRouter); perFlow {
-		if cur, first = r.pick(); first == nil {
+		if _, first := r.pick(); first == nil {
 			h.QUIC.stats.failed[quicFailNoUpstream].Add(1)
 			_ = c.CloseWithError(QUICErrNoUpstream, "no upstream available")
 			return
 		}
 	}
-	dgram, err := cur.udpSocket(r.local(cur, first.addr), netip.AddrPort{})
-	if err != nil {
-		cur.warnOnce(dropSocketUnavailable, "cannot relay to udp/ upstreams", zap.Error(err))
-		_ = c.CloseWithError(QUICErrNoUpstream, "no socket")
-		return
-	}
 	ctx := c.Context()
 	var wg sync.WaitGroup
-	wg.Go(func() {
-		<-ctx.Done()
-		_ = dgram.Close()
-	})
-	wg.Go(func() { r.datagramsUp(dgram) })
-	wg.Go(func() { r.datagramsDown(dgram) })
+	wg.Go(r.datagramsUp)
 	wg.Go(func() {
 		for {
 			s, err := c.AcceptUniStream(ctx)
@@ -161,10 +151,10 @@ func (r *udpRelay) local(h *Handler, peer netip.AddrPort) netip.Addr {
 	return r.src[i]
 }
 
-// udpSocket opens a socket to udp/ upstreams, from local when it is valid,
-// with read_buffer and write_buffer; connected to peer when it is valid,
-// with ICMP errors reported in full for passive health checks.
-func (h *Handler) udpSocket(local netip.Addr, peer netip.AddrPort) (*net.UDPConn, error) {
+// udpSocket opens a socket of network to udp/ upstreams, from local when
+// it is valid, with read_buffer and write_buffer; connected to peer when it
+// is valid, with ICMP errors reported in full for passive health checks.
+func (h *Handler) udpSocket(network string, local netip.Addr, peer netip.AddrPort) (*net.UDPConn, error) {
 	var laddr *net.UDPAddr
 	if local.IsValid() {
 		laddr = net.UDPAddrFromAddrPort(netip.AddrPortFrom(local, 0))
@@ -173,10 +163,10 @@ func (h *Handler) udpSocket(local netip.Addr, peer netip.AddrPort) (*net.UDPConn
 	var err error
 	prepare := h.sizeSocket
 	if peer.IsValid() {
-		conn, err = net.DialUDP(h.network, laddr, net.UDPAddrFromAddrPort(peer))
+		conn, err = net.DialUDP(network, laddr, net.UDPAddrFromAddrPort(peer))
 		prepare = h.prepareSocket
 	} else {
-		conn, err = net.ListenUDP(h.network, laddr)
+		conn, err = net.ListenUDP(network, laddr)
 	}
 	if err != nil {
 		return nil, err // names the addresses
@@ -216,7 +206,7 @@ func (r *udpRelay) request(s recvSide, reply sendSide) {
 		fail(QUICErrStreamRelay)
 		return
 	}
-	conn, err := h.udpSocket(r.local(h, u.addr), u.addr)
+	conn, err := h.udpSocket(h.network, r.local(h, u.addr), u.addr)
 	if err != nil {
 		h.drop(dropSocketUnavailable)
 		h.warnOnce(dropSocketUnavailable, "cannot open a socket to a udp/ upstream",
@@ -300,21 +290,82 @@ func (h *Handler) awaitReply(conn *net.UDPConn, u *Upstream, reply sendSide) {
 var udpReplyBuffers = sync.Pool{New: func() any { return new([1 << 16]byte) }}
 
 // datagramsUp sends each DATAGRAM frame of the connection as a datagram
-// upstream.
-func (r *udpRelay) datagramsUp(conn *net.UDPConn) {
+// upstream, from the connection's socket of the upstream's family; once the
+// connection ends, it closes the sockets.
+func (r *udpRelay) datagramsUp() {
+	var socks [2]dgramSocket // IPv6, IPv4
+	var down sync.WaitGroup  // the sockets' readers
+	defer down.Wait()
+	defer func() {
+		for _, s := range socks {
+			if s.conn != nil {
+				_ = s.conn.Close()
+			}
+		}
+	}()
 	ctx := r.c.Context()
 	for {
 		b, err := r.c.ReceiveDatagram(ctx)
 		if err != nil {
 			return
 		}
-		if _, u := r.pick(); u != nil {
-			if _, err := conn.WriteToUDPAddrPort(b, u.addr); err == nil {
-				u.host.datagramsSent.Add(1)
-				u.host.bytesSent.Add(uint64(len(b)))
+		h, u := r.pick()
+		if u == nil {
+			if h != nil {
+				h.drop(dropNoUpstream)
 			}
+			continue
 		}
+		conn := r.datagramSocket(&socks, &down, h, u)
+		if conn == nil {
+			continue
+		}
+		if _, err := conn.WriteToUDPAddrPort(b, u.addr); err != nil {
+			h.drop(dropWriteError)
+			continue
+		}
+		u.host.datagramsSent.Add(1)
+		u.host.bytesSent.Add(uint64(len(b)))
 	}
+}
+
+// dgramSocket is a connection's DATAGRAM socket of one address family,
+// with the settings it was opened with.
+type dgramSocket struct {
+	conn       *net.UDPConn
+	local      netip.Addr // none: the kernel's choice
+	rbuf, wbuf int        // read_buffer, write_buffer
+}
+
+// datagramSocket returns the socket of socks for DATAGRAM frames to u,
+// h's upstream: opened through h on first use, and opened anew when h
+// wants another local address or other buffer sizes than the one open,
+// whose replies in flight are then lost. Each socket's replies are read by
+// datagramsDown, counted in down; nil when no socket can be opened.
+func (r *udpRelay) datagramSocket(socks *[2]dgramSocket, down *sync.WaitGroup, h *Handler, u *Upstream) *net.UDPConn {
+	s, network := &socks[0], "udp6"
+	if u.addr.Addr().Unmap().Is4() {
+		s, network = &socks[1], "udp4"
+	}
+	want := dgramSocket{local: r.local(h, u.addr), rbuf: h.ReadBuffer, wbuf: h.WriteBuffer}
+	if s.conn != nil {
+		if s.local == want.local && s.rbuf == want.rbuf && s.wbuf == want.wbuf {
+			return s.conn
+		}
+		_ = s.conn.Close()
+		s.conn = nil
+	}
+	conn, err := h.udpSocket(network, want.local, netip.AddrPort{})
+	if err != nil {
+		h.drop(dropSocketUnavailable)
+		h.warnOnce(dropSocketUnavailable, "cannot open a socket for DATAGRAM frames to udp/ upstreams",
+			zap.String("network", network), zap.Error(err))
+		return nil
+	}
+	want.conn = conn
+	*s = want
+	down.Go(func() { r.datagramsDown(conn) })
+	return conn
 }
 
 // datagramsDown sends each datagram from an upstream of the current

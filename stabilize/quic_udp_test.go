@@ -174,3 +174,45 @@ func TestQUICUDPLocalAddress(t *testing.T) {
 		}
 	})
 }
+
+// TestQUICUDPDatagramReload: DATAGRAM frames follow reloads as requests
+// do: from IPv6-only udp/ upstreams to an IPv4 one, then to
+// local_addresses, an open connection's frames reach the new config's
+// upstream, from its local address, per packet and per flow.
+func TestQUICUDPDatagramReload(t *testing.T) {
+	forPaths(t, quicUDPPers, func(t *testing.T, network, per string) {
+		a4, b6 := startUpstream(t, "a4"), startUpstreamAt(t, "b6", "[::1]:0")
+		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, per, "", nil, b6.dial()))
+		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
+		if reply := datagramExchange(t, c, "before"); reply != "b6|before" {
+			t.Fatalf("a DATAGRAM frame before the reload: reply %q, want b6's", reply)
+		}
+		reload := func(h map[string]any) {
+			t.Helper()
+			if err := caddy.Load(testConfigOn(network, lb.addr, "", 30*time.Second, h), true); err != nil {
+				t.Fatal(err)
+			}
+		}
+		reload(quicHandler(t, per, "", nil, a4.dial()))
+		if name := mustExchange(t, c, []byte("request")); name != "a4" {
+			t.Fatalf("a request after the reload to IPv4 went to %s, want a4", name)
+		}
+		if reply := datagramExchange(t, c, "after"); reply != "a4|after" {
+			t.Fatalf("a DATAGRAM frame after the reload to IPv4: reply %q, want a4's", reply)
+		}
+		h := quicHandler(t, per, "", nil, a4.dial())
+		h["local_addresses"] = []string{"127.0.0.3"}
+		reload(h)
+		if reply := datagramExchange(t, c, "local"); reply != "a4|local" {
+			t.Fatalf("a DATAGRAM frame after the reload to local_addresses: reply %q, want a4's", reply)
+		}
+		a4.mu.Lock()
+		defer a4.mu.Unlock()
+		for src := range a4.sources {
+			if src.Addr().String() == "127.0.0.3" {
+				return
+			}
+		}
+		t.Fatalf("a4's sources %v: none is the new local address 127.0.0.3", a4.sources)
+	})
+}
