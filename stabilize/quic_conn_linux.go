@@ -31,8 +31,10 @@ import (
 //   - receive and send buffers of at least quicSocketBuffer.
 //
 // The read options quic-go also sets (IP_RECVTOS, IP_PKTINFO) change
-// nothing for the listener's readers, which take no control messages. A
-// UDP socket takes these options: only a closed one fails.
+// nothing for caddy-l4's reader, which takes no control messages, and add
+// control messages next to UDP_GRO for fastudp's readers, whose control
+// buffers have room for them and which look for UDP_GRO among them. A UDP
+// socket takes these options: only a closed one fails.
 func quicSocketOptions(rc syscall.RawConn) error {
 	return rc.Control(func(fd uintptr) {
 		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_PROBE)

@@ -145,6 +145,62 @@ func TestBatchGRO(t *testing.T) {
 	}
 }
 
+// With UDP GRO on, bursts split whatever other control messages the
+// socket asked for: quic-go's IP_TOS and IP_PKTINFO, which the kernel
+// writes after UDP_GRO, and a timestamp, which it writes before.
+func TestBatchGROWithOtherCmsgs(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		opts     [][2]int // level, option
+		groFirst bool     // the kernel writes UDP_GRO first
+	}{
+		{"tos+pktinfo", [][2]int{{unix.IPPROTO_IP, unix.IP_RECVTOS}, {unix.IPPROTO_IP, unix.IP_PKTINFO}}, true},
+		{"timestamp+tos+pktinfo", [][2]int{{unix.SOL_SOCKET, unix.SO_TIMESTAMP}, {unix.SOL_SOCKET, unix.SO_RXQ_OVFL},
+			{unix.IPPROTO_IP, unix.IP_RECVTOS}, {unix.IPPROTO_IP, unix.IP_PKTINFO}}, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			p := newGROPair(t, 8, 1500, true)
+			rc, _ := p.rx.SyscallConn()
+			var serr error
+			_ = rc.Control(func(fd uintptr) {
+				for _, o := range c.opts {
+					if err := unix.SetsockoptInt(int(fd), o[0], o[1], 1); err != nil {
+						serr = fmt.Errorf("option %d/%d: %w", o[0], o[1], err)
+					}
+				}
+			})
+			if serr != nil {
+				t.Fatal(serr)
+			}
+			ds := segments("a", 10, 100, 37)
+			p.send(t, ds, 100)
+			for got := 0; got < len(ds); {
+				n, err := p.in.Read()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got == 0 {
+					m := p.in.m
+					cmsgs, err := unix.ParseSocketControlMessage(m.ctrl[:m.hdrs[0].hdr.Controllen])
+					if err != nil || len(cmsgs) < 3 { // UDP_GRO, IP_TOS, IP_PKTINFO, maybe more
+						t.Fatalf("control messages %+v, %v: want UDP_GRO and the options'", cmsgs, err)
+					}
+					if first := cmsgs[0].Header; (first.Level == unix.SOL_UDP && first.Type == unix.UDP_GRO) != c.groFirst {
+						t.Fatalf("the first control message is %d/%d: UDP_GRO first is %v, want %v", first.Level, first.Type, !c.groFirst, c.groFirst)
+					}
+				}
+				for i := range n {
+					_, data, truncated := p.in.Message(i)
+					if truncated || !bytes.Equal(data, ds[got]) {
+						t.Fatalf("datagram %d of %d bytes read as %d bytes (truncated %v)", got, len(ds[got]), len(data), truncated)
+					}
+					got++
+				}
+			}
+		})
+	}
+}
+
 // With UDP GRO on, as without it (TestBatchEverySize), every size passes as
 // sent, or cut to the buffer size and reported truncated past it.
 func TestBatchEverySizeGRO(t *testing.T) {

@@ -60,9 +60,15 @@ const (
 	groStride = groBuffer + 7*64
 )
 
-// groCtrlSpace is CMSG_SPACE(sizeof(int)), room for the UDP_GRO segment
-// size: 24 bytes on 64-bit platforms, 16 on 32-bit ones.
-var groCtrlSpace = unix.CmsgSpace(4)
+// groCtrlSpace is the control buffer of a message with UDP GRO: room for
+// the UDP_GRO segment size and the other control messages a socket may
+// have turned on, such as quic-go's IP_TOS or IPV6_TCLASS and IP_PKTINFO or
+// IPV6_PKTINFO, and a timestamp, which the kernel writes before UDP_GRO:
+// 144 bytes on 64-bit platforms, 108 on 32-bit ones.
+var groCtrlSpace = 2*unix.CmsgSpace(4) + // UDP_GRO, IP_TOS or IPV6_TCLASS
+	unix.CmsgSpace(unix.SizeofInet6Pktinfo) + // IP_PKTINFO or IPV6_PKTINFO
+	unix.CmsgSpace(16) + // SO_TIMESTAMP
+	unix.CmsgSpace(4) // to spare
 
 // newGROMsgs returns size messages for a socket with UDP GRO on, with
 // buffers in mem, one anonymous mapping, whose pages the kernel backs only
@@ -110,18 +116,29 @@ func (m *Msgs) Message(i int) (netip.AddrPort, []byte, bool) {
 }
 
 // segment returns the size of the datagrams that the kernel coalesced into
-// message i (UDP GRO), or 0 when it holds one datagram as sent. The control
-// buffer has room for one message, the UDP_GRO one.
+// message i (UDP GRO), or 0 when it holds one datagram as sent: the data of
+// its UDP_GRO control message, wherever it is among the others.
 func (m *Msgs) segment(i int) int {
-	if m.ctrl == nil || int(m.hdrs[i].hdr.Controllen) < unix.CmsgLen(4) {
+	if m.ctrl == nil {
 		return 0
 	}
-	c := m.ctrl[i*groCtrlSpace:]
-	h := (*unix.Cmsghdr)(unsafe.Pointer(&c[0]))
-	if h.Level != unix.SOL_UDP || h.Type != unix.UDP_GRO || int(h.Len) < unix.CmsgLen(4) {
-		return 0
+	c := m.ctrl[i*groCtrlSpace : i*groCtrlSpace+min(int(m.hdrs[i].hdr.Controllen), groCtrlSpace)]
+	for len(c) >= unix.CmsgLen(0) {
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&c[0]))
+		n := int(h.Len)
+		if n < unix.CmsgLen(0) || n > len(c) {
+			return 0 // malformed or cut short
+		}
+		if h.Level == unix.SOL_UDP && h.Type == unix.UDP_GRO && n >= unix.CmsgLen(4) {
+			return int(*(*int32)(unsafe.Pointer(&c[unix.CmsgLen(0)])))
+		}
+		next := unix.CmsgSpace(n - unix.CmsgLen(0)) // n, aligned
+		if next >= len(c) {
+			return 0
+		}
+		c = c[next:]
 	}
-	return int(*(*int32)(unsafe.Pointer(&c[unix.CmsgLen(0)])))
+	return 0
 }
 
 // SendQueue gathers datagrams for one sendmmsg. It is allocation-free after
