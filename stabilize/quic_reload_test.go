@@ -78,6 +78,7 @@ func TestQUICReloadEndsHandleAtOnce(t *testing.T) {
 		a := startUpstream(t, "a")
 		lb := startBalancerOn(t, network, false, 30*time.Second, quicHandler(t, "", "", nil, a.dial()))
 		defer newClientsFlood(t, lb.addr, 2)() // a Handle starts for each
+		var stacks []byte
 		for i := range 3 {
 			time.Sleep(300 * time.Millisecond)
 			old := tr.latest()
@@ -95,7 +96,7 @@ func TestQUICReloadEndsHandleAtOnce(t *testing.T) {
 				if now.After(deadline) {
 					t.Fatalf("reload %d: %d flows still read by the old handler", i+1, reading())
 				}
-				for _, id := range quicHandlesWaiting(old) {
+				for _, id := range quicHandlesWaiting(old, &stacks) {
 					since, ok := waiting[id]
 					if !ok {
 						waiting[id] = now
@@ -111,13 +112,20 @@ func TestQUICReloadEndsHandleAtOnce(t *testing.T) {
 }
 
 // quicHandlesWaiting returns the goroutine IDs of h's handleQUIC calls that
-// wait in caddy-l4's read for a datagram.
-func quicHandlesWaiting(h *Handler) []string {
-	buf := make([]byte, 64<<20)
-	buf = buf[:runtime.Stack(buf, true)]
+// wait in caddy-l4's read for a datagram. It reads the stacks into *buf,
+// kept from call to call, which starts at 1 MiB and grows only when full.
+func quicHandlesWaiting(h *Handler, buf *[]byte) []string {
+	if *buf == nil {
+		*buf = make([]byte, 1<<20)
+	}
+	n := runtime.Stack(*buf, true)
+	for n == len(*buf) {
+		*buf = make([]byte, 2*len(*buf))
+		n = runtime.Stack(*buf, true)
+	}
 	recv := fmt.Sprintf("handleQUIC(%p,", h)
 	var ids []string
-	for _, g := range strings.Split(string(buf), "\n\n") {
+	for _, g := range strings.Split(string((*buf)[:n]), "\n\n") {
 		if strings.Contains(g, recv) && strings.Contains(g, "layer4.(*packetConn).Read(") {
 			id, _, _ := strings.Cut(strings.TrimPrefix(g, "goroutine "), " ")
 			ids = append(ids, id)

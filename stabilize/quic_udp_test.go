@@ -69,13 +69,14 @@ func cutName(reply []byte) (name string, data []byte, ok bool) {
 
 // TestQUICUDPPerFlowMovesOffDownUpstream: per flow, a connection whose
 // udp/ upstream an active check marks down sends its next requests to a
-// healthy upstream, as a per flow flow moves.
+// healthy upstream, as a per flow flow moves. Two failed probes of 250 ms
+// mark an upstream down: one slow probe under load does not.
 func TestQUICUDPPerFlowMovesOffDownUpstream(t *testing.T) {
 	forNetworks(t, func(t *testing.T, network string) {
 		a, b := startUpstream(t, "a"), startUpstream(t, "b")
 		h := quicHandler(t, PerFlow, "first", map[string]any{"reply_timeout": "300ms"}, a.dial(), b.dial())
 		h["health_checks"] = map[string]any{"active": map[string]any{
-			"send": "ping", "expect": `\|ping$`, "interval": "100ms", "timeout": "80ms",
+			"send": "ping", "expect": `\|ping$`, "interval": "300ms", "timeout": "250ms", "fails": 2,
 		}}
 		lb := startBalancerOn(t, network, false, 30*time.Second, h)
 		eventually(t, 3*time.Second, "both upstreams up", func() bool {
@@ -86,7 +87,7 @@ func TestQUICUDPPerFlowMovesOffDownUpstream(t *testing.T) {
 			t.Fatalf("the first request went to %s, want a", name)
 		}
 		a.silent.Store(true)
-		eventually(t, 3*time.Second, "a marked down", func() bool { return !hostOf(t, a.addr).Healthy() })
+		eventually(t, 5*time.Second, "a marked down", func() bool { return !hostOf(t, a.addr).Healthy() })
 		for i := range 3 {
 			reply, err := quicExchange(c, []byte(fmt.Sprint("after ", i)))
 			if name, _, _ := cutName(reply); err != nil || name != "b" {
