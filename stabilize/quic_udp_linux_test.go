@@ -12,8 +12,8 @@ import (
 
 // TestQUICUDPSocketBuffers: the sockets that relay a connection to udp/
 // upstreams have the handler's read_buffer and write_buffer, and its
-// local_addresses: found among the process's sockets by their local
-// address.
+// local_addresses: the DATAGRAM socket, which stays open, found among the
+// process's sockets by its local address.
 func TestQUICUDPSocketBuffers(t *testing.T) {
 	forPaths(t, quicUDPPers, func(t *testing.T, network, per string) {
 		u := startUpstream(t, "a")
@@ -25,6 +25,10 @@ func TestQUICUDPSocketBuffers(t *testing.T) {
 		lb := startBalancerOn(t, network, false, 30*time.Second, h)
 		c := dialQUIC(t, lb.addr, nil, quicClientTLS(t))
 		mustExchange(t, c, []byte("hello"))
+		// The DATAGRAM socket, opened by the first frame, stays open.
+		if reply := datagramExchange(t, c, "datagram"); reply != "a|datagram" {
+			t.Fatalf("DATAGRAM frame: reply %q", reply)
+		}
 		fds := socketsOn(t, local)
 		if len(fds) == 0 {
 			t.Fatalf("no socket of the process on local_address %s", local)
