@@ -44,9 +44,11 @@ type quicConn struct {
 	queueFull   atomic.Uint64 // datagrams dropped: quic-go lagged behind
 	writeErrors atomic.Uint64 // datagrams to clients lost: the send failed
 
-	// No flow has reached a handler since the transport passed to a new
-	// config's: endpoints expire, so that the next datagrams pass through
-	// caddy-l4 to the handler of the listener (quicTransport.claim).
+	// The handler that served the transport has been cleaned up and no
+	// flow of the listener has reached another since: endpoints pass their
+	// clients' datagrams on to caddy-l4, so that the handler of the
+	// listener claims the transport before it reads them
+	// (quicTransport.park).
 	unclaimed atomic.Bool
 
 	fromAddr netip.AddrPort // ReadBatch's reader only: the last client read,
@@ -148,6 +150,17 @@ func (c *quicConn) listenerGone() {
 		return // still open
 	}
 	c.takeOver(latest)
+}
+
+// dropHold closes the duplicate of a udp/ listener's socket, so that the
+// kernel sends its clients to the sockets of the configs that still listen.
+func (c *quicConn) dropHold() {
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if c.hold != nil {
+		c.hold.release()
+		c.hold = nil
+	}
 }
 
 // takeOver is called when a write out of failed found it closed: writes
@@ -348,19 +361,24 @@ type quicEndpoint struct {
 	lastActive atomic.Int64
 }
 
-// Deliver queues a client datagram for the transport.
+// Deliver queues a client datagram for the transport; while no handler
+// has claimed it, it passes the datagram on to caddy-l4 instead.
 func (e *quicEndpoint) Deliver(b []byte, truncated bool, now int64) {
 	e.lastActive.Store(now)
 	if truncated {
 		return // not QUIC: QUIC datagrams are far shorter
 	}
+	if e.conn.unclaimed.Load() {
+		e.sock.PassOn(e.client, e, b)
+		return
+	}
 	e.conn.deliver(b, e.client)
 }
 
 // Expired says the client has been idle for the listener's idle timeout,
-// the transport has closed, or it waits for a handler's claim.
+// or the transport has closed.
 func (e *quicEndpoint) Expired(now int64) bool {
-	return now-e.lastActive.Load() > int64(e.idle) || e.conn.isClosed() || e.conn.unclaimed.Load()
+	return now-e.lastActive.Load() > int64(e.idle) || e.conn.isClosed()
 }
 
 // Close unregisters the endpoint.
