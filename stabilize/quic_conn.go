@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/stabilize-lb/caddy-stabilize/internal/fastudp"
+	"github.com/stabilize-lb/caddy-stabilize/internal/quicwire"
 	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
 )
 
@@ -153,7 +154,7 @@ func (c *quicConn) listenerGone() {
 }
 
 // dropHold closes the duplicate of a udp/ listener's socket, so that the
-// kernel sends its clients to the sockets of the configs that still listen.
+// kernel sends its clients to the sockets of the configs that listen on.
 func (c *quicConn) dropHold() {
 	c.outMu.Lock()
 	defer c.outMu.Unlock()
@@ -333,7 +334,11 @@ type socketHold struct {
 }
 
 // read delivers the datagrams that reach the held socket, which its
-// listener no longer reads, until release.
+// listener no longer reads, until release. While the transport is
+// unclaimed, the first datagram that is no packet of a live connection
+// (quicOfLive) closes the hold and is dropped: the kernel then sends every
+// client to the new config's socket, whose route claims the transport or
+// balances them, and the client resends.
 func (s *socketHold) read(c *quicConn) {
 	buf := make([]byte, fastudp.BufferSize)
 	for {
@@ -344,8 +349,27 @@ func (s *socketHold) read(c *quicConn) {
 			}
 			continue
 		}
+		if c.unclaimed.Load() && !quicOfLive(buf[:n]) {
+			c.dropHold()
+			return
+		}
 		c.deliver(buf[:n], netip.AddrPortFrom(from.Addr().Unmap(), from.Port()))
 	}
+}
+
+// quicOfLive reports whether b may be a packet of a connection already
+// open: a short header, or a Handshake packet; not an Initial, which opens
+// a connection, nor anything that is not QUIC.
+func quicOfLive(b []byte) bool {
+	if !quicwire.IsLongHeader(b) {
+		return len(b) > 0 && b[0]&0x40 != 0 // the fixed bit
+	}
+	hdr, err := quicwire.ParseLong(b)
+	if err != nil {
+		return false
+	}
+	typ, err := hdr.Type()
+	return err == nil && typ == quicwire.PacketTypeHandshake
 }
 
 // release closes the duplicate, and so the socket if its listener has.

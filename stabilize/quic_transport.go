@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,11 +29,13 @@ import (
 // the transport when caddy-l4 hands it a flow of the listener
 // (transportFor), unless a handler of a newer config has. When the handler
 // that serves it is cleaned up, the transport waits for a claim (park):
-// fastudp/ endpoints pass their clients' datagrams on to caddy-l4, a udp/
-// listener's held socket closes, and accept holds new connections, so that
-// every datagram reaches the route of the listener's new config first. If
-// no handler claims it within the connections' idle timeout, when every
-// connection has timed out, it is released.
+// fastudp/ endpoints pass their clients' datagrams on to caddy-l4, so that
+// the route of the listener's new config sees them first; on udp/ the held
+// duplicate of the old listener socket goes on reading, so that the
+// transport's connections go on, and new connections wait for a claim
+// before their TLS config is chosen. If no handler claims the transport
+// within the connections' idle timeout, when every connection has timed
+// out, it is released, and with it the held socket.
 type quicTransport struct {
 	key  string
 	conn *quicConn
@@ -126,8 +130,8 @@ func (t *quicTransport) claim(h *Handler) {
 
 // park keeps h's reference to t, if h still serves it, until a handler
 // claims t or every connection has idled out (idle); until a claim,
-// datagrams go to caddy-l4 and new connections wait. It reports whether it
-// kept the reference.
+// fastudp/ endpoints pass datagrams on to caddy-l4 and new connections
+// wait. It reports whether it kept the reference.
 func (t *quicTransport) park(h *Handler, idle time.Duration) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -139,7 +143,7 @@ func (t *quicTransport) park(h *Handler, idle time.Duration) bool {
 		t.claimed = make(chan struct{})
 	}
 	t.conn.unclaimed.Store(true)
-	t.conn.dropHold()
+	t.conn.listenerGone() // caddy-l4 has closed this config's listeners
 	park := t.parked
 	time.AfterFunc(idle, func() { t.release(park) })
 	return true
@@ -202,7 +206,11 @@ func newQUICTransport(key string, local net.Addr, out *net.UDPConn, h *Handler) 
 	tlsConf := &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
-			return t.cur.Load().QUIC.configForClient(hello)
+			h := t.server()
+			if h == nil {
+				return nil, net.ErrClosed
+			}
+			return h.QUIC.configForClient(hello)
 		},
 	}
 	conf := &quic.Config{
@@ -311,8 +319,9 @@ func (h *Handler) quicJoin() {
 	h.quicHeld.seq = quicSeq.Add(1)
 }
 
-// quicLeave lets h's transports go: those h still serves wait for a claim
-// (park), the others keep the references of the handlers that claimed them.
+// quicLeave lets h's transports go: those h still serves, on a listener
+// the running config has, wait for a claim (park); the others keep the
+// references of the handlers that claimed them, or are released.
 func (h *Handler) quicLeave() {
 	h.quicHeld.mu.Lock()
 	held := h.quicHeld.m
@@ -329,12 +338,25 @@ func (h *Handler) quicLeave() {
 		idle = quicDefaultIdleTimeout
 	}
 	for key, t := range held {
-		if !t.park(h, idle) {
+		if !listenedOn(key) || !t.park(h, idle) {
 			t.conn.listenerGone() // caddy-l4 has closed this config's listeners
 			_, _ = quicTransports.Delete(key)
 		}
 	}
 	h.QUIC.cleanup()
+}
+
+// listenedOn reports whether the running config has a layer4 server
+// listening at key, a transport's network/address: if not, no flow can
+// claim the transport.
+func listenedOn(key string) bool {
+	network, addr, _ := strings.Cut(key, "/")
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return false
+	}
+	_, found := serverIdleTimeoutOf(caddy.ActiveContext(), network, ap)
+	return found
 }
 
 // quicDefaultIdleTimeout is quic-go's idle timeout when the config sets none.
