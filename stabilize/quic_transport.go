@@ -43,6 +43,7 @@ type quicTransport struct {
 	ln   *quic.EarlyListener
 	cur  atomic.Pointer[Handler]
 	done chan struct{} // the accept loop has returned
+	stop chan struct{} // closed as Destruct begins
 
 	mu      sync.Mutex
 	claimed chan struct{} // while unclaimed: closed by the next claim
@@ -163,7 +164,7 @@ func (t *quicTransport) release(park uint64) {
 }
 
 // server waits while t is unclaimed and returns the handler that serves
-// it, or nil once t has closed.
+// it, or nil once t is closing.
 func (t *quicTransport) server() *Handler {
 	t.mu.Lock()
 	claimed := t.claimed
@@ -171,7 +172,7 @@ func (t *quicTransport) server() *Handler {
 	if claimed != nil {
 		select {
 		case <-claimed:
-		case <-t.conn.closed:
+		case <-t.stop:
 			return nil
 		}
 	}
@@ -191,7 +192,7 @@ func newQUICTransport(key string, local net.Addr, out *net.UDPConn, h *Handler) 
 	if err != nil {
 		return nil, fmt.Errorf("QUIC termination on %s: %w", key, err)
 	}
-	t := &quicTransport{key: key, conn: conn, done: make(chan struct{})}
+	t := &quicTransport{key: key, conn: conn, done: make(chan struct{}), stop: make(chan struct{})}
 	t.cur.Store(h)
 	t.tr = &quic.Transport{
 		Conn: t.conn,
@@ -250,6 +251,7 @@ func (t *quicTransport) accept() {
 
 // Destruct closes the transport and its connections.
 func (t *quicTransport) Destruct() error {
+	close(t.stop) // handshakes and accept waiting for a claim give up
 	_ = t.ln.Close()
 	err := t.tr.Close()
 	_ = t.conn.Close()
