@@ -27,8 +27,10 @@ import (
 //
 // Which handler serves a listener only its flows tell: a handler claims
 // the transport when caddy-l4 hands it a flow of the listener
-// (transportFor), unless a handler of a newer config has. When the handler
-// that serves it is cleaned up, the transport waits for a claim (park):
+// (transportFor), unless a handler of a newer config has; when the new
+// config has one layer4 server and one QUIC handler, that handler claims
+// it at once (onlyQUICHandler). Else, when the handler that serves it is
+// cleaned up, the transport waits for a claim (park):
 // fastudp/ endpoints pass their clients' datagrams on to caddy-l4, so that
 // the route of the listener's new config sees them first; on udp/ the held
 // duplicate of the old listener socket goes on reading, so that the
@@ -52,6 +54,12 @@ type quicTransport struct {
 
 // quicTransports holds the terminating transports, by listener.
 var quicTransports = caddy.NewUsagePool()
+
+// quicLive is the live handlers with a quic block.
+var quicLive = struct {
+	sync.Mutex
+	hs map[*Handler]struct{}
+}{hs: make(map[*Handler]struct{})}
 
 // quicParks numbers the parks of transports.
 var quicParks atomic.Uint64
@@ -319,12 +327,18 @@ func (h *Handler) quicJoin() {
 	h.quicHeld.m = make(map[string]*quicTransport)
 	h.quicHeld.flows = make(map[*layer4.Connection]struct{})
 	h.quicHeld.seq = quicSeq.Add(1)
+	quicLive.Lock()
+	quicLive.hs[h] = struct{}{}
+	quicLive.Unlock()
 }
 
 // quicLeave lets h's transports go: those h still serves, on a listener
 // the running config has, wait for a claim (park); the others keep the
 // references of the handlers that claimed them, or are released.
 func (h *Handler) quicLeave() {
+	quicLive.Lock()
+	delete(quicLive.hs, h)
+	quicLive.Unlock()
 	h.quicHeld.mu.Lock()
 	held := h.quicHeld.m
 	h.quicHeld.m = nil
@@ -340,12 +354,72 @@ func (h *Handler) quicLeave() {
 		idle = quicDefaultIdleTimeout
 	}
 	for key, t := range held {
-		if !listenedOn(key) || !t.park(h, idle) {
+		kept := false
+		if listenedOn(key) {
+			if next := onlyQUICHandler(); next != nil {
+				next.adoptTransport(key, t)
+			}
+			kept = t.park(h, idle) // unless next, or a flow, has claimed t
+		}
+		if !kept {
 			t.conn.listenerGone() // caddy-l4 has closed this config's listeners
 			_, _ = quicTransports.Delete(key)
 		}
 	}
 	h.QUIC.cleanup()
+}
+
+// onlyQUICHandler returns the one QUIC handler of the running config if
+// that config has one layer4 server: caddy-l4 routes that server's flows,
+// on every listener, to it (no matchers in front of QUIC termination), so
+// it serves every listener of the config without waiting for a flow to
+// tell. Else nil.
+func onlyQUICHandler() *Handler {
+	ctx := caddy.ActiveContext()
+	if ctx.Context == nil {
+		return nil
+	}
+	app, err := ctx.AppIfConfigured("layer4")
+	if err != nil || len(app.(*layer4.App).Servers) != 1 {
+		return nil
+	}
+	quicLive.Lock()
+	defer quicLive.Unlock()
+	var only *Handler
+	for g := range quicLive.hs {
+		if g.ctx.Context != ctx.Context {
+			continue
+		}
+		if only != nil {
+			return nil
+		}
+		only = g
+	}
+	return only
+}
+
+// adoptTransport has h, the handler of the listener of t at key, take a
+// reference to t, if it holds none yet, and claim it.
+func (h *Handler) adoptTransport(key string, t *quicTransport) {
+	h.quicHeld.mu.Lock()
+	defer h.quicHeld.mu.Unlock()
+	if h.quicHeld.m == nil {
+		return // cleaned up meanwhile
+	}
+	if h.quicHeld.m[key] == nil {
+		v, _, err := quicTransports.LoadOrNew(key, func() (caddy.Destructor, error) {
+			return nil, errors.New("released") // cannot happen: the caller holds a reference
+		})
+		if err != nil {
+			return
+		}
+		if v.(*quicTransport) != t {
+			_, _ = quicTransports.Delete(key)
+			return
+		}
+		h.quicHeld.m[key] = t
+	}
+	t.claim(h)
 }
 
 // listenedOn reports whether the running config has a layer4 server
