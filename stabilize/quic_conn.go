@@ -46,10 +46,11 @@ type quicConn struct {
 	writeErrors atomic.Uint64 // datagrams to clients lost: the send failed
 
 	// The handler that served the transport has been cleaned up and no
-	// flow of the listener has reached another since: endpoints pass their
-	// clients' datagrams on to caddy-l4, so that the handler of the
-	// listener claims the transport before it reads them
-	// (quicTransport.park).
+	// flow of the listener has reached another since (quicTransport.park):
+	// endpoints pass their clients' datagrams on to caddy-l4, so that the
+	// handler of the listener claims the transport before it reads them,
+	// and the held udp/ socket closes at the first datagram that is no
+	// packet of an open connection (socketHold.read).
 	unclaimed atomic.Bool
 
 	fromAddr netip.AddrPort // ReadBatch's reader only: the last client read,
