@@ -66,8 +66,10 @@
 // (quic_conn_linux.go): batched reads, writes with GSO and ECN, and Don't
 // Fragment on every socket writes go out of, for path-MTU discovery. The
 // transport lives in a UsagePool keyed by the listener; the handler that
-// the listener's flows reach serves its new connections (after a reload,
-// until one has, the old handler's likeliest successor). Each accepted
+// the listener's flows reach serves its new connections; after a reload
+// the transport waits for a flow to claim it (fastudp endpoints pass their
+// datagrams back to caddy-l4 meanwhile) and is released if none does
+// within the connections' idle timeout. Each accepted
 // connection is relayed (quic_relay.go) to one backend connection on a quic/ upstream
 // picked by the policy from Handler.candidates, or stream by stream to udp/
 // upstreams (quic_udp.go), picked through the transport's current handler,

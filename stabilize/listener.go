@@ -155,7 +155,15 @@ func (h *Handler) listenerIdleTimeout(network string, local net.Addr) time.Durat
 // serverIdleTimeout is listenerIdleTimeout for the address ap, and whether
 // a listener of h's config matched it.
 func (h *Handler) serverIdleTimeout(network string, ap netip.AddrPort) (time.Duration, bool) {
-	app, err := h.ctx.AppIfConfigured("layer4")
+	return serverIdleTimeoutOf(h.ctx, network, ap)
+}
+
+// serverIdleTimeoutOf is serverIdleTimeout in the config of ctx.
+func serverIdleTimeoutOf(ctx caddy.Context, network string, ap netip.AddrPort) (time.Duration, bool) {
+	if ctx.Context == nil {
+		return defaultIdleTimeout, false // no config runs
+	}
+	app, err := ctx.AppIfConfigured("layer4")
 	if err != nil {
 		return defaultIdleTimeout, false
 	}

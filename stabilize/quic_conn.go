@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/stabilize-lb/caddy-stabilize/internal/fastudp"
+	"github.com/stabilize-lb/caddy-stabilize/internal/quicwire"
 	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
 )
 
@@ -44,9 +45,12 @@ type quicConn struct {
 	queueFull   atomic.Uint64 // datagrams dropped: quic-go lagged behind
 	writeErrors atomic.Uint64 // datagrams to clients lost: the send failed
 
-	// No flow has reached a handler since the transport passed to a new
-	// config's: endpoints expire, so that the next datagrams pass through
-	// caddy-l4 to the handler of the listener (quicTransport.claim).
+	// The handler that served the transport has been cleaned up and no
+	// flow of the listener has reached another since (quicTransport.park):
+	// endpoints pass their clients' datagrams on to caddy-l4, so that the
+	// handler of the listener claims the transport before it reads them,
+	// and the held udp/ socket closes at the first datagram that is no
+	// packet of an open connection (socketHold.read).
 	unclaimed atomic.Bool
 
 	fromAddr netip.AddrPort // ReadBatch's reader only: the last client read,
@@ -148,6 +152,17 @@ func (c *quicConn) listenerGone() {
 		return // still open
 	}
 	c.takeOver(latest)
+}
+
+// dropHold closes the duplicate of a udp/ listener's socket, so that the
+// kernel sends its clients to the sockets of the configs that listen on.
+func (c *quicConn) dropHold() {
+	c.outMu.Lock()
+	defer c.outMu.Unlock()
+	if c.hold != nil {
+		c.hold.release()
+		c.hold = nil
+	}
 }
 
 // takeOver is called when a write out of failed found it closed: writes
@@ -320,7 +335,11 @@ type socketHold struct {
 }
 
 // read delivers the datagrams that reach the held socket, which its
-// listener no longer reads, until release.
+// listener no longer reads, until release. While the transport is
+// unclaimed, the first datagram that is no packet of a live connection
+// (quicOfLive) closes the hold and is dropped: the kernel then sends every
+// client to the new config's socket, whose route claims the transport or
+// balances them, and the client resends.
 func (s *socketHold) read(c *quicConn) {
 	buf := make([]byte, fastudp.BufferSize)
 	for {
@@ -331,8 +350,27 @@ func (s *socketHold) read(c *quicConn) {
 			}
 			continue
 		}
+		if c.unclaimed.Load() && !quicOfLive(buf[:n]) {
+			c.dropHold()
+			return
+		}
 		c.deliver(buf[:n], netip.AddrPortFrom(from.Addr().Unmap(), from.Port()))
 	}
+}
+
+// quicOfLive reports whether b may be a packet of a connection already
+// open: a short header, or a Handshake packet; not an Initial, which opens
+// a connection, nor anything that is not QUIC.
+func quicOfLive(b []byte) bool {
+	if !quicwire.IsLongHeader(b) {
+		return len(b) > 0 && b[0]&0x40 != 0 // the fixed bit
+	}
+	hdr, err := quicwire.ParseLong(b)
+	if err != nil {
+		return false
+	}
+	typ, err := hdr.Type()
+	return err == nil && typ == quicwire.PacketTypeHandshake
 }
 
 // release closes the duplicate, and so the socket if its listener has.
@@ -348,19 +386,24 @@ type quicEndpoint struct {
 	lastActive atomic.Int64
 }
 
-// Deliver queues a client datagram for the transport.
+// Deliver queues a client datagram for the transport; while no handler
+// has claimed it, it passes the datagram on to caddy-l4 instead.
 func (e *quicEndpoint) Deliver(b []byte, truncated bool, now int64) {
 	e.lastActive.Store(now)
 	if truncated {
 		return // not QUIC: QUIC datagrams are far shorter
 	}
+	if e.conn.unclaimed.Load() {
+		e.sock.PassOn(e.client, e, b)
+		return
+	}
 	e.conn.deliver(b, e.client)
 }
 
 // Expired says the client has been idle for the listener's idle timeout,
-// the transport has closed, or it waits for a handler's claim.
+// or the transport has closed.
 func (e *quicEndpoint) Expired(now int64) bool {
-	return now-e.lastActive.Load() > int64(e.idle) || e.conn.isClosed() || e.conn.unclaimed.Load()
+	return now-e.lastActive.Load() > int64(e.idle) || e.conn.isClosed()
 }
 
 // Close unregisters the endpoint.

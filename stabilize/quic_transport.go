@@ -3,12 +3,10 @@ package stabilize
 import (
 	"context"
 	"crypto/tls"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -29,13 +27,17 @@ import (
 //
 // Which handler serves a listener only its flows tell: a handler claims
 // the transport when caddy-l4 hands it a flow of the listener
-// (transportFor), unless a handler of a newer config has. A handler that is
-// cleaned up passes its claim to its likeliest successor on the listener
-// (quicSuccessor), which serves the transport until a flow arrives. Unless
-// the successor is the one new handler of the same config, on fastudp/ the
-// clients' endpoints then expire (quicConn.unclaimed), so that their next
-// datagrams pass through caddy-l4 and claim it; on udp/ the first datagram
-// through the new config's socket does.
+// (transportFor), unless a handler of a newer config has; when the new
+// config has one layer4 server and one QUIC handler, that handler claims
+// it at once (onlyQUICHandler). Else, when the handler that serves it is
+// cleaned up, the transport waits for a claim (park):
+// fastudp/ endpoints pass their clients' datagrams on to caddy-l4, so that
+// the route of the listener's new config sees them first; on udp/ the held
+// duplicate of the old listener socket goes on reading, so that the
+// transport's connections go on, and new connections wait for a claim
+// before their TLS config is chosen. If no handler claims the transport
+// within the connections' idle timeout, when every connection has timed
+// out, it is released, and with it the held socket.
 type quicTransport struct {
 	key  string
 	conn *quicConn
@@ -43,17 +45,24 @@ type quicTransport struct {
 	ln   *quic.EarlyListener
 	cur  atomic.Pointer[Handler]
 	done chan struct{} // the accept loop has returned
+	stop chan struct{} // closed as Destruct begins
+
+	mu      sync.Mutex
+	claimed chan struct{} // while unclaimed: closed by the next claim
+	parked  uint64        // while the cleaned-up cur's reference is kept: its park, else 0
 }
 
 // quicTransports holds the terminating transports, by listener.
 var quicTransports = caddy.NewUsagePool()
 
-// quicLive is the live handlers with a quic block, oldest first: those a
-// handler's transports may pass to when it is cleaned up (quicSuccessor).
+// quicLive is the live handlers with a quic block.
 var quicLive = struct {
 	sync.Mutex
-	hs []*Handler
-}{}
+	hs map[*Handler]struct{}
+}{hs: make(map[*Handler]struct{})}
+
+// quicParks numbers the parks of transports.
+var quicParks atomic.Uint64
 
 // quicHolds is the transports a handler holds a reference to, by key, and
 // the caddy-l4 flows its Handle is reading.
@@ -62,7 +71,6 @@ type quicHolds struct {
 	m     map[string]*quicTransport
 	flows map[*layer4.Connection]struct{}
 	seq   uint64 // the order of quicJoin: a newer config's handlers have higher ones
-	conf  string // the handler's config, as JSON: a successor with the same serves the same
 }
 
 // quicSeq numbers the QUIC handlers in the order they are provisioned.
@@ -103,21 +111,80 @@ func (h *Handler) transportFor(cx *layer4.Connection, network string, out *net.U
 
 // claim makes h, which a flow of the listener has reached, the handler of
 // t's new connections, unless a live handler of a newer config is: during a
-// reload both configs' listeners take flows for a moment.
+// reload both configs' listeners take flows for a moment. A claim ends a
+// park.
 func (t *quicTransport) claim(h *Handler) {
-	for {
-		cur := t.cur.Load()
-		if cur == h {
-			break
-		}
-		if cur != nil && cur.ctx.Context != h.ctx.Context && cur.quicHeld.seq > h.quicHeld.seq && !cur.closing.Load() {
-			return
-		}
-		if t.cur.CompareAndSwap(cur, h) {
-			break
-		}
+	if t.cur.Load() == h && !t.conn.unclaimed.Load() {
+		return
+	}
+	t.mu.Lock()
+	cur := t.cur.Load()
+	if cur != h && cur != nil && cur.ctx.Context != h.ctx.Context && cur.quicHeld.seq > h.quicHeld.seq && !cur.closing.Load() {
+		t.mu.Unlock()
+		return
+	}
+	t.cur.Store(h)
+	parked := t.parked != 0
+	t.parked = 0
+	if t.claimed != nil {
+		close(t.claimed)
+		t.claimed = nil
 	}
 	t.conn.unclaimed.Store(false)
+	t.mu.Unlock()
+	if parked {
+		_, _ = quicTransports.Delete(t.key) // the parked reference: h holds one of its own
+	}
+}
+
+// park keeps h's reference to t, if h still serves it, until a handler
+// claims t or every connection has idled out (idle); until a claim,
+// fastudp/ endpoints pass datagrams on to caddy-l4 and new connections
+// wait. It reports whether it kept the reference.
+func (t *quicTransport) park(h *Handler, idle time.Duration) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.cur.Load() != h {
+		return false // claimed by another handler
+	}
+	t.parked = quicParks.Add(1)
+	if t.claimed == nil {
+		t.claimed = make(chan struct{})
+	}
+	t.conn.unclaimed.Store(true)
+	t.conn.listenerGone() // caddy-l4 has closed this config's listeners
+	park := t.parked
+	time.AfterFunc(idle, func() { t.release(park) })
+	return true
+}
+
+// release drops the reference of park, unless a claim has.
+func (t *quicTransport) release(park uint64) {
+	t.mu.Lock()
+	mine := t.parked == park
+	if mine {
+		t.parked = 0
+	}
+	t.mu.Unlock()
+	if mine {
+		_, _ = quicTransports.Delete(t.key)
+	}
+}
+
+// server waits while t is unclaimed and returns the handler that serves
+// it, or nil once t is closing.
+func (t *quicTransport) server() *Handler {
+	t.mu.Lock()
+	claimed := t.claimed
+	t.mu.Unlock()
+	if claimed != nil {
+		select {
+		case <-claimed:
+		case <-t.stop:
+			return nil
+		}
+	}
+	return t.cur.Load()
 }
 
 // errQUICHandlerGone: a flow reached a handler already cleaned up.
@@ -133,7 +200,7 @@ func newQUICTransport(key string, local net.Addr, out *net.UDPConn, h *Handler) 
 	if err != nil {
 		return nil, fmt.Errorf("QUIC termination on %s: %w", key, err)
 	}
-	t := &quicTransport{key: key, conn: conn, done: make(chan struct{})}
+	t := &quicTransport{key: key, conn: conn, done: make(chan struct{}), stop: make(chan struct{})}
 	t.cur.Store(h)
 	t.tr = &quic.Transport{
 		Conn: t.conn,
@@ -148,7 +215,11 @@ func newQUICTransport(key string, local net.Addr, out *net.UDPConn, h *Handler) 
 	tlsConf := &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
-			return t.cur.Load().QUIC.configForClient(hello)
+			h := t.server()
+			if h == nil {
+				return nil, net.ErrClosed
+			}
+			return h.QUIC.configForClient(hello)
 		},
 	}
 	conf := &quic.Config{
@@ -168,7 +239,8 @@ func newQUICTransport(key string, local net.Addr, out *net.UDPConn, h *Handler) 
 	return t, nil
 }
 
-// accept hands each new connection to the current handler.
+// accept hands each new connection to the handler that serves t, once one
+// has claimed it.
 func (t *quicTransport) accept() {
 	defer close(t.done)
 	for {
@@ -176,13 +248,18 @@ func (t *quicTransport) accept() {
 		if err != nil {
 			return
 		}
-		h := t.cur.Load()
+		h := t.server()
+		if h == nil {
+			_ = c.CloseWithError(0, "")
+			return
+		}
 		go h.serveQUIC(t, c)
 	}
 }
 
 // Destruct closes the transport and its connections.
 func (t *quicTransport) Destruct() error {
+	close(t.stop) // handshakes and accept waiting for a claim give up
 	_ = t.ln.Close()
 	err := t.tr.Close()
 	_ = t.conn.Close()
@@ -245,24 +322,22 @@ func (h *Handler) forgetQUICFlow(cx *layer4.Connection) {
 	h.quicHeld.mu.Unlock()
 }
 
-// quicJoin records h as a live QUIC handler.
+// quicJoin prepares h to hold transports.
 func (h *Handler) quicJoin() {
 	h.quicHeld.m = make(map[string]*quicTransport)
 	h.quicHeld.flows = make(map[*layer4.Connection]struct{})
 	h.quicHeld.seq = quicSeq.Add(1)
-	if conf, err := json.Marshal(h); err == nil {
-		h.quicHeld.conf = string(conf)
-	}
 	quicLive.Lock()
-	quicLive.hs = append(quicLive.hs, h)
+	quicLive.hs[h] = struct{}{}
 	quicLive.Unlock()
 }
 
-// quicLeave passes each of h's transports to its successor on the
-// listener (quicSuccessor), or releases it.
+// quicLeave lets h's transports go: those h still serves, on a listener
+// the running config has, wait for a claim (park); the others keep the
+// references of the handlers that claimed them, or are released.
 func (h *Handler) quicLeave() {
 	quicLive.Lock()
-	quicLive.hs = slices.DeleteFunc(quicLive.hs, func(g *Handler) bool { return g == h })
+	delete(quicLive.hs, h)
 	quicLive.Unlock()
 	h.quicHeld.mu.Lock()
 	held := h.quicHeld.m
@@ -274,81 +349,94 @@ func (h *Handler) quicLeave() {
 		_ = cx.SetReadDeadline(time.Unix(1, 0))
 	}
 	h.quicHeld.mu.Unlock()
+	idle := time.Duration(h.QUIC.MaxIdleTimeout)
+	if idle <= 0 {
+		idle = quicDefaultIdleTimeout
+	}
 	for key, t := range held {
-		t.conn.listenerGone() // caddy-l4 has closed this config's listeners
-		next, sure := h.quicSuccessor(key)
-		if next == nil || !next.adoptTransport(key, t) {
-			_, _ = quicTransports.Delete(key) // next holds a reference of its own, or none is left
+		kept := false
+		if listenedOn(key) {
+			if next := onlyQUICHandler(); next != nil {
+				next.adoptTransport(key, t)
+			}
+			kept = t.park(h, idle) // unless next, or a flow, has claimed t
 		}
-		// Unless a newer handler has claimed it, next serves it; if it
-		// may not be the listener's, until a flow of the listener tells.
-		if next != nil && t.cur.CompareAndSwap(h, next) && !sure {
-			t.conn.unclaimed.Store(true)
+		if !kept {
+			t.conn.listenerGone() // caddy-l4 has closed this config's listeners
+			_, _ = quicTransports.Delete(key)
 		}
 	}
 	h.QUIC.cleanup()
 }
 
-// quicSuccessor returns the handler likeliest to serve the listener of
-// h's transport at key after h: of the live QUIC handlers whose config
-// listens on key, the one with h's config, else the one that shares the
-// most upstreams with h, then has its identity, the newest of equals; nil
-// if none. sure says it is the only one with h's config. (A handler that a
-// flow of the listener has reached has claimed the transport already.)
-func (h *Handler) quicSuccessor(key string) (next *Handler, sure bool) {
-	quicLive.Lock()
-	hs := slices.Clone(quicLive.hs)
-	quicLive.Unlock()
-	best, same := -1, 0
-	for _, g := range hs {
-		if g.ctx.Err() != nil || !g.listensOn(key) {
-			continue // a config that is going away, as h's is
-		}
-		score := 0
-		for addr := range h.byAddr {
-			if g.byAddr[addr] != nil {
-				score += 2
-			}
-		}
-		if g.identity == h.identity {
-			score++
-		}
-		if h.quicHeld.conf != "" && g.quicHeld.conf == h.quicHeld.conf {
-			score += 1 << 20
-			same++
-		}
-		if score >= best {
-			next, best = g, score
-		}
+// onlyQUICHandler returns the one QUIC handler of the running config if
+// that config has one layer4 server: caddy-l4 routes that server's flows,
+// on every listener, to it (no matchers in front of QUIC termination), so
+// it serves every listener of the config without waiting for a flow to
+// tell. Else nil.
+func onlyQUICHandler() *Handler {
+	ctx := caddy.ActiveContext()
+	if ctx.Context == nil {
+		return nil
 	}
-	return next, same == 1
+	app, err := ctx.AppIfConfigured("layer4")
+	if err != nil || len(app.(*layer4.App).Servers) != 1 {
+		return nil
+	}
+	quicLive.Lock()
+	defer quicLive.Unlock()
+	var only *Handler
+	for g := range quicLive.hs {
+		if g.ctx.Context != ctx.Context {
+			continue
+		}
+		if only != nil {
+			return nil
+		}
+		only = g
+	}
+	return only
 }
 
-// adoptTransport takes over a reference to t, unless h holds one already.
-func (h *Handler) adoptTransport(key string, t *quicTransport) bool {
+// adoptTransport has h, the handler of the listener of t at key, take a
+// reference to t, if it holds none yet, and claim it.
+func (h *Handler) adoptTransport(key string, t *quicTransport) {
 	h.quicHeld.mu.Lock()
 	defer h.quicHeld.mu.Unlock()
 	if h.quicHeld.m == nil {
-		return false // cleaned up meanwhile
+		return // cleaned up meanwhile
 	}
-	if _, ok := h.quicHeld.m[key]; ok {
-		return false
+	if h.quicHeld.m[key] == nil {
+		v, _, err := quicTransports.LoadOrNew(key, func() (caddy.Destructor, error) {
+			return nil, errors.New("released") // cannot happen: the caller holds a reference
+		})
+		if err != nil {
+			return
+		}
+		if v.(*quicTransport) != t {
+			_, _ = quicTransports.Delete(key)
+			return
+		}
+		h.quicHeld.m[key] = t
 	}
-	h.quicHeld.m[key] = t
-	return true
+	t.claim(h)
 }
 
-// listensOn reports whether h's config has a layer4 server listening at
-// key, a transport's network/address.
-func (h *Handler) listensOn(key string) bool {
+// listenedOn reports whether the running config has a layer4 server
+// listening at key, a transport's network/address: if not, no flow can
+// claim the transport.
+func listenedOn(key string) bool {
 	network, addr, _ := strings.Cut(key, "/")
 	ap, err := netip.ParseAddrPort(addr)
 	if err != nil {
 		return false
 	}
-	_, found := h.serverIdleTimeout(network, ap)
+	_, found := serverIdleTimeoutOf(caddy.ActiveContext(), network, ap)
 	return found
 }
+
+// quicDefaultIdleTimeout is quic-go's idle timeout when the config sets none.
+const quicDefaultIdleTimeout = 30 * time.Second
 
 // Interface guards
 var _ caddy.Destructor = (*quicTransport)(nil)

@@ -337,6 +337,14 @@ func (s *Socket) Unregister(client netip.AddrPort, ep Endpoint) {
 	s.epMu.Unlock()
 }
 
+// PassOn unregisters ep, unless another endpoint has replaced it, and
+// queues b, a datagram from client that ep was handed, for caddy-l4, as a
+// new client's: the route it reaches decides who takes the client next.
+func (s *Socket) PassOn(client netip.AddrPort, ep Endpoint, b []byte) {
+	s.Unregister(client, ep)
+	s.toCaddy(client, b)
+}
+
 // Endpoints is the number of registered clients.
 func (s *Socket) Endpoints() int {
 	s.epMu.RLock()
