@@ -154,15 +154,19 @@ func (c *quicConn) listenerGone() {
 	c.takeOver(latest)
 }
 
-// dropHold closes the duplicate of a udp/ listener's socket, so that the
-// kernel sends its clients to the sockets of the configs that listen on.
-func (c *quicConn) dropHold() {
+// dropHold closes s, the duplicate of a udp/ listener's socket, while the
+// transport is unclaimed, so that the kernel sends its clients to the
+// sockets of the configs that listen on; unless a claim has come, or a
+// newer hold has replaced s, meanwhile. It reports whether it closed s.
+func (c *quicConn) dropHold(s *socketHold) bool {
 	c.outMu.Lock()
 	defer c.outMu.Unlock()
-	if c.hold != nil {
-		c.hold.release()
-		c.hold = nil
+	if c.hold != s || !c.unclaimed.Load() {
+		return false
 	}
+	s.release()
+	c.hold = nil
+	return true
 }
 
 // takeOver is called when a write out of failed found it closed: writes
@@ -350,8 +354,7 @@ func (s *socketHold) read(c *quicConn) {
 			}
 			continue
 		}
-		if c.unclaimed.Load() && !quicOfLive(buf[:n]) {
-			c.dropHold()
+		if c.unclaimed.Load() && !quicOfLive(buf[:n]) && c.dropHold(s) {
 			return
 		}
 		c.deliver(buf[:n], netip.AddrPortFrom(from.Addr().Unmap(), from.Port()))
