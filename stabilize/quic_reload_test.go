@@ -3,6 +3,7 @@ package stabilize
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -372,4 +373,93 @@ func quicTransportOf(tr *handlerTracker, key string) *quicTransport {
 		}
 	}
 	return nil
+}
+
+// TestQUICParkedReleasedWhenListenerRemoved: a transport parked by a
+// reload (A's handler changed, no traffic on A to claim it) is released
+// soon after a later reload removes A's listener, and after Caddy stops,
+// not at the parked handler's idle timeout (30 s).
+func TestQUICParkedReleasedWhenListenerRemoved(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		b := startQUICBackend(t, "b", "proto-a", "proto-b", "proto-c")
+		addrA := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
+		addrB := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
+		keyA, keyB := network+"/"+addrA, network+"/"+addrB
+		h := func(alpn string) any {
+			return quicHandler(t, "", "", map[string]any{"alpn": []string{alpn}}, b.dial())
+		}
+		loadTwoListeners(t, network, addrA, h("proto-a"), addrB, h("proto-b"))
+		t.Cleanup(func() { _ = caddy.Stop() })
+		mustExchange(t, dialQUIC(t, addrA, nil, quicClientTLS(t, "proto-a")), []byte("a"))
+		mustExchange(t, dialQUIC(t, addrB, nil, quicClientTLS(t, "proto-b")), []byte("b"))
+		loadTwoListeners(t, network, addrA, h("proto-c"), addrB, h("proto-b")) // A parked
+		if _, ok := quicTransports.References(keyA); !ok {
+			t.Fatal("A's transport released by the reload that keeps A")
+		}
+		if err := caddy.Load(testConfigOn(network, addrB, "", 30*time.Second, h("proto-b")), true); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 5*time.Second, "the release of removed A's parked transport", func() bool {
+			_, ok := quicTransports.References(keyA)
+			return !ok
+		})
+		mustExchange(t, dialQUIC(t, addrB, nil, quicClientTLS(t, "proto-b")), []byte("b"))
+		// B parked by Stop, if no handler held it: released as well.
+		_ = caddy.Stop()
+		eventually(t, 5*time.Second, "the release of B's transport after Stop", func() bool {
+			_, ok := quicTransports.References(keyB)
+			return !ok
+		})
+	})
+}
+
+// TestQUICReloadFailedStartReclaims: a handler of a newer config claims
+// the transport, then its config fails to start and it is cleaned up,
+// parking the transport (simulated: which app starts first is up to
+// Caddy). The running config's handler, whose flows go on, claims it back
+// at its flows' next datagram: a known client's new connection does not
+// wait for a new client to come.
+func TestQUICReloadFailedStartReclaims(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		tr := trackHandlers(t)
+		b := startQUICBackend(t, "b", "proto-a", "proto-b")
+		addrA := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
+		addrB := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
+		keyA := network + "/" + addrA
+		h := func(alpn string) any {
+			return quicHandler(t, "", "", map[string]any{"alpn": []string{alpn}}, b.dial())
+		}
+		loadTwoListeners(t, network, addrA, h("proto-a"), addrB, h("proto-b"))
+		t.Cleanup(func() { _ = caddy.Stop() })
+		ctr := newClientTransport(t) // the known client: one socket
+		dial := func(ctr *quic.Transport) error {
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			defer cancel()
+			c, err := ctr.Dial(ctx, net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addrA)), quicClientTLS(t, "proto-a"), &quic.Config{})
+			if err == nil {
+				_ = c.CloseWithError(0, "")
+			}
+			return err
+		}
+		if err := dial(ctr); err != nil {
+			t.Fatal(err)
+		}
+		qt := quicTransportOf(tr, keyA)
+		failed := &Handler{QUIC: qt.cur.Load().QUIC}
+		failed.quicHeld.seq = quicSeq.Add(1) // newer than the running config's
+		failed.closing.Store(true)
+		if _, _, err := quicTransports.LoadOrNew(keyA, func() (caddy.Destructor, error) { return nil, errors.New("released") }); err != nil {
+			t.Fatal(err)
+		}
+		qt.claim(failed)
+		if !qt.park(failed, time.Minute) {
+			t.Fatal("not parked")
+		}
+		if err := dial(ctr); err != nil {
+			t.Fatalf("the known client's new connection while the failed config's claim is parked: %v", err)
+		}
+		if qt.conn.unclaimed.Load() {
+			t.Fatal("still unclaimed")
+		}
+	})
 }

@@ -35,9 +35,11 @@ import (
 // the route of the listener's new config sees them first; on udp/ the held
 // duplicate of the old listener socket goes on reading, so that the
 // transport's connections go on, and new connections wait for a claim
-// before their TLS config is chosen. If no handler claims the transport
-// within the connections' idle timeout, when every connection has timed
-// out, it is released, and with it the held socket.
+// before their TLS config is chosen; a datagram of a flow that a live
+// handler already reads claims it too (reclaim). If no handler claims the
+// transport within the parking handler's idle timeout, or once no running
+// config listens on its listener, it is released, and with it the held
+// socket (watchPark).
 type quicTransport struct {
 	key  string
 	conn *quicConn
@@ -153,9 +155,33 @@ func (t *quicTransport) park(h *Handler, idle time.Duration) bool {
 	}
 	t.conn.unclaimed.Store(true)
 	t.conn.listenerGone() // caddy-l4 has closed this config's listeners
-	park := t.parked
-	time.AfterFunc(idle, func() { t.release(park) })
+	go t.watchPark(t.parked, time.Now().Add(idle))
 	return true
+}
+
+// watchPark releases the parked reference park once idle has passed, or
+// as soon as no running config listens on t's listener (a later reload
+// removed it, or Caddy stopped), unless a claim ends the park first.
+func (t *quicTransport) watchPark(park uint64, idle time.Time) {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-tick.C:
+		case <-t.stop:
+			return
+		}
+		t.mu.Lock()
+		parked := t.parked == park
+		t.mu.Unlock()
+		if !parked {
+			return // claimed, or released
+		}
+		if time.Now().After(idle) || !listenedOn(t.key) {
+			t.release(park)
+			return
+		}
+	}
 }
 
 // release drops the reference of park, unless a claim has.
@@ -308,10 +334,25 @@ func (h *Handler) handleQUIC(cx *layer4.Connection) error {
 			continue // an empty datagram is no QUIC packet
 		}
 		p.n, p.from = n, client
+		if t.conn.unclaimed.Load() {
+			h.reclaim(t)
+		}
 		if out != nil {
 			t.conn.setOut(out, front == nil)
 		}
 		t.conn.push(p)
+	}
+}
+
+// reclaim has h claim t, which waits for a claim, when a datagram of a flow
+// that h reads reaches it: a handler of the running config, whose flows
+// began before t was parked (by a config that failed to start, say). A
+// handler cleaned up, or closing, claims nothing.
+func (h *Handler) reclaim(t *quicTransport) {
+	h.quicHeld.mu.Lock()
+	defer h.quicHeld.mu.Unlock()
+	if h.quicHeld.m[t.key] == t && !h.closing.Load() {
+		t.claim(h)
 	}
 }
 
