@@ -53,14 +53,34 @@ func TestSocketPassOn(t *testing.T) {
 	if _, err := c.Write([]byte("second")); err != nil {
 		t.Fatal(err)
 	}
-	buf := make([]byte, 64)
-	for _, want := range []string{"first", "second"} {
-		n, from, err := f.ReadFrom(buf)
-		if err != nil {
-			t.Fatal(err)
+	type read struct {
+		data string
+		from net.Addr
+		err  error
+	}
+	reads := make(chan read, 2)
+	go func() { // the front has no read deadline; f.Close ends the read
+		buf := make([]byte, 64)
+		for range 2 {
+			n, from, err := f.ReadFrom(buf)
+			reads <- read{string(buf[:n]), from, err}
+			if err != nil {
+				return
+			}
 		}
-		if string(buf[:n]) != want || from.(*net.UDPAddr).AddrPort() != client {
-			t.Fatalf("the front read %q from %v, want %q from %v", buf[:n], from, want, client)
+	}()
+	for _, want := range []string{"first", "second"} {
+		var r read
+		select {
+		case r = <-reads:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("the front read no %q within 5 s", want)
+		}
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		if r.data != want || r.from.(*net.UDPAddr).AddrPort() != client {
+			t.Fatalf("the front read %q from %v, want %q from %v", r.data, r.from, want, client)
 		}
 	}
 }
