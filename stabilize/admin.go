@@ -69,7 +69,7 @@ type upstreamStatus struct {
 	BytesFromUpstream     uint64 `json:"bytes_from_upstream"`
 
 	// QUIC termination: client connections relayed to the upstream now,
-	// and streams relayed so far.
+	// and streams relayed so far; each left out while zero.
 	QUICConnections int64  `json:"quic_connections,omitempty"`
 	QUICStreams     uint64 `json:"quic_streams,omitempty"`
 

@@ -92,7 +92,7 @@ var (
 		"Datagrams a handler dropped, by reason: no_upstream (no healthy upstream and drop_when_all_down), unknown_source (a reply from an address that is not an upstream), truncated (as long as the listener's buffer, so cut short), write_error (sending failed), reply_too_large (a reply longer than the reply buffer), send_buffer_full (a socket's send buffer was full), flow_limit (the first datagram of a flow over max_flows or max_flows_per_ip), socket_unavailable (the first datagram of a flow whose upstream socket could not be opened). Starts from zero at each config reload.",
 		"handler", "reason")
 	allDownDatagramsDesc = newMetricDesc("all_down_datagrams_total",
-		"Datagrams a handler sent while every one of its upstreams was down, failing open to all of them. Starts from zero at each config reload.",
+		"Datagrams a handler sent while every one of its upstreams was down, failing open to all of them (with QUIC termination: the connections, udp/ requests and DATAGRAM frames it placed so). Starts from zero at each config reload.",
 		"handler")
 	fastDroppedDatagramsDesc = newMetricDesc("fastudp_dropped_datagrams_total",
 		"Datagrams a fastudp socket dropped before any handler saw them, by reason: queue_full (too many datagrams of new flows waiting for caddy-l4) or truncated (longer than the listener's buffer).",
