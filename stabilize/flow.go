@@ -46,6 +46,7 @@ type Flow struct {
 	conn        upstreamConn                      // upstream-facing; sourceports_*.go
 	fast        *fastudp.Socket                   // the fastudp socket the flow arrived on, or nil
 	listener    netip.AddrPort                    // the listener's address
+	dst         netip.Addr                        // under mu: the host address the client sent to, if known; see setDst
 	id          uint64                            // names the flow in the affinity table
 	idleTimeout atomic.Int64                      // nanoseconds: caddy-l4's, of the flow's listener in its handler's config
 	req         Request                           // what the policy picks for
@@ -89,6 +90,7 @@ func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow,
 		return nil, err
 	}
 	front, out := listenerOf(cx)
+	h.warnWildcard(front, cx)
 	if out == nil && !h.warnedListener.Swap(true) {
 		h.logger.Warn("replies go through caddy-l4's blocking cx.Write: the listener's socket is out of reach",
 			zap.Stringer("listener", cx.LocalAddr()))
@@ -112,6 +114,8 @@ func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow,
 	fl.connection.connects = connects
 	if front != nil {
 		fl.fast = front.Socket()
+		fl.dst = fl.fast.Dst(client)
+		fl.setReplySrc(fl.dst)
 	}
 	fl.idleTimeout.Store(int64(li.idle))
 	fl.header = h.proxyHeader(fl)
@@ -177,12 +181,46 @@ func (h *Handler) listenerInfo(front *fastudp.Front, out *net.UDPConn, local net
 }
 
 // proxyHeader is the PROXY protocol header h sends before each of fl's
-// datagrams, or nil.
+// datagrams, or nil. Its destination is the address the client sent to
+// where the listener's address is unspecified and the socket tells it
+// (fastudp/), else the listener's.
 func (h *Handler) proxyHeader(fl *Flow) []byte {
 	if h.ProxyProtocol != "v2" {
 		return nil
 	}
-	return appendProxyV2(nil, fl.client, fl.listener)
+	dst := fl.listener
+	if fl.dst.IsValid() {
+		dst = netip.AddrPortFrom(fl.dst, dst.Port())
+	}
+	return appendProxyV2(nil, fl.client, dst)
+}
+
+// setDst makes dst, the host address that the client's latest datagram
+// was sent to, another than before, the flow's: the source of its replies
+// and its PROXY header's destination. fl.mu is held.
+func (fl *Flow) setDst(dst netip.Addr) {
+	fl.dst = dst
+	fl.replyMu.Lock()
+	fl.setReplySrc(dst)
+	fl.replyMu.Unlock()
+	if len(fl.header) > 0 {
+		fl.header = fl.h.proxyHeader(fl)
+	}
+}
+
+// warnWildcard warns once per handler that replies on a udp/ listener
+// bound to an unspecified address leave from the address the kernel's
+// route picks, not necessarily the one the client sent to: caddy-l4 reads
+// the listener without the control messages that tell it (fastudp/ reads
+// them). front and cx are a flow's (listenerOf).
+func (h *Handler) warnWildcard(front *fastudp.Front, cx *layer4.Connection) {
+	if front != nil || h.warnedWild.Load() || !addrPort(cx.LocalAddr()).Addr().IsUnspecified() {
+		return
+	}
+	if !h.warnedWild.Swap(true) {
+		h.logger.Warn("replies leave from the address the route picks, which may not be the one the client sent to: the udp/ listener is bound to an unspecified address; listen on fastudp/ or on each address",
+			zap.Stringer("listener", cx.LocalAddr()))
+	}
 }
 
 // handler returns the flow's handler.
@@ -238,9 +276,10 @@ func (fl *Flow) reply(from netip.AddrPort, b []byte, truncated bool) *Upstream {
 }
 
 // Deliver forwards a datagram that bypassed caddy-l4 (fastudp.Endpoint).
-func (fl *Flow) Deliver(b []byte, truncated bool, now int64) {
+func (fl *Flow) Deliver(d fastudp.Datagram, now int64) {
 	fl.lastActive.Store(now)
-	fl.forward(b, truncated)
+	ds := [1]fastudp.Datagram{d}
+	fl.forwardBatch(ds[:])
 }
 
 // DeliverBatch forwards datagrams that bypassed caddy-l4, several of one

@@ -28,6 +28,9 @@ func (fl *Flow) forwardBatch(ds []fastudp.Datagram) {
 	if fl.closed.Load() {
 		return // delivered as it closed; the client's next datagram opens a flow
 	}
+	if dst := ds[len(ds)-1].Dst; dst.IsValid() && dst != fl.dst {
+		fl.setDst(dst) // the client sent to another of the host's addresses
+	}
 	h := fl.h
 	var sb *sendBatch
 	if len(ds) > 1 && len(fl.header) == 0 {

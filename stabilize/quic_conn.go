@@ -82,6 +82,7 @@ type quicPacket struct {
 	buf  [fastudp.BufferSize]byte
 	n    int
 	from netip.AddrPort
+	dst  netip.Addr // the host address it was sent to, if known (fastudp/ on an unspecified address)
 }
 
 var quicPacketPool = sync.Pool{New: func() any { return new(quicPacket) }}
@@ -188,11 +189,12 @@ func (c *quicConn) takeOver(failed *net.UDPConn) *quicSocket {
 	return c.hold.sock
 }
 
-// deliver queues a copy of b, a datagram from the client from, unmapped.
-func (c *quicConn) deliver(b []byte, from netip.AddrPort) {
+// deliver queues a copy of b, a datagram from the client from, unmapped,
+// to dst, one of the host's addresses, or invalid if unknown.
+func (c *quicConn) deliver(b []byte, from netip.AddrPort, dst netip.Addr) {
 	p := quicPacketPool.Get().(*quicPacket)
 	p.n = copy(p.buf[:], b)
-	p.from = from
+	p.from, p.dst = from, dst
 	c.push(p)
 }
 
@@ -357,7 +359,7 @@ func (s *socketHold) read(c *quicConn) {
 		if c.unclaimed.Load() && !quicOfLive(buf[:n]) && c.dropHold(s) {
 			return
 		}
-		c.deliver(buf[:n], netip.AddrPortFrom(from.Addr().Unmap(), from.Port()))
+		c.deliver(buf[:n], netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), netip.Addr{})
 	}
 }
 
@@ -391,16 +393,16 @@ type quicEndpoint struct {
 
 // Deliver queues a client datagram for the transport; while no handler
 // has claimed it, it passes the datagram on to caddy-l4 instead.
-func (e *quicEndpoint) Deliver(b []byte, truncated bool, now int64) {
+func (e *quicEndpoint) Deliver(d fastudp.Datagram, now int64) {
 	e.lastActive.Store(now)
-	if truncated {
+	if d.Truncated {
 		return // not QUIC: QUIC datagrams are far shorter
 	}
 	if e.conn.unclaimed.Load() {
-		e.sock.PassOn(e.client, e, b)
+		e.sock.PassOn(e.client, e, d)
 		return
 	}
-	e.conn.deliver(b, e.client)
+	e.conn.deliver(d.B, e.client, d.Dst)
 }
 
 // Expired says the client has been idle for the listener's idle timeout,

@@ -13,6 +13,8 @@ import (
 	"github.com/quic-go/quic-go"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
 )
 
 // On Linux quicConn is an OOBCapablePacketConn with ReadBatch, so quic-go
@@ -62,6 +64,9 @@ func (c *quicConn) SyscallConn() (syscall.RawConn, error) {
 
 // ReadBatch fills ms with client datagrams, as a batchConn of quic-go: it
 // waits for the first as ReadFrom does, then takes those already queued.
+// A datagram's destination address, where the listener's is unspecified,
+// comes as IP_PKTINFO or IPV6_PKTINFO in its OOB, as on quic-go's own
+// socket.
 func (c *quicConn) ReadBatch(ms []ipv4.Message, _ int) (int, error) {
 	p, err := c.next()
 	if err != nil {
@@ -72,6 +77,11 @@ func (c *quicConn) ReadBatch(ms []ipv4.Message, _ int) (int, error) {
 		m := &ms[n]
 		m.N = copy(m.Buffers[0], p.buf[:p.n])
 		m.NN, m.Flags = 0, 0
+		if p.dst.IsValid() && len(m.OOB) >= udpio.PktInfoSpace {
+			// quic-go reads it as the socket's own, and names the address
+			// as the source of its packets to the client (packetInfo).
+			m.NN = udpio.PutPktInfo(m.OOB, p.dst)
+		}
 		m.Addr = c.addrOf(p.from)
 		quicPacketPool.Put(p)
 		if n++; n == len(ms) {

@@ -201,7 +201,7 @@ func TestQUICConnReadBatch(t *testing.T) {
 	a := netip.MustParseAddrPort("127.0.0.1:1000")
 	b := netip.MustParseAddrPort("[::ffff:127.0.0.2]:2000")
 	for i, from := range []netip.AddrPort{a, a, b, a, b, b} {
-		c.deliver([]byte{byte(i)}, netip.AddrPortFrom(from.Addr().Unmap(), from.Port()))
+		c.deliver([]byte{byte(i)}, netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), netip.Addr{})
 	}
 	for _, want := range [][]byte{{0, 1, 2, 3}, {4, 5}} {
 		n, err := c.ReadBatch(ms, 0)
@@ -251,7 +251,7 @@ func TestQUICConnAllocs(t *testing.T) {
 	from := netip.MustParseAddrPort("127.0.0.1:1000")
 	b, oob := make([]byte, 2400), udpSegment(1200)
 	allocs := testing.AllocsPerRun(100, func() {
-		c.deliver(b[:1200], from)
+		c.deliver(b[:1200], from, netip.Addr{})
 		if n, err := c.ReadBatch(ms, 0); n != 1 || err != nil {
 			t.Fatalf("ReadBatch: %d, %v", n, err)
 		}

@@ -311,7 +311,10 @@ func (h *Handler) handleQUIC(cx *layer4.Connection) error {
 	}
 	defer h.forgetQUICFlow(cx)
 	idle := h.listenerIdleTimeout(network, cx.LocalAddr())
+	h.warnWildcard(front, cx)
+	var dst netip.Addr // the host address the client sent to, if known
 	if front != nil {
+		dst = front.Socket().Dst(client)
 		ep := &quicEndpoint{
 			conn:   t.conn,
 			sock:   front.Socket(),
@@ -333,7 +336,7 @@ func (h *Handler) handleQUIC(cx *layer4.Connection) error {
 			}
 			continue // an empty datagram is no QUIC packet
 		}
-		p.n, p.from = n, client
+		p.n, p.from, p.dst = n, client, dst
 		if t.conn.unclaimed.Load() {
 			h.reclaim(t)
 		}

@@ -1,6 +1,7 @@
 package stabilize
 
 import (
+	"net/netip"
 	"os"
 	"runtime"
 	"sync"
@@ -48,12 +49,13 @@ type replyReactor struct {
 // replyState is a flow's registration with its reactor.
 type replyState struct {
 	replyMu   sync.Mutex      // held while the reactor reads the flow
-	stopped   bool            // under replyMu: the socket is closed
+	replySrc  netip.Addr      // under replyMu: the replies' source address, if the listener's is unspecified
 	fd        int             // of the upstream-facing socket, read under replyMu until stopped
 	outFamily int             // of the listener's socket
 	outRC     syscall.RawConn // of the listener's socket, if known
 	reactor   *replyReactor
 	slot      int32
+	stopped   bool // under replyMu: the socket is closed
 }
 
 type reactorSlot struct {
@@ -136,6 +138,11 @@ func newReplyReactor() (*replyReactor, error) {
 	}
 	return r, nil
 }
+
+// setReplySrc makes src the source address of fl's replies, or the
+// address the route picks if src is invalid. fl.replyMu is held, or the
+// flow is new.
+func (fl *Flow) setReplySrc(src netip.Addr) { fl.replySrc = src }
 
 // startReplies registers fl's socket with a reactor, which sends the
 // replies out of li's listener socket.
@@ -253,7 +260,7 @@ func (r *replyReactor) read(fl *Flow) {
 				continue
 			}
 			r.outFlows[r.out.Len()], r.outHandlers[r.out.Len()] = fl, fl.h
-			r.out.Add(data, fl.client, fl.outFamily)
+			r.out.AddFrom(data, fl.client, fl.replySrc, fl.outFamily)
 		}
 		r.used += n
 		if n < want {

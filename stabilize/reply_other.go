@@ -55,6 +55,10 @@ func (fl *Flow) relay(from netip.AddrPort, b []byte, truncated bool) {
 	}
 }
 
+// setReplySrc does nothing: only Linux reads the address a client sent
+// to (IP_PKTINFO), so replies elsewhere leave from the route's address.
+func (fl *Flow) setReplySrc(netip.Addr) {}
+
 // stopReplies closes fl's socket and waits for its reply goroutine.
 func (fl *Flow) stopReplies() {
 	_ = fl.conn.Close()

@@ -117,6 +117,7 @@ type Handler struct {
 	allDownSent    atomic.Uint64 // datagrams sent while every upstream was down
 	warned         [numDropReasons]atomic.Bool
 	warnedListener atomic.Bool // replies through cx.Write
+	warnedWild     atomic.Bool // replies from the route's address; see warnWildcard
 
 	identity string    // handlers with one identity hand flows on; see reload.go
 	affinity *affinity // per flow and per connection

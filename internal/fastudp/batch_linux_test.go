@@ -20,8 +20,8 @@ type recorder struct {
 	holding bool
 }
 
-func (r *recorder) Deliver(b []byte, _ bool, _ int64) {
-	r.DeliverBatch([]Datagram{{B: b}}, 0)
+func (r *recorder) Deliver(d Datagram, _ int64) {
+	r.DeliverBatch([]Datagram{d}, 0)
 }
 
 func (r *recorder) Warm() {

@@ -22,10 +22,9 @@ import (
 
 // Endpoint receives the datagrams of one registered client.
 type Endpoint interface {
-	// Deliver handles one datagram from the client. b is valid only during
-	// the call; truncated says it was longer than the socket's buffer. now
-	// is the batch's arrival time in Unix nanoseconds.
-	Deliver(b []byte, truncated bool, now int64)
+	// Deliver handles one datagram from the client. d.B is valid only
+	// during the call. now is the batch's arrival time in Unix nanoseconds.
+	Deliver(d Datagram, now int64)
 	// Expired reports whether the endpoint has ended by now; the socket's
 	// reaper then closes it.
 	Expired(now int64) bool
@@ -33,11 +32,16 @@ type Endpoint interface {
 	Close()
 }
 
-// Datagram is one datagram of a batch: its bytes and whether it was cut
-// short.
+// Datagram is one datagram of a batch.
 type Datagram struct {
-	B         []byte
+	// B is the datagram's bytes.
+	B []byte
+	// Truncated says it was longer than the socket's buffer.
 	Truncated bool
+	// Dst is the host's address that the client sent it to, on a socket
+	// bound to an unspecified address, where replies must name it as
+	// their source; else invalid (udpio.Batch.Dst).
+	Dst netip.Addr
 }
 
 // BatchEndpoint is an Endpoint that takes all its datagrams of one read
@@ -89,6 +93,13 @@ type Socket struct {
 
 	epMu sync.RWMutex
 	eps  map[netip.AddrPort]Endpoint
+
+	// On an unspecified address: the destination of each unregistered
+	// client's latest datagram for caddy-l4, for the endpoint it may
+	// open (Dst). The reaper drops those older than one interval, so a
+	// client that registers none leaves its entry for two at most.
+	dstMu            sync.Mutex
+	dsts, dstsBefore map[netip.AddrPort]netip.Addr
 
 	queueFull atomic.Uint64 // datagrams of new clients dropped: queue full
 	truncated atomic.Uint64 // datagrams of unregistered clients cut short
@@ -338,11 +349,24 @@ func (s *Socket) Unregister(client netip.AddrPort, ep Endpoint) {
 }
 
 // PassOn unregisters ep, unless another endpoint has replaced it, and
-// queues b, a datagram from client that ep was handed, for caddy-l4, as a
+// queues d, a datagram from client that ep was handed, for caddy-l4, as a
 // new client's: the route it reaches decides who takes the client next.
-func (s *Socket) PassOn(client netip.AddrPort, ep Endpoint, b []byte) {
+func (s *Socket) PassOn(client netip.AddrPort, ep Endpoint, d Datagram) {
 	s.Unregister(client, ep)
-	s.toCaddy(client, b)
+	s.toCaddy(client, d.B, d.Dst)
+}
+
+// Dst is the host's address that client's latest datagram for caddy-l4
+// was sent to, on a socket bound to an unspecified address; else, or if
+// the socket has not seen client lately, invalid. An endpoint opened for
+// client replies from it until its datagrams tell another (Datagram.Dst).
+func (s *Socket) Dst(client netip.AddrPort) netip.Addr {
+	s.dstMu.Lock()
+	defer s.dstMu.Unlock()
+	if dst, ok := s.dsts[client]; ok {
+		return dst
+	}
+	return s.dstsBefore[client]
 }
 
 // Endpoints is the number of registered clients.
@@ -404,7 +428,7 @@ func (s *Socket) serve(b *udpio.Batch) {
 			case truncated:
 				s.truncated.Add(1)
 			default:
-				s.toCaddy(src, data)
+				s.toCaddy(src, data, b.Dst(i))
 			}
 		}
 	}
@@ -416,21 +440,22 @@ func (s *Socket) serve(b *udpio.Batch) {
 // delivers.
 func deliver(b *udpio.Batch, ep Endpoint, later []Endpoint, i int, ds []Datagram, now int64) {
 	_, data, truncated := b.Message(i - 1)
+	d := Datagram{data, truncated, b.Dst(i - 1)}
 	be, ok := ep.(BatchEndpoint)
 	if !ok {
-		ep.Deliver(data, truncated, now)
+		ep.Deliver(d, now)
 		return
 	}
-	ds = append(ds, Datagram{data, truncated})
+	ds = append(ds, d)
 	for j, other := range later {
 		if other == ep {
 			_, data, truncated := b.Message(i + j)
-			ds = append(ds, Datagram{data, truncated})
+			ds = append(ds, Datagram{data, truncated, b.Dst(i + j)})
 			later[j] = delivered
 		}
 	}
 	if len(ds) == 1 {
-		ep.Deliver(data, truncated, now)
+		ep.Deliver(d, now)
 		return
 	}
 	be.DeliverBatch(ds, now)
@@ -443,13 +468,13 @@ var delivered Endpoint = deliveredMark{}
 
 type deliveredMark struct{}
 
-func (deliveredMark) Deliver([]byte, bool, int64) {}
-func (deliveredMark) Expired(int64) bool          { return false }
-func (deliveredMark) Close()                      {}
+func (deliveredMark) Deliver(Datagram, int64) {}
+func (deliveredMark) Expired(int64) bool      { return false }
+func (deliveredMark) Close()                  {}
 
-// toCaddy queues a datagram of an unregistered client for the newest
-// config's listener.
-func (s *Socket) toCaddy(src netip.AddrPort, data []byte) {
+// toCaddy queues a datagram of an unregistered client, sent to dst, for
+// the newest config's listener.
+func (s *Socket) toCaddy(src netip.AddrPort, data []byte, dst netip.Addr) {
 	s.mu.Lock()
 	var f *Front
 	if len(s.fronts) > 0 {
@@ -465,10 +490,28 @@ func (s *Socket) toCaddy(src netip.AddrPort, data []byte) {
 	q.addr = net.UDPAddrFromAddrPort(src)
 	select {
 	case f.queue <- q:
+		if dst.IsValid() {
+			s.dstMu.Lock()
+			if s.dsts == nil {
+				s.dsts = make(map[netip.AddrPort]netip.Addr)
+			}
+			s.dsts[src] = dst
+			s.dstMu.Unlock()
+		}
 	default:
 		queuedPool.Put(q)
 		s.queueFull.Add(1)
 	}
+}
+
+// ageDsts forgets the destinations of clients that have sent caddy-l4
+// nothing for an interval (Dst).
+func (s *Socket) ageDsts() {
+	s.dstMu.Lock()
+	before := s.dstsBefore
+	clear(before)
+	s.dstsBefore, s.dsts = s.dsts, before
+	s.dstMu.Unlock()
 }
 
 // reap closes expired endpoints until the socket closes.
@@ -482,6 +525,7 @@ func (s *Socket) reap() {
 			return
 		case <-t.C:
 		}
+		s.ageDsts()
 		now := time.Now().UnixNano()
 		s.epMu.RLock()
 		for _, ep := range s.eps {

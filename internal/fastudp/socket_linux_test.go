@@ -1,8 +1,11 @@
 package fastudp
 
 import (
+	"net"
+	"net/netip"
 	"os"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -26,5 +29,60 @@ func TestSocketBuffers(t *testing.T) {
 			t.Skipf("receive buffer %d: capped by net.core.rmem_max without CAP_NET_ADMIN", rcv)
 		}
 		t.Fatalf("receive buffer is %d bytes, want at least %d", rcv, socketBuffer)
+	}
+}
+
+// dstEndpoint records the destinations of its datagrams.
+type dstEndpoint struct{ got chan netip.Addr }
+
+func (e *dstEndpoint) Deliver(d Datagram, _ int64) { e.got <- d.Dst }
+func (e *dstEndpoint) Expired(int64) bool          { return false }
+func (e *dstEndpoint) Close()                      {}
+
+// TestSocketDst: on a socket bound to an unspecified address, with two
+// readers, the address a client sent to reaches Dst for caddy-l4's
+// datagrams and the endpoint with each datagram; on a bound socket it is
+// invalid.
+func TestSocketDst(t *testing.T) {
+	for _, tc := range []struct{ listen, to, want string }{
+		{"0.0.0.0:0", "127.0.0.2", "127.0.0.2"},
+		{"0.0.0.0:0", "127.0.0.1", "127.0.0.1"},
+		{"127.0.0.1:0", "127.0.0.1", "invalid IP"},
+	} {
+		f, err := Listen(tc.listen, 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := f.LocalAddr().(*net.UDPAddr).Port
+		c, err := net.DialUDP("udp", nil, &net.UDPAddr{IP: net.ParseIP(tc.to), Port: port})
+		if err != nil {
+			t.Fatal(err)
+		}
+		client := c.LocalAddr().(*net.UDPAddr).AddrPort()
+		if _, err := c.Write([]byte("first")); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 64)
+		if _, from, err := f.ReadFrom(buf); err != nil || from.(*net.UDPAddr).AddrPort() != client {
+			t.Fatalf("%s: read %v from %v", tc.to, err, from)
+		}
+		if got := f.Socket().Dst(client); got.String() != tc.want {
+			t.Errorf("%s on %s: Dst %v, want %s", tc.to, tc.listen, got, tc.want)
+		}
+		ep := &dstEndpoint{got: make(chan netip.Addr, 1)}
+		f.Socket().Register(client, ep)
+		if _, err := c.Write([]byte("second")); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case got := <-ep.got:
+			if got.String() != tc.want {
+				t.Errorf("%s on %s: delivered with destination %v, want %s", tc.to, tc.listen, got, tc.want)
+			}
+		case <-time.After(2 * time.Second):
+			t.Errorf("%s on %s: nothing delivered", tc.to, tc.listen)
+		}
+		_ = c.Close()
+		_ = f.Close()
 	}
 }

@@ -15,8 +15,8 @@ type passingEndpoint struct {
 	got    chan struct{}
 }
 
-func (e *passingEndpoint) Deliver(b []byte, _ bool, _ int64) {
-	e.s.PassOn(e.client, e, b)
+func (e *passingEndpoint) Deliver(d Datagram, _ int64) {
+	e.s.PassOn(e.client, e, d)
 	e.got <- struct{}{}
 }
 func (e *passingEndpoint) Expired(int64) bool { return false }

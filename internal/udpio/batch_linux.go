@@ -11,7 +11,8 @@ import (
 // Batch reads up to a batch of datagrams from a socket with one recvmmsg.
 // With UDP GRO on (NewGROBatch), the kernel may hand it several datagrams of
 // one sender in one message, which it splits again: Read and Message see
-// every datagram as it was sent.
+// every datagram as it was sent. On a socket bound to an unspecified
+// address it also reports each datagram's destination address (Dst).
 type Batch struct {
 	rc      syscall.RawConn
 	m       *Msgs
@@ -19,6 +20,7 @@ type Batch struct {
 	n       int
 	errno   syscall.Errno
 	bufSize int
+	dsts    []netip.Addr // on an unspecified address: each message's destination
 
 	// With GRO:
 	mem       []byte     // the mapping of m's buffers
@@ -56,10 +58,16 @@ func newBatch(conn *net.UDPConn, size, bufSize int, gro bool) (*Batch, error) {
 	}
 	b := &Batch{rc: rc, bufSize: bufSize}
 	b.recvf = b.recv
+	if recvDst(conn, rc) {
+		b.dsts = make([]netip.Addr, size)
+	}
 	if gro && b.enableGRO(size) {
 		return b, nil
 	}
 	b.m = NewMsgs(size, bufSize)
+	if b.dsts != nil {
+		b.m.withControl()
+	}
 	return b, nil
 }
 
@@ -107,6 +115,11 @@ func (b *Batch) Read() (int, error) {
 		return 0, b.errno
 	}
 	if b.mem == nil {
+		if b.dsts != nil {
+			for i := range b.n {
+				_, b.dsts[i] = b.m.control(i)
+			}
+		}
 		return b.n, nil
 	}
 	return b.split(), nil
@@ -119,7 +132,10 @@ func (b *Batch) split() int {
 	b.ds, b.coalesced = b.ds[:0], 0
 	for i := range b.n {
 		size, truncated := int(b.m.hdrs[i].len), b.m.hdrs[i].hdr.Flags&unix.MSG_TRUNC != 0
-		seg := b.m.segment(i)
+		seg, dst := b.m.control(i)
+		if b.dsts != nil {
+			b.dsts[i] = dst
+		}
 		if seg <= 0 || seg >= size {
 			b.ds = append(b.ds, datagram{int32(i), 0, int32(size), truncated})
 			continue
@@ -149,4 +165,18 @@ func (b *Batch) Message(i int) (netip.AddrPort, []byte, bool) {
 		return addrPort(&b.m.names[d.msg]), data[:b.bufSize], true
 	}
 	return addrPort(&b.m.names[d.msg]), data, d.truncated
+}
+
+// Dst returns the destination address, unmapped, of datagram i of the last
+// Read: one of the host's addresses, which a reply to its sender must leave
+// from. It is invalid where the socket is bound to one address, which
+// replies leave from anyway, or the system did not report it.
+func (b *Batch) Dst(i int) netip.Addr {
+	switch {
+	case b.dsts == nil:
+		return netip.Addr{}
+	case b.mem == nil:
+		return b.dsts[i]
+	}
+	return b.dsts[b.ds[i].msg]
 }

@@ -51,3 +51,7 @@ func (b *Batch) Coalesced() int { return 0 }
 func (b *Batch) Message(int) (netip.AddrPort, []byte, bool) {
 	return b.src, b.buf[:b.n], b.trunc
 }
+
+// Dst is invalid: the destination address of a datagram is read with
+// IP_PKTINFO on Linux only.
+func (b *Batch) Dst(int) netip.Addr { return netip.Addr{} }

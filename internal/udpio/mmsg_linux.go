@@ -24,7 +24,7 @@ type Msgs struct {
 	iovs  []unix.Iovec
 	names []unix.RawSockaddrInet6
 	bufs  [][]byte
-	ctrl  []byte // with GRO: a control buffer of groCtrlSpace bytes per message
+	ctrl  []byte // with GRO or recvDst: a control buffer of groCtrlSpace bytes per message
 }
 
 // NewMsgs returns size messages with buffers of bufSize bytes.
@@ -60,13 +60,15 @@ const (
 	groStride = groBuffer + 7*64
 )
 
-// groCtrlSpace is the control buffer of a message with UDP GRO: room for
-// the UDP_GRO segment size and the other control messages a socket may
-// have turned on, such as quic-go's IP_TOS or IPV6_TCLASS and IP_PKTINFO or
-// IPV6_PKTINFO, and a timestamp, which the kernel writes before UDP_GRO:
-// 144 bytes on 64-bit platforms, 108 on 32-bit ones.
+// groCtrlSpace is the control buffer of a message with UDP GRO or the
+// destination address: room for the UDP_GRO segment size and the other
+// control messages a socket may have turned on, such as quic-go's IP_TOS
+// or IPV6_TCLASS, IPV6_PKTINFO and, on an IPv6 socket, IP_PKTINFO too for
+// an IPv4 datagram, and a timestamp, which the kernel writes before
+// UDP_GRO: 176 bytes on 64-bit platforms, 136 on 32-bit ones.
 var groCtrlSpace = 2*unix.CmsgSpace(4) + // UDP_GRO, IP_TOS or IPV6_TCLASS
-	unix.CmsgSpace(unix.SizeofInet6Pktinfo) + // IP_PKTINFO or IPV6_PKTINFO
+	unix.CmsgSpace(unix.SizeofInet6Pktinfo) + // IPV6_PKTINFO
+	unix.CmsgSpace(unix.SizeofInet4Pktinfo) + // IP_PKTINFO
 	unix.CmsgSpace(16) + // SO_TIMESTAMP
 	unix.CmsgSpace(4) // to spare
 
@@ -80,11 +82,16 @@ func newGROMsgs(size int) (m *Msgs, mem []byte, err error) {
 		return nil, nil, err
 	}
 	m = newMsgs(size, func(i int) []byte { return mem[i*groStride : i*groStride+groBuffer : i*groStride+groBuffer] })
-	m.ctrl = make([]byte, size*groCtrlSpace)
-	for i := range size {
+	m.withControl()
+	return m, mem, nil
+}
+
+// withControl gives each message a control buffer of groCtrlSpace bytes.
+func (m *Msgs) withControl() {
+	m.ctrl = make([]byte, len(m.hdrs)*groCtrlSpace)
+	for i := range m.hdrs {
 		m.hdrs[i].hdr.Control = &m.ctrl[i*groCtrlSpace]
 	}
-	return m, mem, nil
 }
 
 // Len is the number of messages.
@@ -115,30 +122,15 @@ func (m *Msgs) Message(i int) (netip.AddrPort, []byte, bool) {
 	return addrPort(&m.names[i]), m.bufs[i][:h.len], h.hdr.Flags&unix.MSG_TRUNC != 0
 }
 
-// segment returns the size of the datagrams that the kernel coalesced into
-// message i (UDP GRO), or 0 when it holds one datagram as sent: the data of
-// its UDP_GRO control message, wherever it is among the others.
-func (m *Msgs) segment(i int) int {
+// control returns the UDP GRO segment size of message i, the size of the
+// datagrams that the kernel coalesced into it, or 0 when it holds one
+// datagram as sent; and its destination address, or an invalid one when
+// the socket does not report it (recvDst).
+func (m *Msgs) control(i int) (segment int, dst netip.Addr) {
 	if m.ctrl == nil {
-		return 0
+		return 0, netip.Addr{}
 	}
-	c := m.ctrl[i*groCtrlSpace : i*groCtrlSpace+min(int(m.hdrs[i].hdr.Controllen), groCtrlSpace)]
-	for len(c) >= unix.CmsgLen(0) {
-		h := (*unix.Cmsghdr)(unsafe.Pointer(&c[0]))
-		n := int(h.Len)
-		if n < unix.CmsgLen(0) || n > len(c) {
-			return 0 // malformed or cut short
-		}
-		if h.Level == unix.SOL_UDP && h.Type == unix.UDP_GRO && n >= unix.CmsgLen(4) {
-			return int(*(*int32)(unsafe.Pointer(&c[unix.CmsgLen(0)])))
-		}
-		next := unix.CmsgSpace(n - unix.CmsgLen(0)) // n, aligned
-		if next >= len(c) {
-			return 0
-		}
-		c = c[next:]
-	}
-	return 0
+	return parseControl(m.ctrl[i*groCtrlSpace : i*groCtrlSpace+min(int(m.hdrs[i].hdr.Controllen), groCtrlSpace)])
 }
 
 // SendQueue gathers datagrams for one sendmmsg. It is allocation-free after
@@ -147,6 +139,8 @@ type SendQueue struct {
 	hdrs  []mmsghdr
 	iovs  []unix.Iovec
 	names []unix.RawSockaddrInet6
+	srcs  []netip.Addr // AddFrom's sources, invalid for Add
+	ctrl  []byte       // PktInfoSpace bytes per datagram, once AddFrom has a source
 	n     int
 }
 
@@ -156,6 +150,7 @@ func NewSendQueue(size int) *SendQueue {
 		hdrs:  make([]mmsghdr, size),
 		iovs:  make([]unix.Iovec, size),
 		names: make([]unix.RawSockaddrInet6, size),
+		srcs:  make([]netip.Addr, size),
 	}
 	for i := range q.hdrs {
 		q.hdrs[i].hdr.Iov = &q.iovs[i]
@@ -172,10 +167,29 @@ func (q *SendQueue) Len() int { return q.n }
 // the socket's connected peer if to is invalid. An empty b is a valid,
 // empty datagram.
 func (q *SendQueue) Add(b []byte, to netip.AddrPort, family int) {
+	q.AddFrom(b, to, netip.Addr{}, family)
+}
+
+// AddFrom is Add with src, one of the host's addresses, as the datagram's
+// source address (PutPktInfo): for a socket bound to an unspecified
+// address. An invalid src leaves it to the kernel's route, as Add does.
+func (q *SendQueue) AddFrom(b []byte, to netip.AddrPort, src netip.Addr, family int) {
 	i := q.n
+	h := &q.hdrs[i].hdr
 	q.iovs[i].Base = unsafe.SliceData(b)
 	q.iovs[i].SetLen(len(b))
-	q.hdrs[i].hdr.Namelen = putSockaddr(&q.names[i], family, to)
+	h.Namelen = putSockaddr(&q.names[i], family, to)
+	q.srcs[i] = src
+	if src.IsValid() {
+		if q.ctrl == nil {
+			q.ctrl = make([]byte, len(q.hdrs)*PktInfoSpace)
+		}
+		c := q.ctrl[i*PktInfoSpace : (i+1)*PktInfoSpace]
+		h.Control = &c[0]
+		h.SetControllen(PutPktInfo(c, src))
+	} else if h.Control != nil {
+		h.Control, h.Controllen = nil, 0
+	}
 	q.n++
 }
 
@@ -191,28 +205,34 @@ func (q *SendQueue) Send(fd uintptr, from, to int) (int, syscall.Errno) {
 }
 
 // SendGSO sends the queued datagrams from from up to to as one UDP GSO
-// datagram (UDP_SEGMENT) to the first one's destination: every one of them
-// but the last must be size bytes long, the last at most size.
+// datagram (UDP_SEGMENT) to the first one's destination, from its source:
+// every one of them but the last must be size bytes long, the last at most
+// size.
 func (q *SendQueue) SendGSO(fd uintptr, from, to, size int) syscall.Errno {
-	var cmsg [unix.SizeofCmsghdr + 8]byte // CMSG_SPACE(sizeof(uint16))
+	// CMSG_SPACE(sizeof(uint16)), then the source's PKTINFO if any.
+	var cmsg [unix.SizeofCmsghdr + 8 + unix.SizeofCmsghdr + unix.SizeofInet6Pktinfo + 4]byte
 	h := (*unix.Cmsghdr)(unsafe.Pointer(&cmsg[0]))
 	h.Level, h.Type = unix.SOL_UDP, unix.UDP_SEGMENT
 	h.SetLen(unix.CmsgLen(2))
 	*(*uint16)(unsafe.Pointer(&cmsg[unix.CmsgLen(0)])) = uint16(size)
+	// CMSG_SPACE: where the buffer is longer (386), a 32-bit process's
+	// padding would read as a second, malformed header: EINVAL.
+	n := unix.CmsgSpace(2)
+	if q.srcs[from].IsValid() {
+		n += PutPktInfo(cmsg[n:], q.srcs[from])
+	}
 	msg := q.hdrs[from].hdr // its name
 	msg.Iov = &q.iovs[from]
 	msg.SetIovlen(to - from)
 	msg.Control = &cmsg[0]
-	// CMSG_SPACE: where the buffer is longer (386), a 32-bit process's
-	// padding would read as a second, malformed header: EINVAL.
-	msg.SetControllen(unix.CmsgSpace(2))
+	msg.SetControllen(n)
 	_, _, errno := unix.RawSyscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&msg)), unix.MSG_DONTWAIT)
 	return errno
 }
 
 // GSORun is how many queued datagrams from from on, up to to, can leave
 // as one UDP GSO datagram of segments of their first one's size: those with
-// the same destination, of that size but the last, which may be shorter,
+// the same destination and source, of that size but the last, which may be shorter,
 // at most 64 and 65507 bytes in all. It is 1 or more.
 func (q *SendQueue) GSORun(from, to int) int {
 	size, total := q.Size(from), q.Size(from)
@@ -222,7 +242,8 @@ func (q *SendQueue) GSORun(from, to int) int {
 	n := 1
 	for i := from + 1; i < to && n < maxSegments; i++ {
 		s := q.Size(i)
-		if s > size || s == 0 || total+s > maxGSOBytes || q.hdrs[i].hdr.Namelen != q.hdrs[from].hdr.Namelen || q.names[i] != q.names[from] {
+		if s > size || s == 0 || total+s > maxGSOBytes || q.hdrs[i].hdr.Namelen != q.hdrs[from].hdr.Namelen ||
+			q.names[i] != q.names[from] || q.srcs[i] != q.srcs[from] {
 			break
 		}
 		n++

@@ -1,0 +1,220 @@
+package stabilize
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/quic-go/quic-go"
+)
+
+// A listener bound to an unspecified address must reply from the address
+// each client sent to: a client connected to 127.0.0.2 drops a reply from
+// 127.0.0.1, the address the route picks, as NATs and firewalls do on a
+// host with several addresses. 127.0.0.0/8 is the loopback's on Linux.
+
+// wildListens are the unspecified listener addresses the tests run on:
+// a dual-stack socket ([::], IPv4 clients as mapped addresses) and an
+// IPv4 one.
+var wildListens = []string{":%d", "0.0.0.0:%d"}
+
+// caddyL4NoDst is why the udp/ cases of these tests are skipped.
+const caddyL4NoDst = "caddy-l4 v0.1.2 reads udp/ listeners with ReadFrom, without the destination address " +
+	"(IP_PKTINFO), so replies leave from the route's address (README, Limits); fastudp/ reads it"
+
+// startBalancerAt is startBalancerOn with the listener at listen, a
+// format of the port that freeUDPPort picks.
+func startBalancerAt(t testing.TB, network, listen string, handler any) int {
+	t.Helper()
+	port := freeUDPPort(t)
+	if err := caddy.Load(testConfigOn(network, fmt.Sprintf(listen, port), "", 30*time.Second, handler), true); err != nil {
+		t.Fatalf("loading config: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("stopping caddy: %v", err)
+		}
+	})
+	return port
+}
+
+// wildDsts are the host addresses the clients send to; ::1 only on the
+// dual-stack listener, and where the host has it.
+func wildDsts(listen string) []string {
+	if listen == ":%d" {
+		return []string{"127.0.0.2", "127.0.0.1", "::1"}
+	}
+	return []string{"127.0.0.2", "127.0.0.1"}
+}
+
+// routed reports whether the route's source address to a client on the
+// loopback is dst: replies from it arrive whichever address the socket
+// replies from.
+func routed(dst string) bool { return dst == "127.0.0.1" || dst == "::1" }
+
+// dialWild connects a client to port at dst, or skips the test where the
+// host has no such address.
+func dialWild(t *testing.T, dst string, port int) *client {
+	t.Helper()
+	to := netip.AddrPortFrom(netip.MustParseAddr(dst), uint16(port))
+	if c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(to)); err != nil {
+		t.Skipf("no %s here: %v", dst, err)
+	} else {
+		_ = c.Close()
+	}
+	return newClient(t, to.String())
+}
+
+// TestWildcardReplySource: on a listener bound to an unspecified address,
+// a client connected to 127.0.0.2, and one to 127.0.0.1 (and ::1), each
+// get their replies, the first (through caddy-l4) and the later ones
+// (bypassing it on fastudp/), on every granularity; and an unconnected
+// client that sends to another of the host's addresses from the same port
+// gets its replies from that address from then on.
+func TestWildcardReplySource(t *testing.T) {
+	for _, listen := range wildListens {
+		t.Run(fmt.Sprintf(listen, 0), func(t *testing.T) {
+			forPaths(t, granularities, func(t *testing.T, network, per string) {
+				a := startUpstream(t, "a")
+				port := startBalancerAt(t, network, listen, handlerConfig(per, "", a))
+				for _, dst := range wildDsts(listen) {
+					t.Run(dst, func(t *testing.T) {
+						if network == "udp" && !routed(dst) {
+							t.Skip(caddyL4NoDst)
+						}
+						cl := dialWild(t, dst, port)
+						for i := range 3 {
+							if name := cl.mustRoundTrip(fmt.Sprintf("hello-%d", i)); name != "a" {
+								t.Fatalf("reply from %q", name)
+							}
+						}
+					})
+				}
+				t.Run("moving", func(t *testing.T) {
+					if network == "udp" {
+						t.Skip(caddyL4NoDst)
+					}
+					c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer c.Close()
+					buf := make([]byte, 128)
+					for i, dst := range []string{"127.0.0.2", "127.0.0.3", "127.0.0.1", "127.0.0.2"} {
+						to := netip.AddrPortFrom(netip.MustParseAddr(dst), uint16(port))
+						if _, err := c.WriteToUDPAddrPort([]byte(fmt.Sprint("to-", i)), to); err != nil {
+							t.Fatal(err)
+						}
+						_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+						n, from, err := c.ReadFromUDPAddrPort(buf)
+						if err != nil {
+							t.Fatalf("datagram %d, to %v: %v", i, to, err)
+						}
+						if from != to || string(buf[:n]) != fmt.Sprint("a|to-", i) {
+							t.Errorf("datagram %d, to %v: reply %q from %v", i, to, buf[:n], from)
+						}
+					}
+				})
+			})
+		})
+	}
+}
+
+// TestWildcardProxyV2: on a fastudp/ listener bound to an unspecified
+// address, the PROXY v2 header's destination is the address and port the
+// client sent to, for the datagram that opens the flow and the later ones;
+// not the listener's 0.0.0.0 or [::].
+func TestWildcardProxyV2(t *testing.T) {
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		if network == "udp" {
+			t.Skip(caddyL4NoDst)
+		}
+		up := startRawUpstream(t, false, true)
+		h := rawHandler(per, up)
+		h["proxy_protocol"] = "v2"
+		port := startBalancerAt(t, network, ":%d", h)
+		sent := 0
+		for _, dst := range []string{"127.0.0.2", "127.0.0.1"} {
+			cl := dialWild(t, dst, port)
+			client := cl.conn.LocalAddr().(*net.UDPAddr).AddrPort()
+			want := netip.AddrPortFrom(netip.MustParseAddr(dst), uint16(port)).String()
+			for _, p := range []string{"first", "second", "third"} {
+				if _, err := cl.conn.Write([]byte(p)); err != nil {
+					t.Fatal(err)
+				}
+				sent++
+				eventually(t, 2*time.Second, fmt.Sprintf("the upstream to receive datagram %d", sent), func() bool {
+					return up.got.Load() >= int64(sent)
+				})
+				if err := checkProxyV2(up.recorded()[sent-1], client, want, p); err != nil {
+					t.Errorf("datagram %q to %s: %v", p, dst, err)
+				}
+			}
+		}
+	})
+}
+
+// sourceFilter is a client's socket that takes only packets from want, as
+// a connected socket does, and counts the others.
+type sourceFilter struct {
+	net.PacketConn
+	want  netip.AddrPort
+	other atomic.Int64
+}
+
+func (f *sourceFilter) ReadFrom(b []byte) (int, net.Addr, error) {
+	for {
+		n, addr, err := f.PacketConn.ReadFrom(b)
+		if err != nil {
+			return n, addr, err
+		}
+		if ap := addr.(*net.UDPAddr).AddrPort(); netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()) == f.want {
+			return n, addr, nil
+		}
+		f.other.Add(1)
+	}
+}
+
+// TestWildcardQUIC: a balancer terminating QUIC on a fastudp/ listener
+// bound to an unspecified address completes the handshake and a stream
+// round trip with a client of 127.0.0.2 that takes packets from that
+// address only: quic-go learns the address from the datagrams' control
+// messages (quicConn.ReadBatch) and sends from it.
+func TestWildcardQUIC(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		if network == "udp" {
+			t.Skip(caddyL4NoDst)
+		}
+		b := startQUICBackend(t, "a")
+		port := startBalancerAt(t, network, ":%d", quicHandler(t, "", "", nil, b.dial()))
+		for _, dst := range []string{"127.0.0.2", "127.0.0.1"} {
+			pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			to := netip.AddrPortFrom(netip.MustParseAddr(dst), uint16(port))
+			f := &sourceFilter{PacketConn: pc, want: to}
+			tr := &quic.Transport{Conn: f}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			c, err := tr.Dial(ctx, net.UDPAddrFromAddrPort(to), quicClientTLS(t), &quic.Config{})
+			cancel()
+			if err != nil {
+				t.Fatalf("handshake with %v: %v (%d packets from elsewhere)", to, err, f.other.Load())
+			}
+			if name := mustExchange(t, c, []byte("hello "+dst)); name != "a" {
+				t.Errorf("%s: reply from %q", dst, name)
+			}
+			if n := f.other.Load(); n > 0 {
+				t.Errorf("%s: %d packets from another address", dst, n)
+			}
+			_ = c.CloseWithError(0, "")
+			_ = tr.Close()
+			_ = pc.Close()
+		}
+	})
+}
