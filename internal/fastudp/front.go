@@ -4,6 +4,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
 )
 
 // Front is one config's view of a Socket: the net.PacketConn that caddy-l4
@@ -31,8 +33,14 @@ func (f *Front) ReadFrom(b []byte) (int, net.Addr, error) {
 	}
 }
 
-// WriteTo sends a datagram through the shared socket.
+// WriteTo sends a datagram through the shared socket. On an unspecified
+// address it leaves from the address the client's latest datagram was
+// sent to, if the socket has seen one lately (Socket.Dst).
 func (f *Front) WriteTo(b []byte, addr net.Addr) (int, error) {
+	if ua, ok := addr.(*net.UDPAddr); ok && f.s.wild {
+		to := ua.AddrPort()
+		return udpio.WriteFrom(f.s.conn, b, to, f.s.Dst(udpio.Unmap(to)))
+	}
 	return f.s.conn.WriteTo(b, addr)
 }
 

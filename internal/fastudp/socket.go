@@ -82,6 +82,7 @@ const (
 // Socket is one UDP socket of the fast network.
 type Socket struct {
 	key     string
+	wild    bool           // bound to an unspecified address
 	conn    *net.UDPConn   // the first reader's; replies leave through it
 	conns   []*net.UDPConn // one per reader, under registryMu
 	serving sync.WaitGroup // the readers
@@ -172,6 +173,7 @@ func open(addr string, readers int) (*Socket, error) {
 	}
 	s := &Socket{
 		key:  addr,
+		wild: first.LocalAddr().(*net.UDPAddr).IP.IsUnspecified(),
 		conn: first,
 		done: make(chan struct{}),
 		eps:  make(map[netip.AddrPort]Endpoint),
@@ -488,21 +490,28 @@ func (s *Socket) toCaddy(src netip.AddrPort, data []byte, dst netip.Addr) {
 	q := queuedPool.Get().(*queued)
 	q.n = copy(q.buf[:], data)
 	q.addr = net.UDPAddrFromAddrPort(src)
+	if dst.IsValid() { // before caddy-l4 may read it
+		s.dstMu.Lock()
+		if s.dsts == nil {
+			s.dsts = make(map[netip.AddrPort]netip.Addr)
+		}
+		if len(s.dsts) < maxDsts {
+			s.dsts[src] = dst
+		}
+		s.dstMu.Unlock()
+	}
 	select {
 	case f.queue <- q:
-		if dst.IsValid() {
-			s.dstMu.Lock()
-			if s.dsts == nil {
-				s.dsts = make(map[netip.AddrPort]netip.Addr)
-			}
-			s.dsts[src] = dst
-			s.dstMu.Unlock()
-		}
 	default:
 		queuedPool.Put(q)
 		s.queueFull.Add(1)
 	}
 }
+
+// maxDsts bounds the destinations a socket keeps per reap interval (Dst):
+// past it, a flood of new clients costs no more memory, and replies to
+// the clients not kept leave from the route's address.
+const maxDsts = 1 << 16
 
 // ageDsts forgets the destinations of clients that have sent caddy-l4
 // nothing for an interval (Dst).

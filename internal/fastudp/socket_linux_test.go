@@ -82,6 +82,15 @@ func TestSocketDst(t *testing.T) {
 		case <-time.After(2 * time.Second):
 			t.Errorf("%s on %s: nothing delivered", tc.to, tc.listen)
 		}
+		// caddy-l4's handlers write through the front: from the
+		// address the client sent to, which a connected client needs.
+		if _, err := f.WriteTo([]byte("reply"), c.LocalAddr()); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(time.Second))
+		if n, err := c.Read(buf); err != nil || string(buf[:n]) != "reply" {
+			t.Errorf("%s on %s: the front's reply: %q, %v", tc.to, tc.listen, buf[:n], err)
+		}
 		_ = c.Close()
 		_ = f.Close()
 	}

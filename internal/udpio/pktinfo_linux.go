@@ -100,3 +100,15 @@ func parseControl(c []byte) (segment int, dst netip.Addr) {
 	}
 	return segment, dst
 }
+
+// WriteFrom sends b to to out of conn from src, one of the host's
+// addresses (PutPktInfo), or from the address the route picks if src is
+// invalid.
+func WriteFrom(conn *net.UDPConn, b []byte, to netip.AddrPort, src netip.Addr) (int, error) {
+	if !src.IsValid() {
+		return conn.WriteToUDPAddrPort(b, to)
+	}
+	var oob [unix.SizeofCmsghdr + unix.SizeofInet6Pktinfo + 4]byte // PktInfoSpace
+	n, _, err := conn.WriteMsgUDPAddrPort(b, oob[:PutPktInfo(oob[:], src)], to)
+	return n, err
+}
