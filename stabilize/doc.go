@@ -42,7 +42,13 @@
 // them only from the handler's upstreams, and sends them out of the
 // listener's own socket with sendmmsg, replies to one client of one size as
 // one GSO send, on `udp/` and `fastudp/` alike, dropping (never waiting)
-// when the socket is full. On Linux the flow sockets stay out of Go's
+// when the socket is full. A fastudp socket bound to an unspecified address
+// reads each datagram's destination address (IP_PKTINFO); the flow keeps
+// the latest (Flow.setDst) as its replies' source, which a client that
+// sent to another of the host's addresses than the route's needs, and as
+// its PROXY header's destination; a terminating transport gets it as
+// quic-go's socket would (quicConn.ReadBatch). caddy-l4 reads `udp/`
+// without it, so there replies leave from the route's address. On Linux the flow sockets stay out of Go's
 // netpoller (udpio.Socket): only the reactor's epoll set watches them, so a
 // reply costs one epoll event, not a second one in the runtime's set, and
 // the data path's raw system calls touch no poll descriptor. With many

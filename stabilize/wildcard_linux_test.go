@@ -218,3 +218,34 @@ func TestWildcardQUIC(t *testing.T) {
 		}
 	})
 }
+
+// BenchmarkWildcardRoundTrip is BenchmarkRoundTrip on fastudp/ with the
+// listener on an unspecified address, where each datagram's destination
+// is read and each reply names it as its source, with a client of
+// 127.0.0.1, whose replies the route's address reaches too: it measures
+// what the destination costs.
+func BenchmarkWildcardRoundTrip(b *testing.B) {
+	for _, per := range []string{"packet", "flow"} {
+		b.Run(per, func(b *testing.B) {
+			a, c := startUpstream(b, "a"), startUpstream(b, "c")
+			port := startBalancerAt(b, FastNetwork, ":%d", handlerConfig(per, "", a, c))
+			cl := newClient(b, fmt.Sprint("127.0.0.1:", port))
+			payload := make([]byte, 64)
+			for range 100 { // establish the flow
+				if _, _, err := cl.roundTrip(payload, time.Second); err != nil {
+					b.Fatal(err)
+				}
+			}
+			_ = cl.conn.SetReadDeadline(time.Now().Add(time.Minute))
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := cl.conn.Write(payload); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := cl.conn.Read(cl.buf); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
