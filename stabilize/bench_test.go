@@ -26,26 +26,31 @@ func BenchmarkRoundTrip(b *testing.B) {
 			b.Run(network+"/"+per, func(b *testing.B) {
 				a, c := startUpstream(b, "a"), startUpstream(b, "c")
 				lb := startBalancerOn(b, network, false, 30*time.Second, handlerConfig(per, "", a, c))
-				cl := newClient(b, lb.addr)
-				payload := make([]byte, 64)
-				for range 100 { // establish the flow
-					if _, _, err := cl.roundTrip(payload, time.Second); err != nil {
-						b.Fatal(err)
-					}
-				}
-				// The warm-up's read deadline would end a longer run: a
-				// lost datagram still fails it, within a minute.
-				_ = cl.conn.SetReadDeadline(time.Now().Add(time.Minute))
-				b.ReportAllocs()
-				for b.Loop() {
-					if _, err := cl.conn.Write(payload); err != nil {
-						b.Fatal(err)
-					}
-					if _, err := cl.conn.Read(cl.buf); err != nil {
-						b.Fatal(err)
-					}
-				}
+				benchRoundTrips(b, newClient(b, lb.addr))
 			})
+		}
+	}
+}
+
+// benchRoundTrips establishes cl's flow, then times round trips of a
+// 64-byte datagram.
+func benchRoundTrips(b *testing.B, cl *client) {
+	payload := make([]byte, 64)
+	for range 100 { // establish the flow
+		if _, _, err := cl.roundTrip(payload, time.Second); err != nil {
+			b.Fatal(err)
+		}
+	}
+	// The warm-up's read deadline would end a longer run: a lost datagram
+	// still fails it, within a minute.
+	_ = cl.conn.SetReadDeadline(time.Now().Add(time.Minute))
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := cl.conn.Write(payload); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := cl.conn.Read(cl.buf); err != nil {
+			b.Fatal(err)
 		}
 	}
 }

@@ -229,23 +229,7 @@ func BenchmarkWildcardRoundTrip(b *testing.B) {
 		b.Run(per, func(b *testing.B) {
 			a, c := startUpstream(b, "a"), startUpstream(b, "c")
 			port := startBalancerAt(b, FastNetwork, ":%d", handlerConfig(per, "", a, c))
-			cl := newClient(b, fmt.Sprint("127.0.0.1:", port))
-			payload := make([]byte, 64)
-			for range 100 { // establish the flow
-				if _, _, err := cl.roundTrip(payload, time.Second); err != nil {
-					b.Fatal(err)
-				}
-			}
-			_ = cl.conn.SetReadDeadline(time.Now().Add(time.Minute))
-			b.ReportAllocs()
-			for b.Loop() {
-				if _, err := cl.conn.Write(payload); err != nil {
-					b.Fatal(err)
-				}
-				if _, err := cl.conn.Read(cl.buf); err != nil {
-					b.Fatal(err)
-				}
-			}
+			benchRoundTrips(b, newClient(b, fmt.Sprint("127.0.0.1:", port)))
 		})
 	}
 }
