@@ -2,9 +2,13 @@ package stabilize
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -230,6 +234,58 @@ func BenchmarkWildcardRoundTrip(b *testing.B) {
 			a, c := startUpstream(b, "a"), startUpstream(b, "c")
 			port := startBalancerAt(b, FastNetwork, ":%d", handlerConfig(per, "", a, c))
 			benchRoundTrips(b, newClient(b, fmt.Sprint("127.0.0.1:", port)))
+		})
+	}
+}
+
+// TestWildcardWarnsOnce: a handler behind a udp/ listener bound to an
+// unspecified address warns once, not per flow, that replies leave from the
+// route's address; on fastudp/, or on a udp/ listener bound to one address,
+// it does not warn.
+func TestWildcardWarnsOnce(t *testing.T) {
+	for _, tc := range []struct {
+		network, listen string
+		want            int
+	}{
+		{"udp", ":%d", 1},
+		{"udp", "127.0.0.1:%d", 0},
+		{FastNetwork, ":%d", 0},
+	} {
+		t.Run(tc.network+"/"+fmt.Sprintf(tc.listen, 0), func(t *testing.T) {
+			a := startUpstream(t, "a")
+			port := freeUDPPort(t)
+			var cfg map[string]any
+			if err := json.Unmarshal(testConfigOn(tc.network, fmt.Sprintf(tc.listen, port), "", 30*time.Second, handlerConfig("flow", "", a)), &cfg); err != nil {
+				t.Fatal(err)
+			}
+			logFile := filepath.Join(t.TempDir(), "caddy.log")
+			cfg["logging"] = map[string]any{"logs": map[string]any{"default": map[string]any{
+				"level":   "WARN",
+				"writer":  map[string]any{"output": "file", "filename": logFile},
+				"encoder": map[string]any{"format": "json"},
+			}}}
+			b, err := json.Marshal(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := caddy.Load(b, true); err != nil {
+				t.Fatalf("loading config: %v", err)
+			}
+			defer func() {
+				if err := caddy.Stop(); err != nil {
+					t.Errorf("stopping caddy: %v", err)
+				}
+			}()
+			for i := range 3 { // three flows
+				newClient(t, fmt.Sprint("127.0.0.1:", port)).mustRoundTrip(fmt.Sprint("flow-", i))
+			}
+			logged, err := os.ReadFile(logFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := strings.Count(string(logged), "bound to an unspecified address"); got != tc.want {
+				t.Errorf("warned %d times, want %d:\n%s", got, tc.want, logged)
+			}
 		})
 	}
 }
