@@ -196,8 +196,8 @@ func (h *Handler) proxyHeader(fl *Flow) []byte {
 }
 
 // setDst makes dst, the host address that the client's latest datagram
-// was sent to, another than before, the flow's: the source of its replies
-// and its PROXY header's destination. fl.mu is held.
+// was sent to, when it changes, the flow's: the source of its replies and
+// its PROXY header's destination. fl.mu is held.
 func (fl *Flow) setDst(dst netip.Addr) {
 	fl.dst = dst
 	fl.replyMu.Lock()
