@@ -133,6 +133,10 @@ var caddyfileOptions = []caddyfileOption{
 			return nil
 		}},
 
+	{group: "metrics and logs", name: "name", args: "<text>",
+		doc:   "the handler's name: its metrics' handler label and a field of its logs (default: its ordinal)",
+		parse: setText(func(h *Handler) *string { return &h.Name })},
+
 	{group: "upstream-facing sockets", name: "proxy_protocol", args: "v2",
 		doc:   "prepend a PROXY protocol v2 header with the client's address to every datagram",
 		parse: setText(func(h *Handler) *string { return &h.ProxyProtocol })},

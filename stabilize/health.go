@@ -110,9 +110,12 @@ func (h *Host) Healthy() bool {
 
 // CheckResult is the outcome of one active health check.
 type CheckResult struct {
-	Time   time.Time `json:"time"`
-	Passed bool      `json:"passed"`
-	Reason string    `json:"reason,omitempty"` // why it failed
+	// When the check ended.
+	Time time.Time `json:"time"`
+	// Whether the reply matched.
+	Passed bool `json:"passed"`
+	// Why the check failed; empty when it passed.
+	Reason string `json:"reason,omitempty"`
 	// The round-trip time of the probe when a reply arrived, else 0.
 	Latency time.Duration `json:"latency_ns"`
 }

@@ -2,6 +2,7 @@ package stabilize
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"strconv"
 	"sync"
@@ -45,12 +46,13 @@ import (
 // cumulative across config reloads for as long as some config keeps using
 // the address.
 //
-// The `handler` label is the handler's ordinal among the stabilize handlers
-// of the loaded config, in provisioning order: "0", "1", … It is stable
-// across reloads as long as the handlers keep their order in the config;
-// caddy-l4 provisions the routes of a server in order, but its servers in
-// map order, so stabilize handlers spread over several layer4 servers may be
-// numbered differently after a reload. Handler counters belong to the
+// The `handler` label is the handler's name if it has one, else its ordinal
+// among the stabilize handlers of the loaded config, in provisioning order:
+// "0", "1", … The ordinal is stable across reloads as long as the handlers
+// keep their order in the config; caddy-l4 provisions the routes of a
+// server in order, but its servers in map order, so stabilize handlers
+// spread over several layer4 servers may be numbered differently after a
+// reload: name them. Handler counters belong to the
 // handler instance and so start again from zero at every reload, which
 // Prometheus treats as a counter reset.
 
@@ -103,7 +105,7 @@ var (
 // handlers provisioned with its metrics registry, and of their upstreams.
 type metricsCollector struct {
 	mu       sync.Mutex
-	handlers []metricsHandler // in provisioning order; the index is the handler label
+	handlers []metricsHandler // in provisioning order
 }
 
 // metricsHandler is a handler reported by a metricsCollector. Collect reads
@@ -112,25 +114,27 @@ type metricsCollector struct {
 // provisioned.
 type metricsHandler struct {
 	h      *Handler
-	active bool // it runs active health checks
+	label  string // the handler label: its name, or its ordinal
+	active bool   // it runs active health checks
 }
 
 // registerMetrics adds h to the metrics of its config. The first stabilize
 // handler of a config registers a collector with the config's metrics
 // registry (a new one for every config); the others find it through
-// prometheus.AlreadyRegisteredError. A failure is logged, not returned:
-// metrics must not keep the balancer from running.
-func (h *Handler) registerMetrics(ctx caddy.Context) {
+// prometheus.AlreadyRegisteredError. A failure to register is logged, not
+// returned: metrics must not keep the balancer from running. A name that
+// another handler of the config has is an error.
+func (h *Handler) registerMetrics(ctx caddy.Context) error {
 	reg := ctx.GetMetricsRegistry()
 	if reg == nil {
-		return
+		return nil
 	}
 	c, err := collectorFor(reg)
 	if err != nil {
 		h.logger.Error("registering metrics", zap.Error(err))
-		return
+		return nil
 	}
-	c.add(h)
+	return c.add(h)
 }
 
 // collectorFor returns the collector registered with reg, registering a new
@@ -150,13 +154,23 @@ func collectorFor(reg prometheus.Registerer) (*metricsCollector, error) {
 	return nil, err
 }
 
-// add appends h to the handlers reported and returns its handler label.
-func (c *metricsCollector) add(h *Handler) string {
-	mh := metricsHandler{h: h, active: h.HealthChecks != nil && h.HealthChecks.Active != nil}
+// add appends h to the handlers reported, labelled with its name or, if it
+// has none, its ordinal. Names are not numbers (Provision), so a name
+// clashes only with another handler's name.
+func (c *metricsCollector) add(h *Handler) error {
+	mh := metricsHandler{h: h, label: h.Name, active: h.HealthChecks != nil && h.HealthChecks.Active != nil}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if mh.label == "" {
+		mh.label = strconv.Itoa(len(c.handlers))
+	}
+	for _, o := range c.handlers {
+		if o.h.Name != "" && o.h.Name == h.Name {
+			return fmt.Errorf("name %q: another stabilize handler of this config has it", h.Name)
+		}
+	}
 	c.handlers = append(c.handlers, mh)
-	return strconv.Itoa(len(c.handlers) - 1)
+	return nil
 }
 
 // Describe sends the descriptions of every stabilize metric. It implements
@@ -200,8 +214,8 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 
 	var order []*metricsHost
 	byAddr := make(map[netip.AddrPort]*metricsHost)
-	for i, mh := range handlers {
-		h, label := mh.h, strconv.Itoa(i)
+	for _, mh := range handlers {
+		h, label := mh.h, mh.label
 		for r := range numDropReasons {
 			ch <- prometheus.MustNewConstMetric(droppedDatagramsDesc, prometheus.CounterValue,
 				float64(h.drops[r].Load()), label, r.String())

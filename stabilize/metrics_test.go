@@ -637,3 +637,56 @@ func TestQUICDroppedDatagramsMetric(t *testing.T) {
 		}
 	})
 }
+
+// TestMetricsNamedHandlers runs three named handlers, one per layer4
+// server, whose servers caddy-l4 provisions in random order at every load:
+// each handler's drops must carry its own name, load after load. Handler i
+// keeps one flow (max_flows 1) and refuses i+1 more.
+func TestMetricsNamedHandlers(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		up := startUpstream(t, "up")
+		names := []string{"alpha", "beta", "gamma"}
+		admin := localAddr(freeTCPPort(t))
+		specs := make([]serverSpec, len(names))
+		for i, name := range names {
+			h := handlerConfig("flow", "", up)
+			h["name"] = name
+			h["max_flows"] = 1
+			specs[i] = serverSpec{localAddr(freeUDPPort(t)), h}
+		}
+		for load := range 3 {
+			if err := caddy.Load(multiServerConfig(network, admin, 30*time.Second, specs...), true); err != nil {
+				t.Fatalf("load %d: %v", load, err)
+			}
+			for i, s := range specs {
+				newClient(t, s.listen).mustRoundTrip(fmt.Sprintf("hold-%d-%d", load, i))
+				for k := range i + 1 {
+					if _, err := newClient(t, s.listen).conn.Write([]byte(fmt.Sprintf("refused-%d-%d", load, k))); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			var m metricFamilies
+			eventually(t, 5*time.Second, "each handler's refused flows under its name", func() bool {
+				m = scrape(t, admin)
+				if !slices.Equal(m.labelValues(mDrops, "handler"), names) {
+					return false
+				}
+				for i, name := range names {
+					if m.get(t, mDrops, "handler", name, "reason", "flow_limit") != float64(i+1) {
+						return false
+					}
+				}
+				return true
+			})
+			for i, name := range names {
+				if got := m.get(t, mDrops, "handler", name, "reason", "flow_limit"); got != float64(i+1) {
+					t.Errorf("load %d: handler %s refused %v flows, want %d", load, name, got, i+1)
+				}
+			}
+			if err := caddy.Stop(); err != nil {
+				t.Fatalf("stopping caddy: %v", err)
+			}
+		}
+	})
+}

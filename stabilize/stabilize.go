@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"net/netip"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -37,6 +38,14 @@ const (
 type Handler struct {
 	// The upstream UDP servers.
 	Upstreams []*Upstream `json:"upstreams,omitempty"`
+
+	// The handler's name: the `handler` label of its metrics and a field
+	// of its logs. Unique among the config's stabilize handlers, and not a
+	// number. Default: the handler's ordinal among the config's stabilize
+	// handlers in provisioning order ("0", "1", …), which stays the same
+	// across reloads only in a config with one layer4 server (caddy-l4
+	// provisions its servers in random order).
+	Name string `json:"name,omitempty"`
 
 	// When the load balancing policy picks an upstream: `flow` (default)
 	// picks on a client flow's first datagram and keeps the flow there until
@@ -147,6 +156,12 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.ctx = ctx
 	h.logger = ctx.Logger()
+	if h.Name != "" {
+		if _, err := strconv.ParseUint(h.Name, 10, 64); err == nil {
+			return fmt.Errorf("name %q: must not be a number, which unnamed handlers' metrics use", h.Name)
+		}
+		h.logger = h.logger.With(zap.String("handler", h.Name))
+	}
 	h.flows = make(map[*Flow]struct{})
 	h.perIP = make(map[netip.Addr]int)
 
@@ -236,7 +251,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.all = &UpstreamPool{Upstreams: h.Upstreams}
 	h.pool.Store(&healthyPool{epoch: ^uint64(0)})
-	h.registerMetrics(ctx) // metrics.go
+	if err := h.registerMetrics(ctx); err != nil { // metrics.go
+		return err
+	}
 	if err := h.provisionHealthChecks(); err != nil {
 		return err
 	}

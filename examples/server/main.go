@@ -10,9 +10,10 @@
 //	server -quic -listen 127.0.0.1:7001 -n 3 [-cert cert.pem -key key.pem]
 //
 // runs QUIC servers instead (package quicecho, ALPN stabilize-echo): each
-// stream gets the server's address, a '|' and the stream's data. Without
-// -cert and -key they share a self-signed certificate for localhost and
-// 127.0.0.1, whose file they print. With -h3 they are HTTP/3 servers
+// stream gets the server's address, a '|' and the stream's data. They
+// share a self-signed certificate for localhost and 127.0.0.1: in a
+// temporary directory, whose file they print, without -cert and -key; in
+// those files if neither exists; else the pair those files hold. With -h3 they are HTTP/3 servers
 // (package h3echo) whose reply to every request is their address.
 //
 // With -quic-lb, QUIC or HTTP/3 server i (from 0) issues QUIC-LB connection
@@ -48,7 +49,7 @@ func main() {
 	useQUIC := flag.Bool("quic", false, "run QUIC echo servers (ALPN "+quicecho.ALPN+") instead of UDP ones")
 	useH3 := flag.Bool("h3", false, "run HTTP/3 servers that reply to every request with their address")
 	quicLB := flag.String("quic-lb", "", "-quic or -h3: a QUIC-LB `config`, config_id=<0-6>,server_id_length=<n>,nonce_length=<n>[,key=<hex>]")
-	certFile := flag.String("cert", "", "-quic: PEM certificate `file` (default: a self-signed one)")
+	certFile := flag.String("cert", "", "-quic: PEM certificate `file`; with -key, a self-signed pair is written there if neither file exists (default: a self-signed pair in a temporary directory)")
 	keyFile := flag.String("key", "", "-quic: PEM key `file` of -cert")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), "Usage: %s [flags]\n\n"+
@@ -108,6 +109,12 @@ func serveQUIC(addrs []string, certFile, keyFile, quicLB string) error {
 		defer quicecho.RemoveSelfSigned()
 		log.Printf("self-signed certificate: %s", certFile)
 	} else {
+		if !exists(certFile) && !exists(keyFile) {
+			if err := quicecho.WriteSelfSigned(certFile, keyFile); err != nil {
+				return err
+			}
+			log.Printf("wrote a self-signed certificate: %s, its key: %s", certFile, keyFile)
+		}
 		cert, err = tls.LoadX509KeyPair(certFile, keyFile)
 	}
 	if err != nil {
@@ -162,4 +169,10 @@ func consecutive(addr string, n int) ([]string, error) {
 		addrs[i] = net.JoinHostPort(host, strconv.Itoa(port+i))
 	}
 	return addrs, nil
+}
+
+// exists tells whether file exists.
+func exists(file string) bool {
+	_, err := os.Stat(file)
+	return err == nil
 }

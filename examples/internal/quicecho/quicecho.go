@@ -221,9 +221,19 @@ func RemoveSelfSigned() {
 }
 
 func writeSelfSigned() (string, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	dir, err := os.MkdirTemp("", "stabilize-quic-example")
 	if err != nil {
 		return "", err
+	}
+	return dir, WriteSelfSigned(filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem"))
+}
+
+// WriteSelfSigned writes a new self-signed certificate for localhost,
+// 127.0.0.1 and ::1 to certFile and its key to keyFile, in PEM.
+func WriteSelfSigned(certFile, keyFile string) error {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          big.NewInt(time.Now().UnixNano()),
@@ -239,20 +249,15 @@ func writeSelfSigned() (string, error) {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
-		return "", err
+		return err
 	}
 	keyDER, err := x509.MarshalECPrivateKey(key)
 	if err != nil {
-		return "", err
+		return err
 	}
-	dir, err := os.MkdirTemp("", "stabilize-quic-example")
-	if err != nil {
-		return "", err
-	}
-	err = errors.Join(
-		os.WriteFile(filepath.Join(dir, "cert.pem"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600),
-		os.WriteFile(filepath.Join(dir, "key.pem"), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600))
-	return dir, err
+	return errors.Join(
+		os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600),
+		os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600))
 }
 
 // TrustFile returns a client TLS config trusting the PEM certificates of
