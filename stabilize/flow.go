@@ -50,6 +50,7 @@ type Flow struct {
 	idleTimeout atomic.Int64                      // nanoseconds: caddy-l4's, of the flow's listener in its handler's config
 	req         Request                           // what the policy picks for
 	lbScratch   quiclb.Scratch                    // per connection: QUIC-LB decodes without a pool
+	cids        *cidTable                         // per connection: the listener's table; under mu and replyMu
 	detached    atomic.Bool                       // the socket's reaper, not Handle, ends the flow
 	handling    atomic.Bool                       // Handle is reading the flow
 	closeOnce   sync.Once
@@ -106,6 +107,9 @@ func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow,
 		listener: addrPort(cx.LocalAddr()),
 		id:       flowIDs.Add(1),
 		req:      Request{Client: client, cx: cx},
+	}
+	if r, ok := h.router.(*perConnectionRouter); ok {
+		fl.cids = r.table(fl.listener)
 	}
 	fl.send.Init(conn)
 	fl.cx.Store(cx)
@@ -372,6 +376,9 @@ func (fl *Flow) moveTo(to *Handler) bool {
 		return false
 	}
 	fl.h, fl.upstream = to, u // the same address shares one Host
+	if r, ok := to.router.(*perConnectionRouter); ok {
+		fl.cids = r.table(fl.listener) // the same table, now held by to too
+	}
 	fl.header = to.proxyHeader(fl)
 	// to's config's idle timeout, that of the listener the flow stays on.
 	idle, _ := to.serverIdleTimeout(FastNetwork, fl.listener)
