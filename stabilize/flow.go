@@ -33,6 +33,7 @@ type Flow struct {
 	h          *Handler
 	lastActive atomic.Int64 // unix nanos of the latest datagram through the fast socket
 	upstream   *Upstream    // per flow: the flow's upstream
+	cids       *cidTable    // per connection: the listener's table; set with mu and replyMu held
 	send       udpio.Sender // sends on conn without blocking
 	header     []byte       // PROXY protocol header, sent before every datagram
 	closed     atomic.Bool
@@ -50,7 +51,6 @@ type Flow struct {
 	idleTimeout atomic.Int64                      // nanoseconds: caddy-l4's, of the flow's listener in its handler's config
 	req         Request                           // what the policy picks for
 	lbScratch   quiclb.Scratch                    // per connection: QUIC-LB decodes without a pool
-	cids        *cidTable                         // per connection: the listener's table; under mu and replyMu
 	detached    atomic.Bool                       // the socket's reaper, not Handle, ends the flow
 	handling    atomic.Bool                       // Handle is reading the flow
 	closeOnce   sync.Once
