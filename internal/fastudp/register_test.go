@@ -48,6 +48,18 @@ func mutexWait() time.Duration {
 	return time.Duration(m[0].Value.Float64() * 1e9)
 }
 
+// listenLocal opens a socket with one reader on a free port of 127.0.0.1,
+// closed at the end of the test.
+func listenLocal(tb testing.TB) (*Front, *Socket) {
+	tb.Helper()
+	f, err := Listen("127.0.0.1:0", 1)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { _ = f.Close() })
+	return f, f.Socket()
+}
+
 // countingEndpoint counts its datagrams; it expires when told to, and
 // then its Close unregisters it.
 type countingEndpoint struct {
@@ -70,12 +82,7 @@ func (e *countingEndpoint) Close() {
 // register and unregister; an unregistered client's reach the front; the
 // reaper closes the expired endpoints of every shard, and only those.
 func TestSocketEndpointTable(t *testing.T) {
-	f, err := Listen("127.0.0.1:0", 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	s := f.Socket()
+	f, s := listenLocal(t)
 	to := s.Conn().LocalAddr().(*net.UDPAddr)
 	const n = 200
 	conns := make([]*net.UDPConn, n)
@@ -184,12 +191,7 @@ func BenchmarkSocketRegister(b *testing.B) {
 }
 
 func benchmarkRegister(b *testing.B, held int, flood bool) {
-	f, err := Listen("127.0.0.1:0", 1)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	s := f.Socket()
+	_, s := listenLocal(b)
 	eps := make([]coldEndpoint, held)
 	now := time.Now().UnixNano()
 	for i := range eps {
@@ -236,12 +238,7 @@ func benchmarkRegister(b *testing.B, held int, flood bool) {
 // BenchmarkSocketEndpoint is a reader's lookup of a datagram's endpoint,
 // among 100,000.
 func BenchmarkSocketEndpoint(b *testing.B) {
-	f, err := Listen("127.0.0.1:0", 1)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	s := f.Socket()
+	_, s := listenLocal(b)
 	const held = 100_000
 	eps := make([]coldEndpoint, held)
 	for i := range eps {
