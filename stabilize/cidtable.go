@@ -15,14 +15,14 @@ import (
 	"github.com/stabilize-lb/caddy-stabilize/internal/quicwire"
 )
 
-// cidTable is what `per connection` has learned: the upstream of each QUIC
-// connection ID a client's Initial or a server's long-header reply carried,
-// and of each client connection (address, port and SCID) the policy picked
-// for.
-// It outlives reloads in the cidTables UsagePool, keyed by the handler's
-// identity, and holds addresses, not upstreams. An entry expires when it
-// has not been used for its flow's idle timeout; the table holds at most
-// maxConnectionIDs entries and learns no more while full.
+// cidTable is what `per connection` has learned on one listener: the
+// upstream of each QUIC connection ID a client's Initial or a server's
+// long-header reply carried, and of each client connection (address, port
+// and SCID) the policy picked for.
+// It outlives reloads in a cidTableSet, and holds addresses, not upstreams.
+// An entry expires when it has not been used for its flow's idle timeout;
+// the table holds at most maxConnectionIDs entries and learns no more while
+// full.
 //
 // The entries are spread over shards by a keyed hash, each with its own
 // lock, so that the janitor's sweep holds a write lock over the expired
@@ -33,10 +33,11 @@ type cidTable struct {
 	shards [cidShards]cidShard
 	seed   maphash.Seed
 	n      atomic.Int64 // entries
+	max    int64        // the cap: maxConnectionIDs when the table was made
 
 	lengths atomic.Uint32 // bit n: a server chose a CID of n octets
 	now     atomic.Int64  // unix nanos, updated by the janitor
-	done    chan struct{} // closed by Destruct; ends the janitor
+	refs    int           // handlers holding the table; under its set's mu
 }
 
 // cidShards is the number of shards of a table: at the cap, one holds
@@ -75,41 +76,106 @@ func keyOf(a netip.AddrPort) addrKey {
 	return addrKey{ip: a.Addr().As16(), port: a.Port()}
 }
 
-// maxConnectionIDs caps the entries of one table.
-const maxConnectionIDs = 1 << 18
+// maxConnectionIDs caps the entries of one table; a variable for tests.
+var maxConnectionIDs = 1 << 18
+
+// cidTableSet is the tables of the `per connection` handlers of one
+// identity, one per listener address, so that a flood of new connections
+// on one listener fills its own table only, never another listener's. It
+// outlives reloads in the cidTables UsagePool, keyed by the identity. A
+// handler holds the table of each listener it has had a flow on until it
+// is cleaned up; a table no handler holds stays while it has entries, for
+// the next config's handler, and goes once they have expired.
+type cidTableSet struct {
+	mu     sync.Mutex
+	tables map[netip.AddrPort]*cidTable
+	swept  []*cidTable   // the janitor's
+	done   chan struct{} // closed by Destruct; ends the janitor
+}
 
 var cidTables = caddy.NewUsagePool()
 
-// newCIDTable returns a table whose janitor expires entries until the last
-// handler of its identity is cleaned up.
-func newCIDTable() (caddy.Destructor, error) {
-	t := &cidTable{seed: maphash.MakeSeed(), done: make(chan struct{})}
-	for i := range t.shards {
-		t.shards[i].m = make(map[cidKey]*cidEntry)
-	}
-	t.now.Store(time.Now().UnixNano())
-	go t.janitor()
-	return t, nil
+// newCIDTableSet returns a set whose janitor expires the entries of its
+// tables until the last handler of its identity is cleaned up.
+func newCIDTableSet() (caddy.Destructor, error) {
+	s := &cidTableSet{tables: make(map[netip.AddrPort]*cidTable), done: make(chan struct{})}
+	go s.janitor()
+	return s, nil
 }
 
 // Destruct stops the janitor.
-func (t *cidTable) Destruct() error {
-	close(t.done)
+func (s *cidTableSet) Destruct() error {
+	close(s.done)
 	return nil
 }
 
-func (t *cidTable) janitor() {
+// acquire returns the table of listener, made if there is none, and
+// counts a holder; hold says whether to count one.
+func (s *cidTableSet) acquire(listener netip.AddrPort, hold bool) *cidTable {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	t := s.tables[listener]
+	if t == nil {
+		t = newCIDTable()
+		s.tables[listener] = t
+	}
+	if hold {
+		t.refs++
+	}
+	return t
+}
+
+// release counts a holder of t less.
+func (s *cidTableSet) release(t *cidTable) {
+	s.mu.Lock()
+	t.refs--
+	s.mu.Unlock()
+}
+
+func (s *cidTableSet) janitor() {
 	tick := time.NewTicker(sweepInterval)
 	defer tick.Stop()
 	for {
 		select {
-		case <-t.done:
+		case <-s.done:
 			return
 		case now := <-tick.C:
-			t.now.Store(now.UnixNano())
-			t.sweep(now.UnixNano())
+			s.sweep(now.UnixNano())
 		}
 	}
+}
+
+// sweep expires the entries of every table as of now, and drops the
+// tables that no handler holds and that hold nothing.
+func (s *cidTableSet) sweep(now int64) {
+	s.mu.Lock()
+	for _, t := range s.tables {
+		s.swept = append(s.swept, t)
+	}
+	s.mu.Unlock()
+	for _, t := range s.swept {
+		t.now.Store(now)
+		t.sweep(now)
+	}
+	clear(s.swept)
+	s.swept = s.swept[:0]
+	s.mu.Lock()
+	for l, t := range s.tables {
+		if t.refs == 0 && t.len() == 0 {
+			delete(s.tables, l)
+		}
+	}
+	s.mu.Unlock()
+}
+
+// newCIDTable returns an empty table.
+func newCIDTable() *cidTable {
+	t := &cidTable{seed: maphash.MakeSeed(), max: int64(maxConnectionIDs)}
+	for i := range t.shards {
+		t.shards[i].m = make(map[cidKey]*cidEntry)
+	}
+	t.now.Store(time.Now().UnixNano())
+	return t
 }
 
 // sweep drops the entries idle longer than their TTL as of now, one shard
@@ -233,7 +299,7 @@ func (t *cidTable) put(k cidKey, upstream addrKey, ttl time.Duration) {
 	s.mu.Lock()
 	if _, replace := s.m[k]; replace {
 		s.m[k] = e
-	} else if t.n.Add(1) <= maxConnectionIDs {
+	} else if t.n.Add(1) <= t.max {
 		s.m[k] = e
 	} else {
 		t.n.Add(-1) // full
@@ -276,8 +342,8 @@ func (t *cidTable) len() int {
 
 // full reports whether the table learns nothing more.
 func (t *cidTable) full() bool {
-	return t.n.Load() >= maxConnectionIDs
+	return t.n.Load() >= t.max
 }
 
 // Interface guards
-var _ caddy.Destructor = (*cidTable)(nil)
+var _ caddy.Destructor = (*cidTableSet)(nil)

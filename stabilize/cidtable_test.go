@@ -2,6 +2,7 @@ package stabilize
 
 import (
 	"encoding/binary"
+	"net/netip"
 	"runtime/metrics"
 	"sync/atomic"
 	"testing"
@@ -23,9 +24,7 @@ func fillCIDTable(tb *cidTable, n int, ttl time.Duration) {
 // the whole table under one, so that a lookup on a reader waits for a
 // short while at most; and it drops exactly the expired entries.
 func TestCIDTableSweepBatches(t *testing.T) {
-	d, _ := newCIDTable()
-	tb := d.(*cidTable)
-	defer tb.Destruct()
+	tb := newCIDTable()
 	const live = 1000
 	fillCIDTable(tb, maxConnectionIDs-live, time.Minute)
 	var cid [8]byte
@@ -42,7 +41,7 @@ func TestCIDTableSweepBatches(t *testing.T) {
 	if n := tb.len(); n != maxConnectionIDs {
 		t.Errorf("a sweep before any TTL passed left %d entries of %d", n, maxConnectionIDs)
 	}
-	const most = maxConnectionIDs / 64
+	most := maxConnectionIDs / 64
 	if held := tb.sweep(tb.now.Load() + int64(2*time.Minute)); held > most {
 		t.Errorf("the sweep held a write lock over %d entries, over %d", held, most)
 	} else {
@@ -65,9 +64,7 @@ func TestCIDTableSweepBatches(t *testing.T) {
 // (the runtime's count) per sweep, max-µs the longest a lookup took, which
 // on a busy machine includes the time the OS took the CPU away.
 func BenchmarkCIDTableLookupDuringSweep(b *testing.B) {
-	d, _ := newCIDTable()
-	tb := d.(*cidTable)
-	defer tb.Destruct()
+	tb := newCIDTable()
 	fillCIDTable(tb, maxConnectionIDs, time.Hour)
 	var stop atomic.Bool
 	var sweeps atomic.Int64
@@ -99,4 +96,36 @@ func BenchmarkCIDTableLookupDuringSweep(b *testing.B) {
 	waited = wait[0].Value.Float64() - waited
 	b.ReportMetric(waited*1e6/float64(max(1, sweeps.Load())), "wait-µs/sweep")
 	b.ReportMetric(float64(longest.Microseconds()), "max-µs")
+}
+
+// TestCIDTableSetListeners: a set gives each listener a table of its own,
+// the same one to every holder; a table no handler holds stays while it
+// has entries and goes once they have expired.
+func TestCIDTableSetListeners(t *testing.T) {
+	d, _ := newCIDTableSet()
+	s := d.(*cidTableSet)
+	defer s.Destruct()
+	a, b := netip.MustParseAddrPort("127.0.0.1:1"), netip.MustParseAddrPort("127.0.0.1:2")
+	ta, tb := s.acquire(a, true), s.acquire(b, true)
+	if ta == tb {
+		t.Fatal("two listeners share a table")
+	}
+	if s.acquire(a, true) != ta {
+		t.Fatal("a second holder of a listener got another table")
+	}
+	fillCIDTable(ta, 10, time.Second)
+	s.release(ta)
+	s.release(ta)
+	s.release(tb)
+	s.sweep(ta.now.Load())
+	if s.acquire(a, false) != ta {
+		t.Error("a table with entries that no handler held was dropped")
+	}
+	if s.acquire(b, false) == tb {
+		t.Error("an empty table that no handler held was kept")
+	}
+	s.sweep(ta.now.Load() + int64(2*time.Second))
+	if s.acquire(a, false) == ta {
+		t.Error("a table no handler held was kept after its entries expired")
+	}
 }

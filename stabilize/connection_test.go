@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"os/exec"
 	"testing"
@@ -280,7 +281,8 @@ func TestConnectionReload(t *testing.T) {
 		servers := startH3Servers(t, 3, h3Options{})
 		lb := startBalancerOn(t, network, true, 30*time.Second,
 			h3Handler(PerConnection, "round_robin", false, servers[:2]...))
-		old := tr.latest().router.(*perConnectionRouter).cids
+		listener := netip.MustParseAddrPort(lb.addr)
+		old := tr.latest().router.(*perConnectionRouter).table(listener)
 		c := dialH3(t, lb.addr)
 		first := c.mustGet()
 		if old.len() == 0 {
@@ -299,7 +301,7 @@ func TestConnectionReload(t *testing.T) {
 		ups := []any{map[string]any{"dial": servers[2].dial()}, map[string]any{"dial": servers[1].dial()}, map[string]any{"dial": servers[0].dial()}}
 		body, _ := json.Marshal(ups)
 		adminDo(t, "PATCH", "http://"+lb.admin+"/config/apps/layer4/servers/srv0/routes/0/handle/0/upstreams", string(body))
-		if now := tr.latest().router.(*perConnectionRouter).cids; now != old {
+		if now := tr.latest().router.(*perConnectionRouter).table(listener); now != old {
 			t.Fatal("the reload replaced the learned table")
 		}
 		for range 3 {

@@ -96,7 +96,9 @@
 // upstream Hosts (passive health and counters) by address, active-check
 // probers by address and check settings, flow affinity and the handler
 // lineage by the handler's identity (its granularity, policy and whether it
-// terminates QUIC; see reload.go), and fastudp sockets by address. In
+// terminates QUIC; see reload.go), `per connection`'s learned connection
+// IDs by identity and then listener (cidtable.go), and fastudp sockets by
+// address. In
 // Cleanup an old handler moves each fastudp flow whose upstream its
 // successor still has, and whose socket a config still listens on, to the
 // successor, keeping the flow's upstream-facing socket, so no reply in

@@ -33,6 +33,7 @@ type Flow struct {
 	h          *Handler
 	lastActive atomic.Int64 // unix nanos of the latest datagram through the fast socket
 	upstream   *Upstream    // per flow: the flow's upstream
+	cids       *cidTable    // per connection: the listener's table; set with mu and replyMu held
 	send       udpio.Sender // sends on conn without blocking
 	header     []byte       // PROXY protocol header, sent before every datagram
 	closed     atomic.Bool
@@ -108,6 +109,9 @@ func (h *Handler) openFlow(cx *layer4.Connection, client netip.AddrPort) (*Flow,
 		listener: addrPort(cx.LocalAddr()),
 		id:       flowIDs.Add(1),
 		req:      Request{Client: client, cx: cx},
+	}
+	if r, ok := h.router.(*perConnectionRouter); ok {
+		fl.cids = r.table(fl.listener)
 	}
 	fl.send.Init(conn)
 	fl.cx.Store(cx)
@@ -411,6 +415,9 @@ func (fl *Flow) moveTo(to *Handler) bool {
 		return false
 	}
 	fl.h, fl.upstream = to, u // the same address shares one Host
+	if r, ok := to.router.(*perConnectionRouter); ok {
+		fl.cids = r.table(fl.listener) // the same table, now held by to too
+	}
 	fl.header = to.proxyHeader(fl)
 	// to's config's idle timeout, that of the listener the flow stays on.
 	idle, _ := to.serverIdleTimeout(FastNetwork, fl.listener)

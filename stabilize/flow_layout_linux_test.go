@@ -7,7 +7,7 @@ import (
 
 // The fields each datagram reads stay in the cache lines that Flow.Warm
 // (forward) and readyFlows (replies) load, whether the object starts at a
-// line or half-way (the allocator's 416- and 480-byte classes).
+// line or half-way (as in the allocator's 416- and 480-byte classes).
 func TestFlowLayout(t *testing.T) {
 	var fl Flow
 	conn := unsafe.Offsetof(fl.connection)
@@ -20,7 +20,7 @@ func TestFlowLayout(t *testing.T) {
 		{"forward", [][2]uintptr{{0, conn + unsafe.Offsetof(fl.connection.connects) + 1}},
 			[]uintptr{lastActive, unsafe.Offsetof(fl.closed), health}},
 		{"reply", [][2]uintptr{{unsafe.Offsetof(fl.h), unsafe.Offsetof(fl.h) + 8}, {health, unsafe.Offsetof(fl.out) + 8}},
-			[]uintptr{lastActive, health, unsafe.Offsetof(fl.fd), unsafe.Offsetof(fl.outFamily), unsafe.Offsetof(fl.client) + unsafe.Sizeof(fl.client) - 8}}, // client.Port()
+			[]uintptr{lastActive, health, unsafe.Offsetof(fl.fd), unsafe.Offsetof(fl.outFamily), unsafe.Offsetof(fl.client) + unsafe.Sizeof(fl.client) - 8, unsafe.Offsetof(fl.out)}}, // client.Port()
 	} {
 		for _, start := range []uintptr{0, 32} {
 			loaded := make(map[uintptr]bool)

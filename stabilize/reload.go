@@ -37,8 +37,8 @@ func (h *Handler) join() {
 		h.affinity = a.(*affinity)
 	}
 	if r, ok := h.router.(*perConnectionRouter); ok {
-		t, _, _ := cidTables.LoadOrNew(h.identity, newCIDTable)
-		r.cids = t.(*cidTable)
+		s, _, _ := cidTables.LoadOrNew(h.identity, newCIDTableSet)
+		r.tables = s.(*cidTableSet)
 	}
 	lineage.Lock()
 	lineage.m[h.identity] = append(lineage.m[h.identity], h)

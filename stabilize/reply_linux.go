@@ -227,10 +227,13 @@ func (r *replyReactor) readyFlows() []*Flow {
 		fl := s.fl
 		flows = append(flows, fl)
 		// A load in each cache line of h and of the fields from health
-		// to client, wherever the object starts in a line.
+		// to out, wherever the object starts in a line.
 		fl.lastActive.Load()
 		fl.health.since.Load()
 		warm += fl.fd + fl.outFamily + int(fl.client.Port())
+		if fl.out != nil {
+			warm++
+		}
 	}
 	r.mu.Unlock()
 	r.warm = warm

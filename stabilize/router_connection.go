@@ -1,6 +1,8 @@
 package stabilize
 
 import (
+	"net/netip"
+	"sync"
 	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -34,10 +36,55 @@ type perConnectionRouter struct {
 	lb    *quiclb.Decoder // nil without quic_lb
 	bySID map[quiclb.ServerID]*Upstream
 	byKey map[addrKey]*Upstream // the upstreams, by the table's address keys
-	cids  *cidTable             // set by join
+
+	tables *cidTableSet // of the handler's identity; set by join
+	mu     sync.Mutex
+	held   map[netip.AddrPort]*cidTable // by listener, until Cleanup
+	done   bool                         // Cleanup has released held
 
 	misses   atomic.Uint64 // routed by neither QUIC-LB nor the table
 	downSent atomic.Uint64 // routed by connection ID to a down upstream
+}
+
+// table returns the connection-ID table of the handler's flows on
+// listener, which the handler holds until release.
+func (r *perConnectionRouter) table(listener netip.AddrPort) *cidTable {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if t := r.held[listener]; t != nil {
+		return t
+	}
+	if r.done { // a flow that Cleanup missed, which ends soon
+		return r.tables.acquire(listener, false)
+	}
+	t := r.tables.acquire(listener, true)
+	if r.held == nil {
+		r.held = make(map[netip.AddrPort]*cidTable)
+	}
+	r.held[listener] = t
+	return t
+}
+
+// release lets go of the tables the handler holds: each stays in its set
+// while another handler holds it or it has entries.
+func (r *perConnectionRouter) release() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, t := range r.held {
+		r.tables.release(t)
+	}
+	r.held, r.done = nil, true
+}
+
+// entries is the number of entries in the tables the handler holds.
+func (r *perConnectionRouter) entries() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, t := range r.held {
+		n += t.len()
+	}
+	return n
 }
 
 // replyObserver is a router that looks at the upstreams' replies.
@@ -82,17 +129,17 @@ func (r *perConnectionRouter) byFlow(fl *Flow, b []byte) *Upstream {
 // with zero-length SCIDs, one at a time: its next connection's Initial
 // follows the last one's when its random DCID has the servers' length.
 func (r *perConnectionRouter) initial(fl *Flow, b, dcid, scid []byte) *Upstream {
-	if u := r.learned(dcid); u != nil && u.healthy() {
+	if u := r.learned(fl, dcid); u != nil && u.healthy() {
 		return r.stick(fl, u)
 	}
 	if u := r.decode(fl, dcid, true); u != nil && u.healthy() {
 		return r.stick(fl, u)
 	}
-	if r.cids.serverLen(len(dcid)) {
+	if fl.cids.serverLen(len(dcid)) {
 		if u := r.connection(fl, dcid, scid); u != nil && u.healthy() {
 			return r.stick(fl, u)
 		}
-		if fl.upstream != nil && r.cids.full() {
+		if fl.upstream != nil && fl.cids.full() {
 			return r.miss(fl, b, dcid) // as `per flow`, learning nothing
 		}
 	}
@@ -109,9 +156,9 @@ func (r *perConnectionRouter) initial(fl *Flow, b, dcid, scid []byte) *Upstream 
 	if u == nil {
 		return nil
 	}
-	r.cids.learn(dcid, keyOf(u.addr), fl.idle(), false)
-	if k, ok := r.cids.clientKey(fl.client, scid); ok {
-		r.cids.put(k, keyOf(u.addr), fl.idle())
+	fl.cids.learn(dcid, keyOf(u.addr), fl.idle(), false)
+	if k, ok := fl.cids.clientKey(fl.client, scid); ok {
+		fl.cids.put(k, keyOf(u.addr), fl.idle())
 	}
 	return r.stick(fl, u)
 }
@@ -119,11 +166,11 @@ func (r *perConnectionRouter) initial(fl *Flow, b, dcid, scid []byte) *Upstream 
 // connection returns the upstream of the client's connection with SCID
 // scid on fl, and learns dcid, which its packet carries, for it; or nil.
 func (r *perConnectionRouter) connection(fl *Flow, dcid, scid []byte) *Upstream {
-	a, ok := r.cids.find(r.cids.clientKey(fl.client, scid))
+	a, ok := fl.cids.find(fl.cids.clientKey(fl.client, scid))
 	if !ok || r.byKey[a] == nil {
 		return nil
 	}
-	r.cids.learn(dcid, a, fl.idle(), false)
+	fl.cids.learn(dcid, a, fl.idle(), false)
 	return r.byKey[a]
 }
 
@@ -134,12 +181,12 @@ func (r *perConnectionRouter) byDCID(fl *Flow, b, dcid, scid []byte) *Upstream {
 	if dcid == nil {
 		u = r.shortDecode(fl, b)
 		if u == nil {
-			if k, ok := r.cids.shortLookup(b); ok {
+			if k, ok := fl.cids.shortLookup(b); ok {
 				u = r.byKey[k]
 			}
 		}
 	} else if u = r.decode(fl, dcid, false); u == nil {
-		if u = r.learned(dcid); u == nil {
+		if u = r.learned(fl, dcid); u == nil {
 			u = r.connection(fl, dcid, scid)
 		}
 	}
@@ -164,12 +211,12 @@ func (r *perConnectionRouter) miss(fl *Flow, b, dcid []byte) *Upstream {
 		return nil
 	}
 	if dcid == nil && b[0]&fixedBit != 0 {
-		if n := r.cids.shortestServerLen(); n > 0 && len(b) > n {
+		if n := fl.cids.shortestServerLen(); n > 0 && len(b) > n {
 			dcid = b[1 : 1+n]
 		}
 	}
 	if dcid != nil {
-		r.cids.learn(dcid, keyOf(u.addr), fl.idle(), false)
+		fl.cids.learn(dcid, keyOf(u.addr), fl.idle(), false)
 	}
 	return u
 }
@@ -203,9 +250,9 @@ func (r *perConnectionRouter) decode(fl *Flow, cid []byte, exact bool) *Upstream
 	return r.bySID[sid]
 }
 
-// learned returns the upstream the table has for cid, or nil.
-func (r *perConnectionRouter) learned(cid []byte) *Upstream {
-	if k, ok := r.cids.lookup(cid); ok {
+// learned returns the upstream the flow's table has for cid, or nil.
+func (r *perConnectionRouter) learned(fl *Flow, cid []byte) *Upstream {
+	if k, ok := fl.cids.lookup(cid); ok {
 		return r.byKey[k]
 	}
 	return nil
@@ -233,14 +280,14 @@ func (r *perConnectionRouter) observeReply(fl *Flow, u *Upstream, b []byte) {
 	switch typ, err := hdr.Type(); {
 	case err != nil:
 	case typ == quicwire.PacketTypeInitial, typ == quicwire.PacketTypeHandshake, typ == quicwire.PacketTypeRetry:
-		r.cids.learn(hdr.SCID, keyOf(u.addr), fl.idle(), true)
+		fl.cids.learn(hdr.SCID, keyOf(u.addr), fl.idle(), true)
 	}
 }
 
 // The `per connection` metrics; see metrics.go.
 var (
 	connectionIDsDesc = newMetricDesc("connection_ids",
-		"Connection IDs a per connection handler has learned (client Initial DCIDs and server-chosen SCIDs), and client connections (address, port and SCID), shared by the handlers of its identity across reloads.",
+		"Connection IDs a per connection handler has learned on its listeners (client Initial DCIDs and server-chosen SCIDs), and client connections (address, port and SCID); each listener's are shared by the handlers of its identity across reloads.",
 		"handler")
 	connectionIDMissesDesc = newMetricDesc("connection_id_misses_total",
 		"QUIC packets other than Initial and 0-RTT that a per connection handler routed by neither QUIC-LB nor a learned connection ID, but by the client's address. Starts from zero at each config reload.",
@@ -252,11 +299,7 @@ var (
 
 // collect sends the router's metrics for handler label.
 func (r *perConnectionRouter) collect(ch chan<- prometheus.Metric, label string) {
-	entries := 0
-	if r.cids != nil {
-		entries = r.cids.len()
-	}
-	ch <- prometheus.MustNewConstMetric(connectionIDsDesc, prometheus.GaugeValue, float64(entries), label)
+	ch <- prometheus.MustNewConstMetric(connectionIDsDesc, prometheus.GaugeValue, float64(r.entries()), label)
 	ch <- prometheus.MustNewConstMetric(connectionIDMissesDesc, prometheus.CounterValue, float64(r.misses.Load()), label)
 	ch <- prometheus.MustNewConstMetric(connectionDownDatagramsDesc, prometheus.CounterValue, float64(r.downSent.Load()), label)
 }

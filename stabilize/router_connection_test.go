@@ -239,9 +239,7 @@ func FuzzConnectionRoute(f *testing.F) {
 
 // TestConnectionCIDTable checks the learned table's expiry and cap.
 func TestConnectionCIDTable(t *testing.T) {
-	d, _ := newCIDTable()
-	tb := d.(*cidTable)
-	defer tb.Destruct()
+	tb := newCIDTable()
 	addr := keyOf(netip.MustParseAddrPort("127.0.0.1:7001"))
 	tb.learn([]byte{1, 2, 3, 4}, addr, time.Second, true)
 	if got, ok := tb.shortLookup([]byte{0x40, 1, 2, 3, 4, 5}); !ok || got != addr {
@@ -371,6 +369,9 @@ func TestConnectionRouteKeyRotation(t *testing.T) {
 func testFlow(h *Handler, client netip.AddrPort) *Flow {
 	fl := &Flow{h: h, client: client}
 	fl.idleTimeout.Store(int64(time.Minute))
+	if r, ok := h.router.(*perConnectionRouter); ok {
+		fl.cids = r.table(fl.listener)
+	}
 	return fl
 }
 
@@ -440,7 +441,7 @@ func TestConnectionRouteNewConnections(t *testing.T) {
 
 	// With the table full, the server's reply teaches nothing: the
 	// connection's next Initial, to the server's CID, follows the flow.
-	fillCIDTable(r.cids, maxConnectionIDs, time.Minute)
+	fillCIDTable(fl.cids, maxConnectionIDs, time.Minute)
 	scid := []byte{0x5c, 0xfc, 0, 0}
 	u := r.route(fl, initial(300, scid))
 	r.observeReply(fl, u, longHeader(0, scid, serverCID(u, 300)))
@@ -459,8 +460,9 @@ func upstreamName(u *Upstream) string {
 
 // initialServer is an upstream that answers each client Initial and
 // Handshake packet as a QUIC server does, with one of the same type to the
-// client's SCID from a connection ID of its own: 8 octets that start with
-// its index.
+// client's SCID from a connection ID of its own: 8 octets, its index and
+// the first 7 of the client's DCID; and each short header packet with one
+// that holds its index.
 type initialServer struct {
 	conn  *net.UDPConn
 	index byte
@@ -485,6 +487,10 @@ func startInitialServer(t *testing.T, index byte) *initialServer {
 			n, from, err := conn.ReadFromUDPAddrPort(buf)
 			if err != nil {
 				return
+			}
+			if n > 0 && !quicwire.IsLongHeader(buf[:n]) {
+				_, _ = conn.WriteToUDPAddrPort([]byte{0x40, index}, from)
+				continue
 			}
 			hdr, err := quicwire.ParseLong(buf[:n])
 			if err != nil || len(hdr.DCID) < 8 {

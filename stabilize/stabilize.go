@@ -308,7 +308,8 @@ func (h *Handler) Cleanup() error {
 	if h.affinity != nil {
 		_, _ = affinities.Delete(h.identity)
 	}
-	if r, ok := h.router.(*perConnectionRouter); ok && r.cids != nil {
+	if r, ok := h.router.(*perConnectionRouter); ok && r.tables != nil {
+		r.release()
 		_, _ = cidTables.Delete(h.identity)
 	}
 	return nil
