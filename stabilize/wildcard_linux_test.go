@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -288,4 +289,53 @@ func TestWildcardWarnsOnce(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestWildcardBroadcast: on an IPv4 listener bound to 0.0.0.0, a client
+// that sends to the loopback's broadcast address, 127.255.255.255, gets
+// its replies, from the address the kernel names for replies to it
+// (ipi_spec_dst, 127.0.0.1), as before the listener read destinations: a
+// broadcast address is no source, and a reply from it fails (ENETUNREACH).
+func TestWildcardBroadcast(t *testing.T) {
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		a := startUpstream(t, "a")
+		port := startBalancerAt(t, network, "0.0.0.0:%d", handlerConfig(per, "", a))
+		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		rc, err := c.SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_BROADCAST, 1)
+		}); err != nil || serr != nil {
+			t.Fatal(err, serr)
+		}
+		to := netip.AddrPortFrom(netip.MustParseAddr("127.255.255.255"), uint16(port))
+		buf := make([]byte, 128)
+		for i := range 3 {
+			if _, err := c.WriteToUDPAddrPort([]byte(fmt.Sprint("bcast-", i)), to); err != nil {
+				t.Skipf("no broadcast on the loopback here: %v", err)
+			}
+			want := fmt.Sprint("a|bcast-", i)
+			for {
+				_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+				n, from, err := c.ReadFromUDPAddrPort(buf)
+				if err != nil {
+					t.Fatalf("datagram %d to %v: %v", i, to, err)
+				}
+				if string(buf[:n]) != want {
+					continue // a copy of an earlier one: every reader's socket gets a broadcast
+				}
+				if from.Addr() != netip.MustParseAddr("127.0.0.1") {
+					t.Errorf("datagram %d: reply from %v", i, from)
+				}
+				break
+			}
+		}
+	})
 }
