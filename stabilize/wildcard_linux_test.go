@@ -339,3 +339,69 @@ func TestWildcardBroadcast(t *testing.T) {
 		}
 	})
 }
+
+// linkLocalPair finds an interface's IPv6 link-local address and another
+// IPv6 address of the same interface to send to it from, or skips.
+func linkLocalPair(t *testing.T) (ll, from netip.Addr) {
+	t.Helper()
+	ifis, err := net.Interfaces()
+	if err != nil {
+		t.Skip(err)
+	}
+	for _, ifi := range ifis {
+		addrs, _ := ifi.Addrs()
+		ll, from = netip.Addr{}, netip.Addr{}
+		for _, a := range addrs {
+			ipn, ok := a.(*net.IPNet)
+			if !ok {
+				continue
+			}
+			ip, _ := netip.AddrFromSlice(ipn.IP)
+			switch {
+			case !ip.Is6() || ip.Is4In6():
+			case ip.IsLinkLocalUnicast():
+				ll = ip.WithZone(ifi.Name)
+			case !ip.IsLoopback():
+				from = ip
+			}
+		}
+		if ll.IsValid() && from.IsValid() {
+			return ll, from
+		}
+	}
+	t.Skip("no interface with an IPv6 link-local address and another IPv6 address")
+	return
+}
+
+// TestWildcardLinkLocal: on a listener bound to [::], a client that sends
+// to one of the host's IPv6 link-local addresses gets its replies, from
+// the address the route picks, as before the listener read destinations:
+// a link-local source needs its interface, and with index 0 a send from
+// it fails (EINVAL).
+func TestWildcardLinkLocal(t *testing.T) {
+	ll, from := linkLocalPair(t)
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		a := startUpstream(t, "a")
+		port := startBalancerAt(t, network, ":%d", handlerConfig(per, "", a))
+		c, err := net.ListenUDP("udp6", net.UDPAddrFromAddrPort(netip.AddrPortFrom(from, 0)))
+		if err != nil {
+			t.Skip(err)
+		}
+		defer c.Close()
+		to := net.UDPAddrFromAddrPort(netip.AddrPortFrom(ll, uint16(port)))
+		buf := make([]byte, 128)
+		for i := range 3 {
+			if _, err := c.WriteToUDP([]byte(fmt.Sprint("ll-", i)), to); err != nil {
+				t.Skipf("cannot send to %v: %v", to, err)
+			}
+			_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+			n, _, err := c.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				t.Fatalf("datagram %d to %v: %v", i, to, err)
+			}
+			if string(buf[:n]) != fmt.Sprint("a|ll-", i) {
+				t.Errorf("datagram %d: reply %q", i, buf[:n])
+			}
+		}
+	})
+}

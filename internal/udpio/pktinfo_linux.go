@@ -79,7 +79,9 @@ func recvDst(conn *net.UDPConn, rc syscall.RawConn) bool {
 // which is the header's destination sent to one of the host's addresses,
 // and the interface's address for one sent to a broadcast or multicast
 // address, which is no source; else the header's destination of
-// IPV6_PKTINFO, unless multicast. It stops at a malformed message.
+// IPV6_PKTINFO, unless multicast or link-local (a source of which needs
+// its interface: with index 0 a send fails). It stops at a malformed
+// message.
 func parseControl(c []byte) (segment int, dst netip.Addr) {
 	var v6 netip.Addr
 	for len(c) >= unix.CmsgLen(0) {
@@ -103,7 +105,7 @@ func parseControl(c []byte) (segment int, dst netip.Addr) {
 		}
 		c = c[next:]
 	}
-	if !dst.IsValid() && !v6.IsMulticast() {
+	if !dst.IsValid() && !v6.IsMulticast() && !(v6.Is6() && v6.IsLinkLocalUnicast()) {
 		dst = v6
 	}
 	return segment, dst

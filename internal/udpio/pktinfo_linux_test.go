@@ -267,7 +267,8 @@ func TestSendQueueFrom(t *testing.T) {
 // address a reply must leave from: IP_PKTINFO's ipi_spec_dst, not its
 // ipi_addr, which for a broadcast or multicast datagram is no source (a
 // send from it fails), and before IPV6_PKTINFO's mapped header destination
-// on a dual-stack socket; an IPv6 multicast destination gives none.
+// on a dual-stack socket; an IPv6 multicast or link-local destination
+// gives none.
 func TestParseControlReplySource(t *testing.T) {
 	v4 := func(spec, addr string) []byte {
 		c := make([]byte, PktInfoSpace)
@@ -300,6 +301,8 @@ func TestParseControlReplySource(t *testing.T) {
 		{"dual-stack unicast", append(v4("127.0.0.2", "127.0.0.2"), v6("::ffff:127.0.0.2")...), "127.0.0.2"},
 		{"IPv6 unicast", v6("2001:db8::7"), "2001:db8::7"},
 		{"IPv6 multicast", v6("ff02::1"), "invalid IP"},
+		{"IPv6 link-local", v6("fe80::1"), "invalid IP"},
+		{"IPv4 link-local", v4("169.254.1.2", "169.254.1.2"), "169.254.1.2"},
 		{"IPv4 multicast, mapped", v6("::ffff:239.1.2.3"), "invalid IP"},
 	} {
 		if _, dst := parseControl(tc.c); dst.String() != tc.want {
