@@ -23,9 +23,10 @@ import (
 // 127.0.0.1, the address the route picks, as NATs and firewalls do on a
 // host with several addresses. 127.0.0.0/8 is the loopback's on Linux.
 
-// wildListens are the unspecified listener addresses the tests run on:
-// a dual-stack socket ([::], IPv4 clients as mapped addresses) and an
-// IPv4 one.
+// wildListens are the unspecified listener addresses the tests run on.
+// Both give a dual-stack socket (IPv4 clients as mapped addresses): Go's
+// "udp" network listens on [::] for 0.0.0.0 too, so an IPv4-only socket
+// (IP_PKTINFO alone) is tested in udpio only (wildCases, "udp4").
 var wildListens = []string{":%d", "0.0.0.0:%d"}
 
 // caddyL4NoDst is why the udp/ cases of these tests are skipped.
