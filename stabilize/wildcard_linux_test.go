@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -22,9 +23,10 @@ import (
 // 127.0.0.1, the address the route picks, as NATs and firewalls do on a
 // host with several addresses. 127.0.0.0/8 is the loopback's on Linux.
 
-// wildListens are the unspecified listener addresses the tests run on:
-// a dual-stack socket ([::], IPv4 clients as mapped addresses) and an
-// IPv4 one.
+// wildListens are the unspecified listener addresses the tests run on.
+// Both give a dual-stack socket (IPv4 clients as mapped addresses): Go's
+// "udp" network listens on [::] for 0.0.0.0 too, so an IPv4-only socket
+// (IP_PKTINFO alone) is tested in udpio only (wildCases, "udp4").
 var wildListens = []string{":%d", "0.0.0.0:%d"}
 
 // caddyL4NoDst is why the udp/ cases of these tests are skipped.
@@ -288,4 +290,119 @@ func TestWildcardWarnsOnce(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestWildcardBroadcast: on an IPv4 listener bound to 0.0.0.0, a client
+// that sends to the loopback's broadcast address, 127.255.255.255, gets
+// its replies, from the address the kernel names for replies to it
+// (ipi_spec_dst, 127.0.0.1), as before the listener read destinations: a
+// broadcast address is no source, and a reply from it fails (ENETUNREACH).
+func TestWildcardBroadcast(t *testing.T) {
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		a := startUpstream(t, "a")
+		port := startBalancerAt(t, network, "0.0.0.0:%d", handlerConfig(per, "", a))
+		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		rc, err := c.SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_BROADCAST, 1)
+		}); err != nil || serr != nil {
+			t.Fatal(err, serr)
+		}
+		to := netip.AddrPortFrom(netip.MustParseAddr("127.255.255.255"), uint16(port))
+		buf := make([]byte, 128)
+		for i := range 3 {
+			if _, err := c.WriteToUDPAddrPort([]byte(fmt.Sprint("bcast-", i)), to); err != nil {
+				t.Skipf("no broadcast on the loopback here: %v", err)
+			}
+			want := fmt.Sprint("a|bcast-", i)
+			for {
+				_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+				n, from, err := c.ReadFromUDPAddrPort(buf)
+				if err != nil {
+					t.Fatalf("datagram %d to %v: %v", i, to, err)
+				}
+				if string(buf[:n]) != want {
+					continue // a copy of an earlier one: every reader's socket gets a broadcast
+				}
+				if from.Addr() != netip.MustParseAddr("127.0.0.1") {
+					t.Errorf("datagram %d: reply from %v", i, from)
+				}
+				break
+			}
+		}
+	})
+}
+
+// linkLocalPair finds an interface's IPv6 link-local address and another
+// IPv6 address of the same interface to send to it from, or skips.
+func linkLocalPair(t *testing.T) (ll, from netip.Addr) {
+	t.Helper()
+	ifis, err := net.Interfaces()
+	if err != nil {
+		t.Skip(err)
+	}
+	for _, ifi := range ifis {
+		addrs, _ := ifi.Addrs()
+		ll, from = netip.Addr{}, netip.Addr{}
+		for _, a := range addrs {
+			ipn, ok := a.(*net.IPNet)
+			if !ok {
+				continue
+			}
+			ip, _ := netip.AddrFromSlice(ipn.IP)
+			switch {
+			case !ip.Is6() || ip.Is4In6():
+			case ip.IsLinkLocalUnicast():
+				ll = ip.WithZone(ifi.Name)
+			case !ip.IsLoopback():
+				from = ip
+			}
+		}
+		if ll.IsValid() && from.IsValid() {
+			return ll, from
+		}
+	}
+	t.Skip("no interface with an IPv6 link-local address and another IPv6 address")
+	return
+}
+
+// TestWildcardLinkLocal: on a listener bound to [::], a client that sends
+// to one of the host's IPv6 link-local addresses gets its replies, from
+// the address the route picks, as before the listener read destinations:
+// a link-local source needs its interface, and with index 0 a send from
+// it fails (EINVAL).
+func TestWildcardLinkLocal(t *testing.T) {
+	ll, from := linkLocalPair(t)
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		a := startUpstream(t, "a")
+		port := startBalancerAt(t, network, ":%d", handlerConfig(per, "", a))
+		c, err := net.ListenUDP("udp6", net.UDPAddrFromAddrPort(netip.AddrPortFrom(from, 0)))
+		if err != nil {
+			t.Skip(err)
+		}
+		defer c.Close()
+		to := net.UDPAddrFromAddrPort(netip.AddrPortFrom(ll, uint16(port)))
+		buf := make([]byte, 128)
+		for i := range 3 {
+			if _, err := c.WriteToUDP([]byte(fmt.Sprint("ll-", i)), to); err != nil {
+				t.Skipf("cannot send to %v: %v", to, err)
+			}
+			_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+			n, _, err := c.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				t.Fatalf("datagram %d to %v: %v", i, to, err)
+			}
+			if string(buf[:n]) != fmt.Sprint("a|ll-", i) {
+				t.Errorf("datagram %d: reply %q", i, buf[:n])
+			}
+		}
+	})
 }

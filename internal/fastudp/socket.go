@@ -410,13 +410,30 @@ func (s *Socket) PassOn(client netip.AddrPort, ep Endpoint, d Datagram) {
 // was sent to, on a socket bound to an unspecified address; else, or if
 // the socket has not seen client lately, invalid. An endpoint opened for
 // client replies from it until its datagrams tell another (Datagram.Dst).
+// A destination looked up is kept for another interval: a handler that
+// writes to a quiet client through the front keeps it while it writes.
 func (s *Socket) Dst(client netip.AddrPort) netip.Addr {
 	s.dstMu.Lock()
 	defer s.dstMu.Unlock()
 	if dst, ok := s.dsts[client]; ok {
 		return dst
 	}
-	return s.dstsBefore[client]
+	dst, ok := s.dstsBefore[client]
+	if ok {
+		s.keepDst(client, dst)
+	}
+	return dst
+}
+
+// keepDst records dst as client's for this interval, within maxDsts.
+// s.dstMu is held.
+func (s *Socket) keepDst(client netip.AddrPort, dst netip.Addr) {
+	if s.dsts == nil {
+		s.dsts = make(map[netip.AddrPort]netip.Addr)
+	}
+	if len(s.dsts) < maxDsts {
+		s.dsts[client] = dst
+	}
 }
 
 // Endpoints is the number of registered clients.
@@ -543,12 +560,7 @@ func (s *Socket) toCaddy(src netip.AddrPort, data []byte, dst netip.Addr) {
 	q.addr = net.UDPAddrFromAddrPort(src)
 	if dst.IsValid() { // before caddy-l4 may read it
 		s.dstMu.Lock()
-		if s.dsts == nil {
-			s.dsts = make(map[netip.AddrPort]netip.Addr)
-		}
-		if len(s.dsts) < maxDsts {
-			s.dsts[src] = dst
-		}
+		s.keepDst(src, dst)
 		s.dstMu.Unlock()
 	}
 	select {

@@ -95,3 +95,40 @@ func TestSocketDst(t *testing.T) {
 		_ = f.Close()
 	}
 }
+
+// TestFrontWriteToKeepsDst: a caddy-l4 handler that keeps writing to a
+// client of an unspecified address through the front, after the client's
+// last datagram, as a proxied server that pushes does, replies from the
+// address the client sent to for as long as it writes, not only in the
+// one to two seconds the socket keeps a destination it has not used.
+func TestFrontWriteToKeepsDst(t *testing.T) {
+	f, err := Listen("0.0.0.0:0", 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	port := f.LocalAddr().(*net.UDPAddr).Port
+	c, err := net.DialUDP("udp", nil, &net.UDPAddr{IP: net.IPv4(127, 0, 0, 2), Port: port})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("subscribe")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64)
+	_, from, err := f.ReadFrom(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, end := 0, time.Now().Add(3*reapInterval); time.Now().Before(end); i++ {
+		if _, err := f.WriteTo([]byte("push"), from); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(time.Second))
+		if _, err := c.Read(buf); err != nil {
+			t.Fatalf("push %d, %v after the client's datagram: %v", i, (3*reapInterval - time.Until(end)).Round(time.Millisecond), err)
+		}
+		time.Sleep(reapInterval / 5)
+	}
+}

@@ -65,7 +65,7 @@ const (
 // control messages a socket may have turned on, such as quic-go's IP_TOS
 // or IPV6_TCLASS, IPV6_PKTINFO and, on an IPv6 socket, IP_PKTINFO too for
 // an IPv4 datagram, and a timestamp, which the kernel writes before
-// UDP_GRO: 176 bytes on 64-bit platforms, 136 on 32-bit ones.
+// UDP_GRO: 176 bytes on 64-bit platforms, 132 on 32-bit ones.
 var groCtrlSpace = 2*unix.CmsgSpace(4) + // UDP_GRO, IP_TOS or IPV6_TCLASS
 	unix.CmsgSpace(unix.SizeofInet6Pktinfo) + // IPV6_PKTINFO
 	unix.CmsgSpace(unix.SizeofInet4Pktinfo) + // IP_PKTINFO

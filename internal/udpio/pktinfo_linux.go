@@ -53,7 +53,8 @@ func PutPktInfo(c []byte, addr netip.Addr) int {
 // recvDst turns on the control messages of each datagram's destination
 // address for conn if it is bound to an unspecified address, and reports
 // whether it did. An IPv6 socket reports an IPv4 datagram's destination as
-// an IPv4-mapped address in IPV6_PKTINFO.
+// an IPv4-mapped address in IPV6_PKTINFO, and, with IP_PKTINFO on too, the
+// address to reply from in IP_PKTINFO (parseControl).
 func recvDst(conn *net.UDPConn, rc syscall.RawConn) bool {
 	if ua, ok := conn.LocalAddr().(*net.UDPAddr); !ok || !ua.IP.IsUnspecified() {
 		return false
@@ -61,9 +62,8 @@ func recvDst(conn *net.UDPConn, rc syscall.RawConn) bool {
 	family := Family(rc)
 	var serr error
 	if err := rc.Control(func(fd uintptr) {
-		if family == unix.AF_INET {
-			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_PKTINFO, 1)
-		} else {
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_PKTINFO, 1)
+		if family != unix.AF_INET {
 			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_RECVPKTINFO, 1)
 		}
 	}); err != nil {
@@ -74,29 +74,39 @@ func recvDst(conn *net.UDPConn, rc syscall.RawConn) bool {
 
 // parseControl walks c, the control messages of one received datagram,
 // and returns the UDP GRO segment size (0 if none) and the destination
-// address, unmapped (invalid if none): the header's destination of
-// IP_PKTINFO (ipi_addr) or IPV6_PKTINFO. It stops at a malformed message.
+// address, unmapped (invalid if none), that a reply must leave from: of
+// IP_PKTINFO, the address the kernel names for replies (ipi_spec_dst),
+// which is the header's destination sent to one of the host's addresses,
+// and the interface's address for one sent to a broadcast or multicast
+// address, which is no source; else the header's destination of
+// IPV6_PKTINFO, unless multicast or link-local (a source of which needs
+// its interface: with index 0 a send fails). It stops at a malformed
+// message.
 func parseControl(c []byte) (segment int, dst netip.Addr) {
+	var v6 netip.Addr
 	for len(c) >= unix.CmsgLen(0) {
 		h := (*unix.Cmsghdr)(unsafe.Pointer(&c[0]))
 		n := int(h.Len)
 		if n < unix.CmsgLen(0) || n > len(c) {
-			return segment, dst // malformed or cut short
+			break // malformed or cut short
 		}
 		data := c[unix.CmsgLen(0):n]
 		switch {
 		case h.Level == unix.SOL_UDP && h.Type == unix.UDP_GRO && len(data) >= 4:
 			segment = int(*(*int32)(unsafe.Pointer(&data[0])))
 		case h.Level == unix.IPPROTO_IP && h.Type == unix.IP_PKTINFO && len(data) >= unix.SizeofInet4Pktinfo:
-			dst = netip.AddrFrom4((*unix.Inet4Pktinfo)(unsafe.Pointer(&data[0])).Addr)
+			dst = netip.AddrFrom4((*unix.Inet4Pktinfo)(unsafe.Pointer(&data[0])).Spec_dst)
 		case h.Level == unix.IPPROTO_IPV6 && h.Type == unix.IPV6_PKTINFO && len(data) >= unix.SizeofInet6Pktinfo:
-			dst = netip.AddrFrom16((*unix.Inet6Pktinfo)(unsafe.Pointer(&data[0])).Addr).Unmap()
+			v6 = netip.AddrFrom16((*unix.Inet6Pktinfo)(unsafe.Pointer(&data[0])).Addr).Unmap()
 		}
 		next := unix.CmsgSpace(n - unix.CmsgLen(0)) // n, aligned
 		if next >= len(c) {
 			break
 		}
 		c = c[next:]
+	}
+	if !dst.IsValid() && !v6.IsMulticast() && !(v6.Is6() && v6.IsLinkLocalUnicast()) {
+		dst = v6
 	}
 	return segment, dst
 }

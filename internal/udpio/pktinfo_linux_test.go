@@ -262,3 +262,51 @@ func TestSendQueueFrom(t *testing.T) {
 		})
 	}
 }
+
+// TestParseControlReplySource: the destination parseControl gives is the
+// address a reply must leave from: IP_PKTINFO's ipi_spec_dst, not its
+// ipi_addr, which for a broadcast or multicast datagram is no source (a
+// send from it fails), and before IPV6_PKTINFO's mapped header destination
+// on a dual-stack socket; an IPv6 multicast or link-local destination
+// gives none.
+func TestParseControlReplySource(t *testing.T) {
+	v4 := func(spec, addr string) []byte {
+		c := make([]byte, PktInfoSpace)
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&c[0]))
+		h.Level, h.Type = unix.IPPROTO_IP, unix.IP_PKTINFO
+		h.SetLen(unix.CmsgLen(unix.SizeofInet4Pktinfo))
+		info := (*unix.Inet4Pktinfo)(unsafe.Pointer(&c[unix.CmsgLen(0)]))
+		info.Ifindex, info.Spec_dst, info.Addr = 1, netip.MustParseAddr(spec).As4(), netip.MustParseAddr(addr).As4()
+		return c[:unix.CmsgSpace(unix.SizeofInet4Pktinfo)]
+	}
+	v6 := func(addr string) []byte { // as received: a mapped address stays
+		c := make([]byte, PktInfoSpace)
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&c[0]))
+		h.Level, h.Type = unix.IPPROTO_IPV6, unix.IPV6_PKTINFO
+		h.SetLen(unix.CmsgLen(unix.SizeofInet6Pktinfo))
+		info := (*unix.Inet6Pktinfo)(unsafe.Pointer(&c[unix.CmsgLen(0)]))
+		info.Ifindex, info.Addr = 1, netip.MustParseAddr(addr).As16()
+		return c
+	}
+	for _, tc := range []struct {
+		name string
+		c    []byte
+		want string
+	}{
+		{"unicast", v4("127.0.0.2", "127.0.0.2"), "127.0.0.2"},
+		{"broadcast", v4("127.0.0.1", "127.255.255.255"), "127.0.0.1"},
+		{"multicast", v4("192.0.2.2", "239.1.2.3"), "192.0.2.2"},
+		{"dual-stack broadcast", append(v4("127.0.0.1", "127.255.255.255"), v6("::ffff:127.255.255.255")...), "127.0.0.1"},
+		{"dual-stack broadcast, IPv6 first", append(v6("::ffff:127.255.255.255"), v4("127.0.0.1", "127.255.255.255")...), "127.0.0.1"},
+		{"dual-stack unicast", append(v4("127.0.0.2", "127.0.0.2"), v6("::ffff:127.0.0.2")...), "127.0.0.2"},
+		{"IPv6 unicast", v6("2001:db8::7"), "2001:db8::7"},
+		{"IPv6 multicast", v6("ff02::1"), "invalid IP"},
+		{"IPv6 link-local", v6("fe80::1"), "invalid IP"},
+		{"IPv4 link-local", v4("169.254.1.2", "169.254.1.2"), "169.254.1.2"},
+		{"IPv4 multicast, mapped", v6("::ffff:239.1.2.3"), "invalid IP"},
+	} {
+		if _, dst := parseControl(tc.c); dst.String() != tc.want {
+			t.Errorf("%s: %v, want %s", tc.name, dst, tc.want)
+		}
+	}
+}
