@@ -134,6 +134,11 @@ func machineMedians(rs, direct []quicResult) quicMachine {
 		median(f[4]), median(f[5]), median(f[6]), median(f[7]), median(f[8]), median(f[9]), median(f[10]), median(f[11])}
 }
 
+// busyOthers is the share of the machine's cores (the machine's cores busy
+// less this process's and the balancer's) above which other work marks a
+// round.
+const busyOthers = 0.25
+
 // bound is direct's CPU ÷ a target's, 0 when either is unknown (0).
 func bound(direct, target float64) float64 {
 	if direct == 0 || target == 0 {
@@ -152,13 +157,19 @@ func quicMachineMarkdown(rs []quicResult) string {
 	sb.WriteString("|---|---|---:|---:|---:|---:|---:|---|---|\n")
 	direct := rs[0]
 	for _, r := range rs {
-		// Each round's ratio to direct and bound.
-		perRound := func(rate, cpu func(quicResult) float64) string {
+		// Each round's ratio to direct and bound, marked where other work
+		// took the machine's CPU during the target's or direct's
+		// measurement.
+		perRound := func(rate, cpu, others func(quicResult) float64) string {
 			var parts []string
 			for i, p := range r.PerRound {
 				if i < len(direct.PerRound) {
 					d := direct.PerRound[i]
-					parts = append(parts, fmt.Sprintf("%.2f / %.2f", rate(p)/rate(d), bound(cpu(d), cpu(p))))
+					mark := ""
+					if max(others(p), others(d)) > busyOthers {
+						mark = "*"
+					}
+					parts = append(parts, fmt.Sprintf("%.2f / %.2f%s", rate(p)/rate(d), bound(cpu(d), cpu(p)), mark))
 				}
 			}
 			return strings.Join(parts, "; ")
@@ -171,14 +182,19 @@ func quicMachineMarkdown(rs []quicResult) string {
 		fmt.Fprintf(&sb, "| %s | handshakes, CPU ms each | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f, %.2f (%.2f) | %s |\n",
 			r.Target, hsX, hsB, r.LoadCPUPerHandshakeMs, r.CPUPerHandshakeMs, r.TotalCPUPerHandshakeMs,
 			r.HandshakeLoadCores, r.HandshakeBalancerCores, r.HandshakeMachineCores,
-			perRound(func(x quicResult) float64 { return x.HandshakesPerSec }, func(x quicResult) float64 { return x.TotalCPUPerHandshakeMs }))
+			perRound(func(x quicResult) float64 { return x.HandshakesPerSec }, func(x quicResult) float64 { return x.TotalCPUPerHandshakeMs },
+				func(x quicResult) float64 {
+					return x.HandshakeMachineCores - x.HandshakeLoadCores - x.HandshakeBalancerCores
+				}))
 		fmt.Fprintf(&sb, "| %s | bulk, CPU ms/MB | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f, %.2f (%.2f) | %s |\n",
 			r.Target, mbpsX, mbpsB, r.LoadCPUPerMBms, r.CPUPerMBms, r.TotalCPUPerMBms,
 			r.BulkLoadCores, r.BulkBalancerCores, r.BulkMachineCores,
-			perRound(func(x quicResult) float64 { return x.ThroughputMBps }, func(x quicResult) float64 { return x.TotalCPUPerMBms }))
+			perRound(func(x quicResult) float64 { return x.ThroughputMBps }, func(x quicResult) float64 { return x.TotalCPUPerMBms },
+				func(x quicResult) float64 { return x.BulkMachineCores - x.BulkLoadCores - x.BulkBalancerCores }))
 	}
 	sb.WriteString("\nbound × direct = direct's total CPU per handshake (per MB) ÷ the target's: the ratio that the target would reach " +
 		"with as many cores busy as direct had; × direct ≈ bound × (the target's cores busy ÷ direct's), round by round. " +
-		"(machine): the cores busy of the whole machine (/proc/stat), other work included.\n")
+		"(machine): the cores busy of the whole machine (/proc/stat), other work included; " +
+		fmt.Sprintf("a round marked * had other work on more than %.2f cores during the target's or direct's measurement.\n", busyOthers))
 	return sb.String()
 }
