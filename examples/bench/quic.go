@@ -32,7 +32,10 @@ import (
 // with them, and after they have closed; then, in -rounds interleaved
 // rounds, for each target: handshakes per second (concurrent connections,
 // each with one stream exchange), bulk stream throughput (one stream
-// uploaded to the server), and the balancer's CPU per handshake and per MB.
+// uploaded to the server), and the CPU per handshake and per MB of the
+// balancer and of this process, which runs the load generator and the
+// server: from them, the machine-CPU bound of each ratio to direct
+// (quiccpu.go).
 
 // quicBenchALPN is the ALPN of the bench's QUIC server.
 const quicBenchALPN = "stabilize-bench"
