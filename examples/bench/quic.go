@@ -32,7 +32,10 @@ import (
 // with them, and after they have closed; then, in -rounds interleaved
 // rounds, for each target: handshakes per second (concurrent connections,
 // each with one stream exchange), bulk stream throughput (one stream
-// uploaded to the server), and the balancer's CPU per handshake and per MB.
+// uploaded to the server), and the CPU per handshake and per MB of the
+// balancer and of this process, which runs the load generator and the
+// server: from them, the machine-CPU bound of each ratio to direct
+// (quiccpu.go).
 
 // quicBenchALPN is the ALPN of the bench's QUIC server.
 const quicBenchALPN = "stabilize-bench"
@@ -66,6 +69,9 @@ type quicResult struct {
 	GoBase       *goStats `json:"go_base,omitempty"`
 	GoIdle       *goStats `json:"go_idle,omitempty"`
 	GoAfterClose *goStats `json:"go_after_close,omitempty"`
+	quicMachine
+	// Each round's figures, in order (in the medians only).
+	PerRound []quicResult `json:"per_round,omitempty"`
 }
 
 // quicCoresNote says where each process ran, by -quic-cores.
@@ -171,10 +177,13 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
+			others0 := othersCPU(bals, t)
 			r, err := measureQUICRound(ctx, o, t, bals[t], ln.Addr().String(), clientTLS, bulk, round == 0)
 			if err != nil {
 				return err
 			}
+			// Left out of the machine's CPU: check that it is negligible.
+			fmt.Printf("; the other balancers meanwhile %.0f ms CPU\n", 1000*(othersCPU(bals, t)-others0))
 			rounds[t] = append(rounds[t], r)
 		}
 	}
@@ -185,25 +194,30 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 		r.Rounds, r.HandshakesPerSec, r.ThroughputMBps = m.Rounds, m.HandshakesPerSec, m.ThroughputMBps
 		r.HandshakesXDirect, r.ThroughputXDirect = m.HandshakesXDirect, m.ThroughputXDirect
 		r.CPUPerHandshakeMs, r.CPUPerMBms = m.CPUPerHandshakeMs, m.CPUPerMBms
+		r.quicMachine, r.PerRound = m.quicMachine, rounds[t]
 		results = append(results, r)
 	}
 	md := quicCoresNote[o.quicCores] + "\n\n" + quicMarkdown(results) + "\nPeak RSS (VmHWM) after the rounds:"
 	for _, t := range targets[1:] {
 		md += fmt.Sprintf(" %s %.1f MB;", t, float64(bals[t].rssKB("VmHWM"))/1024)
 	}
-	md = strings.TrimSuffix(md, ";") + ".\n"
+	md = strings.TrimSuffix(md, ";") + ".\n\n" + quicMachineMarkdown(results)
 	fmt.Print("\n" + md)
 	if err := os.MkdirAll(o.out, 0o755); err != nil {
 		return err
 	}
-	js, _ := json.MarshalIndent(results, "", "\t")
+	js, err := json.MarshalIndent(results, "", "\t")
+	if err != nil {
+		return err
+	}
 	return errors.Join(os.WriteFile(filepath.Join(o.out, "quic.json"), js, 0o644),
 		os.WriteFile(filepath.Join(o.out, "quic.md"), []byte(md), 0o644))
 }
 
 // measureQUICRound measures target t once: handshakes for -duration, then
-// the bulk upload, and the balancer b's CPU for each (b is nil for
-// quic-direct). With profile, it writes b's CPU profile of the handshakes.
+// the bulk upload, and the CPU of this process (the load generator and the
+// server) and of the balancer b for each (b is nil for quic-direct). With
+// profile, it writes b's CPU profile of the handshakes.
 func measureQUICRound(ctx context.Context, o *options, t string, b *balancer, server string, clientTLS *tls.Config, bulk int64, profile bool) (quicResult, error) {
 	target := server
 	if b != nil {
@@ -211,7 +225,7 @@ func measureQUICRound(ctx context.Context, o *options, t string, b *balancer, se
 	}
 	r := quicResult{Target: t}
 	fmt.Printf("%-16s handshakes… ", t)
-	cpu0 := cpuOf(b)
+	cpu0 := readMachineCPU(b)
 	var prof chan error
 	if b != nil && profile && o.quicProfile != "" {
 		prof = make(chan error, 1)
@@ -219,26 +233,32 @@ func measureQUICRound(ctx context.Context, o *options, t string, b *balancer, se
 	}
 	n := quicHandshakes(ctx, target, clientTLS, o.duration)
 	r.HandshakesPerSec = float64(n) / o.duration.Seconds()
-	if b != nil && n > 0 {
-		r.CPUPerHandshakeMs = 1000 * (b.cpuSeconds() - cpu0) / float64(n)
+	hs := readMachineCPU(b).since(cpu0)
+	if n > 0 {
+		r.CPUPerHandshakeMs = 1000 * hs.balancer / float64(n)
+		r.LoadCPUPerHandshakeMs = 1000 * hs.load / float64(n)
+		r.TotalCPUPerHandshakeMs = r.LoadCPUPerHandshakeMs + r.CPUPerHandshakeMs
+		r.HandshakeLoadCores, r.HandshakeBalancerCores, r.HandshakeMachineCores = hs.cores()
 	}
 	if prof != nil {
 		if err := <-prof; err != nil {
 			return r, fmt.Errorf("%s: CPU profile: %w", t, err)
 		}
 	}
-	fmt.Printf("%.0f/s (CPU %.2f ms each); bulk… ", r.HandshakesPerSec, r.CPUPerHandshakeMs)
-	cpu0 = cpuOf(b)
+	fmt.Printf("%.0f/s (CPU ms each: balancer %.2f, load+server %.2f); bulk… ", r.HandshakesPerSec, r.CPUPerHandshakeMs, r.LoadCPUPerHandshakeMs)
+	cpu0 = readMachineCPU(b)
 	elapsed, err := quicBulk(ctx, target, clientTLS, bulk)
 	if err != nil {
 		return r, fmt.Errorf("%s: bulk: %w", t, err)
 	}
+	up := readMachineCPU(b).since(cpu0)
 	mb := float64(bulk) / 1e6
 	r.ThroughputMBps = mb / elapsed.Seconds()
-	if b != nil {
-		r.CPUPerMBms = 1000 * (b.cpuSeconds() - cpu0) / mb
-	}
-	fmt.Printf("%.0f MB/s (CPU %.2f ms/MB)\n", r.ThroughputMBps, r.CPUPerMBms)
+	r.CPUPerMBms, r.LoadCPUPerMBms = 1000*up.balancer/mb, 1000*up.load/mb
+	r.TotalCPUPerMBms = r.LoadCPUPerMBms + r.CPUPerMBms
+	r.BulkLoadCores, r.BulkBalancerCores, r.BulkMachineCores = up.cores()
+	fmt.Printf("%.0f MB/s (CPU ms/MB: balancer %.2f, load+server %.2f; cores %.2f + %.2f, machine %.2f)",
+		r.ThroughputMBps, r.CPUPerMBms, r.LoadCPUPerMBms, r.BulkLoadCores, r.BulkBalancerCores, r.BulkMachineCores)
 	return r, nil
 }
 
@@ -257,6 +277,7 @@ func quicMedians(rs, direct []quicResult) quicResult {
 	r.HandshakesPerSec, r.ThroughputMBps = median(hs), median(mbps)
 	r.CPUPerHandshakeMs, r.CPUPerMBms = median(cpuHS), median(cpuMB)
 	r.HandshakesXDirect, r.ThroughputXDirect = median(hsX), median(mbpsX)
+	r.quicMachine = machineMedians(rs, direct)
 	return r
 }
 
@@ -331,13 +352,6 @@ func measureQUICIdle(ctx context.Context, b *balancer, target string, clientTLS 
 	r.RSSAfterCloseKB = b.rssKB("VmRSS")
 	r.GoAfterClose, err = stats("after-close")
 	return err
-}
-
-func cpuOf(b *balancer) float64 {
-	if b == nil {
-		return 0
-	}
-	return b.cpuSeconds()
 }
 
 func stopIf(b *balancer) {
