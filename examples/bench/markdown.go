@@ -84,16 +84,28 @@ the default GOMAXPROCS (every core).
 
 `
 
-// roundsTable lists throughput per round, to show the noise.
+// roundsTable lists throughput per round, to show the noise, and in a sweep
+// the CPU per datagram of the balancer and of the load generator too.
 func (r *report) roundsTable(sb *strings.Builder) {
-	rounds := 0
+	r.roundsOf(sb, "Throughput per round (datagrams/s)", func(m *measurement) num { return m.Throughput }, fmtInt)
+	if r.Mode == "sweep" {
+		r.roundsOf(sb, "CPU µs per datagram per round, the balancer's", func(m *measurement) num { return m.CPUPerDgramUS }, fmtNum)
+		r.roundsOf(sb, "CPU µs per datagram per round, the load generator's and upstreams'", func(m *measurement) num { return m.LoadCPUPerDgramUS }, fmtNum)
+	}
+}
+
+// roundsOf is one table of a figure per round, left out when there is only
+// one round or the figure was never measured.
+func (r *report) roundsOf(sb *strings.Builder, title string, value func(*measurement) num, format func(num) string) {
+	rounds, known := 0, false
 	for _, m := range r.Runs {
 		rounds = max(rounds, m.Round)
+		known = known || value(m).known()
 	}
-	if rounds < 2 {
+	if rounds < 2 || !known {
 		return
 	}
-	sb.WriteString("<details><summary>Throughput per round (datagrams/s)</summary>\n\n| target | key |")
+	fmt.Fprintf(sb, "<details><summary>%s</summary>\n\n| target | key |", title)
 	for i := 1; i <= rounds; i++ {
 		fmt.Fprintf(sb, " round %d |", i)
 	}
@@ -104,7 +116,7 @@ func (r *report) roundsTable(sb *strings.Builder) {
 			v := "–"
 			for _, m := range r.Runs {
 				if m.Round == i && m.Target == s.Target && r.key(m) == r.rowKey(s) {
-					v = fmtInt(m.Throughput)
+					v = format(value(m))
 				}
 			}
 			fmt.Fprintf(sb, " %s |", v)
@@ -116,16 +128,17 @@ func (r *report) roundsTable(sb *strings.Builder) {
 
 // sweepTables is one table of every flow count, the legend and the rounds.
 func (r *report) sweepTables(sb *strings.Builder) {
-	sb.WriteString("| flows | target | datagrams/s | p50 µs | p99 µs | loss | CPU µs/datagram | RSS before MiB | RSS live MiB | memory per flow | RSS idle MiB | memory per idle flow | Go per idle flow | kernel per idle flow | sockets per idle flow | kernel drops |\n")
-	sb.WriteString("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n")
+	sb.WriteString("| flows | target | datagrams/s | p50 µs | p99 µs | loss | CPU µs/datagram | load CPU µs/datagram | RSS before MiB | RSS live MiB | memory per flow | RSS idle MiB | memory per idle flow | Go per idle flow | kernel per idle flow | sockets per idle flow | kernel drops |\n")
+	sb.WriteString("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n")
 	for _, s := range r.Summary {
-		fmt.Fprintf(sb, "| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+		fmt.Fprintf(sb, "| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
 			s.Flows, targetLabels[s.Target],
 			withRatio(fmtInt(s.Throughput), s, "throughput"),
 			withRatio(fmtNum(s.P50US), s, "p50"),
 			withRatio(fmtNum(s.P99US), s, "p99"),
 			fmtPct(s.LossPct),
 			withRatio(fmtNum(s.CPUPerDgramUS), s, "cpu_per_datagram"),
+			fmtNum(s.LoadCPUPerDgramUS),
 			fmtMiB(s.RSSBaseKB), fmtMiB(s.RSSLiveKB),
 			withRatio(fmtBytes(s.MemPerFlowB), s, "mem_per_flow"),
 			fmtMiB(s.RSSIdleKB),
@@ -142,6 +155,9 @@ func (r *report) sweepTables(sb *strings.Builder) {
 
 const legendSweep = `Medians over the rounds; (×n) is the ratio to caddy-l4 proxy at the same flow count.
 Each flow is one client socket with the given window of datagrams outstanding (closed loop).
+Load CPU µs/datagram: the benchmark process's own user+system CPU time (getrusage) during the window
+÷ the replies received: the load generator and the in-process upstreams, which share the cores with
+the balancer (– in reports from before it was measured).
 RSS before: the balancer's VmRSS after start-up, before the load; RSS live: its VmRSS at the end of the
 measured window, with every flow live. Memory per flow = (RSS live − RSS before) / flows: it includes
 the Go heap's slack, so small flow counts are noise. RSS idle: its VmRSS 3 s after the load generator

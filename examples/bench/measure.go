@@ -36,9 +36,13 @@ type measurement struct {
 	P999US     num     `json:"p999_us"`
 	// The balancer's (for nginx: master + workers) CPU time during the
 	// window, and per answered request (request forwarded + reply relayed).
-	CPUSeconds    num   `json:"cpu_seconds"`
-	CPUPerDgramUS num   `json:"cpu_us_per_datagram"`
-	PeakRSSKB     int64 `json:"peak_rss_kb"`
+	CPUSeconds    num `json:"cpu_seconds"`
+	CPUPerDgramUS num `json:"cpu_us_per_datagram"`
+	// The benchmark's own process (the load generator and the upstreams)
+	// likewise: what the rest of a closed loop costs, on the same cores.
+	LoadCPUSeconds    num   `json:"load_cpu_seconds"`
+	LoadCPUPerDgramUS num   `json:"load_cpu_us_per_datagram"`
+	PeakRSSKB         int64 `json:"peak_rss_kb"`
 	// Sweep only: VmRSS before the load, at the end of the window with all
 	// flows live and busy, and idleAfter after the load stopped with all
 	// flows still live but idle.
@@ -88,7 +92,7 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 		addr = bal.addr
 	}
 
-	var cpu0, cpu1 float64
+	var cpu0, cpu1, self0, self1 float64
 	var rssBase, rssLive int64
 	var memBase idleMem
 	if bal != nil && sweep {
@@ -101,12 +105,14 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 	var balInodes map[uint64]bool
 	hooks := loadHooks{
 		start: func() {
+			self0 = selfCPUSeconds()
 			if bal != nil {
 				cpu0 = bal.cpuSeconds()
 			}
 			socks0 = readUDPSockets()
 		},
 		end: func() {
+			self1 = selfCPUSeconds()
 			if bal != nil {
 				cpu1 = bal.cpuSeconds()
 				if sweep {
@@ -127,6 +133,10 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 		}
 	}
 	m.fromLoad(res)
+	m.LoadCPUSeconds = num(self1 - self0)
+	if m.Received > 0 {
+		m.LoadCPUPerDgramUS = m.LoadCPUSeconds / num(m.Received) * 1e6
+	}
 	var rssIdle int64
 	var memIdle idleMem
 	if bal != nil && sweep && ctx.Err() == nil {
@@ -225,6 +235,7 @@ func (m *measurement) perIdleFlow(base, idle idleMem, flows int) {
 func (m *measurement) setNaN() {
 	m.Throughput, m.LossPct, m.P50US, m.P99US, m.P999US = nan, nan, nan, nan, nan
 	m.CPUSeconds, m.CPUPerDgramUS, m.MemPerFlowB, m.MemPerIdleFlowB = nan, nan, nan, nan
+	m.LoadCPUSeconds, m.LoadCPUPerDgramUS = nan, nan
 	m.GoPerIdleFlowB, m.KernelPerIdleFlowB, m.SocketsPerIdleFlow = nan, nan, nan
 }
 
@@ -248,6 +259,9 @@ func (m *measurement) oneLine() string {
 	s := fmt.Sprintf("%9.0f dgram/s  p50 %6.0fµs  p99 %7.0fµs  loss %5.2f%%", m.Throughput, m.P50US, m.P99US, m.LossPct)
 	if m.CPUPerDgramUS.known() {
 		s += fmt.Sprintf("  cpu %5.1fµs/dgram  rss %5.1fMiB", m.CPUPerDgramUS, float64(m.PeakRSSKB)/1024)
+	}
+	if m.LoadCPUPerDgramUS.known() {
+		s += fmt.Sprintf("  load cpu %5.1fµs/dgram", m.LoadCPUPerDgramUS)
 	}
 	if d := fmtDrops(m.KernelDrops); d != "" {
 		s += "  drops " + d

@@ -5,9 +5,11 @@ package main
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 )
 
 // clockTicks is USER_HZ, the unit of /proc/<pid>/stat times: 100 on every
@@ -27,6 +29,16 @@ func (b *balancer) cpuSeconds() float64 {
 		}
 	}
 	return float64(ticks) / clockTicks
+}
+
+// selfCPUSeconds is the user+system CPU time of the benchmark's own
+// process: the load generator and the in-process upstreams.
+func selfCPUSeconds() float64 {
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
+		return math.NaN()
+	}
+	return float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9
 }
 
 // rssKB sums a /proc/<pid>/status field (VmHWM, VmRSS) over the

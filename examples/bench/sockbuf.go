@@ -37,26 +37,29 @@ func (i sockBufInfo) String() string {
 func setSockBuf(rc syscall.RawConn, size int) (sockBufInfo, error) {
 	var info sockBufInfo
 	var serr error
-	err := rc.Control(func(fd uintptr) {
-		f := int(fd)
-		info.forced = true
-		if unix.SetsockoptInt(f, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, size) != nil {
-			info.forced = false
-			if serr = unix.SetsockoptInt(f, unix.SOL_SOCKET, unix.SO_RCVBUF, size); serr != nil {
-				return
-			}
-		}
-		if unix.SetsockoptInt(f, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, size) != nil {
-			info.forced = false
-			if serr = unix.SetsockoptInt(f, unix.SOL_SOCKET, unix.SO_SNDBUF, size); serr != nil {
-				return
-			}
-		}
-		info.rcv, _ = unix.GetsockoptInt(f, unix.SOL_SOCKET, unix.SO_RCVBUF)
-		info.snd, _ = unix.GetsockoptInt(f, unix.SOL_SOCKET, unix.SO_SNDBUF)
-	})
+	err := rc.Control(func(fd uintptr) { info, serr = setSockBufFD(int(fd), size) })
 	if err == nil {
 		err = serr
 	}
 	return info, err
+}
+
+// setSockBufFD is setSockBuf on a socket descriptor.
+func setSockBufFD(fd, size int) (sockBufInfo, error) {
+	info := sockBufInfo{forced: true}
+	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, size) != nil {
+		info.forced = false
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, size); err != nil {
+			return info, err
+		}
+	}
+	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, size) != nil {
+		info.forced = false
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, size); err != nil {
+			return info, err
+		}
+	}
+	info.rcv, _ = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF)
+	info.snd, _ = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF)
+	return info, nil
 }

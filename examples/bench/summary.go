@@ -32,12 +32,15 @@ type summary struct {
 	P999US        num    `json:"p999_us"`
 	LossPct       num    `json:"loss_pct"`
 	CPUPerDgramUS num    `json:"cpu_us_per_datagram"`
-	PeakRSSKB     num    `json:"peak_rss_kb"`
-	RSSBaseKB     num    `json:"rss_base_kb"`
-	RSSLiveKB     num    `json:"rss_live_kb"`
-	RSSIdleKB     num    `json:"rss_idle_kb"`
-	MemPerFlowB   num    `json:"mem_per_flow_bytes"`
-	MemPerIdleB   num    `json:"mem_per_idle_flow_bytes"`
+	// The benchmark process's (load generator and upstreams) CPU per
+	// datagram.
+	LoadCPUPerDgramUS num `json:"load_cpu_us_per_datagram"`
+	PeakRSSKB         num `json:"peak_rss_kb"`
+	RSSBaseKB         num `json:"rss_base_kb"`
+	RSSLiveKB         num `json:"rss_live_kb"`
+	RSSIdleKB         num `json:"rss_idle_kb"`
+	MemPerFlowB       num `json:"mem_per_flow_bytes"`
+	MemPerIdleB       num `json:"mem_per_idle_flow_bytes"`
 	// Go memory (heap and stacks in use), kernel socket memory and the
 	// balancer's sockets, per idle flow (see measurement).
 	GoPerIdleB     num `json:"go_per_idle_flow_bytes"`
@@ -137,7 +140,7 @@ func (r *report) summarize() {
 // summarizeRuns is the medians of one target's measurements at one key.
 func summarizeRuns(ms []*measurement) *summary {
 	s := &summary{Target: ms[0].Target, Payload: ms[0].Payload, Flows: ms[0].Flows}
-	var tp, p50, p99, p999, loss, cpu, rss, base, live, idle, perFlow, perIdle, goIdle, kernelIdle, socketsIdle []num
+	var tp, p50, p99, p999, loss, cpu, loadCPU, rss, base, live, idle, perFlow, perIdle, goIdle, kernelIdle, socketsIdle []num
 	s.ThroughputMin, s.ThroughputMax = nan, nan
 	for _, m := range ms {
 		if m.Err != "" {
@@ -153,6 +156,7 @@ func summarizeRuns(ms []*measurement) *summary {
 		p999 = append(p999, m.P999US)
 		loss = append(loss, m.LossPct)
 		cpu = append(cpu, m.CPUPerDgramUS)
+		loadCPU = append(loadCPU, m.LoadCPUPerDgramUS)
 		rss = append(rss, kbOrNaN(m.PeakRSSKB))
 		base = append(base, kbOrNaN(m.RSSBaseKB))
 		live = append(live, kbOrNaN(m.RSSLiveKB))
@@ -185,6 +189,7 @@ func summarizeRuns(ms []*measurement) *summary {
 	}
 	s.Throughput, s.P50US, s.P99US, s.P999US = median(tp), median(p50), median(p99), median(p999)
 	s.LossPct, s.CPUPerDgramUS, s.PeakRSSKB = median(loss), median(cpu), median(rss)
+	s.LoadCPUPerDgramUS = median(loadCPU)
 	s.RSSBaseKB, s.RSSLiveKB, s.MemPerFlowB = median(base), median(live), median(perFlow)
 	s.RSSIdleKB, s.MemPerIdleB = median(idle), median(perIdle)
 	s.GoPerIdleB, s.KernelPerIdleB, s.SocketsPerIdle = median(goIdle), median(kernelIdle), median(socketsIdle)

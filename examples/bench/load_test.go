@@ -1,0 +1,130 @@
+//go:build linux
+
+package main
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stabilize-lb/caddy-stabilize/examples/internal/udpecho"
+)
+
+// echoServer starts a udpecho server on a free loopback port, with the
+// benchmark's socket buffers (as its upstreams have).
+func echoServer(t *testing.T) *udpecho.Server {
+	t.Helper()
+	s, err := udpecho.Start("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	rc, err := s.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := setSockBuf(rc, sockBuf); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// TestRunLoad drives closed loops and fixed-rate loads against an echo
+// server, and a closed loop against a silent one: every request is
+// accounted for, answered or lost, and every answer has its latency.
+func TestRunLoad(t *testing.T) {
+	srv := echoServer(t)
+	silent := echoServer(t)
+	silent.SetSilent(true)
+	base := loadConfig{
+		payload: 64, warmup: 100 * time.Millisecond, duration: 400 * time.Millisecond,
+		timeout: 200 * time.Millisecond, ramp: 50 * time.Millisecond,
+	}
+	for _, tc := range []struct {
+		name          string
+		srv           *udpecho.Server
+		flows, window int
+		interval      time.Duration
+		wantLost      bool
+	}{
+		{name: "closed loop, one flow, 64 outstanding", srv: srv, flows: 1, window: 64},
+		{name: "closed loop, 300 flows", srv: srv, flows: 300, window: 1},
+		{name: "fixed rate, 50 flows every 10ms", srv: srv, flows: 50, window: 1, interval: 10 * time.Millisecond},
+		{name: "silent upstream", srv: silent, flows: 10, window: 2, wantLost: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			lc := base
+			lc.flows, lc.window, lc.interval = tc.flows, tc.window, tc.interval
+			var started, ended bool
+			hooks := loadHooks{start: func() { started = true }, end: func() { ended = started }}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			begin := time.Now()
+			res, err := runLoad(ctx, tc.srv.Addr().String(), lc, hooks)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if took := time.Since(begin); took > lc.warmup+lc.duration+lc.timeout+time.Second {
+				t.Errorf("the load took %v", took)
+			}
+			if !started || !ended {
+				t.Errorf("hooks: start %v, end after start %v", started, ended)
+			}
+			if res.Sent == 0 || res.Received+res.Lost != res.Sent {
+				t.Errorf("sent %d, received %d, lost %d: not every request is accounted for", res.Sent, res.Received, res.Lost)
+			}
+			if int64(len(res.latencies)) != res.Received {
+				t.Errorf("%d latencies for %d replies", len(res.latencies), res.Received)
+			}
+			if res.Corrupt != 0 || res.SendErrors != 0 {
+				t.Errorf("corrupt %d, send errors %d", res.Corrupt, res.SendErrors)
+			}
+			if tc.wantLost {
+				if res.Received != 0 {
+					t.Errorf("received %d replies from a silent server", res.Received)
+				}
+				// Each slot is refilled once its request times out.
+				if want := int64(tc.flows * tc.window * 2); res.Lost < want {
+					t.Errorf("lost %d, want at least %d", res.Lost, want)
+				}
+				return
+			}
+			if res.Lost != 0 {
+				t.Errorf("lost %d of %d on loopback", res.Lost, res.Sent)
+			}
+			if tc.interval > 0 {
+				// 50 flows every 10 ms offer 5,000 datagrams/s: 2,000 in the window.
+				want := float64(lc.duration) / float64(tc.interval) * float64(tc.flows)
+				if got := float64(res.Sent); got < 0.8*want || got > 1.1*want {
+					t.Errorf("fixed rate: sent %.0f in the window, want about %.0f", got, want)
+				}
+			}
+		})
+	}
+}
+
+// TestRunLoadRefusesRemote checks that the load generator only targets
+// loopback.
+func TestRunLoadRefusesRemote(t *testing.T) {
+	lc := loadConfig{flows: 1, window: 1, payload: 64, duration: time.Millisecond, timeout: time.Millisecond}
+	if _, err := runLoad(context.Background(), "192.0.2.1:9", lc, loadHooks{}); err == nil {
+		t.Fatal("a target outside 127.0.0.0/8 was accepted")
+	}
+}
+
+// TestDueHeap checks that sends come out in time order.
+func TestDueHeap(t *testing.T) {
+	var h dueHeap
+	base := time.Now()
+	for _, ms := range []int{5, 1, 9, 3, 3, 7, 0, 8, 2, 6, 4} {
+		h.push(due{at: base.Add(time.Duration(ms) * time.Millisecond), flow: int32(ms)})
+	}
+	last := time.Time{}
+	for n := 0; len(h) > 0; n++ {
+		d := h.pop()
+		if d.at.Before(last) {
+			t.Fatalf("pop %d: %v before %v", n, d.at.Sub(base), last.Sub(base))
+		}
+		last = d.at
+	}
+}
