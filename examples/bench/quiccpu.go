@@ -7,7 +7,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 )
 
@@ -96,15 +95,6 @@ func busyCPUSeconds() float64 {
 		}
 	}
 	return float64(busy) / clockTicks
-}
-
-// selfCPUSeconds is this process's user+system CPU time.
-func selfCPUSeconds() float64 {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
 }
 
 // othersCPU is the CPU seconds of every balancer but target t's.
