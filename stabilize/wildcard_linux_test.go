@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -16,6 +17,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/quic-go/quic-go"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/fastudp"
 )
 
 // A listener bound to an unspecified address must reply from the address
@@ -406,3 +409,159 @@ func TestWildcardLinkLocal(t *testing.T) {
 		}
 	})
 }
+
+// TestWildcardSourceGone: on a fastudp/ listener bound to [::], a flow
+// replies from the address its client sent to, 10.77.0.1; that address is
+// then removed from the host (as when a virtual address moves to another
+// machine) while an upstream's reply is on its way. The reply still
+// arrives, from the route's address, as before replies named a source, and
+// no write_error is counted. In a network namespace of its own. Then the
+// same with fastudp.Front.WriteTo, through which caddy-l4's own handlers
+// reply.
+func TestWildcardSourceGone(t *testing.T) {
+	if !inNetns(t, 32768, 60999) {
+		return
+	}
+	const vip = "10.77.0.1"
+	ip := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v: %s", args, err, out)
+		}
+	}
+	for _, per := range []string{PerPacket, PerFlow} {
+		t.Run(FastNetwork+"/"+per, func(t *testing.T) {
+			// udp/: caddy-l4 cannot tell the destination (caddyL4NoDst).
+			ip("addr", "add", vip+"/32", "dev", "lo")
+			defer exec.Command("ip", "addr", "del", vip+"/32", "dev", "lo").Run()
+			up := startSlowUpstream(t, 300*time.Millisecond)
+			tr := trackHandlers(t)
+			handler := map[string]any{"handler": "stabilize", "upstreams": []any{map[string]any{"dial": up.dial()}}, "per": per}
+			port := startBalancerAt(t, FastNetwork, ":%d", handler)
+			c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			to := netip.AddrPortFrom(netip.MustParseAddr(vip), uint16(port))
+			buf := make([]byte, 128)
+			exchange := func(payload string, between func()) netip.AddrPort {
+				t.Helper()
+				if _, err := c.WriteToUDPAddrPort([]byte(payload), to); err != nil {
+					t.Fatal(err)
+				}
+				between()
+				_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+				n, from, err := c.ReadFromUDPAddrPort(buf)
+				if err != nil {
+					t.Fatalf("%s: %v", payload, err)
+				}
+				if string(buf[:n]) != payload {
+					t.Fatalf("reply %q, want %q", buf[:n], payload)
+				}
+				return from
+			}
+			if from := exchange("first", func() {}); from != to {
+				t.Fatalf("first reply from %v, want %v", from, to)
+			}
+			// The upstream has the datagram before its 300 ms are up.
+			from := exchange("second", func() {
+				deadline := time.Now().Add(2 * time.Second)
+				for up.got.Load() < 2 && time.Now().Before(deadline) {
+					time.Sleep(5 * time.Millisecond)
+				}
+				ip("addr", "del", vip+"/32", "dev", "lo")
+			})
+			if from.Addr() != netip.MustParseAddr("127.0.0.1") {
+				t.Errorf("second reply from %v, want the route's address 127.0.0.1", from)
+			}
+			if h := tr.latest(); h != nil {
+				if d := h.Drops()["write_error"]; d != 0 {
+					t.Errorf("write_error %d, want 0", d)
+				}
+			}
+		})
+	}
+	t.Run("front", func(t *testing.T) { sourceGoneFront(t, vip, ip) })
+}
+
+// TestWildcardSourceGone/front: a datagram read through the front, and a
+// reply written after its destination was removed from the host.
+func sourceGoneFront(t *testing.T, vip string, ip func(args ...string)) {
+	ip("addr", "add", vip+"/32", "dev", "lo")
+	defer exec.Command("ip", "addr", "del", vip+"/32", "dev", "lo").Run()
+	port := freeUDPPort(t)
+	front, err := fastudp.Listen(fmt.Sprint(":", port), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer front.Close()
+	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	to := netip.AddrPortFrom(netip.MustParseAddr(vip), uint16(port))
+	buf := make([]byte, 128)
+	for i, gone := range []bool{false, true} {
+		if _, err := c.WriteToUDPAddrPort([]byte("hello"), to); err != nil {
+			t.Fatal(err)
+		}
+		_, client, err := front.ReadFrom(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if gone {
+			ip("addr", "del", vip+"/32", "dev", "lo")
+		}
+		if _, err := front.WriteTo([]byte("reply"), client); err != nil {
+			t.Fatalf("reply %d: %v", i, err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		_, from, err := c.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			t.Fatalf("reply %d: %v", i, err)
+		}
+		if want := map[bool]string{false: vip, true: "127.0.0.1"}[gone]; from.Addr().String() != want {
+			t.Errorf("reply %d from %v, want %s", i, from, want)
+		}
+	}
+}
+
+// slowUpstream echoes each datagram it receives, the first at once, the
+// others after a delay.
+type slowUpstream struct {
+	conn *net.UDPConn
+	got  atomic.Int64
+}
+
+func startSlowUpstream(t *testing.T, delay time.Duration) *slowUpstream {
+	t.Helper()
+	conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := &slowUpstream{conn: conn}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := conn.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			if u.got.Add(1) > 1 {
+				time.Sleep(delay)
+			}
+			_, _ = conn.WriteToUDPAddrPort(buf[:n], from)
+		}
+	}()
+	t.Cleanup(func() {
+		_ = conn.Close()
+		<-done
+	})
+	return u
+}
+
+func (u *slowUpstream) dial() string { return "udp/" + u.conn.LocalAddr().String() }
