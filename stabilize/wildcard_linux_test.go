@@ -17,6 +17,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/quic-go/quic-go"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/stabilize-lb/caddy-stabilize/internal/fastudp"
 )
@@ -413,97 +415,82 @@ func TestWildcardLinkLocal(t *testing.T) {
 // TestWildcardSourceGone: on a fastudp/ listener bound to [::], a flow
 // replies from the address its client sent to, 10.77.0.1; that address is
 // then removed from the host (as when a virtual address moves to another
-// machine) while an upstream's reply is on its way. The reply still
-// arrives, from the route's address, as before replies named a source, and
-// no write_error is counted. In a network namespace of its own. Then the
-// same with fastudp.Front.WriteTo, through which caddy-l4's own handlers
-// reply.
+// machine) while an upstream's two replies are on their way. They still
+// arrive, from the route's address, as before replies named a source, no
+// write_error is counted, and the handler warns once. In a network
+// namespace of its own. Then the same with fastudp.Front.WriteTo, through
+// which caddy-l4's own handlers reply.
 func TestWildcardSourceGone(t *testing.T) {
 	if !inNetns(t, 32768, 60999) {
 		return
 	}
-	const vip = "10.77.0.1"
-	ip := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %v: %v: %s", args, err, out)
-		}
-	}
 	for _, per := range []string{PerPacket, PerFlow} {
 		t.Run(FastNetwork+"/"+per, func(t *testing.T) {
 			// udp/: caddy-l4 cannot tell the destination (caddyL4NoDst).
-			ip("addr", "add", vip+"/32", "dev", "lo")
-			defer exec.Command("ip", "addr", "del", vip+"/32", "dev", "lo").Run()
+			addVIP(t)
 			up := startSlowUpstream(t, 300*time.Millisecond)
 			tr := trackHandlers(t)
 			handler := map[string]any{"handler": "stabilize", "upstreams": []any{map[string]any{"dial": up.dial()}}, "per": per}
-			port := startBalancerAt(t, FastNetwork, ":%d", handler)
+			port, logFile := startBalancerLogged(t, FastNetwork, ":%d", handler)
 			c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer c.Close()
-			to := netip.AddrPortFrom(netip.MustParseAddr(vip), uint16(port))
-			buf := make([]byte, 128)
-			exchange := func(payload string, between func()) netip.AddrPort {
-				t.Helper()
+			to := netip.AddrPortFrom(netip.MustParseAddr(testVIP), uint16(port))
+			send := func(payload string) {
 				if _, err := c.WriteToUDPAddrPort([]byte(payload), to); err != nil {
 					t.Fatal(err)
 				}
-				between()
-				_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
-				n, from, err := c.ReadFromUDPAddrPort(buf)
-				if err != nil {
-					t.Fatalf("%s: %v", payload, err)
-				}
-				if string(buf[:n]) != payload {
-					t.Fatalf("reply %q, want %q", buf[:n], payload)
-				}
-				return from
 			}
-			if from := exchange("first", func() {}); from != to {
+			send("first")
+			if from := readReply(t, c, "first"); from != to {
 				t.Fatalf("first reply from %v, want %v", from, to)
 			}
-			// The upstream has the datagram before its 300 ms are up.
-			from := exchange("second", func() {
-				deadline := time.Now().Add(2 * time.Second)
-				for up.got.Load() < 2 && time.Now().Before(deadline) {
-					time.Sleep(5 * time.Millisecond)
-				}
-				ip("addr", "del", vip+"/32", "dev", "lo")
-			})
-			if from.Addr() != netip.MustParseAddr("127.0.0.1") {
-				t.Errorf("second reply from %v, want the route's address 127.0.0.1", from)
+			send("second")
+			// The upstream has the datagram well before its 300 ms are up.
+			for deadline := time.Now().Add(2 * time.Second); up.got.Load() < 2 && time.Now().Before(deadline); {
+				time.Sleep(5 * time.Millisecond)
 			}
-			if h := tr.latest(); h != nil {
-				if d := h.Drops()["write_error"]; d != 0 {
-					t.Errorf("write_error %d, want 0", d)
+			ipCmd(t, "addr", "del", testVIP+"/32", "dev", "lo")
+			for i := range 2 {
+				if from := readReply(t, c, "second"); from.Addr() != netip.MustParseAddr("127.0.0.1") {
+					t.Errorf("second reply %d from %v, want the route's address 127.0.0.1", i, from)
 				}
+			}
+			h := tr.latest()
+			if h == nil {
+				t.Fatal("no handler")
+			}
+			if d := h.Drops()["write_error"]; d != 0 {
+				t.Errorf("write_error %d, want 0", d)
+			}
+			logged, err := os.ReadFile(logFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n := strings.Count(string(logged), `"source":"`+testVIP+`"`); n != 1 {
+				t.Errorf("%d warnings naming %s, want 1:\n%s", n, testVIP, logged)
 			}
 		})
 	}
-	t.Run("front", func(t *testing.T) { sourceGoneFront(t, vip, ip) })
-}
-
-// TestWildcardSourceGone/front: a datagram read through the front, and a
-// reply written after its destination was removed from the host.
-func sourceGoneFront(t *testing.T, vip string, ip func(args ...string)) {
-	ip("addr", "add", vip+"/32", "dev", "lo")
-	defer exec.Command("ip", "addr", "del", vip+"/32", "dev", "lo").Run()
-	port := freeUDPPort(t)
-	front, err := fastudp.Listen(fmt.Sprint(":", port), 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer front.Close()
-	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	to := netip.AddrPortFrom(netip.MustParseAddr(vip), uint16(port))
-	buf := make([]byte, 128)
-	for i, gone := range []bool{false, true} {
+	t.Run("front", func(t *testing.T) {
+		addVIP(t)
+		port := freeUDPPort(t)
+		front, err := fastudp.Listen(fmt.Sprint(":", port), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer front.Close()
+		core, logs := observer.New(zap.WarnLevel)
+		front.SetLogger(zap.New(core))
+		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		to := netip.AddrPortFrom(netip.MustParseAddr(testVIP), uint16(port))
+		buf := make([]byte, 128)
 		if _, err := c.WriteToUDPAddrPort([]byte("hello"), to); err != nil {
 			t.Fatal(err)
 		}
@@ -511,25 +498,89 @@ func sourceGoneFront(t *testing.T, vip string, ip func(args ...string)) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if gone {
-			ip("addr", "del", vip+"/32", "dev", "lo")
+		for i, want := range []string{testVIP, "127.0.0.1", "127.0.0.1"} {
+			if i == 1 {
+				ipCmd(t, "addr", "del", testVIP+"/32", "dev", "lo")
+			}
+			if _, err := front.WriteTo([]byte("reply"), client); err != nil {
+				t.Fatalf("reply %d: %v", i, err)
+			}
+			if from := readReply(t, c, "reply"); from.Addr().String() != want {
+				t.Errorf("reply %d from %v, want %s", i, from, want)
+			}
 		}
-		if _, err := front.WriteTo([]byte("reply"), client); err != nil {
-			t.Fatalf("reply %d: %v", i, err)
+		if n := logs.FilterField(zap.Stringer("source", netip.MustParseAddr(testVIP))).Len(); n != 1 {
+			t.Errorf("%d warnings naming %s, want 1: %v", n, testVIP, logs.All())
 		}
-		_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
-		_, from, err := c.ReadFromUDPAddrPort(buf)
-		if err != nil {
-			t.Fatalf("reply %d: %v", i, err)
-		}
-		if want := map[bool]string{false: vip, true: "127.0.0.1"}[gone]; from.Addr().String() != want {
-			t.Errorf("reply %d from %v, want %s", i, from, want)
-		}
+	})
+}
+
+// testVIP is the address TestWildcardSourceGone adds to lo and removes.
+const testVIP = "10.77.0.1"
+
+// addVIP adds testVIP to lo, until the test ends if it is still there.
+func addVIP(t *testing.T) {
+	t.Helper()
+	ipCmd(t, "addr", "add", testVIP+"/32", "dev", "lo")
+	t.Cleanup(func() { _ = exec.Command("ip", "addr", "del", testVIP+"/32", "dev", "lo").Run() })
+}
+
+// ipCmd runs the ip command (inNetns skips a test where there is none).
+func ipCmd(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+		t.Fatalf("ip %v: %v: %s", args, err, out)
 	}
 }
 
-// slowUpstream echoes each datagram it receives, the first at once, the
-// others after a delay.
+// readReply reads a datagram from c, which must be want, and returns its
+// source.
+func readReply(t *testing.T, c *net.UDPConn, want string) netip.AddrPort {
+	t.Helper()
+	buf := make([]byte, 128)
+	_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	n, from, err := c.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		t.Fatalf("waiting for %q: %v", want, err)
+	}
+	if string(buf[:n]) != want {
+		t.Fatalf("reply %q, want %q", buf[:n], want)
+	}
+	return from
+}
+
+// startBalancerLogged is startBalancerAt with Caddy's warnings logged, as
+// JSON, to the file it returns.
+func startBalancerLogged(t *testing.T, network, listen string, handler any) (port int, logFile string) {
+	t.Helper()
+	port = freeUDPPort(t)
+	var cfg map[string]any
+	if err := json.Unmarshal(testConfigOn(network, fmt.Sprintf(listen, port), "", 30*time.Second, handler), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	logFile = filepath.Join(t.TempDir(), "caddy.log")
+	cfg["logging"] = map[string]any{"logs": map[string]any{"default": map[string]any{
+		"level":   "WARN",
+		"writer":  map[string]any{"output": "file", "filename": logFile},
+		"encoder": map[string]any{"format": "json"},
+	}}}
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Load(b, true); err != nil {
+		t.Fatalf("loading config: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("stopping caddy: %v", err)
+		}
+	})
+	return port, logFile
+}
+
+// slowUpstream answers each datagram it receives: the first at once, each
+// later one twice, after a delay.
 type slowUpstream struct {
 	conn *net.UDPConn
 	got  atomic.Int64
@@ -553,6 +604,7 @@ func startSlowUpstream(t *testing.T, delay time.Duration) *slowUpstream {
 			}
 			if u.got.Add(1) > 1 {
 				time.Sleep(delay)
+				_, _ = conn.WriteToUDPAddrPort(buf[:n], from)
 			}
 			_, _ = conn.WriteToUDPAddrPort(buf[:n], from)
 		}
