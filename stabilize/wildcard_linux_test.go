@@ -580,7 +580,7 @@ func startBalancerLogged(t *testing.T, network, listen string, handler any) (por
 }
 
 // slowUpstream answers each datagram it receives: the first at once, each
-// later one twice, after a delay.
+// later one twice, after a delay, 50 ms apart.
 type slowUpstream struct {
 	conn *net.UDPConn
 	got  atomic.Int64
@@ -605,6 +605,7 @@ func startSlowUpstream(t *testing.T, delay time.Duration) *slowUpstream {
 			if u.got.Add(1) > 1 {
 				time.Sleep(delay)
 				_, _ = conn.WriteToUDPAddrPort(buf[:n], from)
+				time.Sleep(50 * time.Millisecond) // the next in another send
 			}
 			_, _ = conn.WriteToUDPAddrPort(buf[:n], from)
 		}
