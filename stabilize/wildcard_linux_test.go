@@ -260,29 +260,7 @@ func TestWildcardWarnsOnce(t *testing.T) {
 	} {
 		t.Run(tc.network+"/"+fmt.Sprintf(tc.listen, 0), func(t *testing.T) {
 			a := startUpstream(t, "a")
-			port := freeUDPPort(t)
-			var cfg map[string]any
-			if err := json.Unmarshal(testConfigOn(tc.network, fmt.Sprintf(tc.listen, port), "", 30*time.Second, handlerConfig("flow", "", a)), &cfg); err != nil {
-				t.Fatal(err)
-			}
-			logFile := filepath.Join(t.TempDir(), "caddy.log")
-			cfg["logging"] = map[string]any{"logs": map[string]any{"default": map[string]any{
-				"level":   "WARN",
-				"writer":  map[string]any{"output": "file", "filename": logFile},
-				"encoder": map[string]any{"format": "json"},
-			}}}
-			b, err := json.Marshal(cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := caddy.Load(b, true); err != nil {
-				t.Fatalf("loading config: %v", err)
-			}
-			defer func() {
-				if err := caddy.Stop(); err != nil {
-					t.Errorf("stopping caddy: %v", err)
-				}
-			}()
+			port, logFile := startBalancerLogged(t, tc.network, tc.listen, handlerConfig("flow", "", a))
 			for i := range 3 { // three flows
 				newClient(t, fmt.Sprint("127.0.0.1:", port)).mustRoundTrip(fmt.Sprint("flow-", i))
 			}
