@@ -35,6 +35,7 @@ func listenFast(ctx context.Context, network, host, portRange string, portOffset
 	if err != nil {
 		return nil, err
 	}
+	front.SetLogger(caddy.Log().Named("layer4.fastudp"))
 	// caddy-l4 closes its listeners when its config stops, but not those
 	// of a config that fails to start: that one's front closes with its
 	// config too, and the socket goes back to the running config's

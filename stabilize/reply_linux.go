@@ -7,6 +7,7 @@ import (
 	"sync"
 	"syscall"
 
+	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
 	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
@@ -288,6 +289,9 @@ func (r *replyReactor) flush() {
 			// datagram.
 			r.sendTo, r.segment = r.out.NextRun(r.sendFrom, end, !gsoOff.Load())
 			err := first.outRC.Write(r.sendf)
+			if err == nil && r.sendErr != 0 && r.unsource() {
+				err = first.outRC.Write(r.sendf)
+			}
 			if r.segment > 0 && err == nil && r.sendErr != 0 && r.sendErr != unix.EAGAIN {
 				gsoFailed(r.sendErr)
 				r.segment = 0
@@ -309,6 +313,30 @@ func (r *replyReactor) flush() {
 	clear(r.outFlows[:queued])
 	clear(r.outHandlers[:queued])
 	r.out.Reset()
+}
+
+// unsource reports whether the last send failed because its source
+// address is no longer the host's (removed, or a virtual address moved
+// away), after dropping the sources of what failed: a sendmmsg's first
+// datagram, a GSO send's run. Sent again, they leave from the route's
+// address, as before sources were named. Logged once per handler.
+func (r *replyReactor) unsource() bool {
+	if !udpio.SourceGone(r.sendErr) {
+		return false
+	}
+	to := r.sendFrom + 1
+	if r.segment > 0 {
+		to = r.sendTo
+	}
+	src := r.out.Unsource(r.sendFrom, to)
+	if !src.IsValid() {
+		return false
+	}
+	if h := r.outHandlers[r.sendFrom]; !h.warnedSrc.Swap(true) {
+		h.logger.Warn("the address clients sent to is no longer local: replies leave from the route's address",
+			zap.Stringer("source", src), zap.Error(r.sendErr))
+	}
+	return true
 }
 
 // dropQueued drops the queued replies from sendFrom up to to.

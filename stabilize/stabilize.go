@@ -127,6 +127,7 @@ type Handler struct {
 	warned         [numDropReasons]atomic.Bool
 	warnedListener atomic.Bool // replies through cx.Write
 	warnedWild     atomic.Bool // replies from the route's address; see warnWildcard
+	warnedSrc      atomic.Bool // a reply source no longer local; see replyReactor.unsource
 
 	identity string    // handlers with one identity hand flows on; see reload.go
 	affinity *affinity // per flow and per connection

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -16,6 +17,10 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/quic-go/quic-go"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/stabilize-lb/caddy-stabilize/internal/fastudp"
 )
 
 // A listener bound to an unspecified address must reply from the address
@@ -255,29 +260,7 @@ func TestWildcardWarnsOnce(t *testing.T) {
 	} {
 		t.Run(tc.network+"/"+fmt.Sprintf(tc.listen, 0), func(t *testing.T) {
 			a := startUpstream(t, "a")
-			port := freeUDPPort(t)
-			var cfg map[string]any
-			if err := json.Unmarshal(testConfigOn(tc.network, fmt.Sprintf(tc.listen, port), "", 30*time.Second, handlerConfig("flow", "", a)), &cfg); err != nil {
-				t.Fatal(err)
-			}
-			logFile := filepath.Join(t.TempDir(), "caddy.log")
-			cfg["logging"] = map[string]any{"logs": map[string]any{"default": map[string]any{
-				"level":   "WARN",
-				"writer":  map[string]any{"output": "file", "filename": logFile},
-				"encoder": map[string]any{"format": "json"},
-			}}}
-			b, err := json.Marshal(cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := caddy.Load(b, true); err != nil {
-				t.Fatalf("loading config: %v", err)
-			}
-			defer func() {
-				if err := caddy.Stop(); err != nil {
-					t.Errorf("stopping caddy: %v", err)
-				}
-			}()
+			port, logFile := startBalancerLogged(t, tc.network, tc.listen, handlerConfig("flow", "", a))
 			for i := range 3 { // three flows
 				newClient(t, fmt.Sprint("127.0.0.1:", port)).mustRoundTrip(fmt.Sprint("flow-", i))
 			}
@@ -406,3 +389,210 @@ func TestWildcardLinkLocal(t *testing.T) {
 		}
 	})
 }
+
+// TestWildcardSourceGone: on a fastudp/ listener bound to [::], a flow
+// replies from the address its client sent to, 10.77.0.1; that address is
+// then removed from the host (as when a virtual address moves to another
+// machine) while an upstream's two replies are on their way. They still
+// arrive, from the route's address, as before replies named a source, no
+// write_error is counted, and the handler warns once. In a network
+// namespace of its own. Then the same with fastudp.Front.WriteTo, through
+// which caddy-l4's own handlers reply.
+func TestWildcardSourceGone(t *testing.T) {
+	if !inNetns(t, 32768, 60999) {
+		return
+	}
+	for _, per := range []string{PerPacket, PerFlow} {
+		t.Run(FastNetwork+"/"+per, func(t *testing.T) {
+			// udp/: caddy-l4 cannot tell the destination (caddyL4NoDst).
+			addVIP(t)
+			up := startSlowUpstream(t, 300*time.Millisecond)
+			tr := trackHandlers(t)
+			handler := map[string]any{"handler": "stabilize", "upstreams": []any{map[string]any{"dial": up.dial()}}, "per": per}
+			port, logFile := startBalancerLogged(t, FastNetwork, ":%d", handler)
+			c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			to := netip.AddrPortFrom(netip.MustParseAddr(testVIP), uint16(port))
+			send := func(payload string) {
+				if _, err := c.WriteToUDPAddrPort([]byte(payload), to); err != nil {
+					t.Fatal(err)
+				}
+			}
+			send("first")
+			if from := readReply(t, c, "first"); from != to {
+				t.Fatalf("first reply from %v, want %v", from, to)
+			}
+			send("second")
+			// The upstream has the datagram well before its 300 ms are up.
+			for deadline := time.Now().Add(2 * time.Second); up.got.Load() < 2 && time.Now().Before(deadline); {
+				time.Sleep(5 * time.Millisecond)
+			}
+			ipCmd(t, "addr", "del", testVIP+"/32", "dev", "lo")
+			for i := range 2 {
+				if from := readReply(t, c, "second"); from.Addr() != netip.MustParseAddr("127.0.0.1") {
+					t.Errorf("second reply %d from %v, want the route's address 127.0.0.1", i, from)
+				}
+			}
+			h := tr.latest()
+			if h == nil {
+				t.Fatal("no handler")
+			}
+			if d := h.Drops()["write_error"]; d != 0 {
+				t.Errorf("write_error %d, want 0", d)
+			}
+			logged, err := os.ReadFile(logFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n := strings.Count(string(logged), `"source":"`+testVIP+`"`); n != 1 {
+				t.Errorf("%d warnings naming %s, want 1:\n%s", n, testVIP, logged)
+			}
+		})
+	}
+	t.Run("front", func(t *testing.T) {
+		addVIP(t)
+		port := freeUDPPort(t)
+		front, err := fastudp.Listen(fmt.Sprint(":", port), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer front.Close()
+		core, logs := observer.New(zap.WarnLevel)
+		front.SetLogger(zap.New(core))
+		c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		to := netip.AddrPortFrom(netip.MustParseAddr(testVIP), uint16(port))
+		buf := make([]byte, 128)
+		if _, err := c.WriteToUDPAddrPort([]byte("hello"), to); err != nil {
+			t.Fatal(err)
+		}
+		_, client, err := front.ReadFrom(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, want := range []string{testVIP, "127.0.0.1", "127.0.0.1"} {
+			if i == 1 {
+				ipCmd(t, "addr", "del", testVIP+"/32", "dev", "lo")
+			}
+			if _, err := front.WriteTo([]byte("reply"), client); err != nil {
+				t.Fatalf("reply %d: %v", i, err)
+			}
+			if from := readReply(t, c, "reply"); from.Addr().String() != want {
+				t.Errorf("reply %d from %v, want %s", i, from, want)
+			}
+		}
+		if n := logs.FilterField(zap.Stringer("source", netip.MustParseAddr(testVIP))).Len(); n != 1 {
+			t.Errorf("%d warnings naming %s, want 1: %v", n, testVIP, logs.All())
+		}
+	})
+}
+
+// testVIP is the address TestWildcardSourceGone adds to lo and removes.
+const testVIP = "10.77.0.1"
+
+// addVIP adds testVIP to lo, until the test ends if it is still there.
+func addVIP(t *testing.T) {
+	t.Helper()
+	ipCmd(t, "addr", "add", testVIP+"/32", "dev", "lo")
+	t.Cleanup(func() { _ = exec.Command("ip", "addr", "del", testVIP+"/32", "dev", "lo").Run() })
+}
+
+// ipCmd runs the ip command (inNetns skips a test where there is none).
+func ipCmd(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+		t.Fatalf("ip %v: %v: %s", args, err, out)
+	}
+}
+
+// readReply reads a datagram from c, which must be want, and returns its
+// source.
+func readReply(t *testing.T, c *net.UDPConn, want string) netip.AddrPort {
+	t.Helper()
+	buf := make([]byte, 128)
+	_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	n, from, err := c.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		t.Fatalf("waiting for %q: %v", want, err)
+	}
+	if string(buf[:n]) != want {
+		t.Fatalf("reply %q, want %q", buf[:n], want)
+	}
+	return from
+}
+
+// startBalancerLogged is startBalancerAt with Caddy's warnings logged, as
+// JSON, to the file it returns.
+func startBalancerLogged(t *testing.T, network, listen string, handler any) (port int, logFile string) {
+	t.Helper()
+	port = freeUDPPort(t)
+	var cfg map[string]any
+	if err := json.Unmarshal(testConfigOn(network, fmt.Sprintf(listen, port), "", 30*time.Second, handler), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	logFile = filepath.Join(t.TempDir(), "caddy.log")
+	cfg["logging"] = map[string]any{"logs": map[string]any{"default": map[string]any{
+		"level":   "WARN",
+		"writer":  map[string]any{"output": "file", "filename": logFile},
+		"encoder": map[string]any{"format": "json"},
+	}}}
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Load(b, true); err != nil {
+		t.Fatalf("loading config: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("stopping caddy: %v", err)
+		}
+	})
+	return port, logFile
+}
+
+// slowUpstream answers each datagram it receives: the first at once, each
+// later one twice, after a delay, 50 ms apart.
+type slowUpstream struct {
+	conn *net.UDPConn
+	got  atomic.Int64
+}
+
+func startSlowUpstream(t *testing.T, delay time.Duration) *slowUpstream {
+	t.Helper()
+	conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := &slowUpstream{conn: conn}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := conn.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			if u.got.Add(1) > 1 {
+				time.Sleep(delay)
+				_, _ = conn.WriteToUDPAddrPort(buf[:n], from)
+				time.Sleep(50 * time.Millisecond) // the next in another send
+			}
+			_, _ = conn.WriteToUDPAddrPort(buf[:n], from)
+		}
+	}()
+	t.Cleanup(func() {
+		_ = conn.Close()
+		<-done
+	})
+	return u
+}
+
+func (u *slowUpstream) dial() string { return "udp/" + u.conn.LocalAddr().String() }

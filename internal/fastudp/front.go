@@ -3,7 +3,10 @@ package fastudp
 import (
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"go.uber.org/zap"
 
 	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
 )
@@ -16,7 +19,13 @@ type Front struct {
 	queue     chan *queued
 	closed    chan struct{}
 	closeOnce sync.Once
+	logger    *zap.Logger // for the front's warnings; nil: none
+	warnedSrc atomic.Bool // a source no longer local; see WriteTo
 }
+
+// SetLogger makes l the logger of the front's warnings. Call it before the
+// front is used.
+func (f *Front) SetLogger(l *zap.Logger) { f.logger = l }
 
 // Socket is the socket behind the front.
 func (f *Front) Socket() *Socket { return f.s }
@@ -35,11 +44,18 @@ func (f *Front) ReadFrom(b []byte) (int, net.Addr, error) {
 
 // WriteTo sends a datagram through the shared socket. On an unspecified
 // address it leaves from the address the client's latest datagram was
-// sent to, if the socket has seen one lately (Socket.Dst).
+// sent to, if the socket has seen one lately (Socket.Dst), or from the
+// route's address if that one is no longer local (warned once).
 func (f *Front) WriteTo(b []byte, addr net.Addr) (int, error) {
 	if ua, ok := addr.(*net.UDPAddr); ok && f.s.wild {
 		to := ua.AddrPort()
-		return udpio.WriteFrom(f.s.conn, b, to, f.s.Dst(udpio.Unmap(to)))
+		src := f.s.Dst(udpio.Unmap(to))
+		n, gone, err := udpio.WriteFrom(f.s.conn, b, to, src)
+		if gone != nil && !f.warnedSrc.Swap(true) && f.logger != nil {
+			f.logger.Warn("the address clients sent to is no longer local: replies leave from the route's address",
+				zap.Stringer("source", src), zap.Error(gone))
+		}
+		return n, err
 	}
 	return f.s.conn.WriteTo(b, addr)
 }

@@ -193,6 +193,25 @@ func (q *SendQueue) AddFrom(b []byte, to netip.AddrPort, src netip.Addr, family 
 	q.n++
 }
 
+// Unsource drops the sources of the queued datagrams from from up to to:
+// they leave from the address the route picks, as Add's do. It returns the
+// first source it dropped, invalid if none had one.
+func (q *SendQueue) Unsource(from, to int) netip.Addr {
+	var first netip.Addr
+	for i := from; i < to; i++ {
+		if !q.srcs[i].IsValid() {
+			continue
+		}
+		if !first.IsValid() {
+			first = q.srcs[i]
+		}
+		q.srcs[i] = netip.Addr{}
+		h := &q.hdrs[i].hdr
+		h.Control, h.Controllen = nil, 0
+	}
+	return first
+}
+
 // Send sends queued datagrams from up to to with one sendmmsg, without
 // blocking, and returns how many the socket took.
 func (q *SendQueue) Send(fd uintptr, from, to int) (int, syscall.Errno) {

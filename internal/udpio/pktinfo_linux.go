@@ -1,6 +1,7 @@
 package udpio
 
 import (
+	"errors"
 	"net"
 	"net/netip"
 	"syscall"
@@ -113,12 +114,28 @@ func parseControl(c []byte) (segment int, dst netip.Addr) {
 
 // WriteFrom sends b to to out of conn from src, one of the host's
 // addresses (PutPktInfo), or from the address the route picks if src is
-// invalid.
-func WriteFrom(conn *net.UDPConn, b []byte, to netip.AddrPort, src netip.Addr) (int, error) {
+// invalid. If the send fails because src is no longer the host's
+// (SourceGone), it sends b again from the route's address and returns the
+// first error as gone.
+func WriteFrom(conn *net.UDPConn, b []byte, to netip.AddrPort, src netip.Addr) (n int, gone, err error) {
 	if !src.IsValid() {
-		return conn.WriteToUDPAddrPort(b, to)
+		n, err = conn.WriteToUDPAddrPort(b, to)
+		return n, nil, err
 	}
 	var oob [unix.SizeofCmsghdr + unix.SizeofInet6Pktinfo + 4]byte // PktInfoSpace
-	n, _, err := conn.WriteMsgUDPAddrPort(b, oob[:PutPktInfo(oob[:], src)], to)
-	return n, err
+	n, _, err = conn.WriteMsgUDPAddrPort(b, oob[:PutPktInfo(oob[:], src)], to)
+	if err != nil && SourceGone(err) {
+		gone = err
+		n, err = conn.WriteToUDPAddrPort(b, to)
+	}
+	return n, gone, err
+}
+
+// SourceGone reports whether err, of a send from a source address
+// (PutPktInfo), says that the address is no longer one of the host's (it
+// was removed, or a virtual address moved to another host): ENETUNREACH or
+// EADDRNOTAVAIL for IPv4, EINVAL for IPv6. The send may then go again from
+// the route's address, where replies left from before sources were named.
+func SourceGone(err error) bool {
+	return errors.Is(err, unix.ENETUNREACH) || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EADDRNOTAVAIL)
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"net"
 	"net/netip"
+	"slices"
 	"syscall"
 	"testing"
 	"time"
@@ -308,5 +309,81 @@ func TestParseControlReplySource(t *testing.T) {
 		if _, dst := parseControl(tc.c); dst.String() != tc.want {
 			t.Errorf("%s: %v, want %s", tc.name, dst, tc.want)
 		}
+	}
+}
+
+// TestSendQueueUnsource: datagrams from a source that is not the host's
+// fail (SourceGone), as one GSO run and with sendmmsg; Unsource drops the
+// sources of the run, or of the first datagram, and they are sent again
+// from the route's address.
+func TestSendQueueUnsource(t *testing.T) {
+	for _, tc := range wildCases {
+		t.Run(tc.network+tc.listen, func(t *testing.T) {
+			srv := listenWild(t, tc.network, tc.listen)
+			rc, err := srv.SyscallConn()
+			if err != nil {
+				t.Fatal(err)
+			}
+			family := Family(rc)
+			port := srv.LocalAddr().(*net.UDPAddr).Port
+			cl := dialFrom(t, tc.dsts[len(tc.dsts)-1], port) // 127.0.0.1 or ::1
+			to := Unmap(cl.LocalAddr().(*net.UDPAddr).AddrPort())
+			gone := netip.MustParseAddr("203.0.113.1") // TEST-NET-3, not the host's
+			if to.Addr().Is6() {
+				gone = netip.MustParseAddr("2001:db8::1")
+			}
+			q := NewSendQueue(8)
+			for _, p := range []string{"one", "two", "six", "mmsg", "last"} {
+				q.AddFrom([]byte(p), to, gone, family)
+			}
+			send := func(f func(fd uintptr) syscall.Errno) syscall.Errno {
+				var errno syscall.Errno
+				if err := rc.Write(func(fd uintptr) bool { errno = f(fd); return true }); err != nil {
+					t.Fatal(err)
+				}
+				return errno
+			}
+			gso := func(fd uintptr) syscall.Errno { return q.SendGSO(fd, 0, 3, 3) }
+			mmsg := func(fd uintptr) syscall.Errno { _, errno := q.Send(fd, 3, 5); return errno }
+			for _, step := range []struct {
+				name     string
+				send     func(fd uintptr) syscall.Errno
+				from, to int
+			}{{"gso", gso, 0, 3}, {"sendmmsg", mmsg, 3, 4}} {
+				if errno := send(step.send); !SourceGone(errno) {
+					t.Fatalf("%s from %v: %v, want a SourceGone error", step.name, gone, errno)
+				}
+				if src := q.Unsource(step.from, step.to); src != gone {
+					t.Fatalf("%s: Unsource = %v, want %v", step.name, src, gone)
+				}
+				if src := q.Unsource(step.from, step.to); src.IsValid() {
+					t.Fatalf("%s: Unsource again = %v", step.name, src)
+				}
+			}
+			if errno := send(gso); errno != 0 {
+				t.Fatalf("gso without source: %v", errno)
+			}
+			var sent int
+			if errno := send(func(fd uintptr) syscall.Errno {
+				var errno syscall.Errno
+				sent, errno = q.Send(fd, 3, 5)
+				return errno
+			}); errno != 0 || sent != 1 {
+				t.Fatalf("sendmmsg: %d sent, %v; want 1, then the datagram with a source", sent, errno)
+			}
+			buf := make([]byte, 64)
+			var got []string
+			for {
+				_ = cl.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+				n, err := cl.Read(buf)
+				if err != nil {
+					break
+				}
+				got = append(got, string(buf[:n]))
+			}
+			if !slices.Equal(got, []string{"one", "two", "six", "mmsg"}) {
+				t.Errorf("received %q, want one two six mmsg", got)
+			}
+		})
 	}
 }
