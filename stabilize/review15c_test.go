@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os"
 	"runtime"
 	"strings"
 	"testing"
@@ -114,5 +115,58 @@ func TestConnectionTablesListenerSetReload(t *testing.T) {
 			t.Errorf("after caddy.Stop the set of %q has %d references", identity, n)
 		}
 		eventually(t, 3*time.Second, "the set's janitor ended", func() bool { return janitors() <= before })
+	})
+}
+
+// TestReloadListenerReassigned: a reload gives listener L another handler
+// (a new identity, other upstreams) and moves L's old handler's identity
+// to a new listener M. A client's flow on L that was open before the
+// reload must follow L's new route; it must not go on through the handler
+// of M, which the new config never routes L to.
+//
+// It fails on fastudp/ (review15c.md, pre-existing in reload.go: leave
+// picks a successor by identity and upstreams, never by listener), so it
+// runs only with STABILIZE_KNOWN_DEFECTS=1 until that is fixed.
+func TestReloadListenerReassigned(t *testing.T) {
+	if os.Getenv("STABILIZE_KNOWN_DEFECTS") == "" {
+		t.Skip("known defect (review15c.md); STABILIZE_KNOWN_DEFECTS=1 runs it")
+	}
+	forNetworks(t, func(t *testing.T, network string) {
+		x, y := startUpstream(t, "x"), startUpstream(t, "y")
+		l, m := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t)), fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
+		server := func(addr string, handler any) map[string]any {
+			return map[string]any{
+				"listen":       []string{network + "/" + addr},
+				"idle_timeout": "30s",
+				"routes":       []any{map[string]any{"handle": []any{handler}}},
+			}
+		}
+		load := func(servers map[string]any) {
+			t.Helper()
+			cfg, err := json.Marshal(map[string]any{
+				"admin":   map[string]any{"disabled": true},
+				"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "WARN"}}},
+				"apps":    map[string]any{"layer4": map[string]any{"servers": servers}},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := caddy.Load(cfg, true); err != nil {
+				t.Fatal(err)
+			}
+		}
+		load(map[string]any{"a": server(l, handlerConfig(PerFlow, "", x))})
+		t.Cleanup(func() { _ = caddy.Stop() })
+		c := newClient(t, l)
+		if got := c.mustRoundTrip("before"); got != "x" {
+			t.Fatalf("before the reload: reached %q, want x", got)
+		}
+		load(map[string]any{
+			"a": server(l, handlerConfig(PerPacket, "", y)),
+			"b": server(m, handlerConfig(PerFlow, "", x)),
+		})
+		if got := c.mustRoundTrip("after"); got != "y" {
+			t.Errorf("after the reload: the flow on %s reached %q through the handler of %s, want y, its listener's new route", l, got, m)
+		}
 	})
 }
