@@ -102,9 +102,9 @@ func BenchmarkCIDTableLookupDuringSweep(b *testing.B) {
 // the same one to every holder; a table no handler holds stays while it
 // has entries and goes once they have expired.
 func TestCIDTableSetListeners(t *testing.T) {
-	d, _ := newCIDTableSet()
-	s := d.(*cidTableSet)
-	defer s.Destruct()
+	// No janitor: the test's sweeps are the only ones (sweep is the
+	// janitor's, never called concurrently).
+	s := &cidTableSet{tables: make(map[netip.AddrPort]*cidTable)}
 	a, b := netip.MustParseAddrPort("127.0.0.1:1"), netip.MustParseAddrPort("127.0.0.1:2")
 	ta, tb := s.acquire(a, true), s.acquire(b, true)
 	if ta == tb {
