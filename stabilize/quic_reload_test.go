@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"regexp"
 	"runtime"
 	"strings"
 	"testing"
@@ -98,7 +99,8 @@ func TestQUICReloadEndsHandleAtOnce(t *testing.T) {
 			for deadline := time.Now().Add(20 * time.Second); reading() > 0; {
 				now := time.Now()
 				if now.After(deadline) {
-					t.Fatalf("reload %d: %d flows still read by the old handler", i+1, reading())
+					t.Fatalf("reload %d: %d flows still read by the old handler; where its Handle calls are:\n%s",
+						i+1, reading(), quicHandleStacks(old, &stacks))
 				}
 				for _, id := range quicHandlesWaiting(old, &stacks) {
 					since, ok := waiting[id]
@@ -115,10 +117,51 @@ func TestQUICReloadEndsHandleAtOnce(t *testing.T) {
 	})
 }
 
+// quicHandleStacks returns the stacks of h's handleQUIC calls, for a
+// failure message: the first of each kind, with how many share it.
+func quicHandleStacks(h *Handler, buf *[]byte) string {
+	recv := fmt.Sprintf("handleQUIC(%p,", h)
+	kinds := make(map[string]int)
+	var order []string
+	for _, g := range goroutineStacks(buf) {
+		if !strings.Contains(g, recv) {
+			continue
+		}
+		_, stack, _ := strings.Cut(g, "\n") // without the goroutine's ID
+		stack = hexArgs.ReplaceAllString(stack, "0x…")
+		if kinds[stack]++; kinds[stack] == 1 {
+			order = append(order, stack)
+		}
+	}
+	var b strings.Builder
+	for _, stack := range order {
+		fmt.Fprintf(&b, "%d Handle calls at:\n%s\n", kinds[stack], stack)
+	}
+	return b.String()
+}
+
+// hexArgs are the arguments and offsets in a stack, which differ from one
+// goroutine to the next.
+var hexArgs = regexp.MustCompile(`0x[0-9a-f]+`)
+
 // quicHandlesWaiting returns the goroutine IDs of h's handleQUIC calls that
-// wait in caddy-l4's read for a datagram. It reads the stacks into *buf,
-// kept from call to call, which starts at 1 MiB and grows only when full.
+// wait in caddy-l4's read for a datagram.
 func quicHandlesWaiting(h *Handler, buf *[]byte) []string {
+	recv := fmt.Sprintf("handleQUIC(%p,", h)
+	var ids []string
+	for _, g := range goroutineStacks(buf) {
+		if strings.Contains(g, recv) && strings.Contains(g, "layer4.(*packetConn).Read(") {
+			id, _, _ := strings.Cut(strings.TrimPrefix(g, "goroutine "), " ")
+			ids = append(ids, id)
+		}
+	}
+	return ids
+}
+
+// goroutineStacks returns the stack of every goroutine. It reads them into
+// *buf, kept from call to call, which starts at 1 MiB and grows only when
+// full.
+func goroutineStacks(buf *[]byte) []string {
 	if *buf == nil {
 		*buf = make([]byte, 1<<20)
 	}
@@ -127,15 +170,7 @@ func quicHandlesWaiting(h *Handler, buf *[]byte) []string {
 		*buf = make([]byte, 2*len(*buf))
 		n = runtime.Stack(*buf, true)
 	}
-	recv := fmt.Sprintf("handleQUIC(%p,", h)
-	var ids []string
-	for _, g := range strings.Split(string((*buf)[:n]), "\n\n") {
-		if strings.Contains(g, recv) && strings.Contains(g, "layer4.(*packetConn).Read(") {
-			id, _, _ := strings.Cut(strings.TrimPrefix(g, "goroutine "), " ")
-			ids = append(ids, id)
-		}
-	}
-	return ids
+	return strings.Split(string((*buf)[:n]), "\n\n")
 }
 
 // TestQUICReloadTwoListeners: with two listeners, each terminating QUIC in

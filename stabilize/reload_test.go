@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"runtime"
 	"slices"
@@ -390,8 +391,14 @@ func TestReloadEndedFlowCountsNoWriteErrors(t *testing.T) {
 		if n := old.Drops()[dropWriteError.String()]; n > 0 {
 			t.Fatalf("the old handler counted %d write_error drops for datagrams of its ending flows", n)
 		}
+		// The flood's backlog in the listener's receive buffer, then in the
+		// upstream's, would drop the fresh client's datagram.
+		socks := []netip.AddrPort{netip.MustParseAddrPort(lb.addr), a.addr}
+		waitUDPDrained(t, 10*time.Second, socks...)
 		a.silent.Store(false)
-		newClient(t, lb.addr).mustRoundTrip("after the reload")
+		if _, _, err := newClient(t, lb.addr).roundTrip([]byte("after the reload"), 2*time.Second); err != nil {
+			t.Fatalf("round trip after the reload: %v%s", err, udpDropsNote(t, socks...))
+		}
 	})
 }
 
