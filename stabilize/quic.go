@@ -232,14 +232,19 @@ func (h *Handler) provisionQUIC(ctx caddy.Context) error {
 		EnableDatagrams: true,
 		Tracer:          tracer,
 	}
+	clientIdle := time.Duration(q.MaxIdleTimeout)
+	if clientIdle == 0 {
+		clientIdle = quicDefaultIdleTimeout
+	}
 	q.backendConfig = &quic.Config{
 		// A relayed connection lives as long as the client's leg, which
 		// idles out unless the client keeps it alive; the relay keeps the
 		// backend's leg alive, so that it idles out only when the backend
-		// is gone.
+		// is gone, and sooner than the client's: the client hears why
+		// (QUICErrUpstreamGone) before it would idle out itself.
 		KeepAlivePeriod: quicKeepAlive,
 		EnableDatagrams: true,
-		MaxIdleTimeout:  time.Duration(q.MaxIdleTimeout),
+		MaxIdleTimeout:  clientIdle * 3 / 4,
 		Tracer:          tracer,
 	}
 	// The client's leg is idle while its backend's is dialed: the dial
