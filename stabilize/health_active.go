@@ -317,11 +317,11 @@ func (c *activeCheck) matches(reply []byte) bool {
 // result records a check and applies passes and fails to the verdict.
 func (p *prober) result(res CheckResult, replied bool) {
 	hh := &p.host.health
+	if res.Passed && replied {
+		hh.latency.observe(res.Latency) // first: whoever sees the check sees its latency
+	}
 	p.lastCheck.Store(&res)
 	hh.lastCheck.Store(&res)
-	if res.Passed && replied {
-		hh.latency.observe(res.Latency)
-	}
 	logger := p.logger.Load()
 	p.mu.Lock()
 	defer p.mu.Unlock()
