@@ -48,9 +48,11 @@
 // sent to another of the host's addresses than the route's needs, and as
 // its PROXY header's destination; a terminating transport gets it as
 // quic-go's socket would (quicConn.ReadBatch). caddy-l4 reads `udp/`
-// without it, so there replies leave from the route's address. On Linux the flow sockets stay out of Go's
-// netpoller (udpio.Socket): only the reactor's epoll set watches them, so a
-// reply costs one epoll event, not a second one in the runtime's set, and
+// without it, so there replies leave from the route's address.
+//
+// On Linux the flow sockets stay out of Go's netpoller (udpio.Socket):
+// only the reactor's epoll set watches them, so a reply costs one epoll
+// event, not a second one in the runtime's set, and
 // the data path's raw system calls touch no poll descriptor. With many
 // flows, whose memory has gone cold in the CPU's cache, both directions
 // read the state of a batch's flows once before relaying the first
@@ -98,8 +100,7 @@
 // lineage by the handler's identity (its granularity, policy and whether it
 // terminates QUIC; see reload.go), `per connection`'s learned connection
 // IDs by identity and then listener (cidtable.go), and fastudp sockets by
-// address. In
-// Cleanup an old handler moves each fastudp flow whose upstream its
+// address. In Cleanup an old handler moves each fastudp flow whose upstream its
 // successor still has, and whose socket a config still listens on, to the
 // successor, keeping the flow's upstream-facing socket, so no reply in
 // flight is lost; other flows end, and the client's next datagram finds its
