@@ -146,7 +146,8 @@ func (s *cidTableSet) janitor() {
 }
 
 // sweep expires the entries of every table as of now, and drops the
-// tables that no handler holds and that hold nothing.
+// tables that no handler holds and that hold nothing. Only the set's
+// janitor calls it: two sweeps at once are not safe.
 func (s *cidTableSet) sweep(now int64) {
 	s.mu.Lock()
 	for _, t := range s.tables {

@@ -31,7 +31,9 @@ type Endpoint interface {
 	// Expired reports whether the endpoint has ended by now; the socket's
 	// reaper then closes it.
 	Expired(now int64) bool
-	// Close ends the endpoint; it unregisters itself.
+	// Close ends the endpoint; it unregisters itself, unless another
+	// endpoint has replaced it. The socket may call it more than once, and
+	// after the endpoint was unregistered or replaced.
 	Close()
 }
 
