@@ -198,7 +198,15 @@ func startBalancerOn(t testing.TB, network string, withAdmin bool, idle time.Dur
 	if withAdmin {
 		b.admin = fmt.Sprintf("127.0.0.1:%d", freeTCPPort(t))
 	}
-	if err := caddy.Load(testConfigOn(network, b.addr, b.admin, idle, handler), true); err != nil {
+	loadCaddy(t, testConfigOn(network, b.addr, b.admin, idle, handler))
+	return b
+}
+
+// loadCaddy loads cfg into the process's Caddy, which it stops when the
+// test ends.
+func loadCaddy(t testing.TB, cfg []byte) {
+	t.Helper()
+	if err := caddy.Load(cfg, true); err != nil {
 		t.Fatalf("loading config: %v", err)
 	}
 	t.Cleanup(func() {
@@ -206,7 +214,15 @@ func startBalancerOn(t testing.TB, network string, withAdmin bool, idle time.Dur
 			t.Errorf("stopping caddy: %v", err)
 		}
 	})
-	return b
+}
+
+// logToFile has the config cfg log at level and above, as JSON, to file.
+func logToFile(cfg map[string]any, level, file string) {
+	cfg["logging"] = map[string]any{"logs": map[string]any{"default": map[string]any{
+		"level":   level,
+		"writer":  map[string]any{"output": "file", "filename": file},
+		"encoder": map[string]any{"format": "json"},
+	}}}
 }
 
 // client is one client flow: its own socket, so its own source port.

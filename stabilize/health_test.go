@@ -860,11 +860,7 @@ func startServers(t *testing.T, network, logFile string, handlers ...any) []stri
 		t.Fatal(err)
 	}
 	if logFile != "" {
-		cfg["logging"] = map[string]any{"logs": map[string]any{"default": map[string]any{
-			"level":   "INFO",
-			"writer":  map[string]any{"output": "file", "filename": logFile},
-			"encoder": map[string]any{"format": "json"},
-		}}}
+		logToFile(cfg, "INFO", logFile)
 	}
 	servers := map[string]any{}
 	var addrs []string
@@ -882,14 +878,7 @@ func startServers(t *testing.T, network, logFile string, handlers ...any) []stri
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := caddy.Load(b, true); err != nil {
-		t.Fatalf("loading config: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := caddy.Stop(); err != nil {
-			t.Errorf("stopping caddy: %v", err)
-		}
-	})
+	loadCaddy(t, b)
 	return addrs
 }
 

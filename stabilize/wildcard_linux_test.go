@@ -15,7 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/quic-go/quic-go"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
@@ -43,14 +42,7 @@ const caddyL4NoDst = "caddy-l4 v0.1.2 reads udp/ listeners with ReadFrom, withou
 func startBalancerAt(t testing.TB, network, listen string, handler any) int {
 	t.Helper()
 	port := freeUDPPort(t)
-	if err := caddy.Load(testConfigOn(network, fmt.Sprintf(listen, port), "", 30*time.Second, handler), true); err != nil {
-		t.Fatalf("loading config: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := caddy.Stop(); err != nil {
-			t.Errorf("stopping caddy: %v", err)
-		}
-	})
+	loadCaddy(t, testConfigOn(network, fmt.Sprintf(listen, port), "", 30*time.Second, handler))
 	return port
 }
 
@@ -537,23 +529,12 @@ func startBalancerLogged(t *testing.T, network, listen string, handler any) (por
 		t.Fatal(err)
 	}
 	logFile = filepath.Join(t.TempDir(), "caddy.log")
-	cfg["logging"] = map[string]any{"logs": map[string]any{"default": map[string]any{
-		"level":   "WARN",
-		"writer":  map[string]any{"output": "file", "filename": logFile},
-		"encoder": map[string]any{"format": "json"},
-	}}}
+	logToFile(cfg, "WARN", logFile)
 	b, err := json.Marshal(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := caddy.Load(b, true); err != nil {
-		t.Fatalf("loading config: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := caddy.Stop(); err != nil {
-			t.Errorf("stopping caddy: %v", err)
-		}
-	})
+	loadCaddy(t, b)
 	return port, logFile
 }
 
