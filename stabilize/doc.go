@@ -104,5 +104,10 @@
 // successor still has, and whose socket a config still listens on, to the
 // successor, keeping the flow's upstream-facing socket, so no reply in
 // flight is lost; other flows end, and the client's next datagram finds its
-// upstream in the affinity table.
+// upstream in the affinity table. A flow's successor is a handler of its
+// identity that serves its listener: a handler learns, as it is
+// provisioned, the listen addresses of the layer4 server whose routes hold
+// it (reload.go). So when a reload routes the listener to a handler of
+// another identity, the flow ends even if its identity lives on at another
+// listener, and the client's next datagram takes the listener's new route.
 package stabilize

@@ -18,6 +18,9 @@ type fieldCache struct {
 // The fields of caddy-l4's packetConn that listener.go reads.
 var packetConnField, closeChField = fieldCache{name: "PacketConn"}, fieldCache{name: "closeCh"}
 
+// The fields of caddy-l4's Server that reload.go reads.
+var serverAddrsField, serverRouteField = fieldCache{name: "listenAddrs"}, fieldCache{name: "compiledRoute"}
+
 type fieldIndex struct {
 	t     reflect.Type
 	index []int // nil: no such field

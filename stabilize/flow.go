@@ -389,7 +389,8 @@ func (fl *Flow) closeFor(owner *Handler) {
 }
 
 // moveTo hands the flow to to, the next config's handler of the same
-// identity, keeping its sockets (set up as to's) under to's idle timeout:
+// identity that serves its listener (Handler.successor), keeping its
+// sockets (set up as to's) under to's idle timeout:
 // only fast flows, whose listener socket outlives the reload, and only
 // when to has the flow's upstream. It reports whether it did.
 func (fl *Flow) moveTo(to *Handler) bool {

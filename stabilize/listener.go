@@ -177,15 +177,7 @@ func serverIdleTimeoutOf(ctx caddy.Context, network string, ap netip.AddrPort) (
 			shortest = idle
 		}
 		for _, l := range srv.Listen {
-			na, err := caddy.ParseNetworkAddress(l)
-			if err != nil || strings.TrimRight(na.Network, "46") != network ||
-				uint(ap.Port()) < na.StartPort || uint(ap.Port()) > na.EndPort {
-				continue
-			}
-			if ip, err := netip.ParseAddr(na.Host); err == nil && !ip.IsUnspecified() && ip.Unmap() != ap.Addr().Unmap() {
-				continue
-			}
-			if found == 0 || idle < found {
+			if listensAt(l, network, ap) && (found == 0 || idle < found) {
 				found = idle
 			}
 		}
@@ -197,4 +189,16 @@ func serverIdleTimeoutOf(ctx caddy.Context, network string, ap netip.AddrPort) (
 		return shortest, false
 	}
 	return defaultIdleTimeout, false
+}
+
+// listensAt reports whether l, a layer4 server's listen address, is the
+// listener on network (udp, udp4 and udp6 are one) at ap.
+func listensAt(l, network string, ap netip.AddrPort) bool {
+	na, err := caddy.ParseNetworkAddress(l)
+	if err != nil || strings.TrimRight(na.Network, "46") != network ||
+		uint(ap.Port()) < na.StartPort || uint(ap.Port()) > na.EndPort {
+		return false
+	}
+	ip, err := netip.ParseAddr(na.Host)
+	return err != nil || ip.IsUnspecified() || ip.Unmap() == ap.Addr().Unmap()
 }

@@ -4,13 +4,14 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
-	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	_ "github.com/mholt/caddy-l4/modules/l4subroute" // a handler inside a subroute
 )
 
 // listenersConfig is a Caddy config with one layer4 server per address
@@ -118,55 +119,195 @@ func TestConnectionTablesListenerSetReload(t *testing.T) {
 	})
 }
 
-// TestReloadListenerReassigned: a reload gives listener L another handler
-// (a new identity, other upstreams) and moves L's old handler's identity
-// to a new listener M. A client's flow on L that was open before the
-// reload must follow L's new route; it must not go on through the handler
-// of M, which the new config never routes L to.
-//
-// It fails on fastudp/ (review15c.md, pre-existing in reload.go: leave
-// picks a successor by identity and upstreams, never by listener), so it
-// runs only with STABILIZE_KNOWN_DEFECTS=1 until that is fixed.
-func TestReloadListenerReassigned(t *testing.T) {
-	if os.Getenv("STABILIZE_KNOWN_DEFECTS") == "" {
-		t.Skip("known defect (review15c.md); STABILIZE_KNOWN_DEFECTS=1 runs it")
+// serversConfig is a Caddy config with one layer4 server per listener
+// address in handlers, on network, each routing to its address's handler,
+// with a 30 s idle timeout and no admin API.
+func serversConfig(t *testing.T, network string, handlers map[string]any) []byte {
+	t.Helper()
+	servers := map[string]any{}
+	for addr, h := range handlers {
+		servers["s"+addr] = map[string]any{
+			"listen":       []string{network + "/" + addr},
+			"idle_timeout": "30s",
+			"routes":       []any{map[string]any{"handle": []any{h}}},
+		}
 	}
-	forNetworks(t, func(t *testing.T, network string) {
+	cfg, err := json.Marshal(map[string]any{
+		"admin":   map[string]any{"disabled": true},
+		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "WARN"}}},
+		"apps":    map[string]any{"layer4": map[string]any{"servers": servers}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+// named is handlerConfig with the handler's name.
+func named(name string, h map[string]any) map[string]any {
+	h["name"] = name
+	return h
+}
+
+// named returns the newest live handler provisioned with name.
+func (tr *handlerTracker) named(name string) *Handler {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	for _, w := range slices.Backward(tr.hs) {
+		if h := w.Value(); h != nil && h.Name == name {
+			return h
+		}
+	}
+	return nil
+}
+
+// flowsOf is the number of h's flows.
+func flowsOf(h *Handler) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.flows)
+}
+
+// TestReloadListenerReassigned: a reload gives listener L a handler of a
+// new identity (another policy, another upstream) and moves L's old
+// handler's identity to a new listener M. A client's flow on L that was
+// open before the reload follows L's new route: it does not go on through
+// the handler of M, which the new config never routes L to, and it leaves
+// no flow behind, in M's handler or in the old one. On fastudp/ the old
+// flow's successor by identity serves M only, so the flow ends and the
+// client's next datagram goes through caddy-l4's dispatch on L; on udp/
+// caddy-l4 dispatches it anyway.
+func TestReloadListenerReassigned(t *testing.T) {
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		tr := trackHandlers(t)
 		x, y := startUpstream(t, "x"), startUpstream(t, "y")
 		l, m := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t)), fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
-		server := func(addr string, handler any) map[string]any {
-			return map[string]any{
-				"listen":       []string{network + "/" + addr},
-				"idle_timeout": "30s",
-				"routes":       []any{map[string]any{"handle": []any{handler}}},
+		if err := caddy.Load(serversConfig(t, network, map[string]any{l: handlerConfig(per, "", x)}), true); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = caddy.Stop() })
+		old := tr.latest()
+		c := newClient(t, l)
+		if got := c.mustRoundTrip("before"); got != "x" {
+			t.Fatalf("before the reload: reached %q, want x", got)
+		}
+		cfg := serversConfig(t, network, map[string]any{
+			l: named("l", handlerConfig(per, "random", y)),
+			m: named("m", handlerConfig(per, "", x)),
+		})
+		if err := caddy.Load(cfg, true); err != nil {
+			t.Fatal(err)
+		}
+		if got := c.mustRoundTrip("after"); got != "y" {
+			t.Fatalf("after the reload: the flow on %s reached %q through the handler of %s, want y, its listener's new route", l, got, m)
+		}
+		if n := flowsOf(tr.named("m")); n != 0 {
+			t.Errorf("the handler of %s has %d flows, want none", m, n)
+		}
+		if n := flowsOf(tr.named("l")); n != 1 {
+			t.Errorf("the handler of %s has %d flows, want 1", l, n)
+		}
+		eventually(t, 2*time.Second, "the old handler's flow to end", func() bool { return flowsOf(old) == 0 })
+		if network == FastNetwork {
+			if n := fastSocketAt(t, l).Endpoints(); n != 1 {
+				t.Errorf("the fastudp socket of %s has %d endpoints, want 1", l, n)
 			}
 		}
-		load := func(servers map[string]any) {
-			t.Helper()
-			cfg, err := json.Marshal(map[string]any{
-				"admin":   map[string]any{"disabled": true},
-				"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "WARN"}}},
-				"apps":    map[string]any{"layer4": map[string]any{"servers": servers}},
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := caddy.Load(cfg, true); err != nil {
-				t.Fatal(err)
-			}
+	})
+}
+
+// TestReloadListenerKeepsItsLineage: a reload keeps listener L's handler
+// identity and adds a listener M with a handler of the same identity that
+// shares more of the old handler's upstreams than L's new one. A fastudp/
+// flow on L moves to L's new handler, the one caddy-l4 routes L to, keeping
+// its upstream-facing socket; not to M's. On udp/ the flow ends and
+// caddy-l4 hands the client's next datagram to L's new handler.
+func TestReloadListenerKeepsItsLineage(t *testing.T) {
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		tr := trackHandlers(t)
+		x, y := startUpstream(t, "x"), startUpstream(t, "y")
+		l, m := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t)), fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
+		if err := caddy.Load(serversConfig(t, network, map[string]any{l: handlerConfig(per, "first", x, y)}), true); err != nil {
+			t.Fatal(err)
 		}
-		load(map[string]any{"a": server(l, handlerConfig(PerFlow, "", x))})
 		t.Cleanup(func() { _ = caddy.Stop() })
 		c := newClient(t, l)
 		if got := c.mustRoundTrip("before"); got != "x" {
 			t.Fatalf("before the reload: reached %q, want x", got)
 		}
-		load(map[string]any{
-			"a": server(l, handlerConfig(PerPacket, "", y)),
-			"b": server(m, handlerConfig(PerFlow, "", x)),
+		cfg := serversConfig(t, network, map[string]any{
+			l: named("l", handlerConfig(per, "first", x)),
+			m: named("m", handlerConfig(per, "first", x, y)),
 		})
-		if got := c.mustRoundTrip("after"); got != "y" {
-			t.Errorf("after the reload: the flow on %s reached %q through the handler of %s, want y, its listener's new route", l, got, m)
+		if err := caddy.Load(cfg, true); err != nil {
+			t.Fatal(err)
+		}
+		if got := c.mustRoundTrip("after"); got != "x" {
+			t.Fatalf("after the reload: reached %q, want x", got)
+		}
+		if n := flowsOf(tr.named("m")); n != 0 {
+			t.Errorf("the handler of %s has %d flows, want none", m, n)
+		}
+		if n := flowsOf(tr.named("l")); n != 1 {
+			t.Errorf("the handler of %s has %d flows, want 1", l, n)
+		}
+		x.mu.Lock()
+		sources := len(x.sources)
+		x.mu.Unlock()
+		if network == FastNetwork && sources != 1 {
+			t.Errorf("x saw the flow from %d sockets, want 1: the flow kept its socket", sources)
+		}
+	})
+}
+
+// TestHandlerServesItsServersListeners: a handler learns, as it is
+// provisioned, the listen addresses of the layer4 server whose routes hold
+// it, also inside a subroute, and serves only those: what a reload's
+// Cleanup asks of a successor (see reload.go's serverListens, which reads
+// caddy-l4 v0.1.2's unexported Server fields).
+func TestHandlerServesItsServersListeners(t *testing.T) {
+	forNetworks(t, func(t *testing.T, network string) {
+		tr := trackHandlers(t)
+		x := startUpstream(t, "x")
+		var ls []string
+		for range 3 {
+			ls = append(ls, fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t)))
+		}
+		subroute := map[string]any{
+			"handler": "subroute",
+			"routes":  []any{map[string]any{"handle": []any{named("a", handlerConfig(PerFlow, "", x))}}},
+		}
+		servers := map[string]any{
+			"one": map[string]any{
+				"listen": []string{network + "/" + ls[0], network + "/" + ls[1]},
+				"routes": []any{map[string]any{"handle": []any{subroute}}},
+			},
+			"two": map[string]any{
+				"listen": []string{network + "/" + ls[2]},
+				"routes": []any{map[string]any{"handle": []any{named("b", handlerConfig(PerFlow, "", x))}}},
+			},
+		}
+		cfg, err := json.Marshal(map[string]any{
+			"admin": map[string]any{"disabled": true},
+			"apps":  map[string]any{"layer4": map[string]any{"servers": servers}},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := caddy.Load(cfg, true); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = caddy.Stop() })
+		for name, want := range map[string][]bool{"a": {true, true, false}, "b": {false, false, true}} {
+			h := tr.named(name)
+			if !h.listensKnown {
+				t.Fatalf("handler %s does not know its server's listeners", name)
+			}
+			for i, l := range ls {
+				if got := h.serves(network, netip.MustParseAddrPort(l)); got != want[i] {
+					t.Errorf("handler %s serves %s: %v, want %v", name, l, got, want[i])
+				}
+			}
 		}
 	})
 }

@@ -131,7 +131,11 @@ type Handler struct {
 
 	identity string    // handlers with one identity hand flows on; see reload.go
 	affinity *affinity // per flow and per connection
-	closing  atomic.Bool
+	// The listen addresses of the layer4 server whose routes hold h, if
+	// known; see serves.
+	listens      []string
+	listensKnown bool
+	closing      atomic.Bool
 
 	mu     sync.Mutex
 	flows  map[*Flow]struct{}
@@ -273,10 +277,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 var handlerProvisioned func(*Handler)
 
 // Cleanup ends this instance's flows and releases its hosts. A flow on a
-// fastudp socket whose upstream the next config still has moves to that
-// config's handler of the same identity, keeping its socket, so no reply in
-// flight is lost; other flows end, and the client's next datagram reaches
-// the new instance, which finds the flow's upstream in the affinity table.
+// fastudp socket moves to the next config's handler of the same identity
+// that serves its listener, if that handler still has the flow's upstream,
+// keeping its socket, so no reply in flight is lost; other flows end, and
+// the client's next datagram takes the listener's new route, where a
+// handler of the same identity finds the flow's upstream in the affinity
+// table.
 func (h *Handler) Cleanup() error {
 	h.closing.Store(true)
 	h.stopHealthChecks()
@@ -293,8 +299,14 @@ func (h *Handler) Cleanup() error {
 		_ = cx.SetReadDeadline(time.Unix(1, 0))
 	}
 	h.mu.Unlock()
+	to := make(map[netip.AddrPort]*Handler) // the successors, by listener
 	for _, fl := range flows {
-		if next != nil && fl.moveTo(next) {
+		succ, found := to[fl.listener]
+		if !found && len(next) > 0 && fl.fast != nil {
+			succ = h.successor(next, fl.listener) // reload.go
+			to[fl.listener] = succ
+		}
+		if succ != nil && fl.moveTo(succ) {
 			h.forget(fl)
 		} else {
 			// Closed, not just its socket: a datagram that arrives
