@@ -119,30 +119,6 @@ func TestConnectionTablesListenerSetReload(t *testing.T) {
 	})
 }
 
-// serversConfig is a Caddy config with one layer4 server per listener
-// address in handlers, on network, each routing to its address's handler,
-// with a 30 s idle timeout and no admin API.
-func serversConfig(t *testing.T, network string, handlers map[string]any) []byte {
-	t.Helper()
-	servers := map[string]any{}
-	for addr, h := range handlers {
-		servers["s"+addr] = map[string]any{
-			"listen":       []string{network + "/" + addr},
-			"idle_timeout": "30s",
-			"routes":       []any{map[string]any{"handle": []any{h}}},
-		}
-	}
-	cfg, err := json.Marshal(map[string]any{
-		"admin":   map[string]any{"disabled": true},
-		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "WARN"}}},
-		"apps":    map[string]any{"layer4": map[string]any{"servers": servers}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cfg
-}
-
 // named is handlerConfig with the handler's name.
 func named(name string, h map[string]any) map[string]any {
 	h["name"] = name
@@ -181,23 +157,14 @@ func TestReloadListenerReassigned(t *testing.T) {
 	forPaths(t, granularities, func(t *testing.T, network, per string) {
 		tr := trackHandlers(t)
 		x, y := startUpstream(t, "x"), startUpstream(t, "y")
-		l, m := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t)), fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
-		if err := caddy.Load(serversConfig(t, network, map[string]any{l: handlerConfig(per, "", x)}), true); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = caddy.Stop() })
+		l := startServers(t, network, "", handlerConfig(per, "", x))[0]
+		m := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
 		old := tr.latest()
 		c := newClient(t, l)
 		if got := c.mustRoundTrip("before"); got != "x" {
 			t.Fatalf("before the reload: reached %q, want x", got)
 		}
-		cfg := serversConfig(t, network, map[string]any{
-			l: named("l", handlerConfig(per, "random", y)),
-			m: named("m", handlerConfig(per, "", x)),
-		})
-		if err := caddy.Load(cfg, true); err != nil {
-			t.Fatal(err)
-		}
+		loadTwoListeners(t, network, l, named("l", handlerConfig(per, "random", y)), m, named("m", handlerConfig(per, "", x)))
 		if got := c.mustRoundTrip("after"); got != "y" {
 			t.Fatalf("after the reload: the flow on %s reached %q through the handler of %s, want y, its listener's new route", l, got, m)
 		}
@@ -226,22 +193,13 @@ func TestReloadListenerKeepsItsLineage(t *testing.T) {
 	forPaths(t, granularities, func(t *testing.T, network, per string) {
 		tr := trackHandlers(t)
 		x, y := startUpstream(t, "x"), startUpstream(t, "y")
-		l, m := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t)), fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
-		if err := caddy.Load(serversConfig(t, network, map[string]any{l: handlerConfig(per, "first", x, y)}), true); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = caddy.Stop() })
+		l := startServers(t, network, "", handlerConfig(per, "first", x, y))[0]
+		m := fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t))
 		c := newClient(t, l)
 		if got := c.mustRoundTrip("before"); got != "x" {
 			t.Fatalf("before the reload: reached %q, want x", got)
 		}
-		cfg := serversConfig(t, network, map[string]any{
-			l: named("l", handlerConfig(per, "first", x)),
-			m: named("m", handlerConfig(per, "first", x, y)),
-		})
-		if err := caddy.Load(cfg, true); err != nil {
-			t.Fatal(err)
-		}
+		loadTwoListeners(t, network, l, named("l", handlerConfig(per, "first", x)), m, named("m", handlerConfig(per, "first", x, y)))
 		if got := c.mustRoundTrip("after"); got != "x" {
 			t.Fatalf("after the reload: reached %q, want x", got)
 		}
