@@ -119,8 +119,8 @@ func TestConnectionTablesListenerSetReload(t *testing.T) {
 	})
 }
 
-// named is handlerConfig with the handler's name.
-func named(name string, h map[string]any) map[string]any {
+// withName sets the name of h, a handler config, and returns it.
+func withName(name string, h map[string]any) map[string]any {
 	h["name"] = name
 	return h
 }
@@ -164,7 +164,7 @@ func TestReloadListenerReassigned(t *testing.T) {
 		if got := c.mustRoundTrip("before"); got != "x" {
 			t.Fatalf("before the reload: reached %q, want x", got)
 		}
-		loadTwoListeners(t, network, l, named("l", handlerConfig(per, "random", y)), m, named("m", handlerConfig(per, "", x)))
+		loadTwoListeners(t, network, l, withName("l", handlerConfig(per, "random", y)), m, withName("m", handlerConfig(per, "", x)))
 		if got := c.mustRoundTrip("after"); got != "y" {
 			t.Fatalf("after the reload: the flow on %s reached %q through the handler of %s, want y, its listener's new route", l, got, m)
 		}
@@ -199,7 +199,7 @@ func TestReloadListenerKeepsItsLineage(t *testing.T) {
 		if got := c.mustRoundTrip("before"); got != "x" {
 			t.Fatalf("before the reload: reached %q, want x", got)
 		}
-		loadTwoListeners(t, network, l, named("l", handlerConfig(per, "first", x)), m, named("m", handlerConfig(per, "first", x, y)))
+		loadTwoListeners(t, network, l, withName("l", handlerConfig(per, "first", x)), m, withName("m", handlerConfig(per, "first", x, y)))
 		if got := c.mustRoundTrip("after"); got != "x" {
 			t.Fatalf("after the reload: reached %q, want x", got)
 		}
@@ -233,7 +233,7 @@ func TestHandlerServesItsServersListeners(t *testing.T) {
 		}
 		subroute := map[string]any{
 			"handler": "subroute",
-			"routes":  []any{map[string]any{"handle": []any{named("a", handlerConfig(PerFlow, "", x))}}},
+			"routes":  []any{map[string]any{"handle": []any{withName("a", handlerConfig(PerFlow, "", x))}}},
 		}
 		servers := map[string]any{
 			"one": map[string]any{
@@ -242,7 +242,7 @@ func TestHandlerServesItsServersListeners(t *testing.T) {
 			},
 			"two": map[string]any{
 				"listen": []string{network + "/" + ls[2]},
-				"routes": []any{map[string]any{"handle": []any{named("b", handlerConfig(PerFlow, "", x))}}},
+				"routes": []any{map[string]any{"handle": []any{withName("b", handlerConfig(PerFlow, "", x))}}},
 			},
 		}
 		cfg, err := json.Marshal(map[string]any{
