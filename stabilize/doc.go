@@ -16,7 +16,10 @@
 //     fastudp.Endpoint), bypassing caddy-l4's per-datagram dispatch; after
 //     two seconds Handle returns and the socket's reaper ends the flow when
 //     it goes idle. The socket reads with UDP GRO, and splits a client's
-//     coalesced burst into the datagrams sent before delivering any.
+//     coalesced burst into the datagrams sent before delivering any. A
+//     client's datagrams before its flow opens wait for caddy-l4 in the
+//     socket's queue, bounded by bytes, so that a burst of new flows is
+//     set up without loss.
 //
 // Both call Flow.forwardBatch (forward.go), the one place that checks
 // truncation, asks the handler's router for an upstream, prepends the PROXY
@@ -48,7 +51,9 @@
 // sent to another of the host's addresses than the route's needs, and as
 // its PROXY header's destination; a terminating transport gets it as
 // quic-go's socket would (quicConn.ReadBatch). caddy-l4 reads `udp/`
-// without it, so there replies leave from the route's address.
+// without it, so there replies leave from the route's address. A `udp/`
+// listener's socket gets a fastudp socket's buffers from its first flow
+// on (Handler.growListener), as the system's default overflows in a burst.
 //
 // On Linux the flow sockets stay out of Go's netpoller (udpio.Socket):
 // only the reactor's epoll set watches them, so a reply costs one epoll

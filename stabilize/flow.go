@@ -168,6 +168,9 @@ func (h *Handler) listenerInfo(front *fastudp.Front, out *net.UDPConn, local net
 		return li, nil
 	}
 	li = &listenerInfo{idle: h.listenerIdleTimeout(k.network, local)}
+	if out != nil && front == nil {
+		h.growListener(out, local) // listener.go
+	}
 	if out != nil {
 		rc, err := out.SyscallConn()
 		if err != nil {

@@ -6,13 +6,16 @@ import (
 	"reflect"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap"
 
 	"github.com/stabilize-lb/caddy-stabilize/internal/fastudp"
+	"github.com/stabilize-lb/caddy-stabilize/internal/udpio"
 )
 
 // listenerOf returns the listener a caddy-l4 UDP flow arrived on: the
@@ -128,6 +131,26 @@ func closeNotices(cx *layer4.Connection) <-chan string {
 		return nil
 	}
 	return *(*chan string)(unsafe.Pointer(f.UnsafeAddr()))
+}
+
+// warnedListenerBuffer: a udp/ listener's socket buffer could not be
+// raised (growListener); warned once per process.
+var warnedListenerBuffer atomic.Bool
+
+// growListener raises the receive and send buffers of a udp/ listener's
+// socket, which caddy-l4 opens with the system's default (about 208 KiB),
+// to a fastudp socket's, so that a burst of new flows, or the datagrams
+// that arrive while caddy-l4 sets flows up, are not dropped by the kernel
+// (a larger buffer, as QUIC termination's, stays). The first flow of each
+// handler on the listener calls it (listenerInfo). Where the system caps
+// the buffer (net.core.rmem_max without CAP_NET_ADMIN), it warns once.
+func (h *Handler) growListener(out *net.UDPConn, local net.Addr) {
+	got, err := udpio.GrowBuffers(out, fastudp.SocketBuffer)
+	if (err == nil && got >= fastudp.SocketBuffer) || warnedListenerBuffer.Swap(true) {
+		return
+	}
+	h.logger.Warn("the udp/ listener's receive buffer stays smaller than fastudp's: the kernel may drop a burst of datagrams; raise net.core.rmem_max",
+		zap.Stringer("listener", local), zap.Int("receive_buffer", got), zap.Int("wanted", fastudp.SocketBuffer), zap.Error(err))
 }
 
 // listenerNetwork is the network of a listener that listenerOf found.

@@ -168,13 +168,19 @@ func (fl *Flow) startReplies(li *listenerInfo) error {
 	return unix.EpollCtl(r.epfd, unix.EPOLL_CTL_ADD, fd, &ev)
 }
 
-// stopReplies takes fl's socket off its reactor, so the reactor never reads
-// a reused descriptor, waits until the reactor is done reading the flow, and
-// closes the socket. Replies already read may still leave in the reactor's
-// current batch.
+// stopReplies frees fl's reactor slot, so that the reactor skips the
+// flow's events from now on, waits until the reactor is done reading the
+// flow, and closes the socket. Closing takes the socket off the reactor's
+// epoll set: the kernel drops a file's epoll entries once its last
+// descriptor is closed, and a flow's socket has no other (udpio.Replace
+// closes its new socket's own at once). Until udpio.Socket.Close closes
+// it, after the calls in progress (or while a child process between fork
+// and exec holds it), the entry's events carry the freed slot's old
+// generation, which the reactor skips; it reads only flows not stopped, so
+// never a reused descriptor. Replies already read may still leave in the
+// reactor's current batch.
 func (fl *Flow) stopReplies() {
 	if r := fl.reactor; r != nil {
-		_ = unix.EpollCtl(r.epfd, unix.EPOLL_CTL_DEL, fl.fd, nil)
 		r.mu.Lock()
 		r.slots[fl.slot] = reactorSlot{gen: r.slots[fl.slot].gen + 1}
 		r.free = append(r.free, fl.slot)

@@ -2,6 +2,9 @@ package stabilize
 
 import (
 	"errors"
+	"fmt"
+	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -78,4 +81,56 @@ func TestRepliesLeaveThroughListenerSocket(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestEndedFlowsLeaveReactor: a flow's socket leaves its reactor's epoll
+// set when the flow ends, which closing the socket does alone: the kernel
+// drops a file's epoll entries once its last descriptor is closed, and no
+// other descriptor of a flow's socket exists.
+func TestEndedFlowsLeaveReactor(t *testing.T) {
+	forPaths(t, granularities, func(t *testing.T, network, per string) {
+		tr := trackHandlers(t)
+		a := startUpstream(t, "a")
+		lb := startBalancerOn(t, network, false, 300*time.Millisecond, handlerConfig(per, "", a))
+		h := tr.latest()
+		type watched struct {
+			epfd int
+			ino  uint64
+		}
+		var socks []watched
+		for i := range 8 {
+			cl := newClient(t, lb.addr)
+			cl.mustRoundTrip(fmt.Sprint("flow-", i))
+			fl := flowOf(t, h, cl)
+			var st unix.Stat_t
+			if err := unix.Fstat(fl.fd, &st); err != nil {
+				t.Fatal(err)
+			}
+			socks = append(socks, watched{fl.reactor.epfd, st.Ino})
+			if !epollWatches(t, fl.reactor.epfd, st.Ino) {
+				t.Fatalf("flow %d: its socket is not in its reactor's epoll set", i)
+			}
+		}
+		eventually(t, 5*time.Second, "the flows to end", func() bool {
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			return len(h.flows) == 0
+		})
+		for i, s := range socks {
+			if epollWatches(t, s.epfd, s.ino) {
+				t.Errorf("flow %d ended, but its socket is still in its reactor's epoll set", i)
+			}
+		}
+	})
+}
+
+// epollWatches reports whether the epoll set epfd has an entry for the file
+// with inode ino, from /proc/self/fdinfo.
+func epollWatches(t *testing.T, epfd int, ino uint64) bool {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/self/fdinfo/%d", epfd))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Contains(string(b), fmt.Sprintf(" ino:%x ", ino))
 }

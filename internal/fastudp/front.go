@@ -2,6 +2,7 @@ package fastudp
 
 import (
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -14,13 +15,16 @@ import (
 // Front is one config's view of a Socket: the net.PacketConn that caddy-l4
 // reads the datagrams of unregistered clients from.
 type Front struct {
-	s         *Socket
-	readers   int // the socket's readers that the front's config asked for
-	queue     chan *queued
-	closed    chan struct{}
-	closeOnce sync.Once
-	logger    *zap.Logger // for the front's warnings; nil: none
-	warnedSrc atomic.Bool // a source no longer local; see WriteTo
+	s       *Socket
+	readers int // the socket's readers that the front's config asked for
+	queue   chan *queued
+	// queuedBytes is the size of the buffers of the datagrams in queue
+	// and on their way in, within newClientBytes.
+	queuedBytes atomic.Int64
+	closed      chan struct{}
+	closeOnce   sync.Once
+	logger      *zap.Logger // for the front's warnings; nil: none
+	warnedSrc   atomic.Bool // a source no longer local; see WriteTo
 }
 
 // SetLogger makes l the logger of the front's warnings. Call it before the
@@ -34,12 +38,41 @@ func (f *Front) Socket() *Socket { return f.s }
 func (f *Front) ReadFrom(b []byte) (int, net.Addr, error) {
 	select {
 	case q := <-f.queue:
-		n, addr := copy(b, q.buf[:q.n]), q.addr
-		queuedPool.Put(q)
+		n, addr := copy(b, q.b), newUDPAddr(q.src)
+		f.unqueue(q)
 		return n, addr, nil
 	case <-f.closed:
 		return 0, nil, net.ErrClosed
 	}
+}
+
+// unqueue takes q off the front's budget and back to its pool.
+func (f *Front) unqueue(q *queued) {
+	f.queuedBytes.Add(-queuedSizes[q.class])
+	queuedPools[q.class].Put(q)
+}
+
+// udpAddr is a net.UDPAddr with room for its IP, allocated as one.
+type udpAddr struct {
+	addr net.UDPAddr
+	ip   [16]byte
+}
+
+// newUDPAddr is net.UDPAddrFromAddrPort(ap) in one allocation instead of
+// two. caddy-l4 keeps the address of a flow's first datagram as the
+// flow's remote address, so each is a new one.
+func newUDPAddr(ap netip.AddrPort) *net.UDPAddr {
+	u := new(udpAddr)
+	ip := ap.Addr()
+	if ip.Is4() {
+		a := ip.As4()
+		u.addr.IP = append(u.ip[:0], a[:]...)
+	} else {
+		u.ip = ip.As16()
+		u.addr.IP, u.addr.Zone = u.ip[:], ip.Zone()
+	}
+	u.addr.Port = int(ap.Port())
+	return &u.addr
 }
 
 // WriteTo sends a datagram through the shared socket. On an unspecified

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"math/bits"
 	"net"
 	"net/netip"
 	"strconv"
@@ -73,13 +74,20 @@ const (
 	BufferSize = 9000
 	// batchSize is how many datagrams one recvmmsg reads at most.
 	batchSize = 64
-	// newClientQueue is how many datagrams of unregistered clients wait
-	// for caddy-l4; more are dropped and counted rather than stall the
-	// registered ones.
-	newClientQueue = 256
-	// socketBuffer is the receive and send buffer size of a socket, so that
-	// a burst from many clients is not dropped by the kernel.
-	socketBuffer = 4 << 20
+	// newClientQueue and newClientBytes bound the datagrams of
+	// unregistered clients waiting for caddy-l4: by count, and by the
+	// bytes of their buffers, each of its size class (queuedSizes). So a
+	// burst of new flows (10,000 clients starting at once send 10,000
+	// first datagrams) waits while caddy-l4 sets them up: up to 16,384
+	// datagrams of 256 bytes or less, or 466 of BufferSize, in as many
+	// bytes as the socket's receive buffer. More are dropped and counted
+	// (queue_full) rather than stall the registered clients.
+	newClientQueue = 1 << 14
+	newClientBytes = SocketBuffer
+	// SocketBuffer is the receive and send buffer size of a socket, so that
+	// a burst from many clients is not dropped by the kernel; stabilize
+	// gives udp/ listeners' sockets the same.
+	SocketBuffer = 4 << 20
 	// reapInterval is how often expired endpoints are looked for.
 	reapInterval = time.Second
 )
@@ -253,7 +261,7 @@ func ownPort(addr string) (string, error) {
 // serveConn starts a reader on c, one of the socket's; under registryMu
 // once the socket is open.
 func (s *Socket) serveConn(c *net.UDPConn) error {
-	udpio.GrowBuffers(c, socketBuffer)
+	_, _ = udpio.GrowBuffers(c, SocketBuffer)
 	b, err := udpio.NewGROBatch(c, batchSize, BufferSize) // without UDP GRO, as before
 	if err != nil {
 		return err
@@ -544,8 +552,9 @@ func (deliveredMark) Deliver(Datagram, int64) {}
 func (deliveredMark) Expired(int64) bool      { return false }
 func (deliveredMark) Close()                  {}
 
-// toCaddy queues a datagram of an unregistered client, sent to dst, for
-// the newest config's listener.
+// toCaddy queues a copy of a datagram of an unregistered client, sent to
+// dst, for the newest config's listener, within the front's bounds. A
+// datagram dropped costs no allocation, so a flood makes no garbage.
 func (s *Socket) toCaddy(src netip.AddrPort, data []byte, dst netip.Addr) {
 	s.mu.Lock()
 	var f *Front
@@ -557,9 +566,18 @@ func (s *Socket) toCaddy(src netip.AddrPort, data []byte, dst netip.Addr) {
 		s.queueFull.Add(1) // between configs: no listener reads new clients
 		return
 	}
-	q := queuedPool.Get().(*queued)
-	q.n = copy(q.buf[:], data)
-	q.addr = net.UDPAddrFromAddrPort(src)
+	data = data[:min(len(data), BufferSize)]
+	c := queuedClass(len(data))
+	if f.queuedBytes.Add(queuedSizes[c]) > newClientBytes {
+		f.queuedBytes.Add(-queuedSizes[c])
+		s.queueFull.Add(1)
+		return
+	}
+	q, _ := queuedPools[c].Get().(*queued)
+	if q == nil {
+		q = &queued{b: make([]byte, 0, queuedSizes[c]), class: uint8(c)}
+	}
+	q.b, q.src = append(q.b[:0], data...), src
 	if dst.IsValid() { // before caddy-l4 may read it
 		s.dstMu.Lock()
 		s.keepDst(src, dst)
@@ -568,7 +586,7 @@ func (s *Socket) toCaddy(src netip.AddrPort, data []byte, dst netip.Addr) {
 	select {
 	case f.queue <- q:
 	default:
-		queuedPool.Put(q)
+		f.unqueue(q)
 		s.queueFull.Add(1)
 	}
 }
@@ -615,11 +633,26 @@ func (s *Socket) reap() {
 	}
 }
 
-// queued is a datagram waiting for caddy-l4.
+// queued is a datagram waiting for caddy-l4, in a buffer of its size
+// class.
 type queued struct {
-	buf  [BufferSize]byte
-	n    int
-	addr net.Addr
+	b     []byte
+	src   netip.AddrPort
+	class uint8
 }
 
-var queuedPool = sync.Pool{New: func() any { return new(queued) }}
+// queuedSizes are the buffer sizes of the classes of queued datagrams:
+// powers of two from 64 bytes, and BufferSize, which a datagram's copy
+// never exceeds.
+var queuedSizes = [...]int64{64, 128, 256, 512, 1024, 2048, 4096, BufferSize}
+
+// queuedPools holds the queued datagrams of each class for reuse.
+var queuedPools [len(queuedSizes)]sync.Pool
+
+// queuedClass is the smallest class that holds n bytes.
+func queuedClass(n int) int {
+	if n <= int(queuedSizes[0]) {
+		return 0
+	}
+	return min(bits.Len(uint(n-1))-bits.Len(uint(queuedSizes[0]-1)), len(queuedSizes)-1)
+}

@@ -24,11 +24,11 @@ func TestSocketBuffers(t *testing.T) {
 	_ = rc.Control(func(fd uintptr) {
 		rcv, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF)
 	})
-	if rcv < socketBuffer {
+	if rcv < SocketBuffer {
 		if os.Geteuid() != 0 {
 			t.Skipf("receive buffer %d: capped by net.core.rmem_max without CAP_NET_ADMIN", rcv)
 		}
-		t.Fatalf("receive buffer is %d bytes, want at least %d", rcv, socketBuffer)
+		t.Fatalf("receive buffer is %d bytes, want at least %d", rcv, SocketBuffer)
 	}
 }
 

@@ -21,19 +21,31 @@ func Family(rc syscall.RawConn) int {
 
 // GrowBuffers raises a socket's receive and send buffers to size, past the
 // system's maximum (net.core.rmem_max) where the process may, as quic-go
-// does for its sockets.
-func GrowBuffers(conn *net.UDPConn, size int) {
+// does for its sockets; a buffer already as large stays. It returns the
+// receive buffer's size then.
+func GrowBuffers(conn *net.UDPConn, size int) (int, error) {
 	rc, err := conn.SyscallConn()
 	if err != nil {
-		return
+		return 0, err
 	}
-	_ = rc.Control(func(fd uintptr) {
+	var rcv int
+	cerr := rc.Control(func(fd uintptr) {
 		for _, opt := range [][2]int{{unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}, {unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}} {
+			// The kernel reports twice the size it was given.
+			if now, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, opt[1]); err == nil && now >= 2*size {
+				continue
+			}
 			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt[0], size) != nil {
 				_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt[1], size)
 			}
 		}
+		rcv, err = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF)
+		rcv /= 2
 	})
+	if cerr != nil {
+		return 0, cerr
+	}
+	return rcv, os.NewSyscallError("getsockopt SO_RCVBUF", err)
 }
 
 // HasReusePort reports whether ReusePort works here.

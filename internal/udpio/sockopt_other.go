@@ -11,10 +11,14 @@ import (
 // Family is only needed for sendmmsg, which is Linux-only.
 func Family(syscall.RawConn) int { return 0 }
 
-// GrowBuffers asks for larger socket buffers.
-func GrowBuffers(conn *net.UDPConn, size int) {
-	_ = conn.SetReadBuffer(size)
+// GrowBuffers asks for receive and send buffers of size, and returns the
+// receive buffer's size: size, as it cannot be read back here.
+func GrowBuffers(conn *net.UDPConn, size int) (int, error) {
 	_ = conn.SetWriteBuffer(size)
+	if err := conn.SetReadBuffer(size); err != nil {
+		return 0, err
+	}
+	return size, nil
 }
 
 // HasReusePort reports whether ReusePort works here: Linux only.

@@ -1,0 +1,119 @@
+package fastudp
+
+import (
+	"bytes"
+	"encoding/binary"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+// TestNewClientQueueBounds: while no one reads the front, datagrams of
+// unregistered clients queue up to the count bound if small, or up to the
+// byte budget, which their size classes' buffers fill, if large; the rest
+// are dropped and counted as queue_full. The queued ones then reach the
+// front whole, in order, from their client.
+func TestNewClientQueueBounds(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		size, sent int
+		want       int // queued
+	}{
+		{"small", 32, newClientQueue + 600, newClientQueue},
+		{"1000-byte", 1000, 5000, newClientBytes / 1024},
+		{"8000-byte", 8000, 1000, newClientBytes / BufferSize},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f, s := listenLocal(t)
+			c, err := net.DialUDP("udp", nil, f.LocalAddr().(*net.UDPAddr))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			client := c.LocalAddr().(*net.UDPAddr).AddrPort()
+			b := make([]byte, tc.size)
+			// In rounds, each taken in by the socket before the next, so
+			// that the kernel's receive buffer never overflows.
+			const round = 200
+			for sent := 0; sent < tc.sent; {
+				for end := min(sent+round, tc.sent); sent < end; sent++ {
+					binary.BigEndian.PutUint32(b, uint32(sent))
+					if _, err := c.Write(b); err != nil {
+						t.Fatal(err)
+					}
+				}
+				deadline := time.Now().Add(5 * time.Second)
+				for {
+					full, _ := s.Drops()
+					if len(f.queue)+int(full) == sent {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("after %d sent: %d queued, %d dropped", sent, len(f.queue), full)
+					}
+					time.Sleep(time.Millisecond)
+				}
+			}
+			full, _ := s.Drops()
+			if len(f.queue) != tc.want || int(full) != tc.sent-tc.want {
+				t.Fatalf("%d queued and %d dropped as queue_full, want %d and %d", len(f.queue), full, tc.want, tc.sent-tc.want)
+			}
+			buf := make([]byte, BufferSize)
+			for i := range tc.want {
+				n, from, err := f.ReadFrom(buf)
+				if err != nil {
+					t.Fatal(err)
+				}
+				binary.BigEndian.PutUint32(b, uint32(i))
+				if !bytes.Equal(buf[:n], b) || from.(*net.UDPAddr).AddrPort() != client {
+					t.Fatalf("datagram %d: %d bytes numbered %d from %v", i, n, binary.BigEndian.Uint32(buf[:4]), from)
+				}
+			}
+			if q := f.queuedBytes.Load(); q != 0 {
+				t.Fatalf("%d bytes counted as queued with the queue empty", q)
+			}
+		})
+	}
+}
+
+// TestNewClientQueueAllocs: a datagram of an unregistered client dropped
+// past the budget allocates nothing, so that a flood makes no garbage; one
+// queued and read allocates only the address caddy-l4 keeps.
+func TestNewClientQueueAllocs(t *testing.T) {
+	f, s := listenLocal(t)
+	src := netip.MustParseAddrPort("127.0.0.1:1234")
+	data := make([]byte, 100)
+	buf := make([]byte, BufferSize)
+	if n := testing.AllocsPerRun(1000, func() {
+		s.toCaddy(src, data, netip.Addr{})
+		if _, _, err := f.ReadFrom(buf); err != nil {
+			t.Fatal(err)
+		}
+	}); n > 1 {
+		t.Errorf("a datagram queued and read: %v allocations, want at most 1", n)
+	}
+	f.queuedBytes.Store(newClientBytes) // as if full
+	full, _ := s.Drops()
+	if n := testing.AllocsPerRun(1000, func() { s.toCaddy(src, data, netip.Addr{}) }); n != 0 {
+		t.Errorf("a datagram dropped: %v allocations, want 0", n)
+	}
+	if now, _ := s.Drops(); now-full != 1001 {
+		t.Errorf("%d dropped as queue_full, want 1001", now-full)
+	}
+	if len(f.queue) != 0 {
+		t.Errorf("%d queued past the budget", len(f.queue))
+	}
+}
+
+// TestQueuedClass: each size has the smallest class that holds it.
+func TestQueuedClass(t *testing.T) {
+	for _, tc := range []struct{ n, size int }{
+		{0, 64}, {1, 64}, {64, 64}, {65, 128}, {256, 256}, {257, 512},
+		{1500, 2048}, {4096, 4096}, {4097, BufferSize}, {BufferSize, BufferSize},
+	} {
+		if got := queuedSizes[queuedClass(tc.n)]; got != int64(tc.size) {
+			t.Errorf("%d bytes: class of %d, want %d", tc.n, got, tc.size)
+		}
+	}
+}
