@@ -29,11 +29,21 @@ type measurement struct {
 	Corrupt    int64   `json:"corrupt"`
 	SendErrors int64   `json:"send_errors"`
 	Seconds    float64 `json:"seconds"`
-	Throughput num     `json:"throughput"` // replies/s
-	LossPct    num     `json:"loss_pct"`
-	P50US      num     `json:"p50_us"`
-	P99US      num     `json:"p99_us"`
-	P999US     num     `json:"p999_us"`
+	// The warm-up: how long after the load began the window started; the
+	// flows that had had a reply by then (of Flows); and the set-up, from
+	// the first flow's first datagram to the last flow's first reply (null
+	// if some flow had none), as seconds and as flows per second.
+	WarmupSeconds num `json:"warmup_seconds"`
+	Established   num `json:"flows_established"`
+	// Flows with a reply to a datagram of the window.
+	Busy                num `json:"flows_busy"`
+	SetupSeconds        num `json:"setup_seconds"`
+	SetupFlowsPerSecond num `json:"setup_flows_per_second"`
+	Throughput          num `json:"throughput"` // replies/s
+	LossPct             num `json:"loss_pct"`
+	P50US               num `json:"p50_us"`
+	P99US               num `json:"p99_us"`
+	P999US              num `json:"p999_us"`
 	// The balancer's (for nginx: master + workers) CPU time during the
 	// window, and per answered request (request forwarded + reply relayed).
 	CPUSeconds    num `json:"cpu_seconds"`
@@ -237,6 +247,7 @@ func (m *measurement) setNaN() {
 	m.CPUSeconds, m.CPUPerDgramUS, m.MemPerFlowB, m.MemPerIdleFlowB = nan, nan, nan, nan
 	m.LoadCPUSeconds, m.LoadCPUPerDgramUS = nan, nan
 	m.GoPerIdleFlowB, m.KernelPerIdleFlowB, m.SocketsPerIdleFlow = nan, nan, nan
+	m.WarmupSeconds, m.Established, m.SetupSeconds, m.SetupFlowsPerSecond, m.Busy = nan, nan, nan, nan, nan
 }
 
 func (m *measurement) fromLoad(r *loadResult) {
@@ -249,6 +260,14 @@ func (m *measurement) fromLoad(r *loadResult) {
 	m.P50US = num(percentile(r.latencies, 50) / 1e3)
 	m.P99US = num(percentile(r.latencies, 99) / 1e3)
 	m.P999US = num(percentile(r.latencies, 99.9) / 1e3)
+	m.WarmupSeconds, m.Established, m.Busy = num(r.Warmup.Seconds()), num(r.Established), num(r.Busy)
+	if r.Setup > 0 {
+		m.SetupSeconds = num(r.Setup.Seconds())
+		m.SetupFlowsPerSecond = num(float64(m.Flows) / r.Setup.Seconds())
+	}
+	if r.GaveUp {
+		m.Err = strings.TrimPrefix(fmt.Sprintf("%s; the set-up gave up: %d of %d flows had had a reply %.1f s after the first datagram", m.Err, r.Established, m.Flows, r.Warmup.Seconds()), "; ")
+	}
 }
 
 // oneLine is the measurement's progress line.
@@ -262,6 +281,12 @@ func (m *measurement) oneLine() string {
 	}
 	if m.LoadCPUPerDgramUS.known() {
 		s += fmt.Sprintf("  load cpu %5.1fµs/dgram", m.LoadCPUPerDgramUS)
+	}
+	if m.Established.known() {
+		s += fmt.Sprintf("  answered %.0f/%d at %.1fs, busy %.0f", m.Established, m.Flows, m.WarmupSeconds, m.Busy)
+	}
+	if m.SetupSeconds.known() {
+		s += fmt.Sprintf(" (set-up %.2fs, %.0f flows/s)", m.SetupSeconds, m.SetupFlowsPerSecond)
 	}
 	if d := fmtDrops(m.KernelDrops); d != "" {
 		s += "  drops " + d
