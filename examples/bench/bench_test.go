@@ -8,6 +8,7 @@ import (
 	"math"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestPercentile(t *testing.T) {
@@ -229,7 +230,30 @@ func TestFlags(t *testing.T) {
 	if o, err := parseFlags([]string{"-mode", "sweep", "-heap-profiles"}); err != nil || !o.heapProfiles {
 		t.Errorf("-heap-profiles: %+v, %v", o, err)
 	}
-	for _, bad := range [][]string{{"-targets", "haproxy"}, {"-payloads", "4"}, {"-mode", "x"}, {"-rounds", "0"}} {
+	// -cores is every mode's, and -quic-cores its old name.
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{nil, coresShared},
+		{[]string{"-cores", "split"}, coresSplit},
+		{[]string{"-mode", "sweep", "-cores", "split"}, coresSplit},
+		{[]string{"-mode", "quic", "-quic-cores", "split"}, coresSplit},
+		{[]string{"-cores", "split", "-quic-cores", "split"}, coresSplit},
+	} {
+		if o, err := parseFlags(tc.args); err != nil {
+			t.Errorf("%v: %v", tc.args, err)
+		} else if o.cores != tc.want {
+			t.Errorf("%v: cores %q, want %q", tc.args, o.cores, tc.want)
+		}
+	}
+	if o, err := parseFlags(nil); err != nil || o.establish != 10*time.Second {
+		t.Errorf("-establish default: %+v, %v", o, err)
+	}
+	for _, bad := range [][]string{
+		{"-targets", "haproxy"}, {"-payloads", "4"}, {"-mode", "x"}, {"-rounds", "0"},
+		{"-cores", "one"}, {"-quic-cores", "one"}, {"-cores", "split", "-quic-cores", "shared"}, {"-establish", "-1s"},
+	} {
 		if _, err := parseFlags(bad); err == nil {
 			t.Errorf("%v: want an error", bad)
 		}

@@ -88,6 +88,7 @@ the default GOMAXPROCS (every core).
 // the CPU per datagram of the balancer and of the load generator too.
 func (r *report) roundsTable(sb *strings.Builder) {
 	r.roundsOf(sb, "Throughput per round (datagrams/s)", func(m *measurement) num { return m.Throughput }, fmtInt)
+	r.roundsOf(sb, "Other work per round, cores busy (the machine's, less the balancer's and this process's, in the window)", func(m *measurement) num { return m.OthersCores }, fmtTwo)
 	if r.Mode == "sweep" {
 		r.roundsOf(sb, "CPU µs per datagram per round, the balancer's", func(m *measurement) num { return m.CPUPerDgramUS }, fmtNum)
 		r.roundsOf(sb, "CPU µs per datagram per round, the load generator's and upstreams'", func(m *measurement) num { return m.LoadCPUPerDgramUS }, fmtNum)
@@ -148,7 +149,7 @@ func (r *report) sweepTables(sb *strings.Builder) {
 			withRatio(fmtBytes(s.MemPerIdleB), s, "mem_per_idle_flow"),
 			withRatio(fmtBytes(s.GoPerIdleB), s, "go_per_idle_flow"),
 			withRatio(fmtBytes(s.KernelPerIdleB), s, "kernel_per_idle_flow"),
-			fmtSockets(s.SocketsPerIdle),
+			fmtTwo(s.SocketsPerIdle),
 			orDash(fmtDrops(s.KernelDrops)))
 	}
 	sb.WriteString("\n")
@@ -314,8 +315,8 @@ func fmtMiB(kb num) string {
 	return fmt.Sprintf("%.1f", kb/1024)
 }
 
-// fmtSockets formats a number of sockets per flow.
-func fmtSockets(x num) string {
+// fmtTwo formats x with two decimals: sockets per flow, cores.
+func fmtTwo(x num) string {
 	if !x.known() {
 		return "–"
 	}

@@ -50,9 +50,13 @@ type measurement struct {
 	CPUPerDgramUS num `json:"cpu_us_per_datagram"`
 	// The benchmark's own process (the load generator and the upstreams)
 	// likewise: what the rest of a closed loop costs, on the same cores.
-	LoadCPUSeconds    num   `json:"load_cpu_seconds"`
-	LoadCPUPerDgramUS num   `json:"load_cpu_us_per_datagram"`
-	PeakRSSKB         int64 `json:"peak_rss_kb"`
+	LoadCPUSeconds    num `json:"load_cpu_seconds"`
+	LoadCPUPerDgramUS num `json:"load_cpu_us_per_datagram"`
+	// Other work during the window, in cores busy: the machine's busy CPU
+	// time (/proc/stat) less the balancer's and the benchmark's, ÷ the
+	// window. It includes kernel work charged to no process.
+	OthersCores num   `json:"others_cores"`
+	PeakRSSKB   int64 `json:"peak_rss_kb"`
 	// Sweep only: VmRSS before the load, at the end of the window with all
 	// flows live and busy, and idleAfter after the load stopped with all
 	// flows still live but idle.
@@ -102,7 +106,7 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 		addr = bal.addr
 	}
 
-	var cpu0, cpu1, self0, self1 float64
+	var cpu0, cpu1, self0, self1, all0, all1 float64
 	var rssBase, rssLive int64
 	var memBase idleMem
 	if bal != nil && sweep {
@@ -115,6 +119,7 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 	var balInodes map[uint64]bool
 	hooks := loadHooks{
 		start: func() {
+			all0 = busyCPUSeconds()
 			self0 = selfCPUSeconds()
 			if bal != nil {
 				cpu0 = bal.cpuSeconds()
@@ -122,6 +127,7 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 			socks0 = readUDPSockets()
 		},
 		end: func() {
+			all1 = busyCPUSeconds()
 			self1 = selfCPUSeconds()
 			if bal != nil {
 				cpu1 = bal.cpuSeconds()
@@ -144,6 +150,9 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 	}
 	m.fromLoad(res)
 	m.LoadCPUSeconds = num(self1 - self0)
+	if all0 > 0 && all1 > 0 {
+		m.OthersCores = num((all1 - all0 - (self1 - self0) - (cpu1 - cpu0)) / lc.duration.Seconds())
+	}
 	if m.Received > 0 {
 		m.LoadCPUPerDgramUS = m.LoadCPUSeconds / num(m.Received) * 1e6
 	}
@@ -245,7 +254,7 @@ func (m *measurement) perIdleFlow(base, idle idleMem, flows int) {
 func (m *measurement) setNaN() {
 	m.Throughput, m.LossPct, m.P50US, m.P99US, m.P999US = nan, nan, nan, nan, nan
 	m.CPUSeconds, m.CPUPerDgramUS, m.MemPerFlowB, m.MemPerIdleFlowB = nan, nan, nan, nan
-	m.LoadCPUSeconds, m.LoadCPUPerDgramUS = nan, nan
+	m.LoadCPUSeconds, m.LoadCPUPerDgramUS, m.OthersCores = nan, nan, nan
 	m.GoPerIdleFlowB, m.KernelPerIdleFlowB, m.SocketsPerIdleFlow = nan, nan, nan
 	m.WarmupSeconds, m.Established, m.SetupSeconds, m.SetupFlowsPerSecond, m.Busy = nan, nan, nan, nan, nan
 }
@@ -287,6 +296,9 @@ func (m *measurement) oneLine() string {
 	}
 	if m.SetupSeconds.known() {
 		s += fmt.Sprintf(" (set-up %.2fs, %.0f flows/s)", m.SetupSeconds, m.SetupFlowsPerSecond)
+	}
+	if m.OthersCores.known() {
+		s += fmt.Sprintf("  others %.2f cores", m.OthersCores)
 	}
 	if d := fmtDrops(m.KernelDrops); d != "" {
 		s += "  drops " + d
