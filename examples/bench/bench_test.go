@@ -240,6 +240,7 @@ func TestFlags(t *testing.T) {
 		{[]string{"-mode", "sweep", "-cores", "split"}, coresSplit},
 		{[]string{"-mode", "quic", "-quic-cores", "split"}, coresSplit},
 		{[]string{"-cores", "split", "-quic-cores", "split"}, coresSplit},
+		{[]string{"-mode", "sweep", "-cores", "one"}, coresOne},
 	} {
 		if o, err := parseFlags(tc.args); err != nil {
 			t.Errorf("%v: %v", tc.args, err)
@@ -252,7 +253,7 @@ func TestFlags(t *testing.T) {
 	}
 	for _, bad := range [][]string{
 		{"-targets", "haproxy"}, {"-payloads", "4"}, {"-mode", "x"}, {"-rounds", "0"},
-		{"-cores", "one"}, {"-quic-cores", "one"}, {"-cores", "split", "-quic-cores", "shared"}, {"-establish", "-1s"},
+		{"-cores", "two"}, {"-quic-cores", "two"}, {"-cores", "split", "-quic-cores", "shared"}, {"-establish", "-1s"},
 	} {
 		if _, err := parseFlags(bad); err == nil {
 			t.Errorf("%v: want an error", bad)

@@ -12,13 +12,15 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// CPU placement (-cores), for every mode. split: this process (the load
-// generator, the upstreams, the QUIC server) on loadCPU and every balancer
-// on balancerCPU, as when the balancer has a machine of its own; shared:
-// every process on every CPU.
+// CPU placement (-cores), for every mode. shared: every process on every
+// CPU; split: this process (the load generator, the upstreams, the QUIC
+// server) on loadCPU and every balancer on balancerCPU, as when the
+// balancer has a machine of its own; one: every process on loadCPU, taking
+// turns, as on a machine of one CPU.
 const (
 	coresShared = "shared"
 	coresSplit  = "split"
+	coresOne    = "one"
 	loadCPU     = 0
 	balancerCPU = 1
 )
@@ -27,15 +29,17 @@ const (
 var coresNote = map[string]string{
 	coresShared: "Cores: shared (the load generator, the upstreams or server, and the balancer on every CPU).",
 	coresSplit:  "Cores: split (the load generator and the upstreams or server on CPU 0 with GOMAXPROCS 1, the balancer on CPU 1, which its Go runtime sees as its only CPU).",
+	coresOne:    "Cores: one (the load generator, the upstreams or server and the balancer all on CPU 0, each with GOMAXPROCS 1).",
 }
 
-// placeSelf pins this process to loadCPU when cores is split, and updates
-// its GOMAXPROCS to the CPUs it may use. The returned function undoes it.
+// placeSelf pins this process to loadCPU unless cores is shared, and
+// updates its GOMAXPROCS to the CPUs it may use. The returned function
+// undoes it.
 func placeSelf(cores string) (undo func(), err error) {
-	if cores != coresSplit {
+	if cores == coresShared {
 		return func() {}, nil
 	}
-	if runtime.NumCPU() < 2 {
+	if cores == coresSplit && runtime.NumCPU() < 2 {
 		return nil, fmt.Errorf("-cores split: needs 2 CPUs, have %d", runtime.NumCPU())
 	}
 	if err := pinProcess(os.Getpid(), loadCPU); err != nil {
@@ -48,11 +52,13 @@ func placeSelf(cores string) (undo func(), err error) {
 	}, nil
 }
 
-// balancerCPUFor is the CPU a balancer is started on: balancerCPU when cores
-// is split, else -1 (any).
+// balancerCPUFor is the CPU a balancer is started on, by cores; -1: any.
 func balancerCPUFor(cores string) int {
-	if cores == coresSplit {
+	switch cores {
+	case coresSplit:
 		return balancerCPU
+	case coresOne:
+		return loadCPU
 	}
 	return -1
 }

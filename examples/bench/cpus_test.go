@@ -57,16 +57,16 @@ func TestPinProcess(t *testing.T) {
 	}
 }
 
-// TestCores checks -cores split's two halves, as every mode uses them: a
-// balancer starts on CPU 1 only (inherited from the thread that starts it,
+// TestCores checks -cores split and one, as every mode uses them: a
+// balancer starts on its one CPU (inherited from the thread that starts it,
 // which keeps its own CPUs), and this process moves to CPU 0 with
 // GOMAXPROCS 1 until it is undone; shared changes nothing.
 func TestCores(t *testing.T) {
 	if runtime.NumCPU() < 2 {
 		t.Skip("needs 2 CPUs")
 	}
-	if balancerCPUFor(coresShared) != -1 || balancerCPUFor(coresSplit) != balancerCPU {
-		t.Fatalf("balancer CPU: shared %d, split %d", balancerCPUFor(coresShared), balancerCPUFor(coresSplit))
+	if balancerCPUFor(coresShared) != -1 || balancerCPUFor(coresSplit) != 1 || balancerCPUFor(coresOne) != 0 {
+		t.Fatalf("balancer CPU: shared %d, split %d, one %d", balancerCPUFor(coresShared), balancerCPUFor(coresSplit), balancerCPUFor(coresOne))
 	}
 	self := allowedCPUs(t, os.Getpid())
 	procs := runtime.GOMAXPROCS(0)
@@ -92,19 +92,21 @@ func TestCores(t *testing.T) {
 		t.Errorf("a balancer started shared: Cpus_allowed_list %q, want this process's %q", got, self)
 	}
 
-	undo, err := placeSelf(coresSplit)
-	if err != nil {
-		t.Fatal(err)
+	for _, cores := range []string{coresSplit, coresOne} {
+		undo, err := placeSelf(cores)
+		if err != nil {
+			t.Fatal(err)
+		}
+		gotCPUs, gotProcs := allowedCPUs(t, os.Getpid()), runtime.GOMAXPROCS(0)
+		undo()
+		if gotCPUs != "0" || gotProcs != 1 {
+			t.Errorf("%s: this process on CPUs %q with GOMAXPROCS %d, want 0 and 1", cores, gotCPUs, gotProcs)
+		}
+		if got := allowedCPUs(t, os.Getpid()); got != self || runtime.GOMAXPROCS(0) != procs {
+			t.Errorf("%s undone: CPUs %q, GOMAXPROCS %d; want %q, %d", cores, got, runtime.GOMAXPROCS(0), self, procs)
+		}
 	}
-	gotCPUs, gotProcs := allowedCPUs(t, os.Getpid()), runtime.GOMAXPROCS(0)
-	undo()
-	if gotCPUs != "0" || gotProcs != 1 {
-		t.Errorf("split: this process on CPUs %q with GOMAXPROCS %d, want 0 and 1", gotCPUs, gotProcs)
-	}
-	if got := allowedCPUs(t, os.Getpid()); got != self || runtime.GOMAXPROCS(0) != procs {
-		t.Errorf("undone: CPUs %q, GOMAXPROCS %d; want %q, %d", got, runtime.GOMAXPROCS(0), self, procs)
-	}
-	undo, err = placeSelf(coresShared)
+	undo, err := placeSelf(coresShared)
 	if err != nil {
 		t.Fatal(err)
 	}

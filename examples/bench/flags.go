@@ -73,7 +73,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&o.caddyBin, "caddy", "", "use this Caddy binary instead of building ./examples/caddy")
 	fs.StringVar(&o.nginxBin, "nginx", "nginx", "nginx binary for the nginx target; skipped when missing or without the stream module")
 	fs.StringVar(&o.nginxWorkers, "nginx-workers", "auto", "nginx worker_processes")
-	fs.StringVar(&o.cores, "cores", coresShared, "`shared`: every process on every CPU; split: the load generator and the upstreams (quic: the server) on CPU 0, every balancer on CPU 1, as when the balancer has a machine of its own")
+	fs.StringVar(&o.cores, "cores", coresShared, "`shared`: every process on every CPU; split: the load generator and the upstreams (quic: the server) on CPU 0, every balancer on CPU 1, as when the balancer has a machine of its own; one: all of them on CPU 0, as on a machine of one CPU")
 	fs.StringVar(&quicCores, "quic-cores", "", "the old name of -cores, still accepted")
 	fs.StringVar(&o.quicCaddyB, "quic-caddy-b", "", "quic: A/B: also measure this second Caddy `binary`'s relay targets, as <target>-b, in the same rounds (the two builds' order alternating by round)")
 	fs.IntVar(&o.quicIdle, "quic-idle", 1000, "quic: idle connections for the memory and goroutine readings; 0: none")
@@ -148,7 +148,7 @@ func parseFlags(args []string) (*options, error) {
 	case set["cores"] && set["quic-cores"] && o.cores != quicCores:
 		return nil, fmt.Errorf("-cores %q and -quic-cores %q: -quic-cores is the old name of -cores; give one", o.cores, quicCores)
 	case coresNote[o.cores] == "":
-		return nil, fmt.Errorf("-cores %q: want shared or split", o.cores)
+		return nil, fmt.Errorf("-cores %q: want shared, split or one", o.cores)
 	case o.quicIdle < 0 || o.quicIdle > 100_000:
 		return nil, fmt.Errorf("-quic-idle %d: want 0…100000", o.quicIdle)
 	case o.sweepPayload < 8 || o.sweepPayload > 60000:
