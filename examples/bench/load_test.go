@@ -6,6 +6,7 @@ import (
 	"context"
 	"net"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -21,14 +22,20 @@ func echoServer(t *testing.T) *udpecho.Server {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = s.Close() })
-	rc, err := s.SyscallConn()
+	bigBuffers(t, s)
+	return s
+}
+
+// bigBuffers gives c the benchmark's socket buffers.
+func bigBuffers(t *testing.T, c syscall.Conn) {
+	t.Helper()
+	rc, err := c.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := setSockBuf(rc, sockBuf); err != nil {
 		t.Fatal(err)
 	}
-	return s
 }
 
 // TestRunLoad drives closed loops and fixed-rate loads against an echo
@@ -144,13 +151,7 @@ func pickyEcho(t *testing.T, answer func(src *net.UDPAddr, before int) bool) str
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = c.Close() })
-	rc, err := c.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := setSockBuf(rc, sockBuf); err != nil {
-		t.Fatal(err)
-	}
+	bigBuffers(t, c)
 	go func() {
 		seen := map[string]int{}
 		buf := make([]byte, 2048)
