@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -27,9 +28,26 @@ type balancer struct {
 	pids    []int // the process and its children (nginx workers)
 }
 
+// startAttempts is how often start tries: a port found free can be taken by
+// another process before the balancer binds it.
+const startAttempts = 3
+
 // start starts a fresh balancer for target t on a free port and waits until
-// it answers.
+// it answers; on a port taken meanwhile, it tries again on another.
 func (e *benchEnv) start(ctx context.Context, t string) (*balancer, error) {
+	var b *balancer
+	var err error
+	for range startAttempts {
+		if b, err = e.startOnce(ctx, t); err == nil || !strings.Contains(err.Error(), "address already in use") {
+			break
+		}
+	}
+	return b, err
+}
+
+// startOnce starts a fresh balancer for target t on a port that was free a
+// moment ago, and waits until it answers.
+func (e *benchEnv) startOnce(ctx context.Context, t string) (*balancer, error) {
 	port, err := freeUDPPort()
 	if err != nil {
 		return nil, fmt.Errorf("free port: %w", err)
