@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -27,9 +28,26 @@ type balancer struct {
 	pids    []int // the process and its children (nginx workers)
 }
 
+// startAttempts is how often start tries: a port found free can be taken by
+// another process before the balancer binds it.
+const startAttempts = 3
+
 // start starts a fresh balancer for target t on a free port and waits until
-// it answers.
+// it answers; on a port taken meanwhile, it tries again on another.
 func (e *benchEnv) start(ctx context.Context, t string) (*balancer, error) {
+	var b *balancer
+	var err error
+	for range startAttempts {
+		if b, err = e.startOnce(ctx, t); err == nil || !strings.Contains(err.Error(), "address already in use") {
+			break
+		}
+	}
+	return b, err
+}
+
+// startOnce starts a fresh balancer for target t on a port that was free a
+// moment ago, and waits until it answers.
+func (e *benchEnv) startOnce(ctx context.Context, t string) (*balancer, error) {
 	port, err := freeUDPPort()
 	if err != nil {
 		return nil, fmt.Errorf("free port: %w", err)
@@ -71,7 +89,7 @@ func (e *benchEnv) start(ctx context.Context, t string) (*balancer, error) {
 			cmd.Env = append(cmd.Env, "GOMAXPROCS=1")
 		}
 	}
-	b, err := launch(cmd, listen, port, dir)
+	b, err := launch(cmd, listen, port, dir, balancerCPUFor(e.opts.cores))
 	if err != nil {
 		return nil, err
 	}
@@ -85,8 +103,8 @@ func (e *benchEnv) start(ctx context.Context, t string) (*balancer, error) {
 }
 
 // launch starts cmd as the balancer listening on listen, with its output in
-// dir.
-func launch(cmd *exec.Cmd, listen string, port int, dir string) (*balancer, error) {
+// dir, on CPU cpu (any if cpu < 0).
+func launch(cmd *exec.Cmd, listen string, port int, dir string, cpu int) (*balancer, error) {
 	b := &balancer{cmd: cmd, addr: listen, port: port, logPath: filepath.Join(dir, "output.log"), done: make(chan struct{})}
 	logf, err := os.Create(b.logPath)
 	if err != nil {
@@ -97,7 +115,7 @@ func launch(cmd *exec.Cmd, listen string, port int, dir string) (*balancer, erro
 	// Own process group, so that stop reaches nginx's workers too; and
 	// killed by the kernel should this process die.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := startChild(cmd); err != nil {
+	if err := startChild(cmd, cpu); err != nil {
 		return nil, fmt.Errorf("start %s: %w", cmd.Path, err)
 	}
 	go func() {
@@ -205,10 +223,11 @@ var (
 	children = map[*exec.Cmd]struct{}{}
 )
 
-func startChild(cmd *exec.Cmd) error {
+// startChild starts cmd on CPU cpu (any if cpu < 0) and remembers it.
+func startChild(cmd *exec.Cmd, cpu int) error {
 	childMu.Lock()
 	defer childMu.Unlock()
-	if err := cmd.Start(); err != nil {
+	if err := startOn(cmd, cpu); err != nil {
 		return err
 	}
 	children[cmd] = struct{}{}

@@ -8,6 +8,7 @@ import (
 	"math"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestPercentile(t *testing.T) {
@@ -229,7 +230,31 @@ func TestFlags(t *testing.T) {
 	if o, err := parseFlags([]string{"-mode", "sweep", "-heap-profiles"}); err != nil || !o.heapProfiles {
 		t.Errorf("-heap-profiles: %+v, %v", o, err)
 	}
-	for _, bad := range [][]string{{"-targets", "haproxy"}, {"-payloads", "4"}, {"-mode", "x"}, {"-rounds", "0"}} {
+	// -cores is every mode's, and -quic-cores its old name.
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{nil, coresShared},
+		{[]string{"-cores", "split"}, coresSplit},
+		{[]string{"-mode", "sweep", "-cores", "split"}, coresSplit},
+		{[]string{"-mode", "quic", "-quic-cores", "split"}, coresSplit},
+		{[]string{"-cores", "split", "-quic-cores", "split"}, coresSplit},
+		{[]string{"-mode", "sweep", "-cores", "one"}, coresOne},
+	} {
+		if o, err := parseFlags(tc.args); err != nil {
+			t.Errorf("%v: %v", tc.args, err)
+		} else if o.cores != tc.want {
+			t.Errorf("%v: cores %q, want %q", tc.args, o.cores, tc.want)
+		}
+	}
+	if o, err := parseFlags(nil); err != nil || o.establish != 10*time.Second {
+		t.Errorf("-establish default: %+v, %v", o, err)
+	}
+	for _, bad := range [][]string{
+		{"-targets", "haproxy"}, {"-payloads", "4"}, {"-mode", "x"}, {"-rounds", "0"},
+		{"-cores", "two"}, {"-quic-cores", "two"}, {"-cores", "split", "-quic-cores", "shared"}, {"-establish", "-1s"},
+	} {
 		if _, err := parseFlags(bad); err == nil {
 			t.Errorf("%v: want an error", bad)
 		}
@@ -379,5 +404,52 @@ func TestFormatting(t *testing.T) {
 	}
 	if got := fmtInt(nan); got != "–" {
 		t.Errorf("fmtInt(NaN) = %q", got)
+	}
+}
+
+// TestSetupReport checks the sweep's set-up figures: the fewest flows
+// answered and busy over the rounds, the medians of the set-up, in their
+// table and per round, and each round's other work; a report without them
+// (from before they were measured) has none of these tables.
+func TestSetupReport(t *testing.T) {
+	r := &report{Mode: "sweep"}
+	for round := 1; round <= 3; round++ {
+		m := &measurement{Target: "fastflow", Round: round, Payload: 64, Flows: 10000, Window: 1, Sent: 10, Received: 10}
+		m.setNaN()
+		m.Throughput, m.CPUPerDgramUS = 50000, 12
+		m.Established, m.Busy = 10000, num(10000-round)
+		m.SetupSeconds, m.SetupFlowsPerSecond, m.WarmupSeconds = num(round), num(10000/round), num(round)+1.5
+		m.OthersCores = num(round) / 10
+		if round == 3 {
+			m.Established, m.SetupSeconds, m.SetupFlowsPerSecond = 9990, nan, nan
+			m.Err = "the set-up gave up: 9990 of 10000 flows had had a reply 10.1 s after the first datagram"
+		}
+		r.Runs = append(r.Runs, m)
+	}
+	r.summarize()
+	s := r.Summary[0]
+	if s.EstablishedMin != 9990 || s.BusyMin != 9997 || s.SetupSeconds != 1.5 || s.WarmupSeconds != 3.5 || s.Rounds != 3 {
+		t.Errorf("summary: answered %v, busy %v, set-up %v s, warm-up %v s, %d rounds", s.EstablishedMin, s.BusyMin, s.SetupSeconds, s.WarmupSeconds, s.Rounds)
+	}
+	md := r.markdown()
+	for _, want := range []string{
+		"| flows | target | flows answered | flows busy | warm-up s | set-up s | set-up flows/s |",
+		"| 10000 | stabilize per flow, fastudp | 9 990 | 9 997 | 3.50 | 1.50 | 7 500 |",
+		"Flows answered at the window's start, per round", "| 10 000 | 10 000 | 9 990 |",
+		"Flows busy in the window, per round", "| 9 999 | 9 998 | 9 997 |",
+		"Set-up s per round", "| 1.00 | 2.00 | – |",
+		"Other work per round", "| 0.10 | 0.20 | 0.30 |",
+		"the set-up gave up: 9990 of 10000",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("markdown lacks %q:\n%s", want, md)
+		}
+	}
+	for _, m := range r.Runs {
+		m.Established, m.Busy, m.SetupSeconds, m.SetupFlowsPerSecond, m.WarmupSeconds, m.OthersCores = nan, nan, nan, nan, nan, nan
+	}
+	r.summarize()
+	if md := r.markdown(); strings.Contains(md, "flows busy") || strings.Contains(md, "Set-up s per round") || strings.Contains(md, "Other work") {
+		t.Errorf("a report without set-up figures shows them:\n%s", md)
 	}
 }

@@ -15,6 +15,7 @@
 //	go run ./examples/bench                  # compare targets, ~4 min on 2 cores
 //	go run ./examples/bench -quick           # smoke run, ~20 s
 //	go run ./examples/bench -mode sweep      # 1…10000 concurrent flows
+//	go run ./examples/bench -mode sweep -cores split  # the balancer on a CPU of its own
 //	go run ./examples/bench -targets flow,proxy -payloads 1200 -duration 5s
 //	go run ./examples/bench -render examples/bench/results  # redraw reports from their JSON
 //

@@ -25,6 +25,7 @@ type options struct {
 	sweepWindow  int
 	sweepPayload int
 	sweepRate    int
+	establish    time.Duration
 	heapProfiles bool
 	out          string
 	render       string
@@ -35,7 +36,7 @@ type options struct {
 	quick        bool
 	quicProfile  string
 	quicIdle     int
-	quicCores    string
+	cores        string
 	quicCaddyB   string
 }
 
@@ -50,7 +51,7 @@ const (
 func parseFlags(args []string) (*options, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	o := &options{}
-	var targets, payloads, sweepFlows string
+	var targets, payloads, sweepFlows, quicCores string
 	fs.StringVar(&o.mode, "mode", "compare", "`compare` targets at fixed load, `sweep` the number of concurrent flows, or `quic` termination against direct QUIC")
 	fs.StringVar(&targets, "targets", "", "comma-separated targets: direct,packet,flow,fastpacket,fastflow,proxy,nginx,ceiling,fastflow1,proxy1 (default: "+defaultCompareTargets+"; sweep: "+defaultSweepTargets+")")
 	fs.DurationVar(&o.duration, "duration", 3*time.Second, "measured time per target per round")
@@ -64,6 +65,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.IntVar(&o.sweepWindow, "sweep-window", 1, "sweep: datagrams outstanding per flow")
 	fs.IntVar(&o.sweepPayload, "sweep-payload", 64, "sweep: datagram size in bytes")
 	fs.IntVar(&o.sweepRate, "sweep-rate", 0, "sweep: offer this many datagrams/s in total, spread evenly over the flows (each paced, one outstanding), instead of a closed loop; 0: closed loop")
+	fs.DurationVar(&o.establish, "establish", 10*time.Second, "sweep: before the load, set up the flows: each sends one datagram (over the ramp), and again after each -timeout, until every flow has had a reply, but at most this long (the report says so); 0: no set-up")
 	fs.BoolVar(&o.heapProfiles, "heap-profiles", false, "sweep: save each Caddy balancer's heap profile at the idle reading into -out, as heap-<target>-<flows>.pb.gz (the last round's)")
 	fs.StringVar(&o.out, "out", "bench-out", "output folder for the Markdown, SVG and JSON")
 	fs.StringVar(&o.render, "render", "", "measure nothing: redraw the Markdown and SVG in this `folder` from its results.json and sweep.json")
@@ -71,7 +73,8 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&o.caddyBin, "caddy", "", "use this Caddy binary instead of building ./examples/caddy")
 	fs.StringVar(&o.nginxBin, "nginx", "nginx", "nginx binary for the nginx target; skipped when missing or without the stream module")
 	fs.StringVar(&o.nginxWorkers, "nginx-workers", "auto", "nginx worker_processes")
-	fs.StringVar(&o.quicCores, "quic-cores", "shared", "quic: `shared`: every process on every CPU; split: the load generator and the server on CPU 0, the balancer on CPU 1, as when the balancer has a machine of its own")
+	fs.StringVar(&o.cores, "cores", coresShared, "`shared`: every process on every CPU; split: the load generator and the upstreams (quic: the server) on CPU 0, every balancer on CPU 1, as when the balancer has a machine of its own; one: all of them on CPU 0, as on a machine of one CPU")
+	fs.StringVar(&quicCores, "quic-cores", "", "the old name of -cores, still accepted")
 	fs.StringVar(&o.quicCaddyB, "quic-caddy-b", "", "quic: A/B: also measure this second Caddy `binary`'s relay targets, as <target>-b, in the same rounds (the two builds' order alternating by round)")
 	fs.IntVar(&o.quicIdle, "quic-idle", 1000, "quic: idle connections for the memory and goroutine readings; 0: none")
 	fs.StringVar(&o.quicProfile, "quic-profile", "", "quic: write the balancer's CPU profile of the first round's handshakes, and its heap profile and goroutines before the idle connections, with them and after they closed, to `folder`/<target>-*")
@@ -84,6 +87,9 @@ func parseFlags(args []string) (*options, error) {
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if set["quic-cores"] && !set["cores"] {
+		o.cores = quicCores
+	}
 	if o.quick {
 		if !set["duration"] {
 			o.duration = time.Second
@@ -127,6 +133,8 @@ func parseFlags(args []string) (*options, error) {
 		return nil, fmt.Errorf("-duration %v: want (0, 10m]", o.duration)
 	case o.warmup < 0 || o.timeout <= 0:
 		return nil, fmt.Errorf("-warmup %v, -timeout %v: want warmup ≥ 0 and timeout > 0", o.warmup, o.timeout)
+	case o.establish < 0 || o.establish > 10*time.Minute:
+		return nil, fmt.Errorf("-establish %v: want [0, 10m]", o.establish)
 	case o.rounds < 1 || o.rounds > 100:
 		return nil, fmt.Errorf("-rounds %d: want 1…100", o.rounds)
 	case o.flows < 1 || o.flows > maxFlows:
@@ -137,8 +145,10 @@ func parseFlags(args []string) (*options, error) {
 		return nil, fmt.Errorf("-window %d: want 1…1024", o.window)
 	case o.sweepWindow < 1 || o.sweepWindow > 1024:
 		return nil, fmt.Errorf("-sweep-window %d: want 1…1024", o.sweepWindow)
-	case quicCoresNote[o.quicCores] == "":
-		return nil, fmt.Errorf("-quic-cores %q: want shared or split", o.quicCores)
+	case set["cores"] && set["quic-cores"] && o.cores != quicCores:
+		return nil, fmt.Errorf("-cores %q and -quic-cores %q: -quic-cores is the old name of -cores; give one", o.cores, quicCores)
+	case coresNote[o.cores] == "":
+		return nil, fmt.Errorf("-cores %q: want shared, split or one", o.cores)
 	case o.quicIdle < 0 || o.quicIdle > 100_000:
 		return nil, fmt.Errorf("-quic-idle %d: want 0…100000", o.quicIdle)
 	case o.sweepPayload < 8 || o.sweepPayload > 60000:

@@ -45,11 +45,12 @@ func (m *measurement) UnmarshalJSON(b []byte) error {
 	return json.Unmarshal(b, (*plain)(m))
 }
 
-// UnmarshalJSON reads a summary; the per idle flow figures and the load
-// generator's CPU that a report written before they were measured lacks are
-// unknown, not 0.
+// UnmarshalJSON reads a summary; the per idle flow figures, the load
+// generator's CPU and the warm-up's figures that a report written before
+// they were measured lacks are unknown, not 0.
 func (s *summary) UnmarshalJSON(b []byte) error {
 	type plain summary
 	s.GoPerIdleB, s.KernelPerIdleB, s.SocketsPerIdle, s.LoadCPUPerDgramUS = nan, nan, nan, nan
+	s.EstablishedMin, s.BusyMin, s.WarmupSeconds, s.SetupSeconds, s.SetupFlowsPerSecond = nan, nan, nan, nan, nan
 	return json.Unmarshal(b, (*plain)(s))
 }

@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -18,11 +19,14 @@ import (
 // loadConfig is one closed-loop load: flows sockets (so flows source
 // ports), each keeping window datagrams of payload bytes outstanding.
 //
-// The load runs for warmup+duration; only datagrams sent during the
-// measured window [t0, t0+duration) count. A datagram whose reply has not
-// come after timeout is lost: its window slot is refilled with a new
-// datagram, so the loop never stalls. After the window, flows stop sending
-// and wait at most timeout for the replies still outstanding.
+// With establish set, a set-up comes first: each flow sends one datagram
+// (at its place in the ramp) and waits for its reply, sending again after
+// each timeout, until every flow has had a reply or establish has passed
+// since the start. Then the load runs for warmup+duration; only datagrams
+// sent during the measured window [t0, t0+duration) count. A datagram whose
+// reply has not come after timeout is lost: its window slot is refilled
+// with a new datagram, so the loop never stalls. After the window, flows
+// stop sending and wait at most timeout for the replies still outstanding.
 type loadConfig struct {
 	flows, window, payload    int
 	warmup, duration, timeout time.Duration
@@ -32,6 +36,9 @@ type loadConfig struct {
 	// sent at most every interval, so the load offers flows/interval
 	// datagrams per second while the balancer keeps up.
 	interval time.Duration
+	// establish, if set, is the longest the set-up may take; after it,
+	// the load starts with the flows answered so far.
+	establish time.Duration
 }
 
 // flowsPerSource is how many flows share one client source address: fewer
@@ -54,7 +61,19 @@ type loadResult struct {
 	Corrupt    int64 // replies that matched no request of the flow
 	SendErrors int64 // failed writes (e.g. ICMP port unreachable); counted lost
 	Window     time.Duration
-	latencies  []int64 // ns, one per received reply
+	// Warmup is how long after the first datagram the window started.
+	Warmup time.Duration
+	// Established is how many flows had had a reply when the window
+	// started; GaveUp says that the set-up stopped waiting for the others
+	// (loadConfig.establish).
+	Established int
+	GaveUp      bool
+	// Setup is the time from the first flow's first datagram to the last
+	// flow's first reply; 0 if some flow never had one.
+	Setup time.Duration
+	// Busy is how many flows had a reply to a datagram of the window.
+	Busy      int
+	latencies []int64 // ns, one per received reply
 }
 
 // loadHooks are called at the edges of the measured window, from the
@@ -122,29 +141,40 @@ func runLoad(ctx context.Context, addr string, lc loadConfig, hooks loadHooks) (
 		}
 	}
 
-	begin := time.Now()
-	t0 := begin.Add(lc.warmup)
-	t1 := t0.Add(lc.duration)
-	hardStop := t1.Add(lc.timeout + time.Second)
+	st := &loadState{begin: time.Now(), flows: int64(lc.flows)}
+	if lc.establish == 0 {
+		st.fix(st.begin, lc.warmup)
+	}
+	for _, l := range loops {
+		l.st = st
+	}
 	var wg sync.WaitGroup
 	for _, l := range loops {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			l.run(ctx, begin, t0, t1, hardStop)
+			l.run(ctx)
 		}()
 	}
+	res := &loadResult{Window: lc.duration}
+	if lc.establish > 0 {
+		res.GaveUp = !st.setUp(ctx, lc)
+	}
+	t0 := time.Unix(0, st.window.Load())
+	res.Warmup = t0.Sub(st.begin)
 	sleepUntil(ctx, t0)
+	res.Established = int(st.answered.Load())
 	if hooks.start != nil {
 		hooks.start()
 	}
-	sleepUntil(ctx, t1)
+	sleepUntil(ctx, t0.Add(lc.duration))
 	if hooks.end != nil {
 		hooks.end()
 	}
 	wg.Wait()
-
-	res := &loadResult{Window: lc.duration}
+	if last := st.lastFirstReply.Load(); st.answered.Load() == st.flows && last > 0 {
+		res.Setup = time.Duration(last - st.begin.UnixNano())
+	}
 	n := 0
 	for _, l := range loops {
 		n += len(l.res.latencies)
@@ -158,10 +188,61 @@ func runLoad(ctx context.Context, addr string, lc loadConfig, hooks loadHooks) (
 		res.Late += r.late
 		res.Corrupt += r.corrupt
 		res.SendErrors += r.sendErrors
+		res.Busy += r.busy
 		res.latencies = append(res.latencies, r.latencies...)
 	}
 	slices.Sort(res.latencies)
 	return res, ctx.Err()
+}
+
+// loadState is what a load's loops share with the goroutine that runs it:
+// the flows answered so far, and when the load and its window start.
+type loadState struct {
+	begin time.Time
+	flows int64
+	// answered counts the flows that have had a reply; lastFirstReply is
+	// the latest of their first replies, in Unix ns.
+	answered, lastFirstReply atomic.Int64
+	// start is when the load starts (after the set-up), and window the
+	// measured window's start, in Unix ns; 0 until fixed.
+	start, window atomic.Int64
+}
+
+// windowLead is how far ahead the load's start is fixed after a set-up, so
+// that every loop (each waking at least every windowPoll until then) knows
+// it in time.
+const (
+	windowLead = 50 * time.Millisecond
+	windowPoll = 10 * time.Millisecond
+)
+
+// fix sets the start of the load and, warmup after it, of the window.
+func (st *loadState) fix(start time.Time, warmup time.Duration) {
+	st.start.Store(start.UnixNano())
+	st.window.Store(start.Add(warmup).UnixNano())
+}
+
+// firstReply records flow's first reply at now.
+func (st *loadState) firstReply(now time.Time) {
+	st.answered.Add(1)
+	for ns := now.UnixNano(); ; {
+		last := st.lastFirstReply.Load()
+		if last >= ns || st.lastFirstReply.CompareAndSwap(last, ns) {
+			return
+		}
+	}
+}
+
+// setUp waits until every flow has had a reply, or lc.establish has passed
+// since the beginning, then fixes the load's start; it reports whether
+// every flow had a reply.
+func (st *loadState) setUp(ctx context.Context, lc loadConfig) bool {
+	limit := st.begin.Add(lc.establish)
+	for st.answered.Load() < st.flows && time.Now().Before(limit) && ctx.Err() == nil {
+		time.Sleep(windowPoll)
+	}
+	st.fix(time.Now().Add(windowLead), lc.warmup)
+	return st.answered.Load() == st.flows
 }
 
 func sleepUntil(ctx context.Context, t time.Time) {
@@ -174,5 +255,6 @@ func sleepUntil(ctx context.Context, t time.Time) {
 // flowResult is one loop's share of a loadResult.
 type flowResult struct {
 	sent, received, lost, late, corrupt, sendErrors int64
+	busy                                            int
 	latencies                                       []int64
 }

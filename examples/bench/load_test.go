@@ -4,6 +4,9 @@ package main
 
 import (
 	"context"
+	"net"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -19,14 +22,20 @@ func echoServer(t *testing.T) *udpecho.Server {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = s.Close() })
-	rc, err := s.SyscallConn()
+	bigBuffers(t, s)
+	return s
+}
+
+// bigBuffers gives c the benchmark's socket buffers.
+func bigBuffers(t *testing.T, c syscall.Conn) {
+	t.Helper()
+	rc, err := c.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := setSockBuf(rc, sockBuf); err != nil {
 		t.Fatal(err)
 	}
-	return s
 }
 
 // TestRunLoad drives closed loops and fixed-rate loads against an echo
@@ -130,4 +139,101 @@ func TestDueHeap(t *testing.T) {
 		}
 		last = d.at
 	}
+}
+
+// pickyEcho is a UDP server on a free loopback port that sends each
+// datagram back as is, when answer says so for the datagram's source and
+// the number of datagrams that source has sent before it.
+func pickyEcho(t *testing.T, answer func(src *net.UDPAddr, before int) bool) string {
+	t.Helper()
+	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	bigBuffers(t, c)
+	go func() {
+		seen := map[string]int{}
+		buf := make([]byte, 2048)
+		for {
+			n, src, err := c.ReadFromUDP(buf)
+			if err != nil {
+				return
+			}
+			k := src.String()
+			if answer(src, seen[k]) {
+				_, _ = c.WriteToUDP(buf[:n], src)
+			}
+			seen[k]++
+		}
+	}()
+	return c.LocalAddr().String()
+}
+
+// TestRunLoadSetUp checks the sweep's set-up: every flow sends one datagram
+// and again after each timeout until it has had a reply, and the load
+// starts only then, with every flow answered and busy in the window; a
+// flow that is never answered makes it give up at its limit, and the load
+// runs anyway.
+func TestRunLoadSetUp(t *testing.T) {
+	base := loadConfig{
+		flows: 200, window: 2, payload: 64, warmup: 100 * time.Millisecond, duration: 300 * time.Millisecond,
+		timeout: 200 * time.Millisecond, ramp: 20 * time.Millisecond, establish: 5 * time.Second,
+	}
+	t.Run("first datagram of every flow dropped", func(t *testing.T) {
+		var late atomic.Bool // a datagram answered after the set-up, so by the load
+		addr := pickyEcho(t, func(_ *net.UDPAddr, before int) bool {
+			if before >= 2 {
+				late.Store(true)
+			}
+			return before > 0
+		})
+		res := runSetUpLoad(t, addr, base)
+		if res.GaveUp || res.Established != base.flows || res.Busy != base.flows {
+			t.Errorf("gave up %v, %d flows answered at the window's start, %d busy, want all %d", res.GaveUp, res.Established, res.Busy, base.flows)
+		}
+		// One retry each, after the timeout.
+		if res.Setup < base.timeout || res.Setup > base.establish {
+			t.Errorf("set-up took %v, want between the timeout %v and the limit %v", res.Setup, base.timeout, base.establish)
+		}
+		if res.Warmup < res.Setup+base.warmup {
+			t.Errorf("the window started %v after the first datagram, before the set-up (%v) and the warm-up after it (%v)", res.Warmup, res.Setup, base.warmup)
+		}
+		if !late.Load() || res.Received == 0 {
+			t.Errorf("no load after the set-up: %+v", res)
+		}
+	})
+	t.Run("odd flows never answered", func(t *testing.T) {
+		lc := base
+		lc.establish = 700 * time.Millisecond
+		addr := pickyEcho(t, func(src *net.UDPAddr, _ int) bool { return src.Port%2 == 0 })
+		res := runSetUpLoad(t, addr, lc)
+		if !res.GaveUp || res.Setup != 0 {
+			t.Errorf("gave up %v, set-up %v: want given up, and no set-up time", res.GaveUp, res.Setup)
+		}
+		if res.Established == 0 || res.Established >= lc.flows || res.Busy != res.Established {
+			t.Errorf("%d flows answered, %d busy, of %d", res.Established, res.Busy, lc.flows)
+		}
+		if res.Warmup < lc.establish || res.Warmup > lc.establish+lc.warmup+time.Second {
+			t.Errorf("the window started %v after the first datagram, want about the limit %v + the warm-up %v", res.Warmup, lc.establish, lc.warmup)
+		}
+		if res.Received == 0 || res.Lost == 0 {
+			t.Errorf("the load after giving up: received %d, lost %d", res.Received, res.Lost)
+		}
+	})
+}
+
+// runSetUpLoad runs lc against addr and checks what every load must do.
+func runSetUpLoad(t *testing.T, addr string, lc loadConfig) *loadResult {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	res, err := runLoad(ctx, addr, lc, loadHooks{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Sent == 0 || res.Received+res.Lost != res.Sent || res.Corrupt != 0 {
+		t.Errorf("sent %d, received %d, lost %d, corrupt %d", res.Sent, res.Received, res.Lost, res.Corrupt)
+	}
+	return res
 }

@@ -28,11 +28,13 @@ type slot struct {
 
 // loadFlow is one client socket of a loop.
 type loadFlow struct {
-	fd     int
-	index  int // the flow's number in the load: its source address, its place in the ramp
-	seq    uint64
-	next   time.Time // fixed-rate mode: when the next datagram is due
-	broken bool      // its socket failed: what it had outstanding was counted lost
+	fd       int
+	index    int // the flow's number in the load: its source address, its place in the ramp
+	seq      uint64
+	next     time.Time // fixed-rate mode: when the next datagram is due
+	broken   bool      // its socket failed: what it had outstanding was counted lost
+	answered bool      // it has had a reply
+	busy     bool      // it has had a reply to a datagram of the window
 }
 
 // loop runs the closed loops of its share of the flows: it waits in Go's
@@ -42,6 +44,7 @@ type loadFlow struct {
 // Only the loop's goroutine touches its state.
 type loop struct {
 	lc     loadConfig
+	st     *loadState
 	epfd   int
 	file   *os.File // epfd, in Go's netpoller (never its Fd: that makes it blocking)
 	poll   syscall.RawConn
@@ -55,8 +58,13 @@ type loop struct {
 	buf    []byte
 	// outstanding counts the used slots of every flow.
 	outstanding int
-	t0, t1      time.Time
-	res         flowResult
+	// t0, t1 are the measured window, and hardStop when the loop ends at
+	// the latest, once fixed is set: until then the loop sets the flows up
+	// (one datagram each, not refilled when answered) and no send is in the
+	// window.
+	t0, t1, hardStop time.Time
+	fixed            bool
+	res              flowResult
 }
 
 func newLoop(lc loadConfig) (*loop, error) {
@@ -135,23 +143,21 @@ func (l *loop) close() {
 }
 
 // run drives the loop's flows: each starts at its place in the ramp after
-// begin, and the loop ends once the window [t0, t1) is over and nothing is
-// outstanding, at hardStop, or when ctx ends.
-func (l *loop) run(ctx context.Context, begin, t0, t1, hardStop time.Time) {
-	l.t0, l.t1 = t0, t1
-	for i, f := range l.flows {
-		at := begin
-		if l.lc.flows > 1 {
-			at = begin.Add(time.Duration(int64(l.lc.ramp) * int64(f.index) / int64(l.lc.flows)))
-		}
-		l.due.push(due{at: at, flow: int32(i), slot: -1})
+// the set-up's and again after the load's start, and the loop ends once
+// the window [t0, t1) is over and nothing is outstanding, at hardStop, or
+// when ctx ends.
+func (l *loop) run(ctx context.Context) {
+	begin := l.st.begin
+	if l.lc.establish > 0 {
+		l.ramp(begin)
 	}
 	scanEvery := max(l.lc.timeout/4, 10*time.Millisecond)
 	nextScan := begin.Add(scanEvery)
 	var deadline time.Time
 	for {
 		now := time.Now()
-		if ctx.Err() != nil || now.After(hardStop) {
+		l.fixWindow()
+		if ctx.Err() != nil || (l.fixed && now.After(l.hardStop)) {
 			l.expireAll(now)
 			return
 		}
@@ -164,12 +170,19 @@ func (l *loop) run(ctx context.Context, begin, t0, t1, hardStop time.Time) {
 		for len(l.due) > 0 && !l.due[0].at.After(now) {
 			l.sendDue(l.due.pop())
 		}
-		if !now.Before(t1) && l.outstanding == 0 {
+		if l.fixed && !now.Before(l.t1) && l.outstanding == 0 {
 			return
 		}
 		next := nextScan
-		if hardStop.Before(next) {
-			next = hardStop
+		switch poll := now.Add(windowPoll); {
+		case l.fixed:
+			if l.hardStop.Before(next) {
+				next = l.hardStop
+			}
+		case deadline.After(now) && !deadline.After(poll):
+			next = deadline // soon enough to learn the window in time
+		case poll.Before(next):
+			next = poll
 		}
 		if len(l.due) > 0 && l.due[0].at.Before(next) {
 			next = l.due[0].at
@@ -191,7 +204,34 @@ func (l *loop) run(ctx context.Context, begin, t0, t1, hardStop time.Time) {
 	}
 }
 
-func (l *loop) inWindow(t time.Time) bool { return !t.Before(l.t0) && t.Before(l.t1) }
+// fixWindow takes the load's start and window once they are fixed, and
+// starts the flows' windows.
+func (l *loop) fixWindow() {
+	if l.fixed {
+		return
+	}
+	if w := l.st.window.Load(); w != 0 {
+		l.t0 = time.Unix(0, w)
+		l.t1 = l.t0.Add(l.lc.duration)
+		l.hardStop = l.t1.Add(l.lc.timeout + time.Second)
+		l.fixed = true
+		l.ramp(time.Unix(0, l.st.start.Load()))
+	}
+}
+
+// ramp starts each flow at its place in the ramp after start: its set-up
+// datagram, or its window once the load is fixed.
+func (l *loop) ramp(start time.Time) {
+	for i, f := range l.flows {
+		at := start
+		if l.lc.flows > 1 {
+			at = start.Add(time.Duration(int64(l.lc.ramp) * int64(f.index) / int64(l.lc.flows)))
+		}
+		l.due.push(due{at: at, flow: int32(i), slot: -1})
+	}
+}
+
+func (l *loop) inWindow(t time.Time) bool { return l.fixed && !t.Before(l.t0) && t.Before(l.t1) }
 
 // window is the range of flow i's slots.
 func (l *loop) window(i int) (from, to int) {
@@ -227,6 +267,10 @@ func (l *loop) receive(i int) {
 	}
 	seq := binary.LittleEndian.Uint64(l.buf[n-seqLen : n])
 	j := l.find(i, seq)
+	if (j >= 0 || seq > 0 && seq <= f.seq) && !f.answered {
+		f.answered = true
+		l.st.firstReply(now)
+	}
 	if j < 0 {
 		if seq > 0 && seq <= f.seq {
 			l.res.late++
@@ -243,9 +287,16 @@ func (l *loop) receive(i int) {
 		} else {
 			l.res.received++
 			l.res.latencies = append(l.res.latencies, int64(rtt))
+			if !f.busy {
+				f.busy = true
+				l.res.busy++
+			}
 		}
 	}
 	l.release(j)
+	if !l.fixed {
+		return // set up: it waits for the load
+	}
 	if l.lc.interval > 0 {
 		if at := l.pace(f, sent, now); at.After(now) {
 			l.due.push(due{at: at, flow: int32(i), slot: int32(j)})
@@ -269,8 +320,8 @@ func (l *loop) pace(f *loadFlow, sent, now time.Time) time.Time {
 	return f.next
 }
 
-// sendDue makes a send whose time has come: a flow's first window, or its
-// next paced datagram.
+// sendDue makes a send whose time has come: a flow's set-up datagram, its
+// window's free slots, or its next paced datagram.
 func (l *loop) sendDue(d due) {
 	i := int(d.flow)
 	if l.flows[i].broken {
@@ -281,8 +332,13 @@ func (l *loop) sendDue(d due) {
 		return
 	}
 	from, to := l.window(i)
+	if !l.fixed {
+		to = from + 1
+	}
 	for j := from; j < to; j++ {
-		l.send(i, j)
+		if !l.slots[j].used {
+			l.send(i, j)
+		}
 	}
 }
 
@@ -291,7 +347,7 @@ func (l *loop) sendDue(d due) {
 func (l *loop) send(i, j int) {
 	now := time.Now()
 	s := &l.slots[j]
-	if !now.Before(l.t1) {
+	if l.fixed && !now.Before(l.t1) {
 		s.used = false
 		return
 	}

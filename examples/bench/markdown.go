@@ -88,9 +88,13 @@ the default GOMAXPROCS (every core).
 // the CPU per datagram of the balancer and of the load generator too.
 func (r *report) roundsTable(sb *strings.Builder) {
 	r.roundsOf(sb, "Throughput per round (datagrams/s)", func(m *measurement) num { return m.Throughput }, fmtInt)
+	r.roundsOf(sb, "Other work per round, cores busy (the machine's, less the balancer's and this process's, in the window)", func(m *measurement) num { return m.OthersCores }, fmtTwo)
 	if r.Mode == "sweep" {
 		r.roundsOf(sb, "CPU µs per datagram per round, the balancer's", func(m *measurement) num { return m.CPUPerDgramUS }, fmtNum)
 		r.roundsOf(sb, "CPU µs per datagram per round, the load generator's and upstreams'", func(m *measurement) num { return m.LoadCPUPerDgramUS }, fmtNum)
+		r.roundsOf(sb, "Flows answered at the window's start, per round", func(m *measurement) num { return m.Established }, fmtInt)
+		r.roundsOf(sb, "Flows busy in the window, per round", func(m *measurement) num { return m.Busy }, fmtInt)
+		r.roundsOf(sb, "Set-up s per round (first datagram → last flow's first reply)", func(m *measurement) num { return m.SetupSeconds }, fmtNum)
 	}
 }
 
@@ -145,13 +149,45 @@ func (r *report) sweepTables(sb *strings.Builder) {
 			withRatio(fmtBytes(s.MemPerIdleB), s, "mem_per_idle_flow"),
 			withRatio(fmtBytes(s.GoPerIdleB), s, "go_per_idle_flow"),
 			withRatio(fmtBytes(s.KernelPerIdleB), s, "kernel_per_idle_flow"),
-			fmtSockets(s.SocketsPerIdle),
+			fmtTwo(s.SocketsPerIdle),
 			orDash(fmtDrops(s.KernelDrops)))
 	}
 	sb.WriteString("\n")
 	sb.WriteString(legendSweep)
+	r.setupTable(sb)
 	r.roundsTable(sb)
 }
+
+// setupTable is the sweep's warm-up by flow count and target; left out for
+// a report from before it was measured.
+func (r *report) setupTable(sb *strings.Builder) {
+	known := false
+	for _, s := range r.Summary {
+		known = known || s.EstablishedMin.known()
+	}
+	if !known {
+		return
+	}
+	sb.WriteString("| flows | target | flows answered | flows busy | warm-up s | set-up s | set-up flows/s |\n")
+	sb.WriteString("|--:|---|--:|--:|--:|--:|--:|\n")
+	for _, s := range r.Summary {
+		fmt.Fprintf(sb, "| %d | %s | %s | %s | %s | %s | %s |\n", s.Flows, targetLabels[s.Target],
+			fmtInt(s.EstablishedMin), fmtInt(s.BusyMin), fmtNum(s.WarmupSeconds), fmtNum(s.SetupSeconds), fmtInt(s.SetupFlowsPerSecond))
+	}
+	sb.WriteString("\n")
+	sb.WriteString(legendSetup)
+}
+
+const legendSetup = `Before the load, a set-up: each flow sends one datagram (spread over the ramp), and again after each
+loss timeout, until every flow has had a reply (at most -establish; a round that gave up is listed
+under errors). Then the load starts as without it (the flows' windows spread over the ramp, the
+window max(-warmup, ramp + 500 ms) later), so every flow is set up in the balancer and busy in the
+window. Flows answered: by the window's start; busy: with a reply to a datagram of the window.
+Set-up: from the first flow's first datagram to the last flow's first reply (– if some flow had
+none), and flows ÷ that time. Warm-up: from the first datagram to the window's start. Medians over
+the rounds, but for the flows answered and busy (the fewest).
+
+`
 
 const legendSweep = `Medians over the rounds; (×n) is the ratio to caddy-l4 proxy at the same flow count.
 Each flow is one client socket with the given window of datagrams outstanding (closed loop).
@@ -279,8 +315,8 @@ func fmtMiB(kb num) string {
 	return fmt.Sprintf("%.1f", kb/1024)
 }
 
-// fmtSockets formats a number of sockets per flow.
-func fmtSockets(x num) string {
+// fmtTwo formats x with two decimals: sockets per flow, cores.
+func fmtTwo(x num) string {
 	if !x.known() {
 		return "–"
 	}

@@ -29,20 +29,34 @@ type measurement struct {
 	Corrupt    int64   `json:"corrupt"`
 	SendErrors int64   `json:"send_errors"`
 	Seconds    float64 `json:"seconds"`
-	Throughput num     `json:"throughput"` // replies/s
-	LossPct    num     `json:"loss_pct"`
-	P50US      num     `json:"p50_us"`
-	P99US      num     `json:"p99_us"`
-	P999US     num     `json:"p999_us"`
+	// The warm-up: how long after the load began the window started; the
+	// flows that had had a reply by then (of Flows); and the set-up, from
+	// the first flow's first datagram to the last flow's first reply (null
+	// if some flow had none), as seconds and as flows per second.
+	WarmupSeconds num `json:"warmup_seconds"`
+	Established   num `json:"flows_established"`
+	// Flows with a reply to a datagram of the window.
+	Busy                num `json:"flows_busy"`
+	SetupSeconds        num `json:"setup_seconds"`
+	SetupFlowsPerSecond num `json:"setup_flows_per_second"`
+	Throughput          num `json:"throughput"` // replies/s
+	LossPct             num `json:"loss_pct"`
+	P50US               num `json:"p50_us"`
+	P99US               num `json:"p99_us"`
+	P999US              num `json:"p999_us"`
 	// The balancer's (for nginx: master + workers) CPU time during the
 	// window, and per answered request (request forwarded + reply relayed).
 	CPUSeconds    num `json:"cpu_seconds"`
 	CPUPerDgramUS num `json:"cpu_us_per_datagram"`
 	// The benchmark's own process (the load generator and the upstreams)
 	// likewise: what the rest of a closed loop costs, on the same cores.
-	LoadCPUSeconds    num   `json:"load_cpu_seconds"`
-	LoadCPUPerDgramUS num   `json:"load_cpu_us_per_datagram"`
-	PeakRSSKB         int64 `json:"peak_rss_kb"`
+	LoadCPUSeconds    num `json:"load_cpu_seconds"`
+	LoadCPUPerDgramUS num `json:"load_cpu_us_per_datagram"`
+	// Other work during the window, in cores busy: the machine's busy CPU
+	// time (/proc/stat) less the balancer's and the benchmark's, ÷ the
+	// window. It includes kernel work charged to no process.
+	OthersCores num   `json:"others_cores"`
+	PeakRSSKB   int64 `json:"peak_rss_kb"`
 	// Sweep only: VmRSS before the load, at the end of the window with all
 	// flows live and busy, and idleAfter after the load stopped with all
 	// flows still live but idle.
@@ -92,7 +106,7 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 		addr = bal.addr
 	}
 
-	var cpu0, cpu1, self0, self1 float64
+	var cpu0, cpu1, self0, self1, all0, all1 float64
 	var rssBase, rssLive int64
 	var memBase idleMem
 	if bal != nil && sweep {
@@ -105,6 +119,7 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 	var balInodes map[uint64]bool
 	hooks := loadHooks{
 		start: func() {
+			all0 = busyCPUSeconds()
 			self0 = selfCPUSeconds()
 			if bal != nil {
 				cpu0 = bal.cpuSeconds()
@@ -112,6 +127,7 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 			socks0 = readUDPSockets()
 		},
 		end: func() {
+			all1 = busyCPUSeconds()
 			self1 = selfCPUSeconds()
 			if bal != nil {
 				cpu1 = bal.cpuSeconds()
@@ -134,6 +150,9 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 	}
 	m.fromLoad(res)
 	m.LoadCPUSeconds = num(self1 - self0)
+	if all0 > 0 && all1 > 0 {
+		m.OthersCores = num((all1 - all0 - (self1 - self0) - (cpu1 - cpu0)) / lc.duration.Seconds())
+	}
 	if m.Received > 0 {
 		m.LoadCPUPerDgramUS = m.LoadCPUSeconds / num(m.Received) * 1e6
 	}
@@ -235,8 +254,9 @@ func (m *measurement) perIdleFlow(base, idle idleMem, flows int) {
 func (m *measurement) setNaN() {
 	m.Throughput, m.LossPct, m.P50US, m.P99US, m.P999US = nan, nan, nan, nan, nan
 	m.CPUSeconds, m.CPUPerDgramUS, m.MemPerFlowB, m.MemPerIdleFlowB = nan, nan, nan, nan
-	m.LoadCPUSeconds, m.LoadCPUPerDgramUS = nan, nan
+	m.LoadCPUSeconds, m.LoadCPUPerDgramUS, m.OthersCores = nan, nan, nan
 	m.GoPerIdleFlowB, m.KernelPerIdleFlowB, m.SocketsPerIdleFlow = nan, nan, nan
+	m.WarmupSeconds, m.Established, m.SetupSeconds, m.SetupFlowsPerSecond, m.Busy = nan, nan, nan, nan, nan
 }
 
 func (m *measurement) fromLoad(r *loadResult) {
@@ -249,6 +269,14 @@ func (m *measurement) fromLoad(r *loadResult) {
 	m.P50US = num(percentile(r.latencies, 50) / 1e3)
 	m.P99US = num(percentile(r.latencies, 99) / 1e3)
 	m.P999US = num(percentile(r.latencies, 99.9) / 1e3)
+	m.WarmupSeconds, m.Established, m.Busy = num(r.Warmup.Seconds()), num(r.Established), num(r.Busy)
+	if r.Setup > 0 {
+		m.SetupSeconds = num(r.Setup.Seconds())
+		m.SetupFlowsPerSecond = num(float64(m.Flows) / r.Setup.Seconds())
+	}
+	if r.GaveUp {
+		m.Err = strings.TrimPrefix(fmt.Sprintf("%s; the set-up gave up: %d of %d flows had had a reply %.1f s after the first datagram", m.Err, r.Established, m.Flows, r.Warmup.Seconds()), "; ")
+	}
 }
 
 // oneLine is the measurement's progress line.
@@ -262,6 +290,15 @@ func (m *measurement) oneLine() string {
 	}
 	if m.LoadCPUPerDgramUS.known() {
 		s += fmt.Sprintf("  load cpu %5.1fµs/dgram", m.LoadCPUPerDgramUS)
+	}
+	if m.Established.known() {
+		s += fmt.Sprintf("  answered %.0f/%d at %.1fs, busy %.0f", m.Established, m.Flows, m.WarmupSeconds, m.Busy)
+	}
+	if m.SetupSeconds.known() {
+		s += fmt.Sprintf(" (set-up %.2fs, %.0f flows/s)", m.SetupSeconds, m.SetupFlowsPerSecond)
+	}
+	if m.OthersCores.known() {
+		s += fmt.Sprintf("  others %.2f cores", m.OthersCores)
 	}
 	if d := fmtDrops(m.KernelDrops); d != "" {
 		s += "  drops " + d

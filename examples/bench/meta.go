@@ -62,11 +62,11 @@ func collectMeta(e *benchEnv, o *options) *meta {
 		m.Parameters = []string{
 			sweepLoad(o),
 			fmt.Sprintf("payload %d bytes", o.sweepPayload),
-			fmt.Sprintf("%v measured after a warm-up of max(%v, ramp + 500ms) (flows start spread over min(N × 100µs, 1s)); %d interleaved round(s), medians reported", o.duration, o.warmup, o.rounds),
+			sweepWarmup(o),
 			fmt.Sprintf("loss timeout %v", o.timeout),
 		}
 	}
-	m.Parameters = append(m.Parameters,
+	m.Parameters = append(m.Parameters, fmt.Sprintf("%s This process's GOMAXPROCS: %d", coresNote[o.cores], runtime.GOMAXPROCS(0)),
 		fmt.Sprintf("%d in-process udpecho upstreams (their CPU, and the load generator's, compete with the balancer's on the same cores); upstream and load-generator sockets: %s", numUpstreams, e.upBuf))
 	for _, t := range e.targets {
 		if gomaxprocsOne(t) {
@@ -136,4 +136,13 @@ func sweepLoad(o *options) string {
 	}
 	return fmt.Sprintf("flows %s, each with %d datagram(s) outstanding (closed loop); client source addresses 127.0.0.1… (%d flows each)",
 		joinInts(o.sweepFlows, ", "), o.sweepWindow, flowsPerSource)
+}
+
+// sweepWarmup describes the sweep's warm-up and rounds.
+func sweepWarmup(o *options) string {
+	w := fmt.Sprintf("%v measured after a warm-up of max(%v, ramp + 500ms) (flows start spread over min(N × 100µs, 1s))", o.duration, o.warmup)
+	if o.establish > 0 {
+		w = fmt.Sprintf("set-up first: every flow sends one datagram (over the ramp) until each has had a reply (giving up after %v); then the load: ", o.establish) + w
+	}
+	return fmt.Sprintf("%s; %d interleaved round(s), medians reported", w, o.rounds)
 }

@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -74,24 +73,8 @@ type quicResult struct {
 	PerRound []quicResult `json:"per_round,omitempty"`
 }
 
-// quicCoresNote says where each process ran, by -quic-cores.
-var quicCoresNote = map[string]string{
-	"shared": "Cores: shared (the load generator, the server and the balancer on every CPU).",
-	"split":  "Cores: split (the load generator and the server on CPU 0, the balancer on CPU 1).",
-}
-
 // runQUICBench measures the QUIC targets and writes quic.md and quic.json.
 func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
-	split := o.quicCores == "split"
-	if split {
-		if runtime.NumCPU() < 2 {
-			return fmt.Errorf("-quic-cores split: needs 2 CPUs, have %d", runtime.NumCPU())
-		}
-		if err := pinProcess(os.Getpid(), 0); err != nil {
-			return err
-		}
-		defer func() { _ = unpinProcess(os.Getpid()) }()
-	}
 	certFile, keyFile, cert, err := quicecho.SelfSigned()
 	defer quicecho.RemoveSelfSigned()
 	if err != nil {
@@ -145,11 +128,6 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 			return err
 		}
 		bals[t] = b
-		if split {
-			if err := pinProcess(b.cmd.Process.Pid, 1); err != nil {
-				return err
-			}
-		}
 	}
 	// Memory first, on fresh balancers: a bulk upload leaves heap that the
 	// runtime returns to the system only later, during the readings.
@@ -197,7 +175,7 @@ func runQUICBench(ctx context.Context, env *benchEnv, o *options) error {
 		r.quicMachine, r.PerRound = m.quicMachine, rounds[t]
 		results = append(results, r)
 	}
-	md := quicCoresNote[o.quicCores] + "\n\n" + quicMarkdown(results) + "\nPeak RSS (VmHWM) after the rounds:"
+	md := coresNote[o.cores] + "\n\n" + quicMarkdown(results) + "\nPeak RSS (VmHWM) after the rounds:"
 	for _, t := range targets[1:] {
 		md += fmt.Sprintf(" %s %.1f MB;", t, float64(bals[t].rssKB("VmHWM"))/1024)
 	}
@@ -553,7 +531,7 @@ func (e *benchEnv) startQUICBalancer(ctx context.Context, t, network, binary, up
 	}
 	cmd := exec.Command(binary, "run", "--config", cfgPath)
 	cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
-	b, err := launch(cmd, listen, port, dir)
+	b, err := launch(cmd, listen, port, dir, balancerCPUFor(e.opts.cores))
 	if err != nil {
 		return nil, err
 	}

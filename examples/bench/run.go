@@ -14,6 +14,11 @@ import (
 // run does the whole benchmark: set-up, measurements, reports.
 func run(ctx context.Context, o *options) error {
 	began := time.Now()
+	unplace, err := placeSelf(o.cores)
+	if err != nil {
+		return err
+	}
+	defer unplace()
 	most := o.flows
 	if o.mode == "sweep" {
 		most = slices.Max(o.sweepFlows)
@@ -94,7 +99,9 @@ func measureRounds(ctx context.Context, env *benchEnv, o *options) *report {
 // loadFor is the load of one measurement: key is the payload in compare
 // mode, the number of flows in sweep mode. A sweep's flows start spread
 // over a ramp so that their first datagrams do not overflow the balancer's
-// socket buffer at once, and the measurement starts after the ramp.
+// socket buffer at once, and the measurement starts after the ramp. Before
+// that load, a set-up has every flow send one datagram (over the same
+// ramp) until each has had a reply, for at most -establish.
 func loadFor(o *options, key int) loadConfig {
 	if o.mode != "sweep" {
 		return loadConfig{
@@ -106,6 +113,7 @@ func loadFor(o *options, key int) loadConfig {
 	lc := loadConfig{
 		flows: key, window: o.sweepWindow, payload: o.sweepPayload,
 		warmup: max(o.warmup, ramp+500*time.Millisecond), duration: o.duration, timeout: o.timeout, ramp: ramp,
+		establish: o.establish,
 	}
 	if o.sweepRate > 0 {
 		// Each flow sends one datagram every interval, one outstanding.

@@ -46,6 +46,14 @@ type summary struct {
 	GoPerIdleB     num `json:"go_per_idle_flow_bytes"`
 	KernelPerIdleB num `json:"kernel_per_idle_flow_bytes"`
 	SocketsPerIdle num `json:"sockets_per_idle_flow"`
+	// The warm-up (see measurement): the fewest flows answered at a
+	// window's start over the rounds, and the medians of the warm-up, the
+	// set-up time and rate.
+	EstablishedMin      num `json:"flows_established_min"`
+	BusyMin             num `json:"flows_busy_min"`
+	WarmupSeconds       num `json:"warmup_seconds"`
+	SetupSeconds        num `json:"setup_seconds"`
+	SetupFlowsPerSecond num `json:"setup_flows_per_second"`
 	// Median kernel drops per socket role, over the rounds.
 	KernelDrops map[string]uint64 `json:"kernel_drops,omitempty"`
 	Errors      []string          `json:"errors,omitempty"`
@@ -141,7 +149,8 @@ func (r *report) summarize() {
 func summarizeRuns(ms []*measurement) *summary {
 	s := &summary{Target: ms[0].Target, Payload: ms[0].Payload, Flows: ms[0].Flows}
 	var tp, p50, p99, p999, loss, cpu, loadCPU, rss, base, live, idle, perFlow, perIdle, goIdle, kernelIdle, socketsIdle []num
-	s.ThroughputMin, s.ThroughputMax = nan, nan
+	var warmup, setup, setupRate []num
+	s.ThroughputMin, s.ThroughputMax, s.EstablishedMin, s.BusyMin = nan, nan, nan, nan
 	for _, m := range ms {
 		if m.Err != "" {
 			s.Errors = append(s.Errors, fmt.Sprintf("round %d: %s", m.Round, m.Err))
@@ -166,6 +175,11 @@ func summarizeRuns(ms []*measurement) *summary {
 		goIdle = append(goIdle, m.GoPerIdleFlowB)
 		kernelIdle = append(kernelIdle, m.KernelPerIdleFlowB)
 		socketsIdle = append(socketsIdle, m.SocketsPerIdleFlow)
+		warmup = append(warmup, m.WarmupSeconds)
+		setup = append(setup, m.SetupSeconds)
+		setupRate = append(setupRate, m.SetupFlowsPerSecond)
+		s.EstablishedMin = fewest(s.EstablishedMin, m.Established)
+		s.BusyMin = fewest(s.BusyMin, m.Busy)
 		if !s.ThroughputMin.known() || m.Throughput < s.ThroughputMin {
 			s.ThroughputMin = m.Throughput
 		}
@@ -193,7 +207,16 @@ func summarizeRuns(ms []*measurement) *summary {
 	s.RSSBaseKB, s.RSSLiveKB, s.MemPerFlowB = median(base), median(live), median(perFlow)
 	s.RSSIdleKB, s.MemPerIdleB = median(idle), median(perIdle)
 	s.GoPerIdleB, s.KernelPerIdleB, s.SocketsPerIdle = median(goIdle), median(kernelIdle), median(socketsIdle)
+	s.WarmupSeconds, s.SetupSeconds, s.SetupFlowsPerSecond = median(warmup), median(setup), median(setupRate)
 	return s
+}
+
+// fewest is the smaller of a and b, ignoring unknown ones.
+func fewest(a, b num) num {
+	if !a.known() || b.known() && b < a {
+		return b
+	}
+	return a
 }
 
 // kbOrNaN is a kB reading, unknown when it was not taken.
