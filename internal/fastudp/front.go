@@ -46,10 +46,52 @@ func (f *Front) ReadFrom(b []byte) (int, net.Addr, error) {
 	}
 }
 
+// admit takes a buffer of class c out of the front's budget, if the
+// budget has room for it.
+func (f *Front) admit(c int) bool {
+	if f.queuedBytes.Add(queuedSizes[c]) > newClientBytes {
+		f.queuedBytes.Add(-queuedSizes[c])
+		return false
+	}
+	return true
+}
+
+// push queues q, admitted, or, if the queue is full, unqueues it and
+// reports false.
+func (f *Front) push(q *queued) bool {
+	select {
+	case f.queue <- q:
+		return true
+	default:
+		f.unqueue(q)
+		return false
+	}
+}
+
 // unqueue takes q off the front's budget and back to its pool.
 func (f *Front) unqueue(q *queued) {
 	f.queuedBytes.Add(-queuedSizes[q.class])
 	queuedPools[q.class].Put(q)
+}
+
+// passOn moves the datagrams still queued for f, which has left the
+// socket's fronts, to the newest open front, to, within its bounds, or
+// drops them if to is nil. s.mu is held, so no more come.
+func (f *Front) passOn(to *Front) {
+	for {
+		select {
+		case q := <-f.queue:
+			f.queuedBytes.Add(-queuedSizes[q.class])
+			if to == nil || !to.admit(int(q.class)) {
+				queuedPools[q.class].Put(q)
+				f.s.queueFull.Add(1)
+			} else if !to.push(q) {
+				f.s.queueFull.Add(1)
+			}
+		default:
+			return
+		}
+	}
 }
 
 // udpAddr is a net.UDPAddr with room for its IP, allocated as one.
@@ -94,7 +136,8 @@ func (f *Front) WriteTo(b []byte, addr net.Addr) (int, error) {
 }
 
 // Close detaches this config from the socket, which closes once no config
-// uses it.
+// uses it. The datagrams of new clients still queued for the front move to
+// the socket's newest open front, whose config serves them.
 func (f *Front) Close() error {
 	var err error
 	f.closeOnce.Do(func() {
@@ -106,6 +149,11 @@ func (f *Front) Close() error {
 				break
 			}
 		}
+		var to *Front
+		if n := len(s.fronts); n > 0 {
+			to = s.fronts[n-1]
+		}
+		f.passOn(to) // new clients' first datagrams, which the next config serves
 		s.mu.Unlock()
 		close(f.closed)
 		err = s.release()

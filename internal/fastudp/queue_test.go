@@ -117,3 +117,69 @@ func TestQueuedClass(t *testing.T) {
 		}
 	}
 }
+
+// TestQueuedOutliveTheirFront: datagrams of new clients still queued when
+// their front closes move to the socket's newest open front, within its
+// bounds: at a reload, from the old config's front to the new one's; when
+// a config fails to start, from its front back to the running one's. The
+// last front's are counted as queue_full. No bytes stay counted.
+func TestQueuedOutliveTheirFront(t *testing.T) {
+	queue := func(s *Socket, from uint16, n int) {
+		for i := range n {
+			s.toCaddy(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), from+uint16(i)), make([]byte, 100), netip.Addr{})
+		}
+	}
+	drain := func(t *testing.T, f *Front, want int) {
+		t.Helper()
+		if len(f.queue) != want {
+			t.Fatalf("%d queued, want %d", len(f.queue), want)
+		}
+		buf := make([]byte, BufferSize)
+		for range want {
+			if n, _, err := f.ReadFrom(buf); err != nil || n != 100 {
+				t.Fatalf("read %d bytes, %v", n, err)
+			}
+		}
+		if q := f.queuedBytes.Load(); q != 0 {
+			t.Fatalf("%d bytes counted as queued with the queue empty", q)
+		}
+	}
+	t.Run("reload", func(t *testing.T) {
+		old, s := listenLocal(t)
+		queue(s, 1000, 3)
+		next, err := Listen(s.Key(), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer next.Close()
+		queue(s, 2000, 2)
+		if err := old.Close(); err != nil {
+			t.Fatal(err)
+		}
+		drain(t, next, 5)
+	})
+	t.Run("failed config", func(t *testing.T) {
+		running, s := listenLocal(t)
+		queue(s, 1000, 3)
+		failed, err := Listen(s.Key(), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		queue(s, 2000, 2)
+		if err := failed.Close(); err != nil {
+			t.Fatal(err)
+		}
+		drain(t, running, 5)
+	})
+	t.Run("last front", func(t *testing.T) {
+		f, s := listenLocal(t)
+		queue(s, 1000, 3)
+		full, _ := s.Drops()
+		if err := f.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if now, _ := s.Drops(); now-full != 3 {
+			t.Fatalf("%d counted as queue_full, want 3", now-full)
+		}
+	})
+}
