@@ -17,7 +17,14 @@ import (
 type Front struct {
 	s       *Socket
 	readers int // the socket's readers that the front's config asked for
-	queue   chan *queued
+	// The datagrams of unregistered clients waiting for caddy-l4, oldest
+	// first: queue[head:], at most newClientQueue. The queue grows with a
+	// burst and gives its room back once empty, so that an idle front (a
+	// port range has one per port) costs little.
+	qmu   sync.Mutex
+	queue []*queued
+	head  int
+	ready chan struct{} // a datagram was queued; capacity 1
 	// queuedBytes is the size of the buffers of the datagrams in queue
 	// and on their way in, within newClientBytes.
 	queuedBytes atomic.Int64
@@ -26,6 +33,10 @@ type Front struct {
 	logger      *zap.Logger // for the front's warnings; nil: none
 	warnedSrc   atomic.Bool // a source no longer local; see WriteTo
 }
+
+// idleQueue is the most room for queued datagrams that an empty queue
+// keeps.
+const idleQueue = 256
 
 // SetLogger makes l the logger of the front's warnings. Call it before the
 // front is used.
@@ -36,14 +47,36 @@ func (f *Front) Socket() *Socket { return f.s }
 
 // ReadFrom returns the next datagram of an unregistered client.
 func (f *Front) ReadFrom(b []byte) (int, net.Addr, error) {
-	select {
-	case q := <-f.queue:
-		n, addr := copy(b, q.b), newUDPAddr(q.src)
-		f.unqueue(q)
-		return n, addr, nil
-	case <-f.closed:
-		return 0, nil, net.ErrClosed
+	for {
+		if q := f.pop(); q != nil {
+			n, addr := copy(b, q.b), newUDPAddr(q.src)
+			f.unqueue(q)
+			return n, addr, nil
+		}
+		select {
+		case <-f.ready:
+		case <-f.closed:
+			return 0, nil, net.ErrClosed
+		}
 	}
+}
+
+// pop takes the oldest queued datagram off the queue, or returns nil.
+func (f *Front) pop() *queued {
+	f.qmu.Lock()
+	defer f.qmu.Unlock()
+	if f.head == len(f.queue) {
+		return nil
+	}
+	q := f.queue[f.head]
+	f.queue[f.head] = nil
+	if f.head++; f.head == len(f.queue) {
+		f.queue, f.head = f.queue[:0], 0
+		if cap(f.queue) > idleQueue {
+			f.queue = nil // a burst's room
+		}
+	}
+	return q
 }
 
 // admit takes a buffer of class c out of the front's budget, if the
@@ -59,13 +92,24 @@ func (f *Front) admit(c int) bool {
 // push queues q, admitted, or, if the queue is full, unqueues it and
 // reports false.
 func (f *Front) push(q *queued) bool {
-	select {
-	case f.queue <- q:
-		return true
-	default:
+	f.qmu.Lock()
+	if len(f.queue)-f.head >= newClientQueue {
+		f.qmu.Unlock()
 		f.unqueue(q)
 		return false
 	}
+	if len(f.queue) == cap(f.queue) && f.head > 0 { // move down rather than grow
+		n := copy(f.queue, f.queue[f.head:])
+		clear(f.queue[n:])
+		f.queue, f.head = f.queue[:n], 0
+	}
+	f.queue = append(f.queue, q)
+	f.qmu.Unlock()
+	select {
+	case f.ready <- struct{}{}:
+	default: // a reader has yet to take the last signal
+	}
+	return true
 }
 
 // unqueue takes q off the front's budget and back to its pool.
@@ -78,18 +122,13 @@ func (f *Front) unqueue(q *queued) {
 // socket's fronts, to the newest open front, to, within its bounds, or
 // drops them if to is nil. s.mu is held, so no more come.
 func (f *Front) passOn(to *Front) {
-	for {
-		select {
-		case q := <-f.queue:
-			f.queuedBytes.Add(-queuedSizes[q.class])
-			if to == nil || !to.admit(int(q.class)) {
-				queuedPools[q.class].Put(q)
-				f.s.queueFull.Add(1)
-			} else if !to.push(q) {
-				f.s.queueFull.Add(1)
-			}
-		default:
-			return
+	for q := f.pop(); q != nil; q = f.pop() {
+		f.queuedBytes.Add(-queuedSizes[q.class])
+		if to == nil || !to.admit(int(q.class)) {
+			queuedPools[q.class].Put(q)
+			f.s.queueFull.Add(1)
+		} else if !to.push(q) {
+			f.s.queueFull.Add(1)
 		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"net"
 	"net/netip"
+	"runtime"
 	"testing"
 	"time"
 )
@@ -46,18 +47,18 @@ func TestNewClientQueueBounds(t *testing.T) {
 				deadline := time.Now().Add(5 * time.Second)
 				for {
 					full, _ := s.Drops()
-					if len(f.queue)+int(full) == sent {
+					if f.waiting()+int(full) == sent {
 						break
 					}
 					if time.Now().After(deadline) {
-						t.Fatalf("after %d sent: %d queued, %d dropped", sent, len(f.queue), full)
+						t.Fatalf("after %d sent: %d queued, %d dropped", sent, f.waiting(), full)
 					}
 					time.Sleep(time.Millisecond)
 				}
 			}
 			full, _ := s.Drops()
-			if len(f.queue) != tc.want || int(full) != tc.sent-tc.want {
-				t.Fatalf("%d queued and %d dropped as queue_full, want %d and %d", len(f.queue), full, tc.want, tc.sent-tc.want)
+			if f.waiting() != tc.want || int(full) != tc.sent-tc.want {
+				t.Fatalf("%d queued and %d dropped as queue_full, want %d and %d", f.waiting(), full, tc.want, tc.sent-tc.want)
 			}
 			buf := make([]byte, BufferSize)
 			for i := range tc.want {
@@ -101,8 +102,8 @@ func TestNewClientQueueAllocs(t *testing.T) {
 	if now, _ := s.Drops(); now-full != 1001 {
 		t.Errorf("%d dropped as queue_full, want 1001", now-full)
 	}
-	if len(f.queue) != 0 {
-		t.Errorf("%d queued past the budget", len(f.queue))
+	if f.waiting() != 0 {
+		t.Errorf("%d queued past the budget", f.waiting())
 	}
 }
 
@@ -131,8 +132,8 @@ func TestQueuedOutliveTheirFront(t *testing.T) {
 	}
 	drain := func(t *testing.T, f *Front, want int) {
 		t.Helper()
-		if len(f.queue) != want {
-			t.Fatalf("%d queued, want %d", len(f.queue), want)
+		if f.waiting() != want {
+			t.Fatalf("%d queued, want %d", f.waiting(), want)
 		}
 		buf := make([]byte, BufferSize)
 		for range want {
@@ -182,4 +183,36 @@ func TestQueuedOutliveTheirFront(t *testing.T) {
 			t.Fatalf("%d counted as queue_full, want 3", now-full)
 		}
 	})
+}
+
+// TestIdleFrontSmall: a front costs little memory until new clients queue
+// on it, as a listener port range opens one per port and a reload holds
+// two configs' at once; its queue grows with a burst.
+func TestIdleFrontSmall(t *testing.T) {
+	_, s := listenLocal(t)
+	const n = 100
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	fronts := make([]*Front, 0, n)
+	for range n {
+		f, err := Listen(s.Key(), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fronts = append(fronts, f)
+	}
+	runtime.ReadMemStats(&after)
+	for _, f := range fronts {
+		_ = f.Close()
+	}
+	if per := (after.TotalAlloc - before.TotalAlloc) / n; per > 4<<10 {
+		t.Errorf("a front allocates %d bytes, want at most 4 KiB", per)
+	}
+}
+
+// waiting is the number of datagrams queued on f.
+func (f *Front) waiting() int {
+	f.qmu.Lock()
+	defer f.qmu.Unlock()
+	return len(f.queue) - f.head
 }

@@ -175,7 +175,7 @@ func Listen(addr string, readers int) (*Front, error) {
 		}
 	}
 	s.refs++
-	f := &Front{s: s, readers: readers, queue: make(chan *queued, newClientQueue), closed: make(chan struct{})}
+	f := &Front{s: s, readers: readers, ready: make(chan struct{}, 1), closed: make(chan struct{})}
 	s.mu.Lock()
 	s.fronts = append(s.fronts, f)
 	s.mu.Unlock()
