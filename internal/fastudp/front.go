@@ -120,16 +120,47 @@ func (f *Front) unqueue(q *queued) {
 
 // passOn moves the datagrams still queued for f, which has left the
 // socket's fronts, to the newest open front, to, within its bounds, or
-// drops them if to is nil. s.mu is held, so no more come.
-func (f *Front) passOn(to *Front) {
-	for q := f.pop(); q != nil; q = f.pop() {
+// drops them if to is nil. s.mu is held, so no more come. A front gets
+// datagrams only while it is the newest, so f's are older than all of
+// to's if f opened first (a reload), newer if not (a config that failed
+// to start): they go ahead of to's or after them, in their order.
+func (f *Front) passOn(to *Front, older bool) {
+	f.qmu.Lock()
+	moved := f.queue[f.head:]
+	f.queue, f.head = nil, 0
+	f.qmu.Unlock()
+	keep := moved[:0]
+	for _, q := range moved {
 		f.queuedBytes.Add(-queuedSizes[q.class])
 		if to == nil || !to.admit(int(q.class)) {
 			queuedPools[q.class].Put(q)
 			f.s.queueFull.Add(1)
-		} else if !to.push(q) {
-			f.s.queueFull.Add(1)
+			continue
 		}
+		keep = append(keep, q)
+	}
+	clear(moved[len(keep):])
+	if len(keep) == 0 {
+		return
+	}
+	to.qmu.Lock()
+	waiting := to.queue[to.head:]
+	room := newClientQueue - len(waiting)
+	for _, q := range keep[min(room, len(keep)):] { // past the count: the newest go
+		to.unqueue(q)
+		f.s.queueFull.Add(1)
+	}
+	keep = keep[:min(room, len(keep))]
+	if older {
+		to.queue = append(keep, waiting...)
+	} else {
+		to.queue = append(waiting, keep...)
+	}
+	to.head = 0
+	to.qmu.Unlock()
+	select {
+	case to.ready <- struct{}{}:
+	default:
 	}
 }
 
@@ -182,8 +213,10 @@ func (f *Front) Close() error {
 	f.closeOnce.Do(func() {
 		s := f.s
 		s.mu.Lock()
+		older := false // than the newest open front
 		for i, g := range s.fronts {
 			if g == f {
+				older = i < len(s.fronts)-1
 				s.fronts = append(s.fronts[:i], s.fronts[i+1:]...)
 				break
 			}
@@ -192,7 +225,7 @@ func (f *Front) Close() error {
 		if n := len(s.fronts); n > 0 {
 			to = s.fronts[n-1]
 		}
-		f.passOn(to) // new clients' first datagrams, which the next config serves
+		f.passOn(to, older) // new clients' first datagrams, which the other config serves
 		s.mu.Unlock()
 		close(f.closed)
 		err = s.release()

@@ -121,24 +121,27 @@ func TestQueuedClass(t *testing.T) {
 
 // TestQueuedOutliveTheirFront: datagrams of new clients still queued when
 // their front closes move to the socket's newest open front, within its
-// bounds: at a reload, from the old config's front to the new one's; when
-// a config fails to start, from its front back to the running one's. The
-// last front's are counted as queue_full. No bytes stay counted.
+// bounds, ahead of that front's own, which are newer: at a reload, from the
+// old config's front to the new one's; when a config fails to start, from
+// its front back to the running one's. The last front's are counted as
+// queue_full. No bytes stay counted.
 func TestQueuedOutliveTheirFront(t *testing.T) {
 	queue := func(s *Socket, from uint16, n int) {
 		for i := range n {
 			s.toCaddy(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), from+uint16(i)), make([]byte, 100), netip.Addr{})
 		}
 	}
-	drain := func(t *testing.T, f *Front, want int) {
+	// drain reads f's datagrams: the moved ones, older, first.
+	drain := func(t *testing.T, f *Front, ports ...uint16) {
 		t.Helper()
-		if f.waiting() != want {
-			t.Fatalf("%d queued, want %d", f.waiting(), want)
+		if f.waiting() != len(ports) {
+			t.Fatalf("%d queued, want %d", f.waiting(), len(ports))
 		}
 		buf := make([]byte, BufferSize)
-		for range want {
-			if n, _, err := f.ReadFrom(buf); err != nil || n != 100 {
-				t.Fatalf("read %d bytes, %v", n, err)
+		for _, port := range ports {
+			n, from, err := f.ReadFrom(buf)
+			if err != nil || n != 100 || from.(*net.UDPAddr).Port != int(port) {
+				t.Fatalf("read %d bytes from %v, %v; want 100 from port %d", n, from, err, port)
 			}
 		}
 		if q := f.queuedBytes.Load(); q != 0 {
@@ -157,7 +160,7 @@ func TestQueuedOutliveTheirFront(t *testing.T) {
 		if err := old.Close(); err != nil {
 			t.Fatal(err)
 		}
-		drain(t, next, 5)
+		drain(t, next, 1000, 1001, 1002, 2000, 2001)
 	})
 	t.Run("failed config", func(t *testing.T) {
 		running, s := listenLocal(t)
@@ -170,7 +173,27 @@ func TestQueuedOutliveTheirFront(t *testing.T) {
 		if err := failed.Close(); err != nil {
 			t.Fatal(err)
 		}
-		drain(t, running, 5)
+		drain(t, running, 1000, 1001, 1002, 2000, 2001)
+	})
+	t.Run("within bounds", func(t *testing.T) {
+		old, s := listenLocal(t)
+		queue(s, 1000, 3)
+		next, err := Listen(s.Key(), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer next.Close()
+		queue(s, 0, newClientQueue-1)
+		full, _ := s.Drops()
+		if err := old.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if now, _ := s.Drops(); now-full != 2 || next.waiting() != newClientQueue {
+			t.Fatalf("%d queued, %d counted as queue_full; want %d and 2", next.waiting(), now-full, newClientQueue)
+		}
+		if q, want := next.queuedBytes.Load(), int64(newClientQueue)*queuedSizes[queuedClass(100)]; q != want {
+			t.Fatalf("%d bytes counted as queued, want %d", q, want)
+		}
 	})
 	t.Run("last front", func(t *testing.T) {
 		f, s := listenLocal(t)
