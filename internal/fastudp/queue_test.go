@@ -131,7 +131,21 @@ func TestQueuedOutliveTheirFront(t *testing.T) {
 			s.toCaddy(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), from+uint16(i)), make([]byte, 100), netip.Addr{})
 		}
 	}
-	// drain reads f's datagrams: the moved ones, older, first.
+	// twoFronts opens a front, queues 3 datagrams for it (ports 1000 on),
+	// opens a second front of its socket and queues n for that (ports
+	// from second on).
+	twoFronts := func(t *testing.T, second uint16, n int) (*Front, *Front) {
+		first, s := listenLocal(t)
+		queue(s, 1000, 3)
+		f, err := Listen(s.Key(), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = f.Close() })
+		queue(s, second, n)
+		return first, f
+	}
+	// drain reads f's datagrams, which must be from ports, in order.
 	drain := func(t *testing.T, f *Front, ports ...uint16) {
 		t.Helper()
 		if f.waiting() != len(ports) {
@@ -149,46 +163,26 @@ func TestQueuedOutliveTheirFront(t *testing.T) {
 		}
 	}
 	t.Run("reload", func(t *testing.T) {
-		old, s := listenLocal(t)
-		queue(s, 1000, 3)
-		next, err := Listen(s.Key(), 1)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer next.Close()
-		queue(s, 2000, 2)
+		old, next := twoFronts(t, 2000, 2)
 		if err := old.Close(); err != nil {
 			t.Fatal(err)
 		}
 		drain(t, next, 1000, 1001, 1002, 2000, 2001)
 	})
 	t.Run("failed config", func(t *testing.T) {
-		running, s := listenLocal(t)
-		queue(s, 1000, 3)
-		failed, err := Listen(s.Key(), 1)
-		if err != nil {
-			t.Fatal(err)
-		}
-		queue(s, 2000, 2)
+		running, failed := twoFronts(t, 2000, 2)
 		if err := failed.Close(); err != nil {
 			t.Fatal(err)
 		}
 		drain(t, running, 1000, 1001, 1002, 2000, 2001)
 	})
 	t.Run("within bounds", func(t *testing.T) {
-		old, s := listenLocal(t)
-		queue(s, 1000, 3)
-		next, err := Listen(s.Key(), 1)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer next.Close()
-		queue(s, 0, newClientQueue-1)
-		full, _ := s.Drops()
+		old, next := twoFronts(t, 0, newClientQueue-1)
+		full, _ := old.Socket().Drops()
 		if err := old.Close(); err != nil {
 			t.Fatal(err)
 		}
-		if now, _ := s.Drops(); now-full != 2 || next.waiting() != newClientQueue {
+		if now, _ := next.Socket().Drops(); now-full != 2 || next.waiting() != newClientQueue {
 			t.Fatalf("%d queued, %d counted as queue_full; want %d and 2", next.waiting(), now-full, newClientQueue)
 		}
 		if q, want := next.queuedBytes.Load(), int64(newClientQueue)*queuedSizes[queuedClass(100)]; q != want {
