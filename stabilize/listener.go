@@ -215,9 +215,10 @@ func serverIdleTimeoutOf(ctx caddy.Context, network string, ap netip.AddrPort) (
 }
 
 // listensAt reports whether l, a layer4 server's listen address, is the
-// listener on network (udp, udp4 and udp6 are one) at ap.
+// listener on network (udp, udp4 and udp6 are one) at ap. Placeholders in
+// l are replaced as caddy-l4 replaces them.
 func listensAt(l, network string, ap netip.AddrPort) bool {
-	na, err := caddy.ParseNetworkAddress(l)
+	na, err := caddy.ParseNetworkAddress(caddy.NewReplacer().ReplaceAll(l, ""))
 	if err != nil || strings.TrimRight(na.Network, "46") != network ||
 		uint(ap.Port()) < na.StartPort || uint(ap.Port()) > na.EndPort {
 		return false

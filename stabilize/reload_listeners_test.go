@@ -222,7 +222,8 @@ func TestReloadListenerKeepsItsLineage(t *testing.T) {
 // provisioned, the listen addresses of the layer4 server whose routes hold
 // it, also inside a subroute, and serves only those: what a reload's
 // Cleanup asks of a successor (see reload.go's serverListens, which reads
-// caddy-l4 v0.1.2's unexported Server fields).
+// caddy-l4 v0.1.2's unexported Server fields), with the placeholders in
+// its listen addresses replaced, as caddy-l4 does.
 func TestHandlerServesItsServersListeners(t *testing.T) {
 	forNetworks(t, func(t *testing.T, network string) {
 		tr := trackHandlers(t)
@@ -231,6 +232,7 @@ func TestHandlerServesItsServersListeners(t *testing.T) {
 		for range 3 {
 			ls = append(ls, fmt.Sprintf("127.0.0.1:%d", freeUDPPort(t)))
 		}
+		t.Setenv("STABILIZE_TEST_LISTEN_PORT", strings.TrimPrefix(ls[2], "127.0.0.1:"))
 		subroute := map[string]any{
 			"handler": "subroute",
 			"routes":  []any{map[string]any{"handle": []any{withName("a", handlerConfig(PerFlow, "", x))}}},
@@ -241,7 +243,7 @@ func TestHandlerServesItsServersListeners(t *testing.T) {
 				"routes": []any{map[string]any{"handle": []any{subroute}}},
 			},
 			"two": map[string]any{
-				"listen": []string{network + "/" + ls[2]},
+				"listen": []string{network + "/127.0.0.1:{env.STABILIZE_TEST_LISTEN_PORT}"},
 				"routes": []any{map[string]any{"handle": []any{withName("b", handlerConfig(PerFlow, "", x))}}},
 			},
 		}

@@ -17,7 +17,14 @@ import (
 type Front struct {
 	s       *Socket
 	readers int // the socket's readers that the front's config asked for
-	queue   chan *queued
+	// The datagrams of unregistered clients waiting for caddy-l4, oldest
+	// first: queue[head:], at most newClientQueue. The queue grows with a
+	// burst and gives its room back once empty, so that an idle front (a
+	// port range has one per port) costs little.
+	qmu   sync.Mutex
+	queue []*queued
+	head  int
+	ready chan struct{} // a datagram was queued; capacity 1
 	// queuedBytes is the size of the buffers of the datagrams in queue
 	// and on their way in, within newClientBytes.
 	queuedBytes atomic.Int64
@@ -26,6 +33,10 @@ type Front struct {
 	logger      *zap.Logger // for the front's warnings; nil: none
 	warnedSrc   atomic.Bool // a source no longer local; see WriteTo
 }
+
+// idleQueue is the most room for queued datagrams that an empty queue
+// keeps.
+const idleQueue = 256
 
 // SetLogger makes l the logger of the front's warnings. Call it before the
 // front is used.
@@ -36,20 +47,121 @@ func (f *Front) Socket() *Socket { return f.s }
 
 // ReadFrom returns the next datagram of an unregistered client.
 func (f *Front) ReadFrom(b []byte) (int, net.Addr, error) {
-	select {
-	case q := <-f.queue:
-		n, addr := copy(b, q.b), newUDPAddr(q.src)
-		f.unqueue(q)
-		return n, addr, nil
-	case <-f.closed:
-		return 0, nil, net.ErrClosed
+	for {
+		if q := f.pop(); q != nil {
+			n, addr := copy(b, q.b), newUDPAddr(q.src)
+			f.unqueue(q)
+			return n, addr, nil
+		}
+		select {
+		case <-f.ready:
+		case <-f.closed:
+			return 0, nil, net.ErrClosed
+		}
 	}
+}
+
+// pop takes the oldest queued datagram off the queue, or returns nil.
+func (f *Front) pop() *queued {
+	f.qmu.Lock()
+	defer f.qmu.Unlock()
+	if f.head == len(f.queue) {
+		return nil
+	}
+	q := f.queue[f.head]
+	f.queue[f.head] = nil
+	if f.head++; f.head == len(f.queue) {
+		f.queue, f.head = f.queue[:0], 0
+		if cap(f.queue) > idleQueue {
+			f.queue = nil // a burst's room
+		}
+	}
+	return q
+}
+
+// admit takes a buffer of class c out of the front's budget, if the
+// budget has room for it.
+func (f *Front) admit(c int) bool {
+	if f.queuedBytes.Add(queuedSizes[c]) > newClientBytes {
+		f.queuedBytes.Add(-queuedSizes[c])
+		return false
+	}
+	return true
+}
+
+// push queues q, admitted, or, if the queue is full, unqueues it and
+// reports false.
+func (f *Front) push(q *queued) bool {
+	f.qmu.Lock()
+	if len(f.queue)-f.head >= newClientQueue {
+		f.qmu.Unlock()
+		f.unqueue(q)
+		return false
+	}
+	if len(f.queue) == cap(f.queue) && f.head > 0 { // move down rather than grow
+		n := copy(f.queue, f.queue[f.head:])
+		clear(f.queue[n:])
+		f.queue, f.head = f.queue[:n], 0
+	}
+	f.queue = append(f.queue, q)
+	f.qmu.Unlock()
+	select {
+	case f.ready <- struct{}{}:
+	default: // a reader has yet to take the last signal
+	}
+	return true
 }
 
 // unqueue takes q off the front's budget and back to its pool.
 func (f *Front) unqueue(q *queued) {
 	f.queuedBytes.Add(-queuedSizes[q.class])
 	queuedPools[q.class].Put(q)
+}
+
+// passOn moves the datagrams still queued for f, which has left the
+// socket's fronts, to the newest open front, to, within its bounds, or
+// drops them if to is nil. s.mu is held, so no more come. A front gets
+// datagrams only while it is the newest, so f's are older than all of
+// to's if f opened first (a reload), newer if not (a config that failed
+// to start): they go ahead of to's or after them, in their order.
+func (f *Front) passOn(to *Front, older bool) {
+	f.qmu.Lock()
+	moved := f.queue[f.head:]
+	f.queue, f.head = nil, 0
+	f.qmu.Unlock()
+	keep := moved[:0]
+	for _, q := range moved {
+		f.queuedBytes.Add(-queuedSizes[q.class])
+		if to == nil || !to.admit(int(q.class)) {
+			queuedPools[q.class].Put(q)
+			f.s.queueFull.Add(1)
+			continue
+		}
+		keep = append(keep, q)
+	}
+	clear(moved[len(keep):])
+	if len(keep) == 0 {
+		return
+	}
+	to.qmu.Lock()
+	waiting := to.queue[to.head:]
+	room := newClientQueue - len(waiting)
+	for _, q := range keep[min(room, len(keep)):] { // past the count: the newest go
+		to.unqueue(q)
+		f.s.queueFull.Add(1)
+	}
+	keep = keep[:min(room, len(keep))]
+	if older {
+		to.queue = append(keep, waiting...)
+	} else {
+		to.queue = append(waiting, keep...)
+	}
+	to.head = 0
+	to.qmu.Unlock()
+	select {
+	case to.ready <- struct{}{}:
+	default:
+	}
 }
 
 // udpAddr is a net.UDPAddr with room for its IP, allocated as one.
@@ -94,18 +206,26 @@ func (f *Front) WriteTo(b []byte, addr net.Addr) (int, error) {
 }
 
 // Close detaches this config from the socket, which closes once no config
-// uses it.
+// uses it. The datagrams of new clients still queued for the front move to
+// the socket's newest open front, whose config serves them.
 func (f *Front) Close() error {
 	var err error
 	f.closeOnce.Do(func() {
 		s := f.s
 		s.mu.Lock()
+		older := false // than the newest open front
 		for i, g := range s.fronts {
 			if g == f {
+				older = i < len(s.fronts)-1
 				s.fronts = append(s.fronts[:i], s.fronts[i+1:]...)
 				break
 			}
 		}
+		var to *Front
+		if n := len(s.fronts); n > 0 {
+			to = s.fronts[n-1]
+		}
+		f.passOn(to, older) // new clients' first datagrams, which the other config serves
 		s.mu.Unlock()
 		close(f.closed)
 		err = s.release()

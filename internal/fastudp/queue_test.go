@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"net"
 	"net/netip"
+	"runtime"
 	"testing"
 	"time"
 )
@@ -46,18 +47,18 @@ func TestNewClientQueueBounds(t *testing.T) {
 				deadline := time.Now().Add(5 * time.Second)
 				for {
 					full, _ := s.Drops()
-					if len(f.queue)+int(full) == sent {
+					if f.waiting()+int(full) == sent {
 						break
 					}
 					if time.Now().After(deadline) {
-						t.Fatalf("after %d sent: %d queued, %d dropped", sent, len(f.queue), full)
+						t.Fatalf("after %d sent: %d queued, %d dropped", sent, f.waiting(), full)
 					}
 					time.Sleep(time.Millisecond)
 				}
 			}
 			full, _ := s.Drops()
-			if len(f.queue) != tc.want || int(full) != tc.sent-tc.want {
-				t.Fatalf("%d queued and %d dropped as queue_full, want %d and %d", len(f.queue), full, tc.want, tc.sent-tc.want)
+			if f.waiting() != tc.want || int(full) != tc.sent-tc.want {
+				t.Fatalf("%d queued and %d dropped as queue_full, want %d and %d", f.waiting(), full, tc.want, tc.sent-tc.want)
 			}
 			buf := make([]byte, BufferSize)
 			for i := range tc.want {
@@ -101,8 +102,8 @@ func TestNewClientQueueAllocs(t *testing.T) {
 	if now, _ := s.Drops(); now-full != 1001 {
 		t.Errorf("%d dropped as queue_full, want 1001", now-full)
 	}
-	if len(f.queue) != 0 {
-		t.Errorf("%d queued past the budget", len(f.queue))
+	if f.waiting() != 0 {
+		t.Errorf("%d queued past the budget", f.waiting())
 	}
 }
 
@@ -116,4 +117,119 @@ func TestQueuedClass(t *testing.T) {
 			t.Errorf("%d bytes: class of %d, want %d", tc.n, got, tc.size)
 		}
 	}
+}
+
+// TestQueuedOutliveTheirFront: datagrams of new clients still queued when
+// their front closes move to the socket's newest open front, within its
+// bounds, ahead of that front's own, which are newer: at a reload, from the
+// old config's front to the new one's; when a config fails to start, from
+// its front back to the running one's. The last front's are counted as
+// queue_full. No bytes stay counted.
+func TestQueuedOutliveTheirFront(t *testing.T) {
+	queue := func(s *Socket, from uint16, n int) {
+		for i := range n {
+			s.toCaddy(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), from+uint16(i)), make([]byte, 100), netip.Addr{})
+		}
+	}
+	// twoFronts opens a front, queues 3 datagrams for it (ports 1000 on),
+	// opens a second front of its socket and queues n for that (ports
+	// from second on).
+	twoFronts := func(t *testing.T, second uint16, n int) (*Front, *Front) {
+		first, s := listenLocal(t)
+		queue(s, 1000, 3)
+		f, err := Listen(s.Key(), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = f.Close() })
+		queue(s, second, n)
+		return first, f
+	}
+	// drain reads f's datagrams, which must be from ports, in order.
+	drain := func(t *testing.T, f *Front, ports ...uint16) {
+		t.Helper()
+		if f.waiting() != len(ports) {
+			t.Fatalf("%d queued, want %d", f.waiting(), len(ports))
+		}
+		buf := make([]byte, BufferSize)
+		for _, port := range ports {
+			n, from, err := f.ReadFrom(buf)
+			if err != nil || n != 100 || from.(*net.UDPAddr).Port != int(port) {
+				t.Fatalf("read %d bytes from %v, %v; want 100 from port %d", n, from, err, port)
+			}
+		}
+		if q := f.queuedBytes.Load(); q != 0 {
+			t.Fatalf("%d bytes counted as queued with the queue empty", q)
+		}
+	}
+	t.Run("reload", func(t *testing.T) {
+		old, next := twoFronts(t, 2000, 2)
+		if err := old.Close(); err != nil {
+			t.Fatal(err)
+		}
+		drain(t, next, 1000, 1001, 1002, 2000, 2001)
+	})
+	t.Run("failed config", func(t *testing.T) {
+		running, failed := twoFronts(t, 2000, 2)
+		if err := failed.Close(); err != nil {
+			t.Fatal(err)
+		}
+		drain(t, running, 1000, 1001, 1002, 2000, 2001)
+	})
+	t.Run("within bounds", func(t *testing.T) {
+		old, next := twoFronts(t, 0, newClientQueue-1)
+		full, _ := old.Socket().Drops()
+		if err := old.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if now, _ := next.Socket().Drops(); now-full != 2 || next.waiting() != newClientQueue {
+			t.Fatalf("%d queued, %d counted as queue_full; want %d and 2", next.waiting(), now-full, newClientQueue)
+		}
+		if q, want := next.queuedBytes.Load(), int64(newClientQueue)*queuedSizes[queuedClass(100)]; q != want {
+			t.Fatalf("%d bytes counted as queued, want %d", q, want)
+		}
+	})
+	t.Run("last front", func(t *testing.T) {
+		f, s := listenLocal(t)
+		queue(s, 1000, 3)
+		full, _ := s.Drops()
+		if err := f.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if now, _ := s.Drops(); now-full != 3 {
+			t.Fatalf("%d counted as queue_full, want 3", now-full)
+		}
+	})
+}
+
+// TestIdleFrontSmall: a front costs little memory until new clients queue
+// on it, as a listener port range opens one per port and a reload holds
+// two configs' at once; its queue grows with a burst.
+func TestIdleFrontSmall(t *testing.T) {
+	_, s := listenLocal(t)
+	const n = 100
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	fronts := make([]*Front, 0, n)
+	for range n {
+		f, err := Listen(s.Key(), 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fronts = append(fronts, f)
+	}
+	runtime.ReadMemStats(&after)
+	for _, f := range fronts {
+		_ = f.Close()
+	}
+	if per := (after.TotalAlloc - before.TotalAlloc) / n; per > 4<<10 {
+		t.Errorf("a front allocates %d bytes, want at most 4 KiB", per)
+	}
+}
+
+// waiting is the number of datagrams queued on f.
+func (f *Front) waiting() int {
+	f.qmu.Lock()
+	defer f.qmu.Unlock()
+	return len(f.queue) - f.head
 }

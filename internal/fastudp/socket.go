@@ -175,7 +175,7 @@ func Listen(addr string, readers int) (*Front, error) {
 		}
 	}
 	s.refs++
-	f := &Front{s: s, readers: readers, queue: make(chan *queued, newClientQueue), closed: make(chan struct{})}
+	f := &Front{s: s, readers: readers, ready: make(chan struct{}, 1), closed: make(chan struct{})}
 	s.mu.Lock()
 	s.fronts = append(s.fronts, f)
 	s.mu.Unlock()
@@ -554,22 +554,20 @@ func (deliveredMark) Close()                  {}
 
 // toCaddy queues a copy of a datagram of an unregistered client, sent to
 // dst, for the newest config's listener, within the front's bounds. A
-// datagram dropped costs no allocation, so a flood makes no garbage.
+// datagram dropped costs no allocation, so a flood makes no garbage. It
+// holds s.mu until the datagram is queued, so that a front that closes
+// finds every datagram queued for it (Front.Close).
 func (s *Socket) toCaddy(src netip.AddrPort, data []byte, dst netip.Addr) {
+	data = data[:min(len(data), BufferSize)]
+	c := queuedClass(len(data))
 	s.mu.Lock()
-	var f *Front
-	if len(s.fronts) > 0 {
-		f = s.fronts[len(s.fronts)-1]
-	}
-	s.mu.Unlock()
-	if f == nil {
+	defer s.mu.Unlock()
+	if len(s.fronts) == 0 {
 		s.queueFull.Add(1) // between configs: no listener reads new clients
 		return
 	}
-	data = data[:min(len(data), BufferSize)]
-	c := queuedClass(len(data))
-	if f.queuedBytes.Add(queuedSizes[c]) > newClientBytes {
-		f.queuedBytes.Add(-queuedSizes[c])
+	f := s.fronts[len(s.fronts)-1]
+	if !f.admit(c) {
 		s.queueFull.Add(1)
 		return
 	}
@@ -583,10 +581,7 @@ func (s *Socket) toCaddy(src netip.AddrPort, data []byte, dst netip.Addr) {
 		s.keepDst(src, dst)
 		s.dstMu.Unlock()
 	}
-	select {
-	case f.queue <- q:
-	default:
-		f.unqueue(q)
+	if !f.push(q) {
 		s.queueFull.Add(1)
 	}
 }
