@@ -97,7 +97,7 @@ var (
 		"Datagrams a handler sent while every one of its upstreams was down, failing open to all of them (with QUIC termination: the connections, udp/ requests and DATAGRAM frames it placed so). Starts from zero at each config reload.",
 		"handler")
 	fastDroppedDatagramsDesc = newMetricDesc("fastudp_dropped_datagrams_total",
-		"Datagrams a fastudp socket dropped before any handler saw them, by reason: queue_full (datagrams of new flows past what may wait for caddy-l4: 16,384 datagrams or 4 MiB of buffers; or no config listened) or truncated (longer than the listener's buffer).",
+		"Datagrams a fastudp socket dropped before any handler saw them, by reason: queue_full (datagrams of new flows past the bounds of the queue where they wait for caddy-l4, or while no config listened) or truncated (longer than the listener's buffer).",
 		"listener", "reason")
 )
 

@@ -34,9 +34,10 @@ func TestNewClientQueueBounds(t *testing.T) {
 			defer c.Close()
 			client := c.LocalAddr().(*net.UDPAddr).AddrPort()
 			b := make([]byte, tc.size)
-			// In rounds, each taken in by the socket before the next, so
-			// that the kernel's receive buffer never overflows.
-			const round = 200
+			// In rounds of at most 64 KiB, each taken in by the socket
+			// before the next, so that the kernel's receive buffer never
+			// overflows, even at a default net.core.rmem_max.
+			round := max(1, 64<<10/tc.size)
 			for sent := 0; sent < tc.sent; {
 				for end := min(sent+round, tc.sent); sent < end; sent++ {
 					binary.BigEndian.PutUint32(b, uint32(sent))
