@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -52,7 +53,7 @@ func (e *benchEnv) startOnce(ctx context.Context, t string) (*balancer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("free port: %w", err)
 	}
-	listen := fmt.Sprintf("127.0.0.1:%d", port)
+	listen := net.JoinHostPort(e.host(), strconv.Itoa(port))
 	dir, err := os.MkdirTemp(e.tmp, t+"-")
 	if err != nil {
 		return nil, err

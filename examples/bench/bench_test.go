@@ -248,12 +248,19 @@ func TestFlags(t *testing.T) {
 			t.Errorf("%v: cores %q, want %q", tc.args, o.cores, tc.want)
 		}
 	}
+	if o, err := parseFlags(nil); err != nil || o.clients != clientsLoopback {
+		t.Errorf("-clients default: %+v, %v", o, err)
+	}
+	if o, err := parseFlags([]string{"-mode", "sweep", "-clients", "netns"}); err != nil || o.clients != clientsNetns {
+		t.Errorf("-clients netns: %+v, %v", o, err)
+	}
 	if o, err := parseFlags(nil); err != nil || o.establish != 10*time.Second {
 		t.Errorf("-establish default: %+v, %v", o, err)
 	}
 	for _, bad := range [][]string{
 		{"-targets", "haproxy"}, {"-payloads", "4"}, {"-mode", "x"}, {"-rounds", "0"},
 		{"-cores", "two"}, {"-quic-cores", "two"}, {"-cores", "split", "-quic-cores", "shared"}, {"-establish", "-1s"},
+		{"-clients", "veth"}, {"-mode", "quic", "-clients", "netns"},
 	} {
 		if _, err := parseFlags(bad); err == nil {
 			t.Errorf("%v: want an error", bad)

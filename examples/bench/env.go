@@ -32,6 +32,8 @@ type benchEnv struct {
 	targets   []string
 	upstreams []*udpecho.Server
 	upBuf     sockBufInfo // the upstreams' socket buffers
+	// clients is the load generator's namespace (-clients netns), or nil.
+	clients *clientNet
 	// why RLIMIT_NOFILE could not be raised for the largest load, or ""
 	fileLimitErr string
 }
@@ -74,7 +76,7 @@ func (e *benchEnv) prepare(ctx context.Context) error {
 		fmt.Printf("built in %s\n", time.Since(started).Round(100*time.Millisecond))
 	}
 	for range numUpstreams {
-		s, err := udpecho.Start("127.0.0.1:0")
+		s, err := udpecho.Start(e.host() + ":0")
 		if err != nil {
 			return fmt.Errorf("upstream: %w", err)
 		}
@@ -88,6 +90,16 @@ func (e *benchEnv) prepare(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// host is the address the balancers and upstreams listen on: 127.0.0.1, or
+// with -clients netns the root side of the veth pair (a local address:
+// the balancer's traffic to the upstreams still goes over loopback).
+func (e *benchEnv) host() string {
+	if e.clients != nil {
+		return e.clients.hostIP().String()
+	}
+	return "127.0.0.1"
 }
 
 func (e *benchEnv) closeUpstreams() {

@@ -37,6 +37,7 @@ type options struct {
 	quicProfile  string
 	quicIdle     int
 	cores        string
+	clients      string
 	quicCaddyB   string
 }
 
@@ -74,6 +75,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&o.nginxBin, "nginx", "nginx", "nginx binary for the nginx target; skipped when missing or without the stream module")
 	fs.StringVar(&o.nginxWorkers, "nginx-workers", "auto", "nginx worker_processes")
 	fs.StringVar(&o.cores, "cores", coresShared, "`shared`: every process on every CPU; split: the load generator and the upstreams (quic: the server) on CPU 0, every balancer on CPU 1, as when the balancer has a machine of its own; one: all of them on CPU 0, as on a machine of one CPU")
+	fs.StringVar(&o.clients, "clients", clientsLoopback, "`loopback`: the load generator's sockets talk to the balancer over 127.0.0.1; netns (Linux, root, iproute2): they are in a network namespace of their own behind a veth pair, with each side's receive work steered to its own CPU by -cores, as on two hosts (compare and sweep)")
 	fs.StringVar(&quicCores, "quic-cores", "", "the old name of -cores, still accepted")
 	fs.StringVar(&o.quicCaddyB, "quic-caddy-b", "", "quic: A/B: also measure this second Caddy `binary`'s relay targets, as <target>-b, in the same rounds (the two builds' order alternating by round)")
 	fs.IntVar(&o.quicIdle, "quic-idle", 1000, "quic: idle connections for the memory and goroutine readings; 0: none")
@@ -149,6 +151,10 @@ func parseFlags(args []string) (*options, error) {
 		return nil, fmt.Errorf("-cores %q and -quic-cores %q: -quic-cores is the old name of -cores; give one", o.cores, quicCores)
 	case coresNote[o.cores] == "":
 		return nil, fmt.Errorf("-cores %q: want shared, split or one", o.cores)
+	case clientsNote[o.clients] == "":
+		return nil, fmt.Errorf("-clients %q: want loopback or netns", o.clients)
+	case o.clients == clientsNetns && o.mode == "quic":
+		return nil, fmt.Errorf("-clients netns: not for -mode quic")
 	case o.quicIdle < 0 || o.quicIdle > 100_000:
 		return nil, fmt.Errorf("-quic-idle %d: want 0…100000", o.quicIdle)
 	case o.sweepPayload < 8 || o.sweepPayload > 60000:

@@ -39,6 +39,9 @@ type loadConfig struct {
 	// establish, if set, is the longest the set-up may take; after it,
 	// the load starts with the flows answered so far.
 	establish time.Duration
+	// clients, if set, is the namespace the flows' sockets are made in
+	// (-clients netns); nil: this process's, on 127.0.0.1….
+	clients *clientNet
 }
 
 // flowsPerSource is how many flows share one client source address: fewer
@@ -47,8 +50,12 @@ type loadConfig struct {
 // sends from 127.0.0.(1 + i/flowsPerSource).
 const flowsPerSource = 20_000
 
-// sourceOf is the client address of flow i.
-func sourceOf(i int) *unix.SockaddrInet4 {
+// source is the client address of flow i: 127.0.0.(1 + i/flowsPerSource),
+// or its equivalent in lc.clients's namespace.
+func (lc *loadConfig) source(i int) *unix.SockaddrInet4 {
+	if lc.clients != nil {
+		return &unix.SockaddrInet4{Addr: [4]byte(lc.clients.source(i))}
+	}
 	return &unix.SockaddrInet4{Addr: [4]byte{127, 0, byte((1 + i/flowsPerSource) >> 8), byte(1 + i/flowsPerSource)}}
 }
 
@@ -114,7 +121,11 @@ func runLoad(ctx context.Context, addr string, lc loadConfig, hooks loadHooks) (
 	if err != nil {
 		return nil, err
 	}
-	if !raddr.IP.IsLoopback() {
+	if lc.clients != nil {
+		if !raddr.IP.Equal(lc.clients.hostIP()) {
+			return nil, fmt.Errorf("load: refusing a target other than the client namespace's peer %s", lc.clients.hostIP())
+		}
+	} else if !raddr.IP.IsLoopback() {
 		return nil, errors.New("load: refusing a target outside 127.0.0.0/8")
 	}
 	dst := &unix.SockaddrInet4{Port: raddr.Port}
@@ -135,10 +146,21 @@ func runLoad(ctx context.Context, addr string, lc loadConfig, hooks loadHooks) (
 	}
 	// Open every socket first, so that a file-descriptor shortage shows up
 	// before anything is sent.
-	for i := range lc.flows {
-		if err := loops[i%len(loops)].open(i, dst); err != nil {
-			return nil, fmt.Errorf("opening the socket of flow %d (of %d): %w", i+1, lc.flows, err)
+	openAll := func() error {
+		for i := range lc.flows {
+			if err := loops[i%len(loops)].open(i, dst); err != nil {
+				return fmt.Errorf("opening the socket of flow %d (of %d): %w", i+1, lc.flows, err)
+			}
 		}
+		return nil
+	}
+	if lc.clients != nil {
+		err = lc.clients.inNamespace(openAll)
+	} else {
+		err = openAll()
+	}
+	if err != nil {
+		return nil, err
 	}
 
 	st := &loadState{begin: time.Now(), flows: int64(lc.flows)}

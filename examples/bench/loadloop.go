@@ -120,7 +120,7 @@ func (l *loop) open(i int, dst *unix.SockaddrInet4) error {
 }
 
 func (l *loop) setup(fd, i int, dst *unix.SockaddrInet4) error {
-	if err := unix.Bind(fd, sourceOf(i)); err != nil {
+	if err := unix.Bind(fd, l.lc.source(i)); err != nil {
 		return os.NewSyscallError("bind", err)
 	}
 	// Large buffers, so that a burst of replies is not dropped here.

@@ -41,11 +41,13 @@ func main() {
 		// itself (every loop is bounded), then make sure.
 		time.Sleep(3 * time.Second)
 		killAllChildren()
+		removeClientNet()
 		os.Exit(130)
 	}()
 	err = run(ctx, o)
 	cancel()
 	killAllChildren()
+	removeClientNet()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)

@@ -141,6 +141,7 @@ func (e *benchEnv) measure(ctx context.Context, t string, lc loadConfig, sweep b
 			}
 		},
 	}
+	lc.clients = e.clients
 	res, err := runLoad(ctx, addr, lc, hooks)
 	if err != nil {
 		m.Err = err.Error()

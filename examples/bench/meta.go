@@ -66,7 +66,7 @@ func collectMeta(e *benchEnv, o *options) *meta {
 			fmt.Sprintf("loss timeout %v", o.timeout),
 		}
 	}
-	m.Parameters = append(m.Parameters, fmt.Sprintf("%s This process's GOMAXPROCS: %d", coresNote[o.cores], runtime.GOMAXPROCS(0)),
+	m.Parameters = append(m.Parameters, fmt.Sprintf("%s This process's GOMAXPROCS: %d", coresNote[o.cores], runtime.GOMAXPROCS(0)), clientsNote[o.clients],
 		fmt.Sprintf("%d in-process udpecho upstreams (their CPU, and the load generator's, compete with the balancer's on the same cores); upstream and load-generator sockets: %s", numUpstreams, e.upBuf))
 	for _, t := range e.targets {
 		if gomaxprocsOne(t) {
@@ -130,12 +130,16 @@ func joinInts(xs []int, sep string) string {
 
 // sweepLoad describes the sweep's load.
 func sweepLoad(o *options) string {
-	if o.sweepRate > 0 {
-		return fmt.Sprintf("flows %s; fixed rate: %d datagrams/s in total, spread evenly over the flows, each flow paced with one datagram outstanding; client source addresses 127.0.0.1… (%d flows each)",
-			joinInts(o.sweepFlows, ", "), o.sweepRate, flowsPerSource)
+	sources := "127.0.0.1…"
+	if o.clients == clientsNetns {
+		sources = "10.255.x.2… in the clients' namespace"
 	}
-	return fmt.Sprintf("flows %s, each with %d datagram(s) outstanding (closed loop); client source addresses 127.0.0.1… (%d flows each)",
-		joinInts(o.sweepFlows, ", "), o.sweepWindow, flowsPerSource)
+	if o.sweepRate > 0 {
+		return fmt.Sprintf("flows %s; fixed rate: %d datagrams/s in total, spread evenly over the flows, each flow paced with one datagram outstanding; client source addresses %s (%d flows each)",
+			joinInts(o.sweepFlows, ", "), o.sweepRate, sources, flowsPerSource)
+	}
+	return fmt.Sprintf("flows %s, each with %d datagram(s) outstanding (closed loop); client source addresses %s (%d flows each)",
+		joinInts(o.sweepFlows, ", "), o.sweepWindow, sources, flowsPerSource)
 }
 
 // sweepWarmup describes the sweep's warm-up and rounds.

@@ -32,6 +32,12 @@ func run(ctx context.Context, o *options) error {
 	defer os.RemoveAll(tmp)
 
 	env := &benchEnv{tmp: tmp, opts: o, fileLimitErr: limitErr}
+	if o.clients == clientsNetns {
+		if env.clients, err = newClientNet(ctx, o.cores); err != nil {
+			return err
+		}
+		defer env.clients.close()
+	}
 	if err := env.prepare(ctx); err != nil {
 		return err
 	}
