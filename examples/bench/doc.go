@@ -1,7 +1,8 @@
 // Command bench measures the stabilize UDP load balancer against a direct
 // connection, caddy-l4's own `proxy` handler, nginx's stream proxy and a
-// caddy-l4 echo ceiling, on this machine, over 127.0.0.1 only. It needs
-// Linux: it reads /proc and uses Linux socket options.
+// caddy-l4 echo ceiling, on this machine, over 127.0.0.1 only (or, with
+// -clients netns, a veth pair to a network namespace of its own for the load
+// generator). It needs Linux: it reads /proc and uses Linux socket options.
 //
 // It builds the repository's Caddy (./examples/caddy) once, then for every
 // measurement starts a fresh balancer process (so that its CPU time and peak
@@ -16,6 +17,7 @@
 //	go run ./examples/bench -quick           # smoke run, ~20 s
 //	go run ./examples/bench -mode sweep      # 1…10000 concurrent flows
 //	go run ./examples/bench -mode sweep -cores split  # the balancer on a CPU of its own
+//	go run ./examples/bench -mode sweep -cores split -clients netns  # clients as on another host
 //	go run ./examples/bench -targets flow,proxy -payloads 1200 -duration 5s
 //	go run ./examples/bench -render examples/bench/results  # redraw reports from their JSON
 //
