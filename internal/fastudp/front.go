@@ -98,7 +98,9 @@ func (f *Front) push(q *queued) bool {
 		f.unqueue(q)
 		return false
 	}
-	if len(f.queue) == cap(f.queue) && f.head > 0 { // move down rather than grow
+	// Move down rather than grow once that frees half the room, so that a
+	// backlog read as fast as it is queued does not move it all each time.
+	if len(f.queue) == cap(f.queue) && f.head >= len(f.queue)/2 {
 		n := copy(f.queue, f.queue[f.head:])
 		clear(f.queue[n:])
 		f.queue, f.head = f.queue[:n], 0

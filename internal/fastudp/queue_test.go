@@ -234,3 +234,43 @@ func (f *Front) waiting() int {
 	defer f.qmu.Unlock()
 	return len(f.queue) - f.head
 }
+
+// TestNewClientQueueBacklogAmortized: with a backlog that caddy-l4 reads
+// as fast as new datagrams come, queueing one does not move the whole
+// queue down each time (a copy of up to newClientQueue pointers under
+// s.mu, which every reader of the socket waits for).
+func TestNewClientQueueBacklogAmortized(t *testing.T) {
+	f, s := listenLocal(t)
+	src := netip.MustParseAddrPort("127.0.0.1:1234")
+	data := make([]byte, 32)
+	buf := make([]byte, BufferSize)
+	for f.qlen() < 1000 || f.qlen() < f.qcap() { // a backlog that fills its slice
+		s.toCaddy(src, data, netip.Addr{})
+	}
+	if _, _, err := f.ReadFrom(buf); err != nil {
+		t.Fatal(err)
+	}
+	const rounds = 1000
+	moves := 0
+	for range rounds {
+		f.qmu.Lock()
+		before := f.head
+		f.qmu.Unlock()
+		s.toCaddy(src, data, netip.Addr{})
+		f.qmu.Lock()
+		if before > 0 && f.head == 0 {
+			moves++
+		}
+		f.qmu.Unlock()
+		if _, _, err := f.ReadFrom(buf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if moves > 2 {
+		t.Errorf("the queue moved down %d times in %d datagrams queued and read, want at most 2", moves, rounds)
+	}
+}
+
+// qlen and qcap are the length and capacity of f's queue slice.
+func (f *Front) qlen() int { f.qmu.Lock(); defer f.qmu.Unlock(); return len(f.queue) }
+func (f *Front) qcap() int { f.qmu.Lock(); defer f.qmu.Unlock(); return cap(f.queue) }
