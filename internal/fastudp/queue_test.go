@@ -3,9 +3,12 @@ package fastudp
 import (
 	"bytes"
 	"encoding/binary"
+	"math"
 	"net"
 	"net/netip"
 	"runtime"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -274,3 +277,82 @@ func TestNewClientQueueBacklogAmortized(t *testing.T) {
 // qlen and qcap are the length and capacity of f's queue slice.
 func (f *Front) qlen() int { f.qmu.Lock(); defer f.qmu.Unlock(); return len(f.queue) }
 func (f *Front) qcap() int { f.qmu.Lock(); defer f.qmu.Unlock(); return cap(f.queue) }
+
+// TestNewClientQueueReload: while the socket's readers queue new clients'
+// datagrams and caddy-l4 reads them, a reload opens a second front and
+// closes the first: every datagram is read once or counted as queue_full,
+// none waits unread, and no byte stays counted.
+func TestNewClientQueueReload(t *testing.T) {
+	old, s := listenLocal(t)
+	const senders, each = 4, 3000
+	full0, _ := s.Drops()
+	var seen sync.Map
+	var reads atomic.Int64
+	var dup atomic.Bool
+	// read reads f until it closes, or at most limit datagrams.
+	read := func(f *Front, limit int, done chan<- struct{}) {
+		defer close(done)
+		buf := make([]byte, BufferSize)
+		for range limit {
+			n, _, err := f.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			if _, loaded := seen.LoadOrStore(binary.BigEndian.Uint32(buf[:n]), true); loaded {
+				dup.Store(true)
+			}
+			reads.Add(1)
+		}
+	}
+	// The old config's server stops reading after 500, so that its
+	// front has a backlog when it closes.
+	oldDone := make(chan struct{})
+	go read(old, 500, oldDone)
+	var wg sync.WaitGroup
+	for g := range senders {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			src := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(1000+g))
+			b := make([]byte, 64)
+			for i := range each {
+				binary.BigEndian.PutUint32(b, uint32(g*each+i))
+				s.toCaddy(src, b, netip.Addr{})
+				if i%128 == 0 {
+					runtime.Gosched()
+				}
+			}
+		}()
+	}
+	<-oldDone
+	for deadline := time.Now().Add(5 * time.Second); old.waiting() < 1000 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
+	next, err := Listen(s.Key(), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nextDone := make(chan struct{})
+	go read(next, math.MaxInt, nextDone)
+	time.Sleep(time.Millisecond)
+	if err := old.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	for deadline := time.Now().Add(5 * time.Second); next.waiting() > 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d datagrams wait unread", next.waiting())
+		}
+	}
+	_ = next.Close()
+	<-nextDone
+	full, _ := s.Drops()
+	if got := reads.Load() + int64(full-full0); got != senders*each || dup.Load() {
+		t.Errorf("%d read and %d dropped of %d sent (a datagram read twice: %v)", reads.Load(), full-full0, senders*each, dup.Load())
+	}
+	for _, f := range []*Front{old, next} {
+		if q := f.queuedBytes.Load(); q != 0 {
+			t.Errorf("%d bytes still counted as queued", q)
+		}
+	}
+}
