@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -244,11 +246,17 @@ func removeStaleNetns(ctx context.Context) {
 	}
 }
 
-// freeSubnet is a 10.255.x.0/24 that no address of this namespace is in.
+// freeSubnet is a 10.255.x.0/24 that no address of this namespace is in
+// and no route but the default reaches (a route of 10.0.0.0/8 or within
+// the /24 would lose the part the veth's /24 takes).
 func freeSubnet() (byte, error) {
 	addrs, err := net.InterfaceAddrs()
 	if err != nil {
 		return 0, fmt.Errorf("-clients netns: %w", err)
+	}
+	routes, err := ipv4Routes()
+	if err != nil {
+		return 0, fmt.Errorf("-clients netns: the routes: %w", err)
 	}
 	used := map[byte]bool{}
 	for _, a := range addrs {
@@ -259,9 +267,51 @@ func freeSubnet() (byte, error) {
 		}
 	}
 	for s := range 256 {
+		sub := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 255, byte(s), 0}), 24)
+		for _, r := range routes {
+			if r.Bits() > 0 && r.Overlaps(sub) {
+				used[byte(s)] = true
+			}
+		}
+	}
+	for s := range 256 {
 		if !used[byte(s)] {
 			return byte(s), nil
 		}
 	}
-	return 0, errors.New("-clients netns: every 10.255.x.0/24 is in use")
+	return 0, errors.New("-clients netns: every 10.255.x.0/24 is in use or routed")
+}
+
+// ipv4Routes is the destination of every IPv4 route of this namespace, in
+// every table.
+func ipv4Routes() ([]netip.Prefix, error) {
+	rib, err := syscall.NetlinkRIB(syscall.RTM_GETROUTE, syscall.AF_INET)
+	if err != nil {
+		return nil, err
+	}
+	msgs, err := syscall.ParseNetlinkMessage(rib)
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.Prefix
+	for _, m := range msgs {
+		if m.Header.Type != syscall.RTM_NEWROUTE || len(m.Data) < syscall.SizeofRtMsg {
+			continue
+		}
+		bits := int(m.Data[1]) // rtmsg.rtm_dst_len
+		attrs, err := syscall.ParseNetlinkRouteAttr(&m)
+		if err != nil {
+			return nil, err
+		}
+		dst := netip.IPv4Unspecified()
+		for _, a := range attrs {
+			if a.Attr.Type == syscall.RTA_DST && len(a.Value) == 4 {
+				dst = netip.AddrFrom4([4]byte(a.Value))
+			}
+		}
+		if p, err := dst.Prefix(bits); err == nil {
+			out = append(out, p)
+		}
+	}
+	return out, nil
 }

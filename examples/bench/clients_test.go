@@ -95,3 +95,32 @@ func TestClientsNetns(t *testing.T) {
 		t.Errorf("veth %s still there", c.host)
 	}
 }
+
+// TestFreeSubnetAvoidsRoutes: the client namespace's subnet is none that a
+// route of the host reaches, so that its veth takes no traffic of the
+// host's other networks (here: a route of 10.255.0.0/17 in a namespace).
+func TestFreeSubnetAvoidsRoutes(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("needs iproute2's ip")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := newClientNet(ctx, coresShared)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.close()
+	if err := ipCmd(ctx, "-n", c.name, "route", "add", "10.255.0.0/17", "dev", "lo"); err != nil {
+		t.Fatal(err)
+	}
+	var got byte
+	if err := c.inNamespace(func() (err error) { got, err = freeSubnet(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if got < 128 || got == c.subnet {
+		t.Errorf("subnet 10.255.%d.0/24, routed in the namespace", got)
+	}
+}
