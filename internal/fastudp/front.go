@@ -45,10 +45,14 @@ func (f *Front) SetLogger(l *zap.Logger) { f.logger = l }
 // Socket is the socket behind the front.
 func (f *Front) Socket() *Socket { return f.s }
 
-// ReadFrom returns the next datagram of an unregistered client.
+// ReadFrom returns the next datagram of an unregistered client. Several
+// goroutines may read at once.
 func (f *Front) ReadFrom(b []byte) (int, net.Addr, error) {
 	for {
-		if q := f.pop(); q != nil {
+		if q, more := f.pop(); q != nil {
+			if more { // pass the one signal on to another reader
+				f.signal()
+			}
 			n, addr := copy(b, q.b), newUDPAddr(q.src)
 			f.unqueue(q)
 			return n, addr, nil
@@ -61,12 +65,13 @@ func (f *Front) ReadFrom(b []byte) (int, net.Addr, error) {
 	}
 }
 
-// pop takes the oldest queued datagram off the queue, or returns nil.
-func (f *Front) pop() *queued {
+// pop takes the oldest queued datagram off the queue, or returns nil, and
+// reports whether more are queued.
+func (f *Front) pop() (*queued, bool) {
 	f.qmu.Lock()
 	defer f.qmu.Unlock()
 	if f.head == len(f.queue) {
-		return nil
+		return nil, false
 	}
 	q := f.queue[f.head]
 	f.queue[f.head] = nil
@@ -76,7 +81,7 @@ func (f *Front) pop() *queued {
 			f.queue = nil // a burst's room
 		}
 	}
-	return q
+	return q, f.head < len(f.queue)
 }
 
 // admit takes a buffer of class c out of the front's budget, if the
@@ -107,11 +112,17 @@ func (f *Front) push(q *queued) bool {
 	}
 	f.queue = append(f.queue, q)
 	f.qmu.Unlock()
+	f.signal()
+	return true
+}
+
+// signal wakes a reader waiting for a datagram, unless one has yet to take
+// the last signal.
+func (f *Front) signal() {
 	select {
 	case f.ready <- struct{}{}:
-	default: // a reader has yet to take the last signal
+	default:
 	}
-	return true
 }
 
 // unqueue takes q off the front's budget and back to its pool.
@@ -160,10 +171,7 @@ func (f *Front) passOn(to *Front, older bool) {
 	}
 	to.head = 0
 	to.qmu.Unlock()
-	select {
-	case to.ready <- struct{}{}:
-	default:
-	}
+	to.signal()
 }
 
 // udpAddr is a net.UDPAddr with room for its IP, allocated as one.

@@ -356,3 +356,39 @@ func TestNewClientQueueReload(t *testing.T) {
 		}
 	}
 }
+
+// TestFrontConcurrentReaders: several goroutines may read a front at once,
+// as a net.PacketConn allows. Datagrams that arrive together, with one
+// wake-up (here three moved at a reload), reach every waiting reader.
+func TestFrontConcurrentReaders(t *testing.T) {
+	old, s := listenLocal(t)
+	for i := range 3 {
+		s.toCaddy(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 1000+uint16(i)), make([]byte, 100), netip.Addr{})
+	}
+	next, err := Listen(s.Key(), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer next.Close()
+	read := make(chan error, 3)
+	for range 3 {
+		go func() {
+			_, _, err := next.ReadFrom(make([]byte, BufferSize))
+			read <- err
+		}()
+	}
+	time.Sleep(100 * time.Millisecond) // the readers wait
+	if err := old.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		select {
+		case err := <-read:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(2 * time.Second):
+			t.Fatalf("%d of 3 waiting readers got a datagram; %d still queued", i, next.waiting())
+		}
+	}
+}
