@@ -132,6 +132,19 @@ func (s *cidTableSet) release(t *cidTable) {
 	s.mu.Unlock()
 }
 
+// each calls fn with each table of the set and its listener, under the
+// set's lock.
+func (s *cidTableSet) each(fn func(netip.AddrPort, *cidTable)) {
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for l, t := range s.tables {
+		fn(l, t)
+	}
+}
+
 func (s *cidTableSet) janitor() {
 	tick := time.NewTicker(sweepInterval)
 	defer tick.Stop()

@@ -301,6 +301,11 @@ func TestConnectionReload(t *testing.T) {
 		ups := []any{map[string]any{"dial": servers[2].dial()}, map[string]any{"dial": servers[1].dial()}, map[string]any{"dial": servers[0].dial()}}
 		body, _ := json.Marshal(ups)
 		adminDo(t, "PATCH", "http://"+lb.admin+"/config/apps/layer4/servers/srv0/routes/0/handle/0/upstreams", string(body))
+		// Before any new flow reaches the new handler, its metric counts
+		// the table it inherits.
+		if n := scrape(t, lb.admin).get(t, "caddy_stabilize_connection_ids", "handler", "0"); n < float64(old.len()) {
+			t.Errorf("connection_ids %v after the reload, want the inherited table's %d entries", n, old.len())
+		}
 		if now := tr.latest().router.(*perConnectionRouter).table(listener); now != old {
 			t.Fatal("the reload replaced the learned table")
 		}

@@ -76,14 +76,22 @@ func (r *perConnectionRouter) release() {
 	r.held, r.done = nil, true
 }
 
-// entries is the number of entries in the tables the handler holds.
+// entries is the number of entries in the tables of the handler's
+// listeners: those it holds, and those of its identity's set on listeners
+// it serves, which a reloaded handler inherits before its first flow there.
 func (r *perConnectionRouter) entries() int {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	n := 0
+	held := make(map[*cidTable]bool, len(r.held))
 	for _, t := range r.held {
-		n += t.len()
+		held[t] = true
 	}
+	r.mu.Unlock()
+	n := 0
+	r.tables.each(func(listener netip.AddrPort, t *cidTable) {
+		if held[t] || r.h.serves("udp", listener) || r.h.serves(FastNetwork, listener) {
+			n += t.len()
+		}
+	})
 	return n
 }
 
