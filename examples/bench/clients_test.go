@@ -18,19 +18,7 @@ import (
 // is answered, from each of the namespace's client addresses, and the
 // namespace and the veth pair are gone afterwards.
 func TestClientsNetns(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
-	if _, err := exec.LookPath("ip"); err != nil {
-		t.Skip("needs iproute2's ip")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	c, err := newClientNet(ctx, coresSplit)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.close()
+	ctx, c := testClientNet(t, coresSplit)
 	if _, err := os.Stat("/run/netns/" + c.name); err != nil {
 		t.Fatalf("namespace: %v", err)
 	}
@@ -100,19 +88,7 @@ func TestClientsNetns(t *testing.T) {
 // route of the host reaches, so that its veth takes no traffic of the
 // host's other networks (here: a route of 10.255.0.0/17 in a namespace).
 func TestFreeSubnetAvoidsRoutes(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
-	if _, err := exec.LookPath("ip"); err != nil {
-		t.Skip("needs iproute2's ip")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	c, err := newClientNet(ctx, coresShared)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.close()
+	ctx, c := testClientNet(t, coresShared)
 	if err := ipCmd(ctx, "-n", c.name, "route", "add", "10.255.0.0/17", "dev", "lo"); err != nil {
 		t.Fatal(err)
 	}
@@ -123,4 +99,24 @@ func TestFreeSubnetAvoidsRoutes(t *testing.T) {
 	if got < 128 || got == c.subnet {
 		t.Errorf("subnet 10.255.%d.0/24, routed in the namespace", got)
 	}
+}
+
+// testClientNet makes a client namespace placed for cores, closed when the
+// test ends, and a context bounding the test; it skips without root or ip.
+func testClientNet(t *testing.T, cores string) (context.Context, *clientNet) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Skip("needs iproute2's ip")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	c, err := newClientNet(ctx, cores)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.close() })
+	return ctx, c
 }
